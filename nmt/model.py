@@ -1,0 +1,240 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017), post-norm.
+
+Same math as Hugging Face's MarianMTModel: post-norm residual blocks, token embeddings scaled by sqrt(d_model),
+sinusoidal positions, one embedding matrix shared by source, target and the output projection.
+
+Masks: ``src_mask`` is bool [batch, src_len], True for a real token, False for padding. Attention turns masks into
+an additive bias (0 visible, ``NEG_INF`` hidden) so that padding never reaches a softmax's mass.
+
+Incremental decoding (:meth:`Transformer.decode_step`) carries per-layer self-attention keys/values stacked into
+one tensor [n_layers, rows, n_heads, past_len, d_head]; the cross-attention keys/values are computed once from the
+encoder output (:meth:`Transformer.cross_kv`) and passed in every step, never recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+
+# Large finite negative rather than -inf: a fully masked row (a pure-padding row) then gives a uniform softmax
+# instead of NaN.
+NEG_INF = -1e9
+
+
+def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
+    """Sinusoidal position encodings (paper section 3.5).
+
+    PE(pos, i) = sin(pos / 10000^(2i/d_model)) for i < d_model/2 and cos(...) for the second half. The paper
+    interleaves sin and cos; we concatenate them as Marian does (a fixed permutation of dimensions, same function).
+
+    Args:
+        positions: int64 [...], absolute positions starting at 0.
+    Returns:
+        float32 [..., d_model].
+    """
+    half = d_model // 2
+    inv_freq = torch.exp(torch.arange(half, dtype=torch.float32, device=positions.device)
+                         * (-2.0 * math.log(10000.0) / d_model))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., half]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def padding_bias(mask: Tensor) -> Tensor:
+    """bool [batch, k_len] (True = attend) -> float32 additive bias [batch, 1, 1, k_len]."""
+    return torch.where(mask, 0.0, NEG_INF)[:, None, None, :]
+
+
+def causal_bias(length: int, device: torch.device | None = None) -> Tensor:
+    """Float32 [1, 1, length, length]: position t sees positions <= t only (paper section 3.2.3)."""
+    hidden = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return torch.where(hidden, NEG_INF, 0.0)[None, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d_head)) V (paper equation 1, section 3.2.2)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """[batch, len, d_model] -> [batch, n_heads, len, d_head]."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[batch, len, d_model] -> keys and values, each [batch, n_heads, len, d_head]."""
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Queries from x [batch, q_len, d_model] over k, v [batch, n_heads, k_len, d_head].
+
+        bias: float32, broadcastable to [batch, n_heads, q_len, k_len]. Returns [batch, q_len, d_model].
+        """
+        q = self.split_heads(self.q_proj(x)) * (self.d_head ** -0.5)
+        weights = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)  # [batch, n_heads, q_len, k_len]
+        context = self.dropout(weights) @ v  # [batch, n_heads, q_len, d_head]
+        batch, _, q_len, _ = context.shape
+        return self.out_proj(context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2 (paper equation 2, section 3.3)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(torch.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then FFN, each as LayerNorm(x + Sublayer(x)) (paper section 3.1)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x: [batch, src_len, d_model]; bias: [batch, 1, 1, src_len]. Returns [batch, src_len, d_model]."""
+        x = self.self_attn_norm(x + self.dropout(self.self_attn.attend(x, *self.self_attn.project_kv(x), bias)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder-decoder attention, FFN; each post-norm (paper section 3.1)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, y: Tensor, self_k: Tensor, self_v: Tensor, self_bias: Tensor,
+                cross_k: Tensor, cross_v: Tensor, cross_bias: Tensor) -> Tensor:
+        """y: [batch, q_len, d_model] queries; self_k/v: [batch, n_heads, k_len, d_head] keys/values of the
+        target prefix (y's own projections included); cross_k/v: [batch, n_heads, src_len, d_head].
+        Returns [batch, q_len, d_model]."""
+        y = self.self_attn_norm(y + self.dropout(self.self_attn.attend(y, self_k, self_v, self_bias)))
+        y = self.cross_attn_norm(y + self.dropout(self.cross_attn.attend(y, cross_k, cross_v, cross_bias)))
+        return self.ffn_norm(y + self.dropout(self.ffn(y)))
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer with tied embeddings and incremental decoding.
+
+    Shapes use batch (sentences), rows (decoder rows: sentences x beams), src_len, tgt_len, past_len, vocab.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        nn.init.normal_(self.embed.weight, std=cfg.d_model ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[cfg.pad_id].zero_()
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # Zero for our own models; Marian checkpoints carry a trained one.
+        self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids int64 [batch, len], positions int64 [len] -> [batch, len, d_model] (paper section 3.4, 3.5)."""
+        x = self.embed(ids) * math.sqrt(self.cfg.d_model) + sinusoidal_positions(positions, self.cfg.d_model)
+        return self.dropout(x)
+
+    def output_logits(self, y: Tensor) -> Tensor:
+        """[..., d_model] -> logits [..., vocab] through the tied embedding (paper section 3.4)."""
+        return y @ self.embed.weight.t() + self.final_logits_bias
+
+    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
+        """src_ids int64 [batch, src_len], src_mask bool [batch, src_len] -> memory [batch, src_len, d_model]."""
+        positions = torch.arange(src_ids.shape[1], device=src_ids.device)
+        x, bias = self.embed_tokens(src_ids, positions), padding_bias(src_mask)
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return x
+
+    def cross_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """memory [batch, src_len, d_model] -> cross K and V, each [n_decoder_layers, batch, n_heads, src_len,
+        d_head]: computed once per sentence, reused by every decoding step."""
+        pairs = [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Teacher-forced decoder over a whole target prefix.
+
+        tgt_in int64 [batch, tgt_len] (bos first); memory [batch, src_len, d_model]; src_mask bool [batch, src_len].
+        Returns logits float32 [batch, tgt_len, vocab].
+        """
+        positions = torch.arange(tgt_in.shape[1], device=tgt_in.device)
+        y = self.embed_tokens(tgt_in, positions)
+        self_bias, cross_bias = causal_bias(tgt_in.shape[1], tgt_in.device), padding_bias(src_mask)
+        cross_k, cross_v = self.cross_kv(memory)
+        for i, layer in enumerate(self.decoder_layers):
+            k, v = layer.self_attn.project_kv(y)
+            y = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+        return self.output_logits(y)
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Training forward: returns logits float32 [batch, tgt_len, vocab]."""
+        return self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
+
+    def decode_step(self, tokens: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor, cross_v: Tensor,
+                    src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One incremental decoding step with a key/value cache.
+
+        Args:
+            tokens: int64 [rows, 1], the last token of each row (bos at the first step).
+            self_k, self_v: float32 [n_decoder_layers, rows, n_heads, past_len, d_head], the cache; past_len may
+                be 0. The new token's position is past_len.
+            cross_k, cross_v: float32 [n_decoder_layers, rows, n_heads, src_len, d_head], from :meth:`cross_kv`.
+            src_mask: bool [rows, src_len].
+        Returns:
+            log_probs float32 [rows, vocab]; new self_k and self_v [n_decoder_layers, rows, n_heads, past_len + 1,
+            d_head].
+        """
+        past_len = self_k.shape[3]
+        positions = torch.arange(past_len, past_len + 1, device=tokens.device)
+        y = self.embed_tokens(tokens, positions)  # [rows, 1, d_model]
+        cross_bias = padding_bias(src_mask)
+        # The single query may see every cached position and itself, so the self-attention bias is zero.
+        self_bias = torch.zeros(1, device=tokens.device)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            k, v = layer.self_attn.project_kv(y)  # [rows, n_heads, 1, d_head]
+            k, v = torch.cat([self_k[i], k], dim=2), torch.cat([self_v[i], v], dim=2)
+            new_k.append(k)
+            new_v.append(v)
+            y = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+        log_probs = torch.log_softmax(self.output_logits(y[:, 0]), dim=-1)
+        return log_probs, torch.stack(new_k), torch.stack(new_v)
+
+    def empty_cache(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Zero-length self-attention cache: two float32 [n_decoder_layers, rows, n_heads, 0, d_head]."""
+        shape = (self.cfg.n_decoder_layers, rows, self.cfg.n_heads, 0, self.cfg.d_head)
+        device = self.embed.weight.device
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
