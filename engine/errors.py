@@ -1,0 +1,21 @@
+"""Engine error hierarchy. The service maps each type to one HTTP status in one table (service/errors.py)."""
+
+
+class EngineError(Exception):
+    """Base class of the errors the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError):
+    """The request itself is wrong (bad option value, unknown model); the client can fix it. HTTP 422."""
+
+
+class InputTooLongError(InvalidRequestError):
+    """A sentence has more tokens than the model's positions allow. HTTP 413."""
+
+    def __init__(self, n_tokens: int, limit: int) -> None:
+        super().__init__(f"source has {n_tokens} tokens > limit {limit}; split the text into shorter sentences")
+        self.n_tokens, self.limit = n_tokens, limit
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot serve (model not loaded, provider failed). HTTP 503."""

@@ -1,0 +1,58 @@
+"""Decoding options: one set of names and defaults from HTTP down to the beam loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from engine.errors import InvalidRequestError
+
+MAX_BEAM_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodingOptions:
+    """How to decode one request.
+
+    Attributes:
+        beam_size: beams per sentence; 1 = greedy search (exactly equal to beam search with one beam).
+        length_penalty: alpha of the GNMT length penalty lp(len) = ((5 + len) / 6) ** alpha (Wu et al. 2016,
+            eq. 14), by which beam hypotheses' summed log-probs are divided for ranking; 0 disables it.
+        n_best: hypotheses returned per sentence, best first; <= beam_size.
+        max_length: hard cap on generated tokens (eos included) per sentence.
+        max_length_a, max_length_b: length bound from the source, a * src_len + b tokens (src_len counts the
+            source's eos); the effective limit is the smaller of this, ``max_length`` and the model's positions.
+        min_length: eos is forbidden before this many tokens have been generated.
+
+    Raises:
+        InvalidRequestError: on construction, when a value is out of range (message names value and range).
+    """
+
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    n_best: int = 1
+    max_length: int = 256
+    max_length_a: float = 2.0
+    max_length_b: int = 10
+    min_length: int = 0
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise InvalidRequestError(message)
+
+        check(1 <= self.beam_size <= MAX_BEAM_SIZE, f"beam_size must be in [1, {MAX_BEAM_SIZE}], got {self.beam_size}")
+        check(math.isfinite(self.length_penalty) and 0.0 <= self.length_penalty <= 10.0,
+              f"length_penalty must be in [0, 10], got {self.length_penalty}")
+        check(1 <= self.n_best <= self.beam_size, f"n_best must be in [1, beam_size={self.beam_size}], "
+                                                  f"got {self.n_best}")
+        check(self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}")
+        check(math.isfinite(self.max_length_a) and self.max_length_a >= 0,
+              f"max_length_a must be >= 0, got {self.max_length_a}")
+        check(self.max_length_b >= 1, f"max_length_b must be >= 1, got {self.max_length_b}")
+        check(0 <= self.min_length <= self.max_length,
+              f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}")
+
+    def length_limit(self, src_len: int, max_positions: int) -> int:
+        """Generated-token limit for a source of ``src_len`` tokens: min(max_length, a*src_len+b, positions-1)."""
+        return max(1, min(self.max_length, int(self.max_length_a * src_len) + self.max_length_b, max_positions - 1))

@@ -1,0 +1,97 @@
+"""ONNX Runtime sessions for the artifact's two graphs, on CUDA when it really works, else on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine import contract
+from engine.errors import EngineUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Runtime settings of one engine instance.
+
+    Attributes:
+        device: "auto" (CUDA when its provider really loads, else CPU), "cpu" or "cuda" (fail if unavailable).
+        intra_op_threads: ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (all physical cores).
+        max_batch_tokens: upper bound on padded source tokens (batch x src_len) per encoder call; larger batches
+            are split. Bounds peak memory independently of how many requests the server batched.
+
+    Raises:
+        ValueError: an unknown device or a negative count.
+    """
+
+    device: str = "auto"
+    intra_op_threads: int = 0
+    max_batch_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.intra_op_threads < 0 or self.max_batch_tokens < 1:
+            raise ValueError("intra_op_threads must be >= 0 and max_batch_tokens >= 1")
+
+
+def _session_options(cfg: EngineConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = cfg.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def _providers(cfg: EngineConfig) -> list[str]:
+    available = ort.get_available_providers()
+    if cfg.device == "cpu" or "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """The encoder and decoder-step sessions of one artifact folder.
+
+    ``provider`` is the provider that really runs (ONNX Runtime silently falls back to the CPU when the CUDA
+    libraries cannot load; we read ``get_providers()`` instead of trusting the request).
+
+    Raises:
+        FileNotFoundError: a graph file is missing.
+        EngineUnavailableError: device "cuda" was asked for and CUDA does not work.
+    """
+
+    def __init__(self, artifact_dir: str | Path, cfg: EngineConfig) -> None:
+        artifact_dir = Path(artifact_dir)
+        for name in (contract.ENCODER_FILE, contract.DECODER_STEP_FILE):
+            if not (artifact_dir / name).is_file():
+                raise FileNotFoundError(f"{artifact_dir / name} is missing: run `python -m export.onnx_export`")
+        providers = _providers(cfg)
+        options = _session_options(cfg)
+        self.encoder = ort.InferenceSession(str(artifact_dir / contract.ENCODER_FILE), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(artifact_dir / contract.DECODER_STEP_FILE), options,
+                                            providers=providers)
+        self.provider = self.decoder.get_providers()[0]
+        if cfg.device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")
+        log.info("ONNX Runtime %s on %s", ort.__version__, self.provider)
+
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v float32 [L, batch, H, src_len, d_head]."""
+        cross_k, cross_v = self.encoder.run(list(contract.ENCODER_OUTPUTS),
+                                            dict(zip(contract.ENCODER_INPUTS, (src_ids, src_mask))))
+        return cross_k, cross_v
+
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
+        """One decoder step; shapes in engine/contract.py. Returns log_probs [rows, vocab], new self_k/self_v."""
+        feeds = dict(zip(contract.DECODER_INPUTS, (tokens, self_k, self_v, cross_k, cross_v, src_mask)))
+        log_probs, new_k, new_v = self.decoder.run(list(contract.DECODER_OUTPUTS), feeds)
+        return log_probs, new_k, new_v

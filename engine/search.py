@@ -1,0 +1,192 @@
+"""Batched greedy and beam search over a decoder-step function with a key/value cache (numpy only).
+
+Semantics are those of the PyTorch reference (nmt/search.py), which is the oracle in the tests:
+- tokens returned exclude bos and eos; scores are summed natural-log probabilities, eos included;
+- beam hypotheses are ranked by score / lp(len), lp(len) = ((5 + len) / 6) ** alpha (GNMT, Wu et al. 2016 eq. 14);
+- each step takes the best 2 * beam_size candidates per sentence (ties: lower flat index first); eos candidates
+  become finished hypotheses, the others fill beam_size live beams; a sentence stops with beam_size finished
+  hypotheses (fairseq's rule) or at its length limit, where the live beams are finalized as they are.
+
+Sentences that finish leave the batch: their rows are dropped from the cache, so long sentences do not make short
+ones pay, and every step only computes live rows.
+
+The step function is ``step(tokens, self_k, self_v, cross_k, cross_v, src_mask) -> (log_probs, self_k, self_v)``
+with the shapes of engine/contract.py; tests drive the search with scripted step functions too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+StepFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    """One output: token ids (no bos/eos), summed log-prob ``score``, length-normalized ``ranking_score``."""
+
+    tokens: list[int]
+    score: float
+    ranking_score: float
+
+
+@dataclasses.dataclass
+class StepStats:
+    """Work counters of one search call: decoder steps run and decoder rows computed (sum over steps)."""
+
+    steps: int = 0
+    rows: int = 0
+
+
+def gnmt_length_penalty(length: int, alpha: float) -> float:
+    """lp(len) = ((5 + len) / 6) ** alpha (Wu et al. 2016, eq. 14)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+class _Rows:
+    """Decoder state of the active rows: self-attention cache plus the cross K/V and mask gathered per row."""
+
+    def __init__(self, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray) -> None:
+        self.cross_k_all, self.cross_v_all, self.src_mask_all = cross_k, cross_v, src_mask
+        n_layers, batch, n_heads, _, d_head = cross_k.shape
+        self.self_k = np.zeros((n_layers, batch, n_heads, 0, d_head), dtype=cross_k.dtype)
+        self.self_v = self.self_k
+        self.sentence_of_row = np.arange(batch)
+        self._gather_cross()
+
+    def _gather_cross(self) -> None:
+        rows = self.sentence_of_row
+        # Keep only the source columns that some active row still needs: padding of finished long sentences.
+        src_len = int(self.src_mask_all[rows].sum(axis=1).max()) if len(rows) else 0
+        self.cross_k = np.ascontiguousarray(self.cross_k_all[:, rows, :, :src_len])
+        self.cross_v = np.ascontiguousarray(self.cross_v_all[:, rows, :, :src_len])
+        self.src_mask = np.ascontiguousarray(self.src_mask_all[rows, :src_len])
+
+    def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats) -> np.ndarray:
+        log_probs, self.self_k, self.self_v = step_fn(tokens[:, None], self.self_k, self.self_v, self.cross_k,
+                                                      self.cross_v, self.src_mask)
+        stats.steps += 1
+        stats.rows += len(tokens)
+        return log_probs
+
+    def select(self, parent_rows: np.ndarray) -> None:
+        """Keeps/reorders rows: new row i continues old row parent_rows[i] (int64 [new_rows])."""
+        new_sentences = self.sentence_of_row[parent_rows]
+        changed = not np.array_equal(new_sentences, self.sentence_of_row)
+        self.sentence_of_row = new_sentences
+        self.self_k = self.self_k[:, parent_rows]
+        self.self_v = self.self_v[:, parent_rows]
+        if changed:
+            self._gather_cross()
+
+
+def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
+                  length_limits: list[int], bos_id: int, eos_id: int, min_length: int = 0,
+                  stats: StepStats | None = None) -> list[Hypothesis]:
+    """Greedy search of a batch.
+
+    Args:
+        cross_k, cross_v: float32 [n_layers, batch, n_heads, src_len, d_head] from the encoder.
+        src_mask: bool [batch, src_len], True for real tokens.
+        length_limits: per sentence, the maximum number of decoding steps.
+    Returns: one Hypothesis per sentence, in input order.
+    """
+    stats = stats or StepStats()
+    batch = src_mask.shape[0]
+    rows = _Rows(cross_k, cross_v, src_mask)
+    tokens = np.full(batch, bos_id, dtype=np.int64)
+    out_tokens: list[list[int]] = [[] for _ in range(batch)]
+    scores = np.zeros(batch, dtype=np.float32)
+    results: list[Hypothesis | None] = [None] * batch
+    step = 0
+    while len(rows.sentence_of_row):
+        log_probs = rows.step(step_fn, tokens, stats)
+        if step < min_length:
+            log_probs[:, eos_id] = -np.inf
+        tokens = log_probs.argmax(axis=1)
+        keep = []
+        for row, sentence in enumerate(rows.sentence_of_row):
+            token = int(tokens[row])
+            scores[sentence] += log_probs[row, token]
+            if token != eos_id:
+                out_tokens[sentence].append(token)
+            if token == eos_id or step + 1 >= length_limits[sentence]:
+                score = float(scores[sentence])
+                results[sentence] = Hypothesis(out_tokens[sentence], score, score)
+            else:
+                keep.append(row)
+        keep_rows = np.asarray(keep, dtype=np.int64)
+        tokens = tokens[keep_rows]
+        rows.select(keep_rows)
+        step += 1
+    return results  # type: ignore[return-value]
+
+
+def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the k best entries of cand [n], best first, ties broken by lower index."""
+    k = min(k, cand.shape[0])
+    top = np.argpartition(-cand, k - 1)[:k]
+    return top[np.lexsort((top, -cand[top]))]
+
+
+def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
+                length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
+                n_best: int = 1, min_length: int = 0, stats: StepStats | None = None) -> list[list[Hypothesis]]:
+    """Beam search of a batch (semantics in the module docstring).
+
+    Args: as :func:`greedy_search`, plus beam_size, length_penalty (GNMT alpha) and n_best (<= beam_size).
+    Returns: per sentence, in input order, its n_best hypotheses best first.
+    """
+    stats = stats or StepStats()
+    batch = src_mask.shape[0]
+    rows = _Rows(cross_k, cross_v, src_mask)
+    # Per active sentence (in row order), the live beams' tokens and scores; one live beam (bos) to start.
+    live_tokens: list[list[list[int]]] = [[[]] for _ in range(batch)]
+    live_scores: list[np.ndarray] = [np.zeros(1, dtype=np.float32) for _ in range(batch)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    active = list(range(batch))  # sentence ids, in row-block order
+    last = np.full(batch, bos_id, dtype=np.int64)
+    step = 0
+    while active:
+        log_probs = rows.step(step_fn, last, stats)
+        if step < min_length:
+            log_probs[:, eos_id] = -np.inf
+        vocab = log_probs.shape[1]
+        parent_rows, next_last, still_active = [], [], []
+        row0 = 0
+        for sentence in active:
+            n_live = len(live_tokens[sentence])
+            cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n_live]).reshape(-1)
+            new_tokens, new_scores, parents = [], [], []
+            for flat in _top_candidates(cand, 2 * beam_size):
+                parent, token = divmod(int(flat), vocab)
+                score = float(cand[flat])
+                if token == eos_id:
+                    finished[sentence].append(Hypothesis(
+                        live_tokens[sentence][parent], score,
+                        score / gnmt_length_penalty(step + 1, length_penalty)))
+                else:
+                    parents.append(parent)
+                    new_tokens.append(live_tokens[sentence][parent] + [token])
+                    new_scores.append(cand[flat])
+                if len(parents) == beam_size:
+                    break
+            if len(finished[sentence]) < beam_size and step + 1 >= length_limits[sentence]:
+                penalty = gnmt_length_penalty(step + 1, length_penalty)
+                finished[sentence].extend(Hypothesis(t, float(s), float(s) / penalty)
+                                          for t, s in zip(new_tokens, new_scores))
+            elif len(finished[sentence]) < beam_size:
+                live_tokens[sentence] = new_tokens
+                live_scores[sentence] = np.asarray(new_scores, dtype=np.float32)
+                parent_rows.extend(row0 + p for p in parents)
+                next_last.extend(t[-1] for t in new_tokens)
+                still_active.append(sentence)
+            row0 += n_live
+        active = still_active
+        rows.select(np.asarray(parent_rows, dtype=np.int64))
+        last = np.asarray(next_last, dtype=np.int64)
+        step += 1
+    return [sorted(f, key=lambda h: -h.ranking_score)[:n_best] for f in finished]

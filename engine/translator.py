@@ -1,0 +1,162 @@
+"""The translation engine: artifact in, texts in, translations out. No Ray, no HTTP, no torch.
+
+    from engine.translator import Translator
+    from engine.options import DecodingOptions
+    translator = Translator("artifacts/en-de")
+    translator.translate(["The file could not be opened."], DecodingOptions(beam_size=4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from engine import contract
+from engine.errors import InputTooLongError
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig, OnnxModel
+from engine.search import Hypothesis, StepStats, beam_search, greedy_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """One sentence's result.
+
+    Attributes:
+        text: the best translation, detokenized.
+        score: its summed natural-log probability (eos included); 0.0 for empty input.
+        n_best: (text, score) pairs, best first by the length-normalized ranking score; n_best[0] is ``text``.
+        n_tokens: generated target tokens of the best hypothesis (eos excluded).
+    """
+
+    text: str
+    score: float
+    n_best: list[tuple[str, float]]
+    n_tokens: int
+
+
+class Translator:
+    """Loads an artifact folder (engine/contract.py) and translates batches of texts.
+
+    Attributes:
+        provider: the ONNX Runtime execution provider that really runs ("CUDAExecutionProvider" or
+            "CPUExecutionProvider").
+        max_src_tokens: longest accepted source, in sentencepiece tokens including eos.
+        manifest: the artifact's manifest.json as a dict ({} while export is still verifying the artifact).
+
+    Raises:
+        FileNotFoundError: the artifact is incomplete.
+    """
+
+    def __init__(self, artifact_dir: str | Path, config: EngineConfig | None = None) -> None:
+        started = time.perf_counter()
+        self.artifact_dir = Path(artifact_dir)
+        self.config = config or EngineConfig()
+        manifest_path = self.artifact_dir / contract.MANIFEST
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        model_config = json.loads((self.artifact_dir / contract.CONFIG_FILE).read_text())
+        self.bos_id, self.eos_id, self.pad_id = (model_config[k] for k in ("bos_id", "eos_id", "pad_id"))
+        self.max_positions = model_config["max_positions"]
+        self.max_src_tokens = self.max_positions
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.artifact_dir / contract.TOKENIZER_FILE))
+        self.model = OnnxModel(self.artifact_dir, self.config)
+        self.provider = self.model.provider
+        self.load_seconds = time.perf_counter() - started
+
+    def tokenize(self, text: str) -> list[int]:
+        """Source token ids with eos appended; [] for empty or whitespace-only text.
+
+        Raises:
+            InputTooLongError: more than ``max_src_tokens`` tokens.
+        """
+        if not text.strip():
+            return []
+        ids = self.sp.encode(text) + [self.eos_id]
+        if len(ids) > self.max_src_tokens:
+            raise InputTooLongError(len(ids), self.max_src_tokens)
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def translate(self, texts: list[str], options: DecodingOptions | None = None,
+                  stats: StepStats | None = None) -> list[Translation]:
+        """Translates texts (one sentence each). Empty or whitespace-only texts give "" without running the model.
+
+        Raises:
+            InputTooLongError: a text is longer than the model accepts (checked before any decoding).
+        """
+        options = options or DecodingOptions()
+        src = [self.tokenize(t) for t in texts]
+        hypotheses = self.translate_ids(src, options, stats)
+        results = []
+        for ids, hyps in zip(src, hypotheses):
+            if not ids:
+                results.append(Translation("", 0.0, [("", 0.0)], 0))
+                continue
+            n_best = [(self.detokenize(h.tokens), h.score) for h in hyps]
+            results.append(Translation(n_best[0][0], hyps[0].score, n_best, len(hyps[0].tokens)))
+        return results
+
+    def translate_ids(self, src: list[list[int]], options: DecodingOptions,
+                      stats: StepStats | None = None) -> list[list[Hypothesis]]:
+        """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding).
+
+        Sentences are sorted by length and cut into chunks of at most ``max_batch_tokens`` padded tokens, so that
+        padding stays small; results come back in input order. Returns per sentence its n_best hypotheses.
+        """
+        stats = stats if stats is not None else StepStats()
+        results: list[list[Hypothesis]] = [[] for _ in src]
+        order = sorted((i for i, ids in enumerate(src) if ids), key=lambda i: len(src[i]))
+        for chunk in self._chunks(order, src):
+            batch = [src[i] for i in chunk]
+            for i, hyps in zip(chunk, self._decode(batch, options, stats)):
+                results[i] = hyps
+        return results
+
+    def _chunks(self, order: list[int], src: list[list[int]]):
+        chunk: list[int] = []
+        for i in order:  # ascending length: the newest sentence is the longest of its chunk
+            if chunk and (len(chunk) + 1) * len(src[i]) > self.config.max_batch_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            yield chunk
+
+    def _decode(self, batch: list[list[int]], options: DecodingOptions, stats: StepStats) -> list[list[Hypothesis]]:
+        src_len = max(len(ids) for ids in batch)
+        src_ids = np.full((len(batch), src_len), self.pad_id, dtype=np.int64)
+        src_mask = np.zeros((len(batch), src_len), dtype=bool)
+        for row, ids in enumerate(batch):
+            src_ids[row, :len(ids)] = ids
+            src_mask[row, :len(ids)] = True
+        cross_k, cross_v = self.model.encode(src_ids, src_mask)
+        limits = [options.length_limit(len(ids), self.max_positions) for ids in batch]
+        if options.beam_size == 1:
+            hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
+                                 min_length=options.min_length, stats=stats)
+            return [[h] for h in hyps]
+        return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
+                           beam_size=options.beam_size, length_penalty=options.length_penalty,
+                           n_best=options.n_best, min_length=options.min_length, stats=stats)
+
+    def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
+        """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.
+
+        Returns the warm-up time in seconds.
+        """
+        started = time.perf_counter()
+        for n in lengths:
+            ids = [[4 + (i % 50) for i in range(min(n, self.max_src_tokens) - 1)] + [self.eos_id]]
+            for beam_size in (1, 4):
+                self.translate_ids(ids, DecodingOptions(beam_size=beam_size, max_length=8))
+        return time.perf_counter() - started
