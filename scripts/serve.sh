@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up the project, exports the bundled model to ONNX (once), starts a local Ray head with a fixed metrics
+# port and runs the Serve application in the foreground (Ctrl-C stops the app; `.venv/bin/ray stop` the cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+METRICS_PORT=${METRICS_PORT:-8080}
+if [ ! -f artifacts/en-de/manifest.json ]; then
+  .venv/bin/python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de
+fi
+.venv/bin/ray stop --force >/dev/null 2>&1 || true
+.venv/bin/ray start --head --metrics-export-port="$METRICS_PORT" --include-dashboard=false \
+  --disable-usage-stats >/dev/null
+cat <<MSG
+Service starting on http://localhost:8000 (metrics: http://localhost:$METRICS_PORT/metrics). Try:
+  curl -s localhost:8000/translate -H 'Content-Type: application/json' \\
+    -d '{"text": ["The file could not be opened.", "Click the button to save the document."]}'
+MSG
+exec .venv/bin/serve run --address auto deploy/serve_config.yaml

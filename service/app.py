@@ -1,0 +1,217 @@
+"""Ray Serve application: FastAPI ingress and dynamic batching over the engine, in one deployment.
+
+One deployment holds both the HTTP ingress and the @serve.batch method: on this machine a separate ingress
+deployment halved the requests/s Serve could route (DESIGN.md section 6). Each text of a request becomes one batch
+item, so sentences of different requests share a batch; items are grouped by decoding options inside the batch.
+
+Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:app_builder``).
+"""
+
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from engine.errors import EngineError, InvalidRequestError
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig
+from engine.search import Hypothesis, StepStats
+from engine.translator import Translator
+from service import schemas
+from service.errors import (RequestTooLargeError, error_response, install_handlers, response_for,
+                            validation_message)
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("ray.serve")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppArgs(BaseModel):
+    """Application arguments (the ``args`` of the Serve config). Relative paths are relative to the project."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_dir: str = "artifacts/en-de"
+    model_id: str = "en-de"
+    device: str = "auto"
+    intra_op_threads: int = Field(0, ge=0)
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_texts_per_request: int = Field(64, ge=1)
+    max_chars_per_text: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    warmup: bool = True
+
+    def artifact_path(self) -> Path:
+        path = Path(self.artifact_dir)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class BatchConfig(BaseModel):
+    """Live batch settings (the deployment's ``user_config``; changed at runtime through reconfigure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="sentences per batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="wait for a fuller batch, s")
+
+
+@dataclasses.dataclass
+class _Item:
+    src_ids: list[int]
+    options: DecodingOptions
+    enqueued_at: float
+
+
+api = FastAPI(title="Translation service", version="0.1.0",
+              description="English->German Transformer on ONNX Runtime, batched by Ray Serve.")
+install_handlers(api)
+
+
+@serve.deployment(name="Translator", max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
+@serve.ingress(api)
+class TranslatorDeployment:
+    """One replica: loads and warms the artifact, then serves /translate, /health and /v1/models."""
+
+    def __init__(self, args: dict | None = None) -> None:
+        self.args = AppArgs(**(args or {}))
+        self.metrics = ServiceMetrics(self.args.model_id)
+        engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
+                                     max_batch_tokens=self.args.max_batch_tokens)
+        self.translator = Translator(self.args.artifact_path(), engine_config)
+        self.metrics.model_load_seconds.set(self.translator.load_seconds)
+        if self.args.warmup:
+            self.metrics.warmup_seconds.set(self.translator.warmup())
+        log.info("model %s loaded from %s on %s", self.args.model_id, self.args.artifact_dir,
+                 self.translator.provider)
+
+    def reconfigure(self, user_config: dict) -> None:
+        config = BatchConfig(**user_config)
+        self._translate_batch.set_max_batch_size(config.max_batch_size)
+        self._translate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Serve's liveness probe: raises if the engine cannot run (then Serve restarts the replica)."""
+        self.translator.translate_ids([[self.translator.eos_id]], DecodingOptions(beam_size=1, max_length=1))
+
+    @api.get("/health", response_model=schemas.Health)
+    async def health(self) -> schemas.Health:
+        return schemas.Health(status="ok", model=self.args.model_id, provider=self.translator.provider,
+                              max_src_tokens=self.translator.max_src_tokens,
+                              max_texts_per_request=self.args.max_texts_per_request,
+                              max_chars_per_text=self.args.max_chars_per_text)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        cfg = self.translator.manifest.get("model_config", {})
+        return {"models": [dict(id=self.args.model_id, source_language="en", target_language="de",
+                                provider=self.translator.provider, precision="float32",
+                                max_src_tokens=self.translator.max_src_tokens, d_model=cfg.get("d_model"))]}
+
+    @api.post("/translate", response_model=schemas.TranslateResponse,
+              responses={413: {"model": schemas.ErrorResponse}, 422: {"model": schemas.ErrorResponse}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": schemas.TranslateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def translate(self, request: Request) -> JSONResponse:
+        """Translates one text or a list of texts; the body is size-checked before it is parsed."""
+        try:
+            body = await self._read_body(request)
+            req = schemas.TranslateRequest.model_validate_json(body)
+            response = await self._translate(req)
+        except ValidationError as e:
+            response = error_response(422, "validation_error", validation_message(e.errors()))
+        except EngineError as e:
+            response = response_for(e)
+        except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
+            response = response_for(e)
+        self.metrics.request(response.status_code)
+        return response
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLargeError(f"body of {declared} bytes > limit {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestTooLargeError(f"body > limit {limit} bytes")
+        return bytes(body)
+
+    async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse:
+        if req.model is not None and req.model != self.args.model_id:
+            raise InvalidRequestError(f"unknown model {req.model!r}; this deployment serves {self.args.model_id!r}")
+        options = req.decoding_options()
+        texts = req.texts()
+        if len(texts) > self.args.max_texts_per_request:
+            raise RequestTooLargeError(f"{len(texts)} texts > limit {self.args.max_texts_per_request} per request")
+        for i, text in enumerate(texts):
+            if len(text) > self.args.max_chars_per_text:
+                raise RequestTooLargeError(f"text[{i}] has {len(text)} characters > limit "
+                                           f"{self.args.max_chars_per_text}")
+        src = [self.translator.tokenize(t) for t in texts]  # raises InputTooLongError before anything is queued
+        now = time.perf_counter()
+        outcomes = await asyncio.gather(*(self._translate_batch(_Item(ids, options, now)) for ids in src if ids))
+        outcomes_iter = iter(outcomes)
+        translations = []
+        for ids in src:
+            hyps = next(outcomes_iter) if ids else [Hypothesis([], 0.0, 0.0)]
+            if isinstance(hyps, Exception):
+                raise hyps
+            translations.append(self._render(hyps, req.return_scores))
+        body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
+        return JSONResponse(body.model_dump(exclude_none=True))
+
+    def _render(self, hyps: list[Hypothesis], return_scores: bool) -> schemas.Translation:
+        texts = [self.translator.detokenize(h.tokens) for h in hyps]
+        if not return_scores:
+            return schemas.Translation(text=texts[0])
+        return schemas.Translation(text=texts[0], score=hyps[0].score,
+                                   n_best=[schemas.Hypothesis(text=t, score=h.score) for t, h in zip(texts, hyps)])
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
+        """Decodes one formed batch. Never raises: a failing group returns its exception per item."""
+        started = time.perf_counter()
+        for item in items:
+            self.metrics.queue_seconds.observe(started - item.enqueued_at)
+        self.metrics.batch_sentences.observe(len(items))
+        self.metrics.batch_tokens.observe(sum(len(i.src_ids) for i in items))
+        outcomes = await asyncio.to_thread(self._decode_groups, items)
+        self.metrics.compute_seconds.observe(time.perf_counter() - started)
+        return outcomes
+
+    def _decode_groups(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
+        groups: dict[DecodingOptions, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.options].append(index)
+        outcomes: list[list[Hypothesis] | Exception] = [RuntimeError("not decoded")] * len(items)
+        for options, indices in groups.items():
+            stats = StepStats()
+            try:
+                hyps = self.translator.translate_ids([items[i].src_ids for i in indices], options, stats)
+            except Exception as e:  # noqa: BLE001 - isolate the group; other groups still succeed
+                log.exception("decode failed for a group of %d sentences", len(indices))
+                for i in indices:
+                    outcomes[i] = e
+                continue
+            for i, h in zip(indices, hyps):
+                outcomes[i] = h
+            self.metrics.sentences.inc(len(indices))
+            self.metrics.source_tokens.inc(sum(len(items[i].src_ids) for i in indices))
+            self.metrics.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps))
+            self.metrics.decode_steps.inc(stats.steps)
+        return outcomes
+
+
+def app_builder(args: dict | None = None) -> serve.Application:
+    """Serve application builder; ``args`` are validated by :class:`AppArgs`."""
+    return TranslatorDeployment.bind(AppArgs(**(args or {})).model_dump())

@@ -1,0 +1,68 @@
+"""One table from error types to HTTP status, and FastAPI handlers that render the one error body."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from engine.errors import EngineError, EngineUnavailableError, InputTooLongError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """Too many texts, too many characters, or too many body bytes. HTTP 413."""
+
+
+# Most specific first: the first matching class wins.
+STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
+    (InputTooLongError, 413, "input_too_long"),
+    (RequestTooLargeError, 413, "request_too_large"),
+    (InvalidRequestError, 422, "invalid_request"),
+    (EngineUnavailableError, 503, "unavailable"),
+    (EngineError, 500, "engine_error"),
+]
+
+
+def error_response(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def response_for(exc: Exception) -> JSONResponse:
+    """Maps an exception to the error body; unknown exceptions become a 500 without internals."""
+    for cls, status, type_ in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return error_response(status, type_, str(exc))
+    log.exception("internal error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error; see the server log")
+
+
+def validation_message(errors: list[dict]) -> str:
+    """pydantic/FastAPI error dicts -> "field: message; ..." (first five), without echoing the input."""
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "validation_error", validation_message(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return response_for(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return response_for(exc)

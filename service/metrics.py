@@ -1,0 +1,45 @@
+"""The service's own metrics, exported by Ray on its metrics port (ray.util.metrics; Ray prefixes "ray_").
+
+Labels are bounded: ``model`` (the deployment's model id) and ``status_class`` (2xx/4xx/5xx); never request ids,
+texts or paths.
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+_BATCH_SENTENCES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_BATCH_TOKENS = [16, 64, 256, 1024, 4096, 16384]
+_SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+
+class ServiceMetrics:
+    """Counters, histograms and gauges of one replica, tagged with its model id."""
+
+    def __init__(self, model_id: str) -> None:
+        tags = ("model",)
+        self.requests = metrics.Counter("nmt_requests_total", "HTTP translate requests by status class",
+                                        tag_keys=("model", "status_class"))
+        self.sentences = metrics.Counter("nmt_sentences_total", "sentences translated", tag_keys=tags)
+        self.source_tokens = metrics.Counter("nmt_source_tokens_total", "source tokens (eos included)", tag_keys=tags)
+        self.generated_tokens = metrics.Counter("nmt_generated_tokens_total", "generated target tokens (best "
+                                                "hypothesis, eos excluded)", tag_keys=tags)
+        self.decode_steps = metrics.Counter("nmt_decode_steps_total", "decoder-step graph runs", tag_keys=tags)
+        self.batch_sentences = metrics.Histogram("nmt_batch_size_sentences", "sentences per formed batch",
+                                                 boundaries=_BATCH_SENTENCES, tag_keys=tags)
+        self.batch_tokens = metrics.Histogram("nmt_batch_size_tokens", "source tokens per formed batch",
+                                              boundaries=_BATCH_TOKENS, tag_keys=tags)
+        self.queue_seconds = metrics.Histogram("nmt_queue_seconds", "time a sentence waited for its batch, s",
+                                               boundaries=_SECONDS, tag_keys=tags)
+        self.compute_seconds = metrics.Histogram("nmt_compute_seconds", "engine time of one batch, s",
+                                                 boundaries=_SECONDS, tag_keys=tags)
+        self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
+        self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
+        for m in (self.sentences, self.source_tokens, self.generated_tokens, self.decode_steps,
+                  self.batch_sentences, self.batch_tokens, self.queue_seconds, self.compute_seconds,
+                  self.model_load_seconds, self.warmup_seconds):
+            m.set_default_tags({"model": model_id})
+        self.model_id = model_id
+
+    def request(self, status: int) -> None:
+        self.requests.inc(1, tags={"model": self.model_id, "status_class": f"{status // 100}xx"})
