@@ -1,0 +1,65 @@
+"""Shared fixtures: the bundled checkpoint, its ONNX export (made once per session), the engine, a Ray Serve app."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Before Ray is imported anywhere: no usage stats, no token auth on the local test cluster (DESIGN.md section 6).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "models" / "en-de"
+PARITY_SENTENCES = [s for s in (ROOT / "export" / "parity_sentences.txt").read_text().splitlines() if s.strip()]
+
+# Real English sentences of the corpus's domain, of mixed lengths (batch invariance needs mixed lengths).
+SENTENCES = [
+    "The file could not be opened.",
+    "Click the button to save the document.",
+    "Select the cell.",
+    "This command inserts a new table at the current cursor position in the document.",
+    "Error",
+    "The printer is not available.",
+    "Do you want to delete the selected entries?",
+    "Opens a dialog where you can change the properties of the selected object and apply them to all pages.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def torch_model():
+    from export.onnx_export import load_checkpoint
+
+    return load_checkpoint(CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(artifact folder, manifest): the bundled checkpoint exported with the real export command's function."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("artifact") / "en-de"
+    manifest = export_checkpoint(CHECKPOINT, out, PARITY_SENTENCES)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def artifact(exported) -> Path:
+    return exported[0]
+
+
+@pytest.fixture(scope="session")
+def translator(artifact):
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    return Translator(artifact, EngineConfig(device="cpu"))

@@ -1,0 +1,107 @@
+"""The ONNX Runtime engine on the bundled model: greedy == beam 1, batch invariance, input rules, options."""
+
+import math
+
+import pytest
+
+from engine.errors import InputTooLongError, InvalidRequestError
+from engine.options import DecodingOptions
+from engine.search import StepStats
+
+from conftest import SENTENCES
+
+
+def test_runs_on_the_cpu_provider_here(translator):
+    assert translator.provider == "CPUExecutionProvider"
+
+
+def test_greedy_equals_beam_size_one(translator):
+    src = [translator.tokenize(s) for s in SENTENCES]
+    greedy = translator.translate_ids(src, DecodingOptions(beam_size=1))
+    # Beam search with one beam, forced through the beam code path (the engine routes beam_size 1 to greedy).
+    from engine.search import beam_search
+
+    for ids, g in zip(src, greedy):
+        import numpy as np
+
+        src_ids = np.asarray([ids]), np.ones((1, len(ids)), dtype=bool)
+        ck, cv = translator.model.encode(*src_ids)
+        limit = [DecodingOptions().length_limit(len(ids), translator.max_positions)]
+        (b,) = beam_search(translator.model.step, ck, cv, src_ids[1], limit, translator.bos_id, translator.eos_id,
+                           beam_size=1, length_penalty=0.6)
+        assert b[0].tokens == g[0].tokens
+        assert b[0].score == pytest.approx(g[0].score, abs=1e-6)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_batch_invariance(translator, beam_size):
+    """Same tokens and score alone, in a batch of mixed lengths, and in reversed order."""
+    options = DecodingOptions(beam_size=beam_size, n_best=beam_size)
+    src = [translator.tokenize(s) for s in SENTENCES]
+    alone = [translator.translate_ids([ids], options)[0] for ids in src]
+    batched = translator.translate_ids(src, options)
+    reversed_ = translator.translate_ids(src[::-1], options)[::-1]
+    for a, b, r in zip(alone, batched, reversed_):
+        assert [h.tokens for h in a] == [h.tokens for h in b] == [h.tokens for h in r]
+        for ha, hb, hr in zip(a, b, r):
+            assert hb.score == pytest.approx(ha.score, abs=1e-4)
+            assert hr.score == pytest.approx(ha.score, abs=1e-4)
+
+
+def test_batch_invariance_across_token_budget_chunks(artifact):
+    """A tiny max_batch_tokens cuts the batch into many chunks; outputs must not change."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    small = Translator(artifact, EngineConfig(device="cpu", max_batch_tokens=20))
+    big = Translator(artifact, EngineConfig(device="cpu"))
+    options = DecodingOptions(beam_size=2)
+    assert [t.text for t in small.translate(SENTENCES, options)] == [t.text for t in big.translate(SENTENCES, options)]
+
+
+def test_empty_and_whitespace_input_translate_to_empty_without_decoding(translator):
+    stats = StepStats()
+    out = translator.translate(["", "   \n\t"], DecodingOptions(), stats=stats)
+    assert [t.text for t in out] == ["", ""]
+    assert stats.steps == 0
+
+
+def test_too_long_input_is_a_clear_error(translator):
+    text = " ".join(["document"] * (translator.max_src_tokens + 5))
+    with pytest.raises(InputTooLongError, match=f"limit {translator.max_src_tokens}"):
+        translator.translate([text])
+
+
+def test_n_best_is_sorted_distinct_and_bounded(translator):
+    (t,) = translator.translate([SENTENCES[1]], DecodingOptions(beam_size=4, n_best=4, length_penalty=0.6))
+    assert len(t.n_best) == 4
+    texts = [text for text, _ in t.n_best]
+    assert len(set(texts)) == 4
+    ranking = [score / ((5 + n) / 6) ** 0.6 for (_, score), n in
+               zip(t.n_best, [len(translator.sp.encode(x)) + 1 for x in texts])]
+    assert t.text == texts[0] and t.score == t.n_best[0][1]
+    # Ranking scores are non-increasing (token counts re-derived from text are exact for sentencepiece ids
+    # only approximately, so allow a small slack).
+    assert all(a >= b - 0.05 for a, b in zip(ranking, ranking[1:]))
+
+
+def test_max_length_caps_generated_tokens(translator):
+    src = [translator.tokenize(SENTENCES[3])]
+    (hyps,) = translator.translate_ids(src, DecodingOptions(beam_size=4, max_length=3))
+    assert len(hyps[0].tokens) <= 3
+
+
+def test_finished_rows_leave_the_batch(translator):
+    """With one long and several short sentences, rows computed are far fewer than steps x batch x beam."""
+    stats = StepStats()
+    src = [translator.tokenize(s) for s in SENTENCES]
+    translator.translate_ids(src, DecodingOptions(beam_size=1), stats)
+    assert stats.rows < stats.steps * len(src)
+
+
+@pytest.mark.parametrize("kwargs", [dict(beam_size=0), dict(beam_size=99), dict(beam_size=2, n_best=3),
+                                    dict(length_penalty=-1.0), dict(length_penalty=math.nan), dict(max_length=0),
+                                    dict(min_length=-1)])
+def test_invalid_options_raise_with_a_message(kwargs):
+    with pytest.raises(InvalidRequestError, match="must be"):
+        DecodingOptions(**kwargs)

@@ -1,0 +1,54 @@
+"""ONNX export: parity with PyTorch (figures in the manifest), dynamic shapes, loud failure."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import contract
+from export.onnx_export import ParityError, export_checkpoint
+
+from conftest import CHECKPOINT, PARITY_SENTENCES
+
+LOG_PROB_ATOL = 1e-3
+
+
+def test_manifest_records_parity_within_tolerance(exported):
+    artifact, manifest = exported
+    parity = manifest["parity"]
+    assert parity["sentences"] == len(PARITY_SENTENCES) >= 20
+    assert parity["max_abs_log_prob_diff"] <= LOG_PROB_ATOL
+    assert parity["greedy_mismatches"] == 0 and parity["beam_mismatches"] == 0
+    on_disk = json.loads((artifact / contract.MANIFEST).read_text())
+    assert on_disk["files"].keys() >= {contract.ENCODER_FILE, contract.DECODER_STEP_FILE, contract.TOKENIZER_FILE}
+    assert on_disk["opset"] == contract.OPSET
+
+
+@pytest.mark.parametrize("batch,src_len,past_len", [(1, 1, 0), (5, 41, 0), (2, 13, 17), (7, 3, 1)])
+@torch.no_grad()
+def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, batch, src_len, past_len):
+    cfg = torch_model.cfg
+    gen = torch.Generator().manual_seed(batch * 100 + src_len)
+    src = torch.randint(4, cfg.vocab_size, (batch, src_len), generator=gen)
+    mask = torch.ones(batch, src_len, dtype=torch.bool)
+    mask[0, src_len // 2 + 1:] = False  # a padded row
+    ck, cv = torch_model.cross_kv(torch_model.encode(src, mask))
+    ort_ck, ort_cv = translator.model.encode(src.numpy(), mask.numpy())
+    np.testing.assert_allclose(ort_ck, ck.numpy(), atol=1e-4)
+    shape = (cfg.n_decoder_layers, batch, cfg.n_heads, past_len, cfg.d_head)
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    tokens = torch.randint(4, cfg.vocab_size, (batch, 1), generator=gen)
+    lp, nk, nv = torch_model.decode_step(tokens, k, v, ck, cv, mask)
+    ort_lp, ort_nk, ort_nv = translator.model.step(tokens.numpy(), k.numpy(), v.numpy(), ort_ck, ort_cv,
+                                                   mask.numpy())
+    assert ort_nk.shape == (cfg.n_decoder_layers, batch, cfg.n_heads, past_len + 1, cfg.d_head)
+    np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
+    np.testing.assert_allclose(ort_nv, nv.numpy(), atol=1e-4)
+
+
+def test_export_fails_loudly_when_parity_fails(tmp_path):
+    # A tolerance no float32 export can meet: the check must refuse and leave no artifact behind.
+    with pytest.raises(ParityError, match="max abs log-prob difference"):
+        export_checkpoint(CHECKPOINT, tmp_path / "out", PARITY_SENTENCES[:2], atol=1e-12)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,70 @@
+"""The PyTorch model: incremental decoding with the KV cache equals the teacher-forced forward pass."""
+
+import math
+
+import pytest
+import torch
+
+from nmt.config import ModelConfig
+from nmt.model import Transformer, sinusoidal_positions
+
+from conftest import SENTENCES
+
+
+@pytest.fixture(scope="module")
+def batch(torch_model):
+    import sentencepiece as spm
+    from conftest import CHECKPOINT
+
+    sp = spm.SentencePieceProcessor(model_file=str(CHECKPOINT / "spm.model"))
+    cfg = torch_model.cfg
+    ids = [sp.encode(s) + [cfg.eos_id] for s in SENTENCES[:4]]
+    src = torch.full((len(ids), max(map(len, ids))), cfg.pad_id)
+    for i, row in enumerate(ids):
+        src[i, : len(row)] = torch.tensor(row)
+    # A target prefix: the source ids shifted into bos + tokens (any ids do for an equality check).
+    tgt = torch.cat([torch.full((len(ids), 1), cfg.bos_id), src[:, :9].clamp(min=4)], dim=1)
+    return src, src != cfg.pad_id, tgt
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_full_forward(torch_model, batch):
+    src, mask, tgt = batch
+    full = torch.log_softmax(torch_model(src, mask, tgt), dim=-1)  # [batch, tgt_len, vocab]
+    ck, cv = torch_model.cross_kv(torch_model.encode(src, mask))
+    k, v = torch_model.empty_cache(src.shape[0])
+    for t in range(tgt.shape[1]):
+        step, k, v = torch_model.decode_step(tgt[:, t : t + 1], k, v, ck, cv, mask)
+        torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
+    assert k.shape[3] == tgt.shape[1]
+
+
+@torch.no_grad()
+def test_padding_does_not_change_encoder_output(torch_model, batch):
+    src, mask, _ = batch
+    alone = torch_model.encode(src[2:3, : int(mask[2].sum())], mask[2:3, : int(mask[2].sum())])
+    padded = torch_model.encode(src, mask)[2:3, : int(mask[2].sum())]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sinusoidal_positions_match_the_paper_up_to_dimension_order():
+    d_model, pos = 8, torch.arange(5)
+    pe = sinusoidal_positions(pos, d_model)
+    for p in range(5):
+        for i in range(d_model // 2):
+            angle = p / 10000 ** (2 * i / d_model)
+            assert math.isclose(pe[p, i].item(), math.sin(angle), abs_tol=1e-6)
+            assert math.isclose(pe[p, d_model // 2 + i].item(), math.cos(angle), abs_tol=1e-6)
+
+
+def test_output_projection_is_tied_to_embeddings():
+    model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+                                    n_decoder_layers=1))
+    y = torch.randn(2, 16)
+    torch.testing.assert_close(model.output_logits(y), y @ model.embed.weight.t())
+
+
+@pytest.mark.parametrize("kwargs", [dict(d_model=10, n_heads=3), dict(dropout=1.5), dict(pad_id=1)])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ModelConfig(**kwargs)

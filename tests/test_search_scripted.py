@@ -1,0 +1,83 @@
+"""Engine search on a scripted step function whose probabilities are a hand-written table (fairseq-style)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.search import StepStats, beam_search, gnmt_length_penalty, greedy_search
+
+PAD, UNK, BOS, EOS, A, B, C = range(7)
+VOCAB = 7
+# P(next | last token). Greedy follows a (.5) -> b (.6) -> eos (.9): "a b", p = .27.
+# Beam 2 finds "b" (p = .4 * .9 = .36), better than greedy's path.
+TABLE = {
+    BOS: {A: 0.5, B: 0.4, C: 0.1},
+    A: {EOS: 0.3, B: 0.6, C: 0.1},
+    B: {EOS: 0.9, A: 0.1},
+    C: {EOS: 1.0},
+}
+
+
+def scripted_step(tokens, self_k, self_v, cross_k, cross_v, src_mask):
+    rows = tokens.shape[0]
+    log_probs = np.full((rows, VOCAB), np.log(1e-12), dtype=np.float32)
+    for r, last in enumerate(tokens[:, 0]):
+        for tok, p in TABLE.get(int(last), {EOS: 1.0}).items():
+            log_probs[r, tok] = np.log(p)
+    grow = np.zeros(self_k.shape[:3] + (1,) + self_k.shape[4:], dtype=np.float32)
+    return log_probs, np.concatenate([self_k, grow], axis=3), np.concatenate([self_v, grow], axis=3)
+
+
+def encoder_outputs(batch: int):
+    cross = np.zeros((1, batch, 1, 3, 2), dtype=np.float32)
+    return cross, cross, np.ones((batch, 3), dtype=bool)
+
+
+def test_greedy_follows_the_argmax_path():
+    (hyp,) = greedy_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS)
+    assert hyp.tokens == [A, B]
+    assert math.isclose(hyp.score, math.log(0.5 * 0.6 * 0.9), rel_tol=1e-5)
+
+
+def test_beam_finds_the_better_hypothesis_greedy_misses():
+    (hyps,) = beam_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=0.0,
+                          n_best=2)
+    assert [h.tokens for h in hyps] == [[B], [A]]
+    assert math.isclose(hyps[0].score, math.log(0.36), rel_tol=1e-5)
+    assert math.isclose(hyps[1].score, math.log(0.15), rel_tol=1e-5)
+
+
+def test_length_penalty_is_gnmt_and_ranks_by_normalized_score():
+    assert math.isclose(gnmt_length_penalty(7, 0.6), (12 / 6) ** 0.6)
+    (hyps,) = beam_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=1.0,
+                          n_best=2)
+    for h in hyps:
+        assert math.isclose(h.ranking_score, h.score / ((5 + len(h.tokens) + 1) / 6), rel_tol=1e-6)
+    assert hyps[0].ranking_score >= hyps[1].ranking_score
+
+
+def test_max_length_finalizes_live_beams():
+    (hyps,) = beam_search(scripted_step, *encoder_outputs(1), [1], BOS, EOS, beam_size=2, length_penalty=0.0,
+                          n_best=2)
+    assert [h.tokens for h in hyps] == [[A], [B]]
+    (greedy,) = greedy_search(scripted_step, *encoder_outputs(1), [1], BOS, EOS)
+    assert greedy.tokens == [A]
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 3])
+def test_min_length_forbids_early_eos(beam_size):
+    if beam_size == 1:
+        hyps = [greedy_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, min_length=3)[0]]
+    else:
+        hyps = beam_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, beam_size=beam_size,
+                           length_penalty=0.0, n_best=beam_size, min_length=3)[0]
+    assert hyps and all(len(h.tokens) >= 3 for h in hyps)
+
+
+def test_finished_sentences_leave_the_batch():
+    # Sentence 0 may run 1 step, sentence 1 ten: after step 1 only sentence 1's rows are computed.
+    stats = StepStats()
+    out = greedy_search(scripted_step, *encoder_outputs(2), [1, 10], BOS, EOS, stats=stats)
+    assert [h.tokens for h in out] == [[A], [A, B]]
+    assert stats.steps == 3 and stats.rows == 2 + 1 + 1

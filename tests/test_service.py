@@ -1,0 +1,157 @@
+"""Over HTTP against a real Ray Serve instance (real Ray, real ONNX Runtime, real HTTP; nothing mocked)."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import SENTENCES, free_port
+
+
+@pytest.fixture(scope="module")
+def service(artifact):
+    import ray
+    from ray import serve
+
+    from service.app import TranslatorDeployment
+
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    # A long batch wait so that concurrent requests observably share batches.
+    app = TranslatorDeployment.options(user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.3}).bind(
+        {"artifact_dir": str(artifact), "model_id": "en-de", "device": "cpu", "max_texts_per_request": 8,
+         "max_chars_per_text": 1500, "max_body_bytes": 20_000})
+    serve.run(app, name="translation", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(service, body, **kwargs):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(service["url"] + "/translate", data=data, headers={"Content-Type": "application/json"},
+                         timeout=60, **kwargs)
+
+
+def scrape(service) -> dict[str, float]:
+    """{sample name + sorted labels without Ray's per-process ones: value} summed over replicas."""
+    samples: dict[str, float] = {}
+    text = requests.get(service["metrics"], timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "nmt_" not in s.name:
+                continue
+            labels = {k: v for k, v in s.labels.items() if k in ("le", "model", "status_class")}
+            key = s.name + json.dumps(labels, sort_keys=True)
+            samples[key] = samples.get(key, 0.0) + s.value
+    return samples
+
+
+def wait_for_metric(service, predicate, timeout_s=40):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        samples = scrape(service)
+        if predicate(samples):
+            return samples
+        time.sleep(1)
+    pytest.fail(f"metric condition not met in {timeout_s}s; nmt samples: {sorted(scrape(service))[:20]}")
+
+
+def test_health_reports_model_and_provider(service):
+    r = requests.get(service["url"] + "/health", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["provider"] == "CPUExecutionProvider" and r.json()["model"] == "en-de"
+
+
+def test_translates_a_real_sentence_like_the_engine(service, translator):
+    r = post(service, {"text": SENTENCES[0], "beam_size": 4, "return_scores": True})
+    assert r.status_code == 200, r.text
+    (t,) = r.json()["translations"]
+    (expected,) = translator.translate([SENTENCES[0]])
+    assert t["text"] == expected.text and t["text"].strip()
+    assert t["score"] == pytest.approx(expected.score, abs=1e-4)
+
+
+def test_list_input_with_empty_text_and_n_best(service):
+    r = post(service, {"text": [SENTENCES[1], "  ", SENTENCES[2]], "beam_size": 3, "n_best": 3,
+                       "return_scores": True})
+    assert r.status_code == 200, r.text
+    out = r.json()["translations"]
+    assert out[1]["text"] == "" and len(out[0]["n_best"]) == 3
+    assert out[0]["n_best"][0]["text"] == out[0]["text"]
+
+
+def test_concurrent_requests_are_batched_together(service):
+    def count_batches(samples):
+        return sum(v for k, v in samples.items() if k.startswith("ray_nmt_batch_size_sentences_count"))
+
+    before = count_batches(scrape(service))
+    singles_before = sum(v for k, v in scrape(service).items()
+                         if k.startswith("ray_nmt_batch_size_sentences_bucket") and '"le": "1.0"' in k)
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda s: post(service, {"text": s, "beam_size": 1}), SENTENCES * 2))
+    assert all(r.status_code == 200 for r in responses)
+    after = wait_for_metric(service, lambda s: count_batches(s) > before)
+    # 16 sentences in fewer batches than sentences, and at least one batch with more than one sentence.
+    batches = count_batches(wait_for_metric(service, lambda s: count_batches(s) > before))
+    singles = sum(v for k, v in after.items()
+                  if k.startswith("ray_nmt_batch_size_sentences_bucket") and '"le": "1.0"' in k)
+    assert batches - before < 16
+    assert (batches - before) - (singles - singles_before) >= 1
+
+
+def test_own_metrics_appear_on_the_metrics_port(service):
+    post(service, {"text": SENTENCES[2]})
+    samples = wait_for_metric(service, lambda s: any(k.startswith("ray_nmt_requests_total") for k in s))
+    names = {k.split("{")[0] for k in samples}
+    for name in ("ray_nmt_requests_total", "ray_nmt_sentences_total", "ray_nmt_generated_tokens_total",
+                 "ray_nmt_queue_seconds_count", "ray_nmt_compute_seconds_count", "ray_nmt_batch_size_tokens_count",
+                 "ray_nmt_decode_steps_total", "ray_nmt_model_load_seconds"):
+        assert name in names, f"{name} missing from {sorted(names)}"
+    assert any('"status_class": "2xx"' in k and v >= 1 for k, v in samples.items()
+               if k.startswith("ray_nmt_requests_total"))
+
+
+BAD_REQUESTS = [
+    (b"{not json", 422),
+    ({"text": 5}, 422),
+    ({"text": ["fine", 3]}, 422),
+    ({"text": "x", "beam_size": 0}, 422),
+    ({"text": "x", "beam_size": 2, "n_best": 3}, 422),
+    ({"text": "x", "unknown_option": 1}, 422),
+    ({"text": "x", "model": "fr-en"}, 422),
+    ({}, 422),
+    ({"text": ["a"] * 9}, 413),
+    ({"text": "x" * 1600}, 413),
+    ({"text": "x" * 30_000}, 413),
+]
+
+
+@pytest.mark.parametrize("body,status", BAD_REQUESTS)
+def test_malformed_input_gets_4xx_and_a_valid_request_in_the_same_batch_succeeds(service, body, status):
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(post, service, {"text": SENTENCES[0], "beam_size": 1})
+        bad = pool.submit(post, service, body)
+        good, bad = good.result(), bad.result()
+    assert bad.status_code == status, bad.text
+    error = bad.json()["error"]
+    assert error["type"] and error["message"]
+    assert "Traceback" not in bad.text
+    assert good.status_code == 200 and good.json()["translations"][0]["text"]
+
+
+def test_sentence_longer_than_the_model_is_413_naming_the_limit(service):
+    # Under the character limit, over the token limit: every letter of this word is its own piece.
+    r = post(service, {"text": " ".join("qzxv" for _ in range(120))})
+    assert r.status_code == 413
+    assert "limit 256" in r.json()["error"]["message"]
+
+
+def test_openapi_documents_the_translate_body(service):
+    spec = requests.get(service["url"] + "/openapi.json", timeout=10).json()
+    body = spec["paths"]["/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "beam_size" in body["properties"]
