@@ -76,9 +76,16 @@ class OnnxModel:
                 raise FileNotFoundError(f"{artifact_dir / name} is missing: run `python -m export.onnx_export`")
         providers = _providers(cfg)
         options = _session_options(cfg)
-        self.encoder = ort.InferenceSession(str(artifact_dir / contract.ENCODER_FILE), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(artifact_dir / contract.DECODER_STEP_FILE), options,
-                                            providers=providers)
+        # onnxruntime-gpu logs an ERROR when the CUDA libraries are missing, then falls back to the CPU; we read
+        # the outcome from get_providers() below, so silence that one expected message.
+        ort.set_default_logger_severity(4 if cfg.device == "auto" and len(providers) > 1 else 2)
+        try:
+            self.encoder = ort.InferenceSession(str(artifact_dir / contract.ENCODER_FILE), options,
+                                                providers=providers)
+            self.decoder = ort.InferenceSession(str(artifact_dir / contract.DECODER_STEP_FILE), options,
+                                                providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
         self.provider = self.decoder.get_providers()[0]
         if cfg.device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")

@@ -1,0 +1,56 @@
+"""Engine throughput in process: generated target tokens/s and sentences/s on the test split.
+
+    .venv/bin/python -m loadtests.bench_engine --artifact artifacts/en-de --threads 1 --limit 200
+
+Prints one JSON line per decoding mode (greedy, beam 4). Time on a quiet machine: another busy process on a
+2-core machine changes these figures several-fold (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig
+from engine.search import StepStats
+from engine.translator import Translator
+from nmt.data import read_pairs
+
+
+def run(translator: Translator, sources: list[str], options: DecodingOptions, repeats: int) -> dict:
+    translator.translate(sources[:8], options)  # warm-up
+    best = None
+    for _ in range(repeats):
+        stats = StepStats()
+        started = time.perf_counter()
+        out = translator.translate(sources, options, stats)
+        seconds = time.perf_counter() - started
+        if best is None or seconds < best[0]:
+            best = (seconds, out, stats)
+    seconds, out, stats = best
+    tokens = sum(t.n_tokens + 1 for t in out)  # + eos: every generated token costs a step
+    return dict(beam_size=options.beam_size, sentences=len(sources), seconds=round(seconds, 3),
+                sentences_per_s=round(len(sources) / seconds, 1), target_tokens_per_s=round(tokens / seconds, 1),
+                decoder_steps=stats.steps, decoder_rows=stats.rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", default="artifacts/en-de")
+    p.add_argument("--corpus", default="../shared/corpus")
+    p.add_argument("--limit", type=int, default=200, help="test sentences to translate")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    args = p.parse_args(argv)
+    sources = [en for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")][: args.limit]
+    translator = Translator(args.artifact, EngineConfig(intra_op_threads=args.threads))
+    for beam_size in (1, 4):
+        result = run(translator, sources, DecodingOptions(beam_size=beam_size), args.repeats)
+        print(json.dumps(dict(provider=translator.provider, threads=args.threads, **result)))
+
+
+if __name__ == "__main__":
+    main()
