@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import ray
 from ray import serve
 
 from engine.errors import EngineError, InvalidRequestError
@@ -106,7 +107,9 @@ class TranslatorDeployment:
         return schemas.Health(status="ok", model=self.args.model_id, provider=self.translator.provider,
                               max_src_tokens=self.translator.max_src_tokens,
                               max_texts_per_request=self.args.max_texts_per_request,
-                              max_chars_per_text=self.args.max_chars_per_text)
+                              max_chars_per_text=self.args.max_chars_per_text,
+                              replica=serve.get_replica_context().replica_id.unique_id,
+                              node_id=ray.get_runtime_context().get_node_id())
 
     @api.get("/v1/models")
     async def models(self) -> dict:

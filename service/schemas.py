@@ -69,3 +69,5 @@ class Health(BaseModel):
     max_src_tokens: int
     max_texts_per_request: int
     max_chars_per_text: int
+    replica: str = Field(description="Serve replica id that answered")
+    node_id: str = Field(description="Ray node the replica runs on")

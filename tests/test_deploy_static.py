@@ -1,0 +1,110 @@
+"""Static checks of the deployment files: compose spec schema, Ray's ServeDeploySchema, Kubernetes schemas,
+Dockerfiles that copy files which exist, dashboards that query metrics the service exports."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from service.app import AppArgs, BatchConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.33.0"
+SERVE_CONFIGS = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "serve_config.gpu.yaml"]
+RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
+
+
+def rayservice_serve_config() -> dict:
+    return yaml.safe_load(yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("compose", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_files_match_the_compose_specification(compose):
+    # check-jsonschema ships the compose-spec schema (vendor.compose-spec): no download.
+    result = subprocess.run([str(Path(sys.executable).with_name("check-jsonschema")), "--builtin-schema",
+                             "vendor.compose-spec", str(ROOT / compose)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_scales_workers_and_wires_prometheus_and_grafana():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"ray-head", "ray-worker", "prometheus", "grafana"} <= services.keys()
+    assert "container_name" not in services["ray-worker"]  # a fixed name would forbid --scale
+    assert "ray start --address=ray-head:6379" in " ".join(services["ray-worker"]["command"])
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{service} mounts missing {source}"
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    devices = gpu["ray-head"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("config", SERVE_CONFIGS + [None], ids=["cpu", "gpu", "rayservice"])
+def test_serve_configs_pass_rays_schema_and_ours(config):
+    data = yaml.safe_load(config.read_text()) if config else rayservice_serve_config()
+    ServeDeploySchema.model_validate(data)
+    for app in data["applications"]:
+        assert app["import_path"] == "service.app:app_builder"
+        AppArgs(**app["args"])
+        for deployment in app["deployments"]:
+            batch = BatchConfig(**deployment["user_config"])
+            # max_ongoing_requests below max_batch_size silently caps the batch (DESIGN.md section 6).
+            assert deployment["max_ongoing_requests"] >= batch.max_batch_size
+            scaling = deployment["autoscaling_config"]
+            assert scaling["min_replicas"] <= scaling["max_replicas"]
+
+
+def test_gpu_configs_ask_for_fractional_gpus():
+    gpu = yaml.safe_load(SERVE_CONFIGS[1].read_text())["applications"][0]["deployments"][0]
+    assert 0 < gpu["ray_actor_options"]["num_gpus"] < 1
+    apps = {a["name"]: a for a in rayservice_serve_config()["applications"]}
+    assert 0 < apps["translation"]["deployments"][0]["ray_actor_options"]["num_gpus"] < 1
+
+
+def test_rayservice_pod_templates_and_service_are_valid_kubernetes():
+    spec = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    assert {name for name, _ in groups} == {"head", "cpu-workers", "gpu-workers"}
+    for name, group in groups:
+        # The pod templates are core PodTemplateSpecs: validate them as a v1 PodTemplate.
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                                      "template": group["template"]}, K8S_VERSION, strict=True)
+        for container in group["template"]["spec"]["containers"]:
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+    gpu = next(g for n, g in groups if n == "gpu-workers")["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for doc in yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "service.yaml").read_text()):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/Dockerfile.cpu", "deploy/Dockerfile.gpu"])
+def test_dockerfiles_copy_files_that_exist_and_run_as_non_root(dockerfile):
+    text = (ROOT / dockerfile).read_text()
+    copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M)
+    assert copies
+    for sources in copies:
+        for source in sources.split():
+            assert (ROOT / source).exists(), f"{dockerfile} copies missing {source}"
+    assert re.search(r"^USER\s+(?!root)\S+", text, flags=re.M)
+    assert "HEALTHCHECK" in text
+    config = re.search(r"serve run --address auto (\S+?)\"", text).group(1)
+    assert (ROOT / config).exists()
+    assert "models/en-de" in text and "export.onnx_export" in text  # the model is exported at build time
+
+
+def test_grafana_dashboard_queries_exported_metrics():
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "translation.json").read_text())
+    own = set(re.findall(r'"(nmt_[a-z_]+)"', (ROOT / "service" / "metrics.py").read_text()))
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"ray_(nmt_[a-z_]+?)(?:_bucket|_sum|_count)?\b", target["expr"]):
+                assert name in own, f"panel {panel['title']!r} queries unknown metric {name}"
