@@ -10,6 +10,9 @@ Semantics are those of the PyTorch reference (nmt/search.py), which is the oracl
 Sentences that finish leave the batch: their rows are dropped from the cache, so long sentences do not make short
 ones pay, and every step only computes live rows.
 
+A sentence whose ``is_cancelled(sentence)`` turns true (client gone, deadline passed) leaves the batch at the next
+step and gets no hypotheses ([]), so abandoned work stops costing compute.
+
 The step function is ``step(tokens, self_k, self_v, cross_k, cross_v, src_mask) -> (log_probs, self_k, self_v)``
 with the shapes of engine/contract.py; tests drive the search with scripted step functions too.
 """
@@ -22,6 +25,11 @@ from typing import Callable
 import numpy as np
 
 StepFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+CancelFn = Callable[[int], bool]
+
+
+def _never(_: int) -> bool:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +93,15 @@ class _Rows:
 
 def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                   length_limits: list[int], bos_id: int, eos_id: int, min_length: int = 0,
-                  stats: StepStats | None = None) -> list[Hypothesis]:
+                  stats: StepStats | None = None, is_cancelled: CancelFn = _never) -> list[Hypothesis | None]:
     """Greedy search of a batch.
 
     Args:
         cross_k, cross_v: float32 [n_layers, batch, n_heads, src_len, d_head] from the encoder.
         src_mask: bool [batch, src_len], True for real tokens.
         length_limits: per sentence, the maximum number of decoding steps.
-    Returns: one Hypothesis per sentence, in input order.
+        is_cancelled: called with a sentence index before each step; True drops the sentence.
+    Returns: one Hypothesis per sentence, in input order (None for a cancelled sentence).
     """
     stats = stats or StepStats()
     batch = src_mask.shape[0]
@@ -103,6 +112,13 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
     results: list[Hypothesis | None] = [None] * batch
     step = 0
     while len(rows.sentence_of_row):
+        alive = np.asarray([r for r, sentence in enumerate(rows.sentence_of_row) if not is_cancelled(int(sentence))],
+                           dtype=np.int64)
+        if len(alive) < len(rows.sentence_of_row):
+            tokens = tokens[alive]
+            rows.select(alive)
+            if not len(alive):
+                break
         log_probs = rows.step(step_fn, tokens, stats)
         if step < min_length:
             log_probs[:, eos_id] = -np.inf
@@ -122,7 +138,7 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
         tokens = tokens[keep_rows]
         rows.select(keep_rows)
         step += 1
-    return results  # type: ignore[return-value]
+    return results
 
 
 def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
@@ -134,11 +150,12 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 
 def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
-                n_best: int = 1, min_length: int = 0, stats: StepStats | None = None) -> list[list[Hypothesis]]:
+                n_best: int = 1, min_length: int = 0, stats: StepStats | None = None,
+                is_cancelled: CancelFn = _never) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
     Args: as :func:`greedy_search`, plus beam_size, length_penalty (GNMT alpha) and n_best (<= beam_size).
-    Returns: per sentence, in input order, its n_best hypotheses best first.
+    Returns: per sentence, in input order, its n_best hypotheses best first ([] for a cancelled sentence).
     """
     stats = stats or StepStats()
     batch = src_mask.shape[0]
@@ -151,6 +168,10 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
     last = np.full(batch, bos_id, dtype=np.int64)
     step = 0
     while active:
+        if any(is_cancelled(sentence) for sentence in active):
+            active, last = _drop_cancelled(rows, active, live_tokens, last, finished, is_cancelled)
+            if not active:
+                break
         log_probs = rows.step(step_fn, last, stats)
         if step < min_length:
             log_probs[:, eos_id] = -np.inf
@@ -190,3 +211,19 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
         last = np.asarray(next_last, dtype=np.int64)
         step += 1
     return [sorted(f, key=lambda h: -h.ranking_score)[:n_best] for f in finished]
+
+
+def _drop_cancelled(rows: _Rows, active: list[int], live_tokens, last: np.ndarray, finished, is_cancelled):
+    """Removes the row blocks of cancelled sentences; their results become []."""
+    keep_rows, keep_sentences, row0 = [], [], 0
+    for sentence in active:
+        n_live = len(live_tokens[sentence])
+        if is_cancelled(sentence):
+            finished[sentence] = []
+        else:
+            keep_rows.extend(range(row0, row0 + n_live))
+            keep_sentences.append(sentence)
+        row0 += n_live
+    index = np.asarray(keep_rows, dtype=np.int64)
+    rows.select(index)
+    return keep_sentences, last[index]

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import sentencepiece as spm
@@ -106,19 +107,24 @@ class Translator:
             results.append(Translation(n_best[0][0], hyps[0].score, n_best, len(hyps[0].tokens)))
         return results
 
-    def translate_ids(self, src: list[list[int]], options: DecodingOptions,
-                      stats: StepStats | None = None) -> list[list[Hypothesis]]:
+    def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: StepStats | None = None,
+                      is_cancelled: Callable[[int], bool] | None = None) -> list[list[Hypothesis]]:
         """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding).
 
         Sentences are sorted by length and cut into chunks of at most ``max_batch_tokens`` padded tokens, so that
         padding stays small; results come back in input order. Returns per sentence its n_best hypotheses.
+        ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence stops and returns [].
         """
         stats = stats if stats is not None else StepStats()
         results: list[list[Hypothesis]] = [[] for _ in src]
         order = sorted((i for i, ids in enumerate(src) if ids), key=lambda i: len(src[i]))
+        cancelled = is_cancelled or (lambda _: False)
         for chunk in self._chunks(order, src):
+            chunk = [i for i in chunk if not cancelled(i)]
+            if not chunk:
+                continue
             batch = [src[i] for i in chunk]
-            for i, hyps in zip(chunk, self._decode(batch, options, stats)):
+            for i, hyps in zip(chunk, self._decode(batch, options, stats, lambda j, c=chunk: cancelled(c[j]))):
                 results[i] = hyps
         return results
 
@@ -132,7 +138,8 @@ class Translator:
         if chunk:
             yield chunk
 
-    def _decode(self, batch: list[list[int]], options: DecodingOptions, stats: StepStats) -> list[list[Hypothesis]]:
+    def _decode(self, batch: list[list[int]], options: DecodingOptions, stats: StepStats,
+                is_cancelled: Callable[[int], bool]) -> list[list[Hypothesis]]:
         src_len = max(len(ids) for ids in batch)
         src_ids = np.full((len(batch), src_len), self.pad_id, dtype=np.int64)
         src_mask = np.zeros((len(batch), src_len), dtype=bool)
@@ -143,11 +150,12 @@ class Translator:
         limits = [options.length_limit(len(ids), self.max_positions) for ids in batch]
         if options.beam_size == 1:
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
-                                 min_length=options.min_length, stats=stats)
-            return [[h] for h in hyps]
+                                 min_length=options.min_length, stats=stats, is_cancelled=is_cancelled)
+            return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,
-                           n_best=options.n_best, min_length=options.min_length, stats=stats)
+                           n_best=options.n_best, min_length=options.min_length, stats=stats,
+                           is_cancelled=is_cancelled)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

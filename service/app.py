@@ -10,8 +10,12 @@ Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:ap
 
 import asyncio
 import dataclasses
+import hmac
 import logging
+import os
+import re
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,8 +31,8 @@ from engine.runtime import EngineConfig
 from engine.search import Hypothesis, StepStats
 from engine.translator import Translator
 from service import schemas
-from service.errors import (RequestTooLargeError, error_response, install_handlers, response_for,
-                            validation_message)
+from service.errors import (RequestTimeoutError, RequestTooLargeError, UnauthorizedError, error_response,
+                            install_handlers, response_for, validation_message)
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("ray.serve")
@@ -48,6 +52,8 @@ class AppArgs(BaseModel):
     max_texts_per_request: int = Field(64, ge=1)
     max_chars_per_text: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
+    api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
     warmup: bool = True
 
     def artifact_path(self) -> Path:
@@ -69,6 +75,10 @@ class _Item:
     src_ids: list[int]
     options: DecodingOptions
     enqueued_at: float
+    cancelled: bool = False  # set by the request when its client leaves or its deadline passes
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 api = FastAPI(title="Translation service", version="0.1.0",
@@ -109,7 +119,7 @@ class TranslatorDeployment:
                               max_texts_per_request=self.args.max_texts_per_request,
                               max_chars_per_text=self.args.max_chars_per_text,
                               replica=serve.get_replica_context().replica_id.unique_id,
-                              node_id=ray.get_runtime_context().get_node_id())
+                              node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -124,18 +134,39 @@ class TranslatorDeployment:
                   "schema": schemas.TranslateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def translate(self, request: Request) -> JSONResponse:
         """Translates one text or a list of texts; the body is size-checked before it is parsed."""
+        started = time.perf_counter()
+        header_id = request.headers.get("x-request-id", "")
+        request_id = header_id if _REQUEST_ID.match(header_id) else uuid.uuid4().hex
+        texts: list[str] = []
         try:
+            self._authorize(request)
             body = await self._read_body(request)
             req = schemas.TranslateRequest.model_validate_json(body)
+            texts = req.texts()
             response = await self._translate(req)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
-        except EngineError as e:
-            response = response_for(e)
+        except asyncio.CancelledError:
+            log.info("request %s cancelled (client gone or proxy timeout)", request_id)
+            self.metrics.request(499)
+            raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = response_for(e)
         self.metrics.request(response.status_code)
+        response.headers["X-Request-ID"] = request_id
+        log.info("request %s status %d texts %d chars %d latency_ms %.1f", request_id, response.status_code,
+                 len(texts), sum(len(t) for t in texts), 1000 * (time.perf_counter() - started))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s texts %r", request_id, texts)
         return response
+
+    def _authorize(self, request: Request) -> None:
+        key = self.args.api_key
+        if key is None:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise UnauthorizedError("missing or wrong API key: send it in the X-API-Key header")
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.args.max_body_bytes
@@ -162,13 +193,33 @@ class TranslatorDeployment:
                                            f"{self.args.max_chars_per_text}")
         src = [self.translator.tokenize(t) for t in texts]  # raises InputTooLongError before anything is queued
         now = time.perf_counter()
-        outcomes = await asyncio.gather(*(self._translate_batch(_Item(ids, options, now)) for ids in src if ids))
+        items = [_Item(ids, options, now) for ids in src if ids]
+        self.metrics.add_pending(len(items))
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(*(self._translate_batch(i) for i in items)),
+                                              timeout=self.args.request_timeout_s)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
+            # Mark the work abandoned: the batch drops these sentences at its next decoding step.
+            dropped = sum(not item.cancelled for item in items)
+            for item in items:
+                item.cancelled = True
+            if dropped:
+                self.metrics.cancelled.inc(dropped)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            self.metrics.timeouts.inc(1)
+            raise RequestTimeoutError(f"request not finished within request_timeout_s="
+                                      f"{self.args.request_timeout_s}; its work was dropped") from None
+        finally:
+            self.metrics.add_pending(-len(items))
         outcomes_iter = iter(outcomes)
         translations = []
         for ids in src:
             hyps = next(outcomes_iter) if ids else [Hypothesis([], 0.0, 0.0)]
             if isinstance(hyps, Exception):
                 raise hyps
+            if not hyps:  # dropped by the engine as cancelled: cannot happen for a live request
+                raise RequestTimeoutError("translation was cancelled")
             translations.append(self._render(hyps, req.return_scores))
         body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
         return JSONResponse(body.model_dump(exclude_none=True))
@@ -200,7 +251,8 @@ class TranslatorDeployment:
         for options, indices in groups.items():
             stats = StepStats()
             try:
-                hyps = self.translator.translate_ids([items[i].src_ids for i in indices], options, stats)
+                hyps = self.translator.translate_ids([items[i].src_ids for i in indices], options, stats,
+                                                     is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled)
             except Exception as e:  # noqa: BLE001 - isolate the group; other groups still succeed
                 log.exception("decode failed for a group of %d sentences", len(indices))
                 for i in indices:
@@ -210,7 +262,7 @@ class TranslatorDeployment:
                 outcomes[i] = h
             self.metrics.sentences.inc(len(indices))
             self.metrics.source_tokens.inc(sum(len(items[i].src_ids) for i in indices))
-            self.metrics.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps))
+            self.metrics.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps if h))
             self.metrics.decode_steps.inc(stats.steps)
         return outcomes
 

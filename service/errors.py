@@ -18,12 +18,22 @@ class RequestTooLargeError(InvalidRequestError):
     """Too many texts, too many characters, or too many body bytes. HTTP 413."""
 
 
+class RequestTimeoutError(EngineError):
+    """The request did not finish within request_timeout_s; its work was dropped. HTTP 504."""
+
+
+class UnauthorizedError(EngineError):
+    """Missing or wrong API key. HTTP 401."""
+
+
 # Most specific first: the first matching class wins.
 STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (InputTooLongError, 413, "input_too_long"),
     (RequestTooLargeError, 413, "request_too_large"),
     (InvalidRequestError, 422, "invalid_request"),
     (EngineUnavailableError, 503, "unavailable"),
+    (RequestTimeoutError, 504, "timeout"),
+    (UnauthorizedError, 401, "unauthorized"),
     (EngineError, 500, "engine_error"),
 ]
 

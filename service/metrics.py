@@ -33,13 +33,30 @@ class ServiceMetrics:
                                                boundaries=_SECONDS, tag_keys=tags)
         self.compute_seconds = metrics.Histogram("nmt_compute_seconds", "engine time of one batch, s",
                                                  boundaries=_SECONDS, tag_keys=tags)
+        self.pending = metrics.Gauge("nmt_pending_sentences", "sentences queued or decoding in this replica",
+                                     tag_keys=tags)
+        self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx)",
+                                        tag_keys=tags)
+        self.timeouts = metrics.Counter("nmt_timed_out_requests_total", "requests past request_timeout_s (504)",
+                                        tag_keys=tags)
+        self.cancelled = metrics.Counter("nmt_cancelled_sentences_total", "sentences dropped because their client "
+                                         "left or their request timed out", tag_keys=tags)
         self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
         self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
-        for m in (self.sentences, self.source_tokens, self.generated_tokens, self.decode_steps,
+        for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens, self.generated_tokens, self.decode_steps,
                   self.batch_sentences, self.batch_tokens, self.queue_seconds, self.compute_seconds,
                   self.model_load_seconds, self.warmup_seconds):
             m.set_default_tags({"model": model_id})
         self.model_id = model_id
 
+        self._pending = 0
+        self.pending.set(0)
+
     def request(self, status: int) -> None:
         self.requests.inc(1, tags={"model": self.model_id, "status_class": f"{status // 100}xx"})
+        if 400 <= status < 500 and status != 408:
+            self.rejected.inc(1)
+
+    def add_pending(self, n: int) -> None:
+        self._pending += n
+        self.pending.set(self._pending)

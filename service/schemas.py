@@ -71,3 +71,4 @@ class Health(BaseModel):
     max_chars_per_text: int
     replica: str = Field(description="Serve replica id that answered")
     node_id: str = Field(description="Ray node the replica runs on")
+    pid: int = Field(description="process id of the replica")

@@ -81,3 +81,26 @@ def test_finished_sentences_leave_the_batch():
     out = greedy_search(scripted_step, *encoder_outputs(2), [1, 10], BOS, EOS, stats=stats)
     assert [h.tokens for h in out] == [[A], [A, B]]
     assert stats.steps == 3 and stats.rows == 2 + 1 + 1
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_cancelled_sentences_leave_the_batch_and_others_are_unharmed(beam_size):
+    stats = StepStats()
+    cancel_after_first_step = {"steps": 0}
+
+    def step(*args):
+        cancel_after_first_step["steps"] += 1
+        return scripted_step(*args)
+
+    def is_cancelled(sentence):  # sentence 0 is abandoned once decoding has started
+        return sentence == 0 and cancel_after_first_step["steps"] >= 1
+
+    if beam_size == 1:
+        out = greedy_search(step, *encoder_outputs(2), [10, 10], BOS, EOS, stats=stats, is_cancelled=is_cancelled)
+        assert out[0] is None and out[1].tokens == [A, B]
+    else:
+        out = beam_search(step, *encoder_outputs(2), [10, 10], BOS, EOS, beam_size=2, length_penalty=0.0,
+                          stats=stats, is_cancelled=is_cancelled)
+        assert out[0] == [] and [h.tokens for h in out[1]] == [[B]]
+    # Step 1 computed both sentences; every later step only sentence 1's rows.
+    assert stats.rows == 2 + (stats.steps - 1) * beam_size
