@@ -268,6 +268,26 @@ def test_real_prometheus_scrapes_the_expected_values(ops, prometheus):
     assert values == expected
     assert prom_query(prometheus, 'sum(ray_nmt_generated_tokens_total{model="en-de-prom"})') > 7
     assert prom_query(prometheus, 'sum(ray_nmt_model_load_seconds{model="en-de-prom"})') > 0
+    # Warm-up ran in the constructor, i.e. before Serve marked the replica ready and routed to it.
+    assert prom_query(prometheus, 'sum(ray_nmt_warmup_seconds{model="en-de-prom"})') > 0
+
+
+def test_deleting_the_app_drains_in_flight_requests(ops, artifact):
+    from ray import serve
+
+    from service.app import TranslatorDeployment
+
+    app = TranslatorDeployment.options(ray_actor_options={"num_cpus": 1}).bind(
+        {"artifact_dir": str(artifact), "device": "cpu", "intra_op_threads": 1, "model_id": "drain"})
+    serve.run(app, name="drain", route_prefix="/drain")
+    body = {"text": " ".join([SENTENCES[3]] * 4), "beam_size": 8, "min_length": 120, "max_length": 120}
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(post, ops["url"] + "/drain", body, 60)
+        time.sleep(0.5)
+        serve.delete("drain", _blocking=True)  # graceful: the replica finishes what it holds, then stops
+        r = in_flight.result()
+    assert r.status_code == 200, r.text
+    assert len(r.json()["translations"][0]["text"].split()) > 10
 
 
 def test_a_killed_replica_is_restarted_and_only_its_requests_fail(ops):
