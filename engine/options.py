@@ -23,6 +23,14 @@ class DecodingOptions:
         max_length_a, max_length_b: length bound from the source, a * src_len + b tokens (src_len counts the
             source's eos); the effective limit is the smaller of this, ``max_length`` and the model's positions.
         min_length: eos is forbidden before this many tokens have been generated.
+        no_repeat_ngram_size: no n-gram of this many tokens appears twice in an output; 0 disables.
+        repetition_penalty: log-probs of tokens the hypothesis already holds are multiplied by this, then
+            renormalized (CTRL's penalty on log-probs); 1 disables, > 1 discourages repeats.
+        sampling_topk: beam_size 1 only: sample among the k most likely tokens; 1 = greedy (no sampling),
+            0 = the whole vocabulary.
+        sampling_topp: nucleus sampling mass in (0, 1]; 1 disables.
+        sampling_temperature: log-probs are divided by this before sampling; > 0.
+        seed: sampling seed; the same seed gives the same output. None draws a fresh seed per request.
 
     Raises:
         InvalidRequestError: on construction, when a value is out of range (message names value and range).
@@ -35,6 +43,12 @@ class DecodingOptions:
     max_length_a: float = 2.0
     max_length_b: int = 10
     min_length: int = 0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    sampling_topk: int = 1
+    sampling_topp: float = 1.0
+    sampling_temperature: float = 1.0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -52,6 +66,24 @@ class DecodingOptions:
         check(self.max_length_b >= 1, f"max_length_b must be >= 1, got {self.max_length_b}")
         check(0 <= self.min_length <= self.max_length,
               f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}")
+        check(0 <= self.no_repeat_ngram_size <= 32, f"no_repeat_ngram_size must be in [0, 32], got "
+                                                    f"{self.no_repeat_ngram_size}")
+        check(math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+              f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        check(self.sampling_topk >= 0, f"sampling_topk must be >= 0, got {self.sampling_topk}")
+        check(math.isfinite(self.sampling_topp) and 0 < self.sampling_topp <= 1,
+              f"sampling_topp must be in (0, 1], got {self.sampling_topp}")
+        check(math.isfinite(self.sampling_temperature) and 0 < self.sampling_temperature <= 100,
+              f"sampling_temperature must be in (0, 100], got {self.sampling_temperature}")
+        check(self.seed is None or 0 <= self.seed < 2 ** 63, f"seed must be in [0, 2**63), got {self.seed}")
+        check(self.beam_size == 1 or not self.sampling,
+              f"sampling (sampling_topk={self.sampling_topk}, sampling_topp={self.sampling_topp}) needs beam_size "
+              f"1, got beam_size {self.beam_size}")
+
+    @property
+    def sampling(self) -> bool:
+        """True when tokens are drawn at random instead of taken greedily."""
+        return self.sampling_topk != 1 or self.sampling_topp < 1.0
 
     def length_limit(self, src_len: int, max_positions: int) -> int:
         """Generated-token limit for a source of ``src_len`` tokens: min(max_length, a*src_len+b, positions-1)."""

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from engine.rules import Rules, Sampling, apply_rules
+
 StepFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 CancelFn = Callable[[int], bool]
 
@@ -92,14 +94,18 @@ class _Rows:
 
 
 def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
-                  length_limits: list[int], bos_id: int, eos_id: int, min_length: int = 0,
-                  stats: StepStats | None = None, is_cancelled: CancelFn = _never) -> list[Hypothesis | None]:
-    """Greedy search of a batch.
+                  length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
+                  sampling: Sampling | None = None, stats: StepStats | None = None,
+                  is_cancelled: CancelFn = _never) -> list[Hypothesis | None]:
+    """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
         cross_k, cross_v: float32 [n_layers, batch, n_heads, src_len, d_head] from the encoder.
         src_mask: bool [batch, src_len], True for real tokens.
         length_limits: per sentence, the maximum number of decoding steps.
+        rules: per-step constraints (engine/rules.py).
+        sampling: top-k/top-p/temperature sampling; each sentence draws from its own generator seeded with
+            ``sampling.seed``, so its output does not depend on the other sentences of the batch.
         is_cancelled: called with a sentence index before each step; True drops the sentence.
     Returns: one Hypothesis per sentence, in input order (None for a cancelled sentence).
     """
@@ -110,6 +116,8 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
     out_tokens: list[list[int]] = [[] for _ in range(batch)]
     scores = np.zeros(batch, dtype=np.float32)
     results: list[Hypothesis | None] = [None] * batch
+    rngs = ([np.random.default_rng(sampling.seed) for _ in range(batch)]
+            if sampling is not None and not sampling.greedy else None)
     step = 0
     while len(rows.sentence_of_row):
         alive = np.asarray([r for r, sentence in enumerate(rows.sentence_of_row) if not is_cancelled(int(sentence))],
@@ -120,9 +128,13 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
             if not len(alive):
                 break
         log_probs = rows.step(step_fn, tokens, stats)
-        if step < min_length:
-            log_probs[:, eos_id] = -np.inf
-        tokens = log_probs.argmax(axis=1)
+        apply_rules(log_probs, step, [out_tokens[s] for s in rows.sentence_of_row], rows.sentence_of_row, rules,
+                    eos_id)
+        if rngs is None:
+            tokens = log_probs.argmax(axis=1)
+        else:
+            tokens = np.concatenate([sampling.choose(log_probs[r:r + 1], rngs[s])
+                                     for r, s in enumerate(rows.sentence_of_row)])
         keep = []
         for row, sentence in enumerate(rows.sentence_of_row):
             token = int(tokens[row])
@@ -150,11 +162,12 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 
 def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
-                n_best: int = 1, min_length: int = 0, stats: StepStats | None = None,
+                n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
                 is_cancelled: CancelFn = _never) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
-    Args: as :func:`greedy_search`, plus beam_size, length_penalty (GNMT alpha) and n_best (<= beam_size).
+    Args: as :func:`greedy_search` (no sampling), plus beam_size, length_penalty (GNMT alpha) and n_best
+        (<= beam_size).
     Returns: per sentence, in input order, its n_best hypotheses best first ([] for a cancelled sentence).
     """
     stats = stats or StepStats()
@@ -173,8 +186,9 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
             if not active:
                 break
         log_probs = rows.step(step_fn, last, stats)
-        if step < min_length:
-            log_probs[:, eos_id] = -np.inf
+        if rules.active:
+            histories = [t for sentence in active for t in live_tokens[sentence]]
+            apply_rules(log_probs, step, histories, rows.sentence_of_row, rules, eos_id)
         vocab = log_probs.shape[1]
         parent_rows, next_last, still_active = [], [], []
         row0 = 0

@@ -22,6 +22,7 @@ from engine import contract
 from engine.errors import InputTooLongError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
+from engine.rules import Rules, Sampling
 from engine.search import Hypothesis, StepStats, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class Translator:
         self.bos_id, self.eos_id, self.pad_id = (model_config[k] for k in ("bos_id", "eos_id", "pad_id"))
         self.max_positions = model_config["max_positions"]
         self.max_src_tokens = self.max_positions
+        # Decoding defaults shipped with the model (e.g. an imported checkpoint's generation config); requests
+        # override them field by field.
+        self.default_options = DecodingOptions(**model_config.get("decoding_defaults", {}))
         self.sp = spm.SentencePieceProcessor(model_file=str(self.artifact_dir / contract.TOKENIZER_FILE))
         self.model = OnnxModel(self.artifact_dir, self.config)
         self.provider = self.model.provider
@@ -85,8 +89,20 @@ class Translator:
             raise InputTooLongError(len(ids), self.max_src_tokens)
         return ids
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+    def unknown_pieces(self, text: str) -> list[str]:
+        """Source substrings that the vocabulary maps to unk, in order (for :meth:`detokenize`)."""
+        proto = self.sp.encode(text, return_type="proto")
+        return [piece.surface for piece in proto.pieces if piece.id == self.sp.unk_id()]
+
+    def detokenize(self, ids: list[int], unknowns: list[str] | None = None) -> str:
+        """Token ids -> text. With ``unknowns`` (from :meth:`unknown_pieces` of the source), the k-th unk of the
+        output becomes the k-th unknown source substring, copied as is; without, unk shows as sentencepiece's
+        " ⁇ "."""
+        if unknowns is None or self.sp.unk_id() not in ids:
+            return self.sp.decode(ids)
+        queue = iter(unknowns)
+        pieces = [next(queue, "") if i == self.sp.unk_id() else self.sp.id_to_piece(i) for i in ids]
+        return self.sp.decode_pieces(pieces)
 
     def translate(self, texts: list[str], options: DecodingOptions | None = None,
                   stats: StepStats | None = None) -> list[Translation]:
@@ -108,12 +124,14 @@ class Translator:
         return results
 
     def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: StepStats | None = None,
-                      is_cancelled: Callable[[int], bool] | None = None) -> list[list[Hypothesis]]:
+                      is_cancelled: Callable[[int], bool] | None = None,
+                      target_prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding).
 
         Sentences are sorted by length and cut into chunks of at most ``max_batch_tokens`` padded tokens, so that
         padding stays small; results come back in input order. Returns per sentence its n_best hypotheses.
         ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence stops and returns [].
+        ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).
         """
         stats = stats if stats is not None else StepStats()
         results: list[list[Hypothesis]] = [[] for _ in src]
@@ -124,7 +142,9 @@ class Translator:
             if not chunk:
                 continue
             batch = [src[i] for i in chunk]
-            for i, hyps in zip(chunk, self._decode(batch, options, stats, lambda j, c=chunk: cancelled(c[j]))):
+            prefixes = [target_prefixes[i] for i in chunk] if target_prefixes else None
+            for i, hyps in zip(chunk, self._decode(batch, options, stats, lambda j, c=chunk: cancelled(c[j]),
+                                                   prefixes)):
                 results[i] = hyps
         return results
 
@@ -139,7 +159,7 @@ class Translator:
             yield chunk
 
     def _decode(self, batch: list[list[int]], options: DecodingOptions, stats: StepStats,
-                is_cancelled: Callable[[int], bool]) -> list[list[Hypothesis]]:
+                is_cancelled: Callable[[int], bool], prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
         src_len = max(len(ids) for ids in batch)
         src_ids = np.full((len(batch), src_len), self.pad_id, dtype=np.int64)
         src_mask = np.zeros((len(batch), src_len), dtype=bool)
@@ -148,14 +168,23 @@ class Translator:
             src_mask[row, :len(ids)] = True
         cross_k, cross_v = self.model.encode(src_ids, src_mask)
         limits = [options.length_limit(len(ids), self.max_positions) for ids in batch]
+        if prefixes:  # a forced prefix always fits: it extends the limit if needed
+            limits = [max(limit, min(len(p) + 1, self.max_positions - 1)) for limit, p in zip(limits, prefixes)]
+        rules = Rules(min_length=options.min_length, no_repeat_ngram_size=options.no_repeat_ngram_size,
+                      repetition_penalty=options.repetition_penalty,
+                      prefixes=tuple(tuple(p) for p in prefixes) if prefixes else None)
         if options.beam_size == 1:
+            sampling = None
+            if options.sampling:
+                seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2 ** 63)
+                sampling = Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
+                                    temperature=options.sampling_temperature, seed=seed)
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
-                                 min_length=options.min_length, stats=stats, is_cancelled=is_cancelled)
+                                 rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled)
             return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,
-                           n_best=options.n_best, min_length=options.min_length, stats=stats,
-                           is_cancelled=is_cancelled)
+                           n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

@@ -30,6 +30,8 @@ class ModelConfig:
     unk_id: int = 1
     bos_id: int = 2
     eos_id: int = 3
+    # Decoding defaults served with this model (DecodingOptions field names); requests override them.
+    decoding_defaults: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

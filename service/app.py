@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import ray
 from ray import serve
 
+from engine import segmentation
 from engine.errors import EngineError, InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
@@ -73,6 +74,7 @@ class _Item:
     src_ids: list[int]
     options: DecodingOptions
     enqueued_at: float
+    prefix: tuple[int, ...] | None = None  # forced target prefix ids
     cancelled: bool = False  # set by the request when its client leaves or its deadline passes
 
 
@@ -178,23 +180,41 @@ class TranslatorDeployment:
     async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse:
         if req.model is not None and req.model != self.args.model_id:
             raise InvalidRequestError(f"unknown model {req.model!r}; this deployment serves {self.args.model_id!r}")
-        options = req.decoding_options()
-        texts = req.texts()
+        options = req.decoding_options(self.translator.default_options)
+        texts, prefixes = req.texts(), req.prefixes()
         if len(texts) > self.args.max_texts_per_request:
             raise RequestTooLargeError(f"{len(texts)} texts > limit {self.args.max_texts_per_request} per request")
         for i, text in enumerate(texts):
             if len(text) > self.args.max_chars_per_text:
                 raise RequestTooLargeError(f"text[{i}] has {len(text)} characters > limit "
                                            f"{self.args.max_chars_per_text}")
-        src = [self.translator.tokenize(t) for t in texts]  # raises InputTooLongError before anything is queued
+        # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
+        segmented = [segmentation.split(text, req.split_sentences) for text in texts]
         now = time.perf_counter()
-        items = [_Item(ids, options, now) for ids in src if ids]
+        items: list[_Item] = []
+        for seg, prefix in zip(segmented, prefixes):
+            for j, sentence in enumerate(seg.sentences):
+                prefix_ids = tuple(self.translator.sp.encode(prefix)) if prefix and j == 0 else None
+                items.append(_Item(self.translator.tokenize(sentence), options, now, prefix_ids))
+        outcomes = await self._run_items(items)
+        translations, cursor = [], 0
+        for seg in segmented:
+            per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
+            cursor += len(seg.sentences)
+            unknowns = ([self.translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
+                        else [None] * len(seg.sentences))
+            translations.append(self._render(seg, per_sentence, unknowns, req.return_scores))
+        body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
+        return JSONResponse(body.model_dump(exclude_none=True))
+
+    async def _run_items(self, items: list[_Item]) -> list[list[Hypothesis]]:
+        """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout."""
         self.metrics.add_pending(len(items))
         try:
             outcomes = await asyncio.wait_for(asyncio.gather(*(self._translate_batch(i) for i in items)),
                                               timeout=self.args.request_timeout_s)
         except (asyncio.CancelledError, asyncio.TimeoutError) as e:
-            # Mark the work abandoned: the batch drops these sentences at its next decoding step.
+            # The batch drops these sentences at its next decoding step.
             dropped = sum(not item.cancelled for item in items)
             for item in items:
                 item.cancelled = True
@@ -207,24 +227,29 @@ class TranslatorDeployment:
                                       f"{self.args.request_timeout_s}; its work was dropped") from None
         finally:
             self.metrics.add_pending(-len(items))
-        outcomes_iter = iter(outcomes)
-        translations = []
-        for ids in src:
-            hyps = next(outcomes_iter) if ids else [Hypothesis([], 0.0, 0.0)]
-            if isinstance(hyps, Exception):
-                raise hyps
-            if not hyps:  # dropped by the engine as cancelled: cannot happen for a live request
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+            if not outcome:  # dropped by the engine as cancelled: cannot happen for a live request
                 raise RequestTimeoutError("translation was cancelled")
-            translations.append(self._render(hyps, req.return_scores))
-        body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
-        return JSONResponse(body.model_dump(exclude_none=True))
+        return outcomes
 
-    def _render(self, hyps: list[Hypothesis], return_scores: bool) -> schemas.Translation:
-        texts = [self.translator.detokenize(h.tokens) for h in hyps]
+    def _render(self, seg: segmentation.Segmented, hyps: list[list[Hypothesis]], unknowns: list,
+                return_scores: bool) -> schemas.Translation:
+        """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
+        (its last one if it has fewer); its score is the sum over sentences."""
+        if not seg.sentences:
+            return schemas.Translation(text="", score=0.0 if return_scores else None,
+                                       n_best=[schemas.Hypothesis(text="", score=0.0)] if return_scores else None)
+        n = max(len(h) for h in hyps) if return_scores else 1
+        joined = []
+        for k in range(n):
+            picks = [h[min(k, len(h) - 1)] for h in hyps]
+            text = seg.join([self.translator.detokenize(p.tokens, u) for p, u in zip(picks, unknowns)])
+            joined.append(schemas.Hypothesis(text=text, score=sum(p.score for p in picks)))
         if not return_scores:
-            return schemas.Translation(text=texts[0])
-        return schemas.Translation(text=texts[0], score=hyps[0].score,
-                                   n_best=[schemas.Hypothesis(text=t, score=h.score) for t, h in zip(texts, hyps)])
+            return schemas.Translation(text=joined[0].text)
+        return schemas.Translation(text=joined[0].text, score=joined[0].score, n_best=joined)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
@@ -246,8 +271,10 @@ class TranslatorDeployment:
         for options, indices in groups.items():
             stats = StepStats()
             try:
+                prefixes = [list(items[i].prefix or ()) for i in indices]
                 hyps = self.translator.translate_ids([items[i].src_ids for i in indices], options, stats,
-                                                     is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled)
+                                                     is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled,
+                                                     target_prefixes=prefixes if any(prefixes) else None)
             except Exception as e:  # noqa: BLE001 - isolate the group; other groups still succeed
                 log.exception("decode failed for a group of %d sentences", len(indices))
                 for i in indices:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.errors import InvalidRequestError
 from engine.options import MAX_BEAM_SIZE, DecodingOptions
 
 _DEFAULTS = DecodingOptions()
@@ -24,12 +27,40 @@ class TranslateRequest(BaseModel):
     max_length: int = Field(_DEFAULTS.max_length, ge=1, le=4096,
                             description="max generated tokens; also bounded by 2 * src_len + 10 and the model")
     min_length: int = Field(_DEFAULTS.min_length, ge=0, le=4096, description="min generated tokens before eos")
+    no_repeat_ngram_size: int = Field(_DEFAULTS.no_repeat_ngram_size, ge=0, le=32,
+                                      description="no n-gram of this size repeats in an output; 0 disables")
+    repetition_penalty: float = Field(_DEFAULTS.repetition_penalty, gt=0, le=10,
+                                      description="> 1 lowers the log-probs of tokens already generated; 1 disables")
+    sampling_topk: int = Field(_DEFAULTS.sampling_topk, ge=0, le=100_000,
+                               description="beam_size 1: sample among the k best tokens; 1 = greedy, 0 = all")
+    sampling_topp: float = Field(_DEFAULTS.sampling_topp, gt=0, le=1, description="nucleus mass; 1 disables")
+    sampling_temperature: float = Field(_DEFAULTS.sampling_temperature, gt=0, le=100)
+    seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2 ** 63, description="sampling seed: same seed, same output")
+    target_prefix: str | list[str | None] | None = Field(
+        None, description="forced start of the translation: one string for every text, or one per text (null = "
+                          "free); applies to the first sentence of a text")
+    split_sentences: bool = Field(True, description="split each text into sentences, translate them in one batch "
+                                                    "and join them back with the original whitespace")
+    replace_unknowns: bool = Field(True, description="copy source characters the vocabulary lacks (emoji, rare "
+                                                     "scripts) into the output instead of the unk token")
     return_scores: bool = Field(False, description="include summed log-prob scores and n_best hypotheses")
 
-    def decoding_options(self) -> DecodingOptions:
-        """Raises engine.errors.InvalidRequestError for cross-field violations (e.g. n_best > beam_size)."""
-        return DecodingOptions(beam_size=self.beam_size, length_penalty=self.length_penalty, n_best=self.n_best,
-                               max_length=self.max_length, min_length=self.min_length)
+    def decoding_options(self, defaults: DecodingOptions) -> DecodingOptions:
+        """The request's options over ``defaults`` (the model's): only fields the client sent override.
+
+        Raises engine.errors.InvalidRequestError for cross-field violations (e.g. n_best > beam_size).
+        """
+        fields = {f.name for f in dataclasses.fields(DecodingOptions)}
+        return dataclasses.replace(defaults, **{k: getattr(self, k) for k in self.model_fields_set if k in fields})
+
+    def prefixes(self) -> list[str | None]:
+        """One target prefix (or None) per text. Raises InvalidRequestError on a count mismatch."""
+        n = len(self.texts())
+        if self.target_prefix is None or isinstance(self.target_prefix, str):
+            return [self.target_prefix] * n
+        if len(self.target_prefix) != n:
+            raise InvalidRequestError(f"target_prefix has {len(self.target_prefix)} entries for {n} texts")
+        return list(self.target_prefix)
 
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from engine.rules import Rules
 from engine.search import StepStats, beam_search, gnmt_length_penalty, greedy_search
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
@@ -68,10 +69,11 @@ def test_max_length_finalizes_live_beams():
 @pytest.mark.parametrize("beam_size", [1, 2, 3])
 def test_min_length_forbids_early_eos(beam_size):
     if beam_size == 1:
-        hyps = [greedy_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, min_length=3)[0]]
+        hyps = [greedy_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, rules=Rules(min_length=3))[0]]
     else:
         hyps = beam_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, beam_size=beam_size,
-                           length_penalty=0.0, n_best=beam_size, min_length=3)[0]
+                           length_penalty=0.0, n_best=beam_size,
+                           rules=Rules(min_length=3))[0]
     assert hyps and all(len(h.tokens) >= 3 for h in hyps)
 
 

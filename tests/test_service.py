@@ -155,3 +155,42 @@ def test_openapi_documents_the_translate_body(service):
     spec = requests.get(service["url"] + "/openapi.json", timeout=10).json()
     body = spec["paths"]["/translate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "beam_size" in body["properties"]
+
+
+def test_paragraphs_are_split_translated_and_joined_with_their_layout(service):
+    sentences = [SENTENCES[0], SENTENCES[1], SENTENCES[2]]
+    paragraph = f"{sentences[0]} {sentences[1]}\n\n{sentences[2]}\n"
+    (joined,) = post(service, {"text": paragraph, "beam_size": 2}).json()["translations"]
+    alone = [t["text"] for t in post(service, {"text": sentences, "beam_size": 2}).json()["translations"]]
+    assert joined["text"] == f"{alone[0]} {alone[1]}\n\n{alone[2]}\n"
+    unsplit = post(service, {"text": paragraph, "beam_size": 2, "split_sentences": False}).json()
+    assert unsplit["translations"][0]["text"] != joined["text"]
+
+
+def test_target_prefix_and_sampling_over_http(service):
+    r = post(service, {"text": [SENTENCES[0], SENTENCES[2]], "target_prefix": ["Leider", None], "beam_size": 3})
+    first, second = r.json()["translations"]
+    assert first["text"].startswith("Leider")
+    body = {"text": SENTENCES[3], "beam_size": 1, "sampling_topk": 0, "sampling_temperature": 1.3, "seed": 11}
+    assert post(service, body).json() == post(service, body).json()
+
+
+def test_unknown_characters_over_http(service):
+    body = {"text": "Click 😀 to save the file.", "beam_size": 2}
+    copied = post(service, body).json()["translations"][0]["text"]
+    raw = post(service, {**body, "replace_unknowns": False}).json()["translations"][0]["text"]
+    assert "⁇" not in copied
+    assert ("😀" in copied) == ("⁇" in raw)
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"text": "x", "beam_size": 4, "sampling_topk": 5}, "needs beam_size 1"),
+    ({"text": ["a", "b"], "target_prefix": ["x"]}, "target_prefix has 1 entries for 2 texts"),
+    ({"text": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"text": "x", "no_repeat_ngram_size": 99}, "no_repeat_ngram_size"),
+    ({"text": "x", "sampling_topp": 1.5}, "sampling_topp"),
+])
+def test_option_errors_are_422_naming_the_option(service, body, fragment):
+    r = post(service, body)
+    assert r.status_code == 422
+    assert fragment in r.json()["error"]["message"]

@@ -1,0 +1,69 @@
+"""Input text -> sentences to translate, and the translations -> output text with the original layout.
+
+Line breaks split first (each line is translated on its own); within a line, pysbd (a rule-based sentence
+boundary detector; Sadvilkar & Neumann 2020) finds sentences, so "Dr. Smith" or "3.5" do not split. Whitespace
+between and around sentences, and every line break, are kept verbatim in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+from functools import lru_cache
+
+import pysbd
+
+# C0/C1 control characters except tab, line feed and carriage return (line breaks are layout, kept).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+
+
+def normalize(text: str) -> str:
+    """NFC-normalizes and drops control characters; line breaks and tabs stay."""
+    return _CONTROL.sub("", unicodedata.normalize("NFC", text))
+
+
+@lru_cache(maxsize=1)
+def _segmenter() -> pysbd.Segmenter:
+    return pysbd.Segmenter(language="en", clean=False, char_span=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmented:
+    """``sentences`` to translate, and ``layout``: literal strings and sentence indices, in output order."""
+
+    sentences: list[str]
+    layout: list[str | int]
+
+    def join(self, translations: list[str]) -> str:
+        """Puts translations (one per sentence) back into the layout."""
+        return "".join(translations[part] if isinstance(part, int) else part for part in self.layout)
+
+
+def split(text: str, split_sentences: bool = True) -> Segmented:
+    """Splits text into sentences (after :func:`normalize`). Whitespace-only text gives no sentences."""
+    sentences: list[str] = []
+    layout: list[str | int] = []
+    for chunk in _LINE_BREAK.split(normalize(text)):
+        if not chunk.strip() or _LINE_BREAK.fullmatch(chunk):
+            layout.append(chunk)
+            continue
+        pieces = [s.sent for s in _segmenter().segment(chunk)] if split_sentences else [chunk]
+        cursor = 0
+        for piece in pieces:
+            stripped = piece.strip()
+            if not stripped:
+                continue
+            start = chunk.find(stripped, cursor)
+            if start < 0:  # pysbd altered the text: the rest of the line becomes one sentence
+                stripped = chunk[cursor:].strip()
+                if not stripped:
+                    break
+                start = chunk.find(stripped, cursor)
+            layout.append(chunk[cursor:start])
+            layout.append(len(sentences))
+            sentences.append(stripped)
+            cursor = start + len(stripped)
+        layout.append(chunk[cursor:])
+    return Segmented(sentences, [part for part in layout if part != ""])

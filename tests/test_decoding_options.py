@@ -1,0 +1,127 @@
+"""Each decoding option shows its effect on the bundled model through the ONNX engine."""
+
+import json
+import shutil
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.options import DecodingOptions
+from engine.segmentation import split
+from service.schemas import TranslateRequest
+
+from conftest import SENTENCES
+
+LONG = {"min_length": 40, "max_length": 40, "max_length_a": 10.0}  # forces long outputs, where a small model starts repeating itself
+
+
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def decode(translator, text, **options):
+    return translator.translate_ids([translator.tokenize(text)], DecodingOptions(**options))[0]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_no_repeat_ngram_size_forbids_repeated_ngrams(translator, beam_size):
+    free = decode(translator, SENTENCES[1], beam_size=beam_size, **LONG)[0].tokens
+    assert len(set(ngrams(free, 2))) < len(ngrams(free, 2)), "precondition: the free output repeats a bigram"
+    for n in (2, 3):
+        out = decode(translator, SENTENCES[1], beam_size=beam_size, no_repeat_ngram_size=n, **LONG)[0].tokens
+        assert len(out) == 40
+        assert len(set(ngrams(out, n))) == len(ngrams(out, n))
+
+
+def test_repetition_penalty_reduces_repeated_tokens(translator):
+    def repeats(tokens):
+        return len(tokens) - len(set(tokens))
+
+    free = decode(translator, SENTENCES[1], beam_size=1, **LONG)[0].tokens
+    penalized = decode(translator, SENTENCES[1], beam_size=1, repetition_penalty=3.0, **LONG)[0].tokens
+    assert repeats(penalized) < repeats(free)
+
+
+def test_min_length_and_max_length(translator):
+    assert len(decode(translator, SENTENCES[4], beam_size=2, min_length=12)[0].tokens) >= 12
+    assert len(decode(translator, SENTENCES[3], beam_size=2, max_length=5)[0].tokens) <= 5
+
+
+def test_sampling_same_seed_same_output_and_seeds_differ(translator):
+    options = dict(beam_size=1, sampling_topk=0, sampling_temperature=1.5)
+    first = decode(translator, SENTENCES[3], seed=7, **options)[0].tokens
+    assert decode(translator, SENTENCES[3], seed=7, **options)[0].tokens == first
+    others = {tuple(decode(translator, SENTENCES[3], seed=s, **options)[0].tokens) for s in range(1, 6)}
+    assert len(others | {tuple(first)}) > 1
+    # In a batch with other sentences, a seeded sentence still gets the same output.
+    src = [translator.tokenize(s) for s in (SENTENCES[3], SENTENCES[0], SENTENCES[5])]
+    batched = translator.translate_ids(src, DecodingOptions(seed=7, **options))
+    assert batched[0][0].tokens == first
+
+
+def test_sampling_topk_one_is_greedy_and_topp_restricts(translator):
+    greedy = decode(translator, SENTENCES[0], beam_size=1)[0].tokens
+    assert decode(translator, SENTENCES[0], beam_size=1, sampling_topk=1, seed=3)[0].tokens == greedy
+    # A nucleus this small holds only the most likely token: sampling degenerates to greedy.
+    nucleus = decode(translator, SENTENCES[0], beam_size=1, sampling_topk=0, sampling_topp=1e-6, seed=3)
+    assert nucleus[0].tokens == greedy
+
+
+def test_sampling_needs_beam_size_one():
+    with pytest.raises(InvalidRequestError, match="needs beam_size 1"):
+        DecodingOptions(beam_size=4, sampling_topk=10)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_target_prefix_forces_the_start(translator, beam_size):
+    prefix = translator.sp.encode("Bitte")
+    src = [translator.tokenize(SENTENCES[0]), translator.tokenize(SENTENCES[2])]
+    out = translator.translate_ids(src, DecodingOptions(beam_size=beam_size, n_best=beam_size),
+                                   target_prefixes=[prefix, []])
+    for hyp in out[0]:
+        assert hyp.tokens[: len(prefix)] == prefix
+    free = translator.translate_ids(src[1:], DecodingOptions(beam_size=beam_size, n_best=beam_size))
+    assert [h.tokens for h in out[1]] == [h.tokens for h in free[0]]  # the unprefixed neighbour is unaffected
+
+
+def test_length_penalty_changes_the_ranking_by_length(translator):
+    src = [translator.tokenize(s) for s in SENTENCES]
+    short = translator.translate_ids(src, DecodingOptions(beam_size=4, length_penalty=0.0))
+    long = translator.translate_ids(src, DecodingOptions(beam_size=4, length_penalty=2.0))
+    assert sum(len(h[0].tokens) for h in long) >= sum(len(h[0].tokens) for h in short)
+
+
+def test_unknown_characters_are_copied_or_shown_as_unk(translator):
+    text = "Click 😀 to save the file."
+    assert "😀" in translator.unknown_pieces(text)
+    (hyp,) = decode(translator, text, beam_size=2)
+    if translator.sp.unk_id() in hyp.tokens:
+        assert "😀" in translator.detokenize(hyp.tokens, translator.unknown_pieces(text))
+        assert "⁇" in translator.detokenize(hyp.tokens)
+    assert "⁇" not in translator.detokenize(hyp.tokens, translator.unknown_pieces(text))
+
+
+def test_model_config_supplies_per_request_defaults(artifact, tmp_path):
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["decoding_defaults"] = {"beam_size": 2, "length_penalty": 1.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    translator = Translator(copy, EngineConfig(device="cpu"))
+    assert translator.default_options == DecodingOptions(beam_size=2, length_penalty=1.0)
+    # Only the fields a client sends override the model's defaults.
+    options = TranslateRequest(text="x", n_best=2).decoding_options(translator.default_options)
+    assert (options.beam_size, options.length_penalty, options.n_best) == (2, 1.0, 2)
+
+
+def test_sentence_splitting_keeps_the_layout():
+    text = "  The file could not be opened. Dr. Smith clicked the button.\n\nSelect the cell.\r\n"
+    seg = split(text)
+    assert seg.sentences == ["The file could not be opened.", "Dr. Smith clicked the button.", "Select the cell."]
+    assert seg.join(seg.sentences) == text
+    assert seg.join(["A", "B", "C"]) == "  A B\n\nC\r\n"
+    assert split("   \n ").sentences == []
+    assert split("e\u0301\u0000x").sentences == ["\u00e9x"]  # NFC, control characters dropped
