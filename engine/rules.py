@@ -25,17 +25,19 @@ class Rules:
             them, as log-probs are <= 0; 1 disables), then the row is renormalized (CTRL, Keskar et al. 2019,
             section 4.1, applied to log-probs instead of logits).
         prefixes: per sentence, target token ids forced at the first steps (None or [] = free).
+        banned_ids: tokens never generated (the engine bans pad).
     """
 
     min_length: int = 0
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
     prefixes: tuple[tuple[int, ...], ...] | None = None
+    banned_ids: tuple[int, ...] = ()
 
     @property
     def active(self) -> bool:
         return bool(self.min_length or self.no_repeat_ngram_size or self.repetition_penalty != 1.0
-                    or (self.prefixes and any(self.prefixes)))
+                    or (self.prefixes and any(self.prefixes)) or self.banned_ids)
 
 
 def _banned_by_ngrams(history: list[int], n: int) -> list[int]:
@@ -55,6 +57,8 @@ def apply_rules(log_probs: np.ndarray, step: int, histories: list[list[int]], se
     """
     if not rules.active:
         return
+    if rules.banned_ids:
+        log_probs[:, list(rules.banned_ids)] = NEG_INF
     if rules.repetition_penalty != 1.0:
         for row, history in enumerate(histories):
             if history:

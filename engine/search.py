@@ -4,8 +4,9 @@ Semantics are those of the PyTorch reference (nmt/search.py), which is the oracl
 - tokens returned exclude bos and eos; scores are summed natural-log probabilities, eos included;
 - beam hypotheses are ranked by score / lp(len), lp(len) = ((5 + len) / 6) ** alpha (GNMT, Wu et al. 2016 eq. 14);
 - each step takes the best 2 * beam_size candidates per sentence (ties: lower flat index first); eos candidates
-  become finished hypotheses, the others fill beam_size live beams; a sentence stops with beam_size finished
-  hypotheses (fairseq's rule) or at its length limit, where the live beams are finalized as they are.
+  ranked among the best beam_size become finished hypotheses (lower-ranked ones are dropped), the others fill
+  beam_size live beams; a sentence stops with beam_size finished hypotheses (fairseq's and Hugging Face's
+  early-stopping rule) or at its length limit, where the live beams are finalized as they are.
 
 Sentences that finish leave the batch: their rows are dropped from the cache, so long sentences do not make short
 ones pay, and every step only computes live rows.
@@ -196,10 +197,12 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
             n_live = len(live_tokens[sentence])
             cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n_live]).reshape(-1)
             new_tokens, new_scores, parents = [], [], []
-            for flat in _top_candidates(cand, 2 * beam_size):
+            for rank, flat in enumerate(_top_candidates(cand, 2 * beam_size)):
                 parent, token = divmod(int(flat), vocab)
                 score = float(cand[flat])
                 if token == eos_id:
+                    if rank >= beam_size:
+                        continue
                     finished[sentence].append(Hypothesis(
                         live_tokens[sentence][parent], score,
                         score / gnmt_length_penalty(step + 1, length_penalty)))

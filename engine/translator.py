@@ -172,7 +172,7 @@ class Translator:
             limits = [max(limit, min(len(p) + 1, self.max_positions - 1)) for limit, p in zip(limits, prefixes)]
         rules = Rules(min_length=options.min_length, no_repeat_ngram_size=options.no_repeat_ngram_size,
                       repetition_penalty=options.repetition_penalty,
-                      prefixes=tuple(tuple(p) for p in prefixes) if prefixes else None)
+                      prefixes=tuple(tuple(p) for p in prefixes) if prefixes else None, banned_ids=(self.pad_id,))
         if options.beam_size == 1:
             sampling = None
             if options.sampling:

@@ -9,9 +9,11 @@ invariance. Semantics shared with the engine (engine/search.py):
 - Scores are summed natural-log probabilities of the generated tokens, eos included.
 - Beam hypotheses are ranked by score / lp(len) with the GNMT length penalty lp(len) = ((5 + len) / 6) ** alpha
   (Wu et al. 2016, eq. 14), len = generated tokens including eos, alpha = ``length_penalty`` (0 disables).
-- Each step takes the best 2 * beam_size candidates in score order (ties: lower flat index first); candidates
-  ending in eos become finished hypotheses, the others fill the beam_size live beams. A sentence stops when it has
-  beam_size finished hypotheses (fairseq's rule) or at max_length, where the live beams are finalized as they are.
+- pad is never generated (Marian and Hugging Face ban it too).
+- Each step takes the best 2 * beam_size candidates in score order (ties: lower flat index first); eos candidates
+  ranked among the best beam_size become finished hypotheses (lower-ranked ones are dropped), the others fill the
+  beam_size live beams. A sentence stops when it has beam_size finished hypotheses (fairseq's and Hugging Face's
+  early-stopping rule) or at max_length, where the live beams are finalized as they are.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def greedy_search(model: Transformer, src_ids: list[int], max_length: int, min_l
     token, tokens, score = cfg.bos_id, [], torch.zeros((), dtype=torch.float32)
     for step in range(max_length):
         log_probs, k, v = model.decode_step(torch.tensor([[token]]), k, v, *enc.rows(1))
+        log_probs[:, cfg.pad_id] = -float("inf")
         if step < min_length:
             log_probs[:, cfg.eos_id] = -float("inf")
         token = int(log_probs[0].argmax())
@@ -87,15 +90,17 @@ def beam_search(model: Transformer, src_ids: list[int], beam_size: int, max_leng
         rows = len(live_tokens)
         last = torch.tensor([[t[-1] if t else cfg.bos_id] for t in live_tokens])
         log_probs, k, v = model.decode_step(last, k, v, *enc.rows(rows))
+        log_probs[:, cfg.pad_id] = -float("inf")
         if step < min_length:
             log_probs[:, cfg.eos_id] = -float("inf")
         cand = (live_scores[:, None] + log_probs).flatten()  # [rows * vocab]
         order = torch.sort(cand, descending=True, stable=True).indices[: 2 * beam_size]
         parents, new_tokens, new_scores = [], [], []
-        for flat in order.tolist():
+        for rank, flat in enumerate(order.tolist()):
             parent, token = divmod(flat, cfg.vocab_size)
             if token == cfg.eos_id:
-                finish(live_tokens[parent], float(cand[flat]), step + 1)
+                if rank < beam_size:
+                    finish(live_tokens[parent], float(cand[flat]), step + 1)
             elif len(parents) < beam_size:
                 parents.append(parent)
                 new_tokens.append(live_tokens[parent] + [token])

@@ -44,9 +44,10 @@ def test_greedy_follows_the_argmax_path():
 def test_beam_finds_the_better_hypothesis_greedy_misses():
     (hyps,) = beam_search(scripted_step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=0.0,
                           n_best=2)
-    assert [h.tokens for h in hyps] == [[B], [A]]
+    # Step 2's "a eos" (.15) ranks 3rd of the candidates, below beam_size: dropped. Step 3 finishes "a b" (.27).
+    assert [h.tokens for h in hyps] == [[B], [A, B]]
     assert math.isclose(hyps[0].score, math.log(0.36), rel_tol=1e-5)
-    assert math.isclose(hyps[1].score, math.log(0.15), rel_tol=1e-5)
+    assert math.isclose(hyps[1].score, math.log(0.27), rel_tol=1e-5)
 
 
 def test_length_penalty_is_gnmt_and_ranks_by_normalized_score():
@@ -106,3 +107,19 @@ def test_cancelled_sentences_leave_the_batch_and_others_are_unharmed(beam_size):
         assert out[0] == [] and [h.tokens for h in out[1]] == [[B]]
     # Step 1 computed both sentences; every later step only sentence 1's rows.
     assert stats.rows == 2 + (stats.steps - 1) * beam_size
+
+
+def test_eos_ranked_below_beam_size_is_not_finalized():
+    # After bos: a .5, b .3, eos .2 -> with beam 2 the eos candidate ranks 3rd (>= beam_size): dropped, not finished.
+    table = {BOS: {A: 0.5, B: 0.3, EOS: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}}
+
+    def step(tokens, self_k, self_v, cross_k, cross_v, src_mask):
+        log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
+        for r, last in enumerate(tokens[:, 0]):
+            for tok, p in table[int(last)].items():
+                log_probs[r, tok] = np.log(p)
+        grow = np.zeros(self_k.shape[:3] + (1,) + self_k.shape[4:], dtype=np.float32)
+        return log_probs, np.concatenate([self_k, grow], axis=3), np.concatenate([self_v, grow], axis=3)
+
+    (hyps,) = beam_search(step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=0.0, n_best=2)
+    assert [h.tokens for h in hyps] == [[A], [B]]
