@@ -9,7 +9,7 @@ decoder_step.onnx
     tokens int64 [rows, 1]; self_k, self_v float32 [n_decoder_layers, rows, n_heads, past_len, d_head]
     (past_len may be 0); cross_k, cross_v as above with rows; src_mask bool [rows, src_len]
     -> log_probs float32 [rows, vocab]; new_self_k, new_self_v [n_decoder_layers, rows, n_heads, past_len + 1,
-    d_head]
+    d_head]; attention float32 [rows, src_len] (last decoder layer's cross-attention, mean over heads)
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
 """
 
@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 ENCODER_INPUTS = ("src_ids", "src_mask")
 ENCODER_OUTPUTS = ("cross_k", "cross_v")
 DECODER_INPUTS = ("tokens", "self_k", "self_v", "cross_k", "cross_v", "src_mask")
-DECODER_OUTPUTS = ("log_probs", "new_self_k", "new_self_v")
+DECODER_OUTPUTS = ("log_probs", "new_self_k", "new_self_v", "attention")
 
 # Axis names per tensor; axes that are not named here are fixed by the model config.
 DYNAMIC_AXES = {

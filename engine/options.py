@@ -31,6 +31,8 @@ class DecodingOptions:
         sampling_topp: nucleus sampling mass in (0, 1]; 1 disables.
         sampling_temperature: log-probs are divided by this before sampling; > 0.
         seed: sampling seed; the same seed gives the same output. None draws a fresh seed per request.
+        return_attention: per output token, the cross-attention weights over the source tokens of the last
+            decoder layer, averaged over its heads.
 
     Raises:
         InvalidRequestError: on construction, when a value is out of range (message names value and range).
@@ -49,6 +51,7 @@ class DecodingOptions:
     sampling_topp: float = 1.0
     sampling_temperature: float = 1.0
     seed: int | None = None
+    return_attention: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

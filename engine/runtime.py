@@ -98,7 +98,8 @@ class OnnxModel:
         return cross_k, cross_v
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
-        """One decoder step; shapes in engine/contract.py. Returns log_probs [rows, vocab], new self_k/self_v."""
+        """One decoder step; shapes in engine/contract.py. Returns log_probs [rows, vocab], new self_k/self_v,
+        attention [rows, src_len]."""
         feeds = dict(zip(contract.DECODER_INPUTS, (tokens, self_k, self_v, cross_k, cross_v, src_mask)))
-        log_probs, new_k, new_v = self.decoder.run(list(contract.DECODER_OUTPUTS), feeds)
-        return log_probs, new_k, new_v
+        log_probs, new_k, new_v, attention = self.decoder.run(list(contract.DECODER_OUTPUTS), feeds)
+        return log_probs, new_k, new_v, attention

@@ -37,11 +37,14 @@ def _never(_: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Hypothesis:
-    """One output: token ids (no bos/eos), summed log-prob ``score``, length-normalized ``ranking_score``."""
+    """One output: token ids (no bos/eos), summed log-prob ``score``, length-normalized ``ranking_score``, and
+    with return_attention, per output token the cross-attention over the sentence's source tokens
+    (float32 [src_len] each, summing to 1)."""
 
     tokens: list[int]
     score: float
     ranking_score: float
+    attention: list[np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -77,11 +80,17 @@ class _Rows:
         self.src_mask = np.ascontiguousarray(self.src_mask_all[rows, :src_len])
 
     def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats) -> np.ndarray:
-        log_probs, self.self_k, self.self_v = step_fn(tokens[:, None], self.self_k, self.self_v, self.cross_k,
-                                                      self.cross_v, self.src_mask)
+        """Runs the decoder on the active rows; keeps the attention output (if the step gives one) in
+        ``self.attention`` [rows, src_len]."""
+        out = step_fn(tokens[:, None], self.self_k, self.self_v, self.cross_k, self.cross_v, self.src_mask)
+        log_probs, self.self_k, self.self_v = out[:3]
+        self.attention = out[3] if len(out) > 3 else None
         stats.steps += 1
         stats.rows += len(tokens)
         return log_probs
+
+    def attention_of(self, row: int, src_len: int) -> np.ndarray:
+        return np.array(self.attention[row, :src_len], dtype=np.float32)
 
     def select(self, parent_rows: np.ndarray) -> None:
         """Keeps/reorders rows: new row i continues old row parent_rows[i] (int64 [new_rows])."""
@@ -97,7 +106,7 @@ class _Rows:
 def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                   length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
                   sampling: Sampling | None = None, stats: StepStats | None = None,
-                  is_cancelled: CancelFn = _never) -> list[Hypothesis | None]:
+                  is_cancelled: CancelFn = _never, return_attention: bool = False) -> list[Hypothesis | None]:
     """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
@@ -108,6 +117,7 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
         sampling: top-k/top-p/temperature sampling; each sentence draws from its own generator seeded with
             ``sampling.seed``, so its output does not depend on the other sentences of the batch.
         is_cancelled: called with a sentence index before each step; True drops the sentence.
+        return_attention: keep each output token's cross-attention (the step function must return it).
     Returns: one Hypothesis per sentence, in input order (None for a cancelled sentence).
     """
     stats = stats or StepStats()
@@ -119,6 +129,8 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
     results: list[Hypothesis | None] = [None] * batch
     rngs = ([np.random.default_rng(sampling.seed) for _ in range(batch)]
             if sampling is not None and not sampling.greedy else None)
+    src_lens = src_mask.sum(axis=1)
+    attention: list[list[np.ndarray]] = [[] for _ in range(batch)]
     step = 0
     while len(rows.sentence_of_row):
         alive = np.asarray([r for r, sentence in enumerate(rows.sentence_of_row) if not is_cancelled(int(sentence))],
@@ -142,9 +154,12 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
             scores[sentence] += log_probs[row, token]
             if token != eos_id:
                 out_tokens[sentence].append(token)
+                if return_attention:
+                    attention[sentence].append(rows.attention_of(row, src_lens[sentence]))
             if token == eos_id or step + 1 >= length_limits[sentence]:
                 score = float(scores[sentence])
-                results[sentence] = Hypothesis(out_tokens[sentence], score, score)
+                results[sentence] = Hypothesis(out_tokens[sentence], score, score,
+                                               attention[sentence] if return_attention else None)
             else:
                 keep.append(row)
         keep_rows = np.asarray(keep, dtype=np.int64)
@@ -164,7 +179,7 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
                 n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
-                is_cancelled: CancelFn = _never) -> list[list[Hypothesis]]:
+                is_cancelled: CancelFn = _never, return_attention: bool = False) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
     Args: as :func:`greedy_search` (no sampling), plus beam_size, length_penalty (GNMT alpha) and n_best
@@ -177,6 +192,8 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
     # Per active sentence (in row order), the live beams' tokens and scores; one live beam (bos) to start.
     live_tokens: list[list[list[int]]] = [[[]] for _ in range(batch)]
     live_scores: list[np.ndarray] = [np.zeros(1, dtype=np.float32) for _ in range(batch)]
+    live_attention: list[list[list[np.ndarray]]] = [[[]] for _ in range(batch)]
+    src_lens = src_mask.sum(axis=1)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     active = list(range(batch))  # sentence ids, in row-block order
     last = np.full(batch, bos_id, dtype=np.int64)
@@ -196,29 +213,34 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
         for sentence in active:
             n_live = len(live_tokens[sentence])
             cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n_live]).reshape(-1)
-            new_tokens, new_scores, parents = [], [], []
+            new_tokens, new_scores, parents, new_attention = [], [], [], []
             for rank, flat in enumerate(_top_candidates(cand, 2 * beam_size)):
                 parent, token = divmod(int(flat), vocab)
                 score = float(cand[flat])
+                attn = live_attention[sentence][parent] if return_attention else None
                 if token == eos_id:
                     if rank >= beam_size:
                         continue
                     finished[sentence].append(Hypothesis(
                         live_tokens[sentence][parent], score,
-                        score / gnmt_length_penalty(step + 1, length_penalty)))
+                        score / gnmt_length_penalty(step + 1, length_penalty), attn))
                 else:
                     parents.append(parent)
                     new_tokens.append(live_tokens[sentence][parent] + [token])
                     new_scores.append(cand[flat])
+                    if return_attention:
+                        new_attention.append(attn + [rows.attention_of(row0 + parent, src_lens[sentence])])
                 if len(parents) == beam_size:
                     break
             if len(finished[sentence]) < beam_size and step + 1 >= length_limits[sentence]:
                 penalty = gnmt_length_penalty(step + 1, length_penalty)
-                finished[sentence].extend(Hypothesis(t, float(s), float(s) / penalty)
-                                          for t, s in zip(new_tokens, new_scores))
+                finished[sentence].extend(Hypothesis(t, float(s), float(s) / penalty, a)
+                                          for t, s, a in zip(new_tokens, new_scores,
+                                                             new_attention or [None] * len(new_tokens)))
             elif len(finished[sentence]) < beam_size:
                 live_tokens[sentence] = new_tokens
                 live_scores[sentence] = np.asarray(new_scores, dtype=np.float32)
+                live_attention[sentence] = new_attention
                 parent_rows.extend(row0 + p for p in parents)
                 next_last.extend(t[-1] for t in new_tokens)
                 still_active.append(sentence)

@@ -180,11 +180,13 @@ class Translator:
                 sampling = Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
                                     temperature=options.sampling_temperature, seed=seed)
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
-                                 rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled)
+                                 rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
+                                 return_attention=options.return_attention)
             return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,
-                           n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled)
+                           n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled,
+                           return_attention=options.return_attention)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

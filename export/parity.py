@@ -27,8 +27,8 @@ def _max_step_diff(model: Transformer, translator: Translator, src_ids: list[int
     token = model.cfg.bos_id
     for _ in range(max_length):
         tokens = torch.tensor([[token]])
-        log_probs, k, v = model.decode_step(tokens, k, v, ck, cv, mask)
-        ort_lp, ort_k, ort_v = translator.model.step(tokens.numpy(), ort_k, ort_v, ort_ck, ort_cv, mask.numpy())
+        log_probs, k, v, _ = model.decode_step(tokens, k, v, ck, cv, mask)
+        ort_lp, ort_k, ort_v, _ = translator.model.step(tokens.numpy(), ort_k, ort_v, ort_ck, ort_cv, mask.numpy())
         diff = max(diff, float(np.abs(ort_lp - log_probs.numpy()).max()))
         token = int(log_probs[0].argmax())
         if token == model.cfg.eos_id:

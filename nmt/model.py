@@ -75,16 +75,18 @@ class MultiHeadAttention(nn.Module):
         """[batch, len, d_model] -> keys and values, each [batch, n_heads, len, d_head]."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """Queries from x [batch, q_len, d_model] over k, v [batch, n_heads, k_len, d_head].
 
-        bias: float32, broadcastable to [batch, n_heads, q_len, k_len]. Returns [batch, q_len, d_model].
+        bias: float32, broadcastable to [batch, n_heads, q_len, k_len].
+        Returns the output [batch, q_len, d_model] and the weights [batch, n_heads, q_len, k_len].
         """
         q = self.split_heads(self.q_proj(x)) * (self.d_head ** -0.5)
         weights = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)  # [batch, n_heads, q_len, k_len]
         context = self.dropout(weights) @ v  # [batch, n_heads, q_len, d_head]
         batch, _, q_len, _ = context.shape
-        return self.out_proj(context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head))
+        out = self.out_proj(context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head))
+        return out, weights
 
 
 class FeedForward(nn.Module):
@@ -112,7 +114,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x: [batch, src_len, d_model]; bias: [batch, 1, 1, src_len]. Returns [batch, src_len, d_model]."""
-        x = self.self_attn_norm(x + self.dropout(self.self_attn.attend(x, *self.self_attn.project_kv(x), bias)))
+        attended, _ = self.self_attn.attend(x, *self.self_attn.project_kv(x), bias)
+        x = self.self_attn_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -130,13 +133,16 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, y: Tensor, self_k: Tensor, self_v: Tensor, self_bias: Tensor,
-                cross_k: Tensor, cross_v: Tensor, cross_bias: Tensor) -> Tensor:
+                cross_k: Tensor, cross_v: Tensor, cross_bias: Tensor) -> tuple[Tensor, Tensor]:
         """y: [batch, q_len, d_model] queries; self_k/v: [batch, n_heads, k_len, d_head] keys/values of the
         target prefix (y's own projections included); cross_k/v: [batch, n_heads, src_len, d_head].
-        Returns [batch, q_len, d_model]."""
-        y = self.self_attn_norm(y + self.dropout(self.self_attn.attend(y, self_k, self_v, self_bias)))
-        y = self.cross_attn_norm(y + self.dropout(self.cross_attn.attend(y, cross_k, cross_v, cross_bias)))
-        return self.ffn_norm(y + self.dropout(self.ffn(y)))
+        Returns the output [batch, q_len, d_model] and the cross-attention weights [batch, n_heads, q_len,
+        src_len]."""
+        attended, _ = self.self_attn.attend(y, self_k, self_v, self_bias)
+        y = self.self_attn_norm(y + self.dropout(attended))
+        attended, cross_weights = self.cross_attn.attend(y, cross_k, cross_v, cross_bias)
+        y = self.cross_attn_norm(y + self.dropout(attended))
+        return self.ffn_norm(y + self.dropout(self.ffn(y))), cross_weights
 
 
 class Transformer(nn.Module):
@@ -193,7 +199,7 @@ class Transformer(nn.Module):
         cross_k, cross_v = self.cross_kv(memory)
         for i, layer in enumerate(self.decoder_layers):
             k, v = layer.self_attn.project_kv(y)
-            y = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+            y, _ = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
         return self.output_logits(y)
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
@@ -201,7 +207,7 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
 
     def decode_step(self, tokens: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor, cross_v: Tensor,
-                    src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One incremental decoding step with a key/value cache.
 
         Args:
@@ -212,7 +218,8 @@ class Transformer(nn.Module):
             src_mask: bool [rows, src_len].
         Returns:
             log_probs float32 [rows, vocab]; new self_k and self_v [n_decoder_layers, rows, n_heads, past_len + 1,
-            d_head].
+            d_head]; attention float32 [rows, src_len], the last decoder layer's cross-attention weights averaged
+            over heads (the alignment of this target token to the source tokens; rows sum to 1).
         """
         past_len = self_k.shape[3]
         positions = torch.arange(past_len, past_len + 1, device=tokens.device)
@@ -226,9 +233,9 @@ class Transformer(nn.Module):
             k, v = torch.cat([self_k[i], k], dim=2), torch.cat([self_v[i], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            y = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+            y, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
         log_probs = torch.log_softmax(self.output_logits(y[:, 0]), dim=-1)
-        return log_probs, torch.stack(new_k), torch.stack(new_v)
+        return log_probs, torch.stack(new_k), torch.stack(new_v), cross_weights[:, :, 0].mean(dim=1)
 
     def empty_cache(self, rows: int) -> tuple[Tensor, Tensor]:
         """Zero-length self-attention cache: two float32 [n_decoder_layers, rows, n_heads, 0, d_head]."""

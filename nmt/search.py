@@ -60,7 +60,7 @@ def greedy_search(model: Transformer, src_ids: list[int], max_length: int, min_l
     k, v = model.empty_cache(1)
     token, tokens, score = cfg.bos_id, [], torch.zeros((), dtype=torch.float32)
     for step in range(max_length):
-        log_probs, k, v = model.decode_step(torch.tensor([[token]]), k, v, *enc.rows(1))
+        log_probs, k, v, _ = model.decode_step(torch.tensor([[token]]), k, v, *enc.rows(1))
         log_probs[:, cfg.pad_id] = -float("inf")
         if step < min_length:
             log_probs[:, cfg.eos_id] = -float("inf")
@@ -89,7 +89,7 @@ def beam_search(model: Transformer, src_ids: list[int], beam_size: int, max_leng
     for step in range(max_length):
         rows = len(live_tokens)
         last = torch.tensor([[t[-1] if t else cfg.bos_id] for t in live_tokens])
-        log_probs, k, v = model.decode_step(last, k, v, *enc.rows(rows))
+        log_probs, k, v, _ = model.decode_step(last, k, v, *enc.rows(rows))
         log_probs[:, cfg.pad_id] = -float("inf")
         if step < min_length:
             log_probs[:, cfg.eos_id] = -float("inf")

@@ -203,7 +203,11 @@ class TranslatorDeployment:
             cursor += len(seg.sentences)
             unknowns = ([self.translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
                         else [None] * len(seg.sentences))
-            translations.append(self._render(seg, per_sentence, unknowns, req.return_scores))
+            translation = self._render(seg, per_sentence, unknowns, req.return_scores)
+            if req.return_attention:
+                translation.attention = [self._attention(sentence, h[0]) for sentence, h in
+                                         zip(seg.sentences, per_sentence)]
+            translations.append(translation)
         body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
         return JSONResponse(body.model_dump(exclude_none=True))
 
@@ -250,6 +254,13 @@ class TranslatorDeployment:
         if not return_scores:
             return schemas.Translation(text=joined[0].text)
         return schemas.Translation(text=joined[0].text, score=joined[0].score, n_best=joined)
+
+    def _attention(self, sentence: str, hyp: Hypothesis) -> schemas.SentenceAttention:
+        sp = self.translator.sp
+        return schemas.SentenceAttention(
+            source_tokens=sp.encode(sentence, out_type=str) + [sp.id_to_piece(self.translator.eos_id)],
+            target_tokens=[sp.id_to_piece(t) for t in hyp.tokens],
+            weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:

@@ -44,6 +44,9 @@ class TranslateRequest(BaseModel):
     replace_unknowns: bool = Field(True, description="copy source characters the vocabulary lacks (emoji, rare "
                                                      "scripts) into the output instead of the unk token")
     return_scores: bool = Field(False, description="include summed log-prob scores and n_best hypotheses")
+    return_attention: bool = Field(_DEFAULTS.return_attention, description=(
+        "per sentence and output token, the cross-attention over the source tokens (last decoder layer, mean "
+        "over heads)"))
 
     def decoding_options(self, defaults: DecodingOptions) -> DecodingOptions:
         """The request's options over ``defaults`` (the model's): only fields the client sent override.
@@ -71,10 +74,17 @@ class Hypothesis(BaseModel):
     score: float = Field(description="summed natural-log probability of the tokens, eos included")
 
 
+class SentenceAttention(BaseModel):
+    source_tokens: list[str] = Field(description="sentencepiece pieces of the source sentence, eos last")
+    target_tokens: list[str] = Field(description="pieces of the best translation (eos excluded)")
+    weights: list[list[float]] = Field(description="[target token][source token], rows sum to 1")
+
+
 class Translation(BaseModel):
     text: str
     score: float | None = None
     n_best: list[Hypothesis] | None = None
+    attention: list[SentenceAttention] | None = Field(None, description="one entry per sentence of the text")
 
 
 class TranslateResponse(BaseModel):

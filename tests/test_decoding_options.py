@@ -125,3 +125,21 @@ def test_sentence_splitting_keeps_the_layout():
     assert seg.join(["A", "B", "C"]) == "  A B\n\nC\r\n"
     assert split("   \n ").sentences == []
     assert split("e\u0301\u0000x").sentences == ["\u00e9x"]  # NFC, control characters dropped
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_return_attention_gives_a_distribution_per_output_token(translator, beam_size):
+    import numpy as np
+
+    src = [translator.tokenize(s) for s in (SENTENCES[0], SENTENCES[3])]  # mixed lengths: padding in the batch
+    out = translator.translate_ids(src, DecodingOptions(beam_size=beam_size, return_attention=True))
+    plain = translator.translate_ids(src, DecodingOptions(beam_size=beam_size))
+    for ids, (hyp,), (ref,) in zip(src, out, plain):
+        assert hyp.tokens == ref.tokens  # asking for attention changes nothing else
+        assert len(hyp.attention) == len(hyp.tokens)
+        for row in hyp.attention:
+            assert row.shape == (len(ids),)
+            assert abs(float(row.sum()) - 1.0) < 1e-4
+    # The attention of a sentence is the same alone and in the batch.
+    (alone,) = translator.translate_ids(src[:1], DecodingOptions(beam_size=beam_size, return_attention=True))
+    np.testing.assert_allclose(np.stack(alone[0].attention), np.stack(out[0][0].attention), atol=1e-4)

@@ -39,9 +39,10 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     shape = (cfg.n_decoder_layers, batch, cfg.n_heads, past_len, cfg.d_head)
     k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     tokens = torch.randint(4, cfg.vocab_size, (batch, 1), generator=gen)
-    lp, nk, nv = torch_model.decode_step(tokens, k, v, ck, cv, mask)
-    ort_lp, ort_nk, ort_nv = translator.model.step(tokens.numpy(), k.numpy(), v.numpy(), ort_ck, ort_cv,
-                                                   mask.numpy())
+    lp, nk, nv, attention = torch_model.decode_step(tokens, k, v, ck, cv, mask)
+    ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), k.numpy(), v.numpy(), ort_ck,
+                                                                  ort_cv, mask.numpy())
+    np.testing.assert_allclose(ort_attention, attention.numpy(), atol=1e-5)
     assert ort_nk.shape == (cfg.n_decoder_layers, batch, cfg.n_heads, past_len + 1, cfg.d_head)
     np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
     np.testing.assert_allclose(ort_nv, nv.numpy(), atol=1e-4)

@@ -34,8 +34,11 @@ def test_incremental_decoding_equals_full_forward(torch_model, batch):
     ck, cv = torch_model.cross_kv(torch_model.encode(src, mask))
     k, v = torch_model.empty_cache(src.shape[0])
     for t in range(tgt.shape[1]):
-        step, k, v = torch_model.decode_step(tgt[:, t : t + 1], k, v, ck, cv, mask)
+        step, k, v, attention = torch_model.decode_step(tgt[:, t : t + 1], k, v, ck, cv, mask)
         torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
+        # Cross-attention: a distribution over the real source tokens, none of it on padding.
+        torch.testing.assert_close(attention.sum(dim=1), torch.ones(src.shape[0]))
+        assert float(attention[~mask].abs().max()) < 1e-6
     assert k.shape[3] == tgt.shape[1]
 
 

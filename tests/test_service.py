@@ -194,3 +194,13 @@ def test_option_errors_are_422_naming_the_option(service, body, fragment):
     r = post(service, body)
     assert r.status_code == 422
     assert fragment in r.json()["error"]["message"]
+
+
+def test_return_attention_over_http(service):
+    r = post(service, {"text": f"{SENTENCES[0]} {SENTENCES[2]}", "return_attention": True, "beam_size": 2})
+    (t,) = r.json()["translations"]
+    assert len(t["attention"]) == 2  # one per sentence
+    for a in t["attention"]:
+        assert a["source_tokens"][-1] == "</s>" and len(a["weights"]) == len(a["target_tokens"])
+        for row in a["weights"]:
+            assert len(row) == len(a["source_tokens"]) and abs(sum(row) - 1) < 1e-3
