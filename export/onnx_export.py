@@ -105,7 +105,7 @@ def sha256(path: Path) -> str:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences: list[str], atol: float = 1e-3,
-                      beam_size: int = 4, max_length: int = 64) -> dict:
+                      beam_size: int = 4, max_length: int = 64, languages: tuple[str, str] = ("en", "de")) -> dict:
     """Exports, verifies parity and writes the manifest; returns the manifest dict.
 
     Raises:
@@ -123,6 +123,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
         parity = measure_parity(model, tmp, parity_sentences, beam_size=beam_size, max_length=max_length)
         manifest = dict(
             format_version=1, model_config=json.loads((tmp / contract.CONFIG_FILE).read_text()),
+            languages={"source": languages[0], "target": languages[1]}, precision="float32",
             opset=contract.OPSET, torch_version=torch.__version__,
             graphs={contract.ENCODER_FILE: dict(inputs=contract.ENCODER_INPUTS, outputs=contract.ENCODER_OUTPUTS),
                     contract.DECODER_STEP_FILE: dict(inputs=contract.DECODER_INPUTS,
@@ -152,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="real sentences, one a line, decoded by both PyTorch and ONNX Runtime")
     p.add_argument("--atol", type=float, default=1e-3, help="max abs log-prob difference allowed")
     p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--source-language", default="en")
+    p.add_argument("--target-language", default="de")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     sentences = [s for s in Path(args.parity_sentences).read_text().splitlines() if s.strip()]
     try:
-        manifest = export_checkpoint(args.checkpoint, args.out, sentences, atol=args.atol, beam_size=args.beam_size)
+        manifest = export_checkpoint(args.checkpoint, args.out, sentences, atol=args.atol, beam_size=args.beam_size,
+                                     languages=(args.source_language, args.target_language))
     except ParityError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1

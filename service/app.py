@@ -1,8 +1,10 @@
 """Ray Serve application: FastAPI ingress and dynamic batching over the engine, in one deployment.
 
 One deployment holds both the HTTP ingress and the @serve.batch method: on this machine a separate ingress
-deployment halved the requests/s Serve could route (DESIGN.md section 6). Each text of a request becomes one batch
-item, so sentences of different requests share a batch; items are grouped by decoding options inside the batch.
+deployment halved the requests/s Serve could route (DESIGN.md section 6). Each sentence of a request becomes one
+batch item, so sentences of different requests share a batch; items are grouped by model and decoding options
+inside the batch. Several models can be served side by side by one replica (``models`` in the args); a request
+names one with ``model``.
 
 Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:app_builder``).
 """
@@ -24,7 +26,7 @@ import ray
 from ray import serve
 
 from engine import segmentation
-from engine.errors import EngineError, InvalidRequestError
+from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis, StepStats
@@ -44,7 +46,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     artifact_dir: str = "artifacts/en-de"
-    model_id: str = "en-de"
+    model_id: str = Field("en-de", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the default model's id")
+    models: dict[str, str] = Field(default_factory=dict, description="more models served side by side: id -> "
+                                                                     "artifact folder")
     device: str = "auto"
     intra_op_threads: int = Field(0, ge=0)
     max_batch_tokens: int = Field(8192, ge=1)
@@ -55,9 +59,10 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
     warmup: bool = True
 
-    def artifact_path(self) -> Path:
-        path = Path(self.artifact_dir)
-        return path if path.is_absolute() else PROJECT_ROOT / path
+    def artifact_paths(self) -> dict[str, Path]:
+        """Model id -> artifact folder, the default model first."""
+        folders = {self.model_id: self.artifact_dir, **self.models}
+        return {mid: Path(f) if Path(f).is_absolute() else PROJECT_ROOT / f for mid, f in folders.items()}
 
 
 class BatchConfig(BaseModel):
@@ -70,7 +75,14 @@ class BatchConfig(BaseModel):
 
 
 @dataclasses.dataclass
+class _Model:
+    translator: Translator
+    metrics: ServiceMetrics
+
+
+@dataclasses.dataclass
 class _Item:
+    model: str
     src_ids: list[int]
     options: DecodingOptions
     enqueued_at: float
@@ -91,15 +103,24 @@ class TranslatorDeployment:
 
     def __init__(self, args: dict | None = None) -> None:
         self.args = AppArgs(**(args or {}))
-        self.metrics = ServiceMetrics(self.args.model_id)
         engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
                                      max_batch_tokens=self.args.max_batch_tokens)
-        self.translator = Translator(self.args.artifact_path(), engine_config)
-        self.metrics.model_load_seconds.set(self.translator.load_seconds)
-        if self.args.warmup:
-            self.metrics.warmup_seconds.set(self.translator.warmup())
-        log.info("model %s loaded from %s on %s", self.args.model_id, self.args.artifact_dir,
-                 self.translator.provider)
+        self.models: dict[str, _Model] = {}
+        for model_id, folder in self.args.artifact_paths().items():
+            model = _Model(Translator(folder, engine_config), ServiceMetrics(model_id))
+            model.metrics.model_load_seconds.set(model.translator.load_seconds)
+            if self.args.warmup:
+                model.metrics.warmup_seconds.set(model.translator.warmup())
+            log.info("model %s loaded from %s on %s", model_id, folder, model.translator.provider)
+            self.models[model_id] = model
+        self.default = self.models[self.args.model_id]
+
+    def _model(self, model_id: str | None) -> _Model:
+        if model_id is None:
+            return self.default
+        if model_id not in self.models:
+            raise InvalidRequestError(f"unknown model {model_id!r}; served: {sorted(self.models)} (GET /v1/models)")
+        return self.models[model_id]
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig(**user_config)
@@ -107,24 +128,34 @@ class TranslatorDeployment:
         self._translate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     def check_health(self) -> None:
-        """Serve's liveness probe: raises if the engine cannot run (then Serve restarts the replica)."""
-        self.translator.translate_ids([[self.translator.eos_id]], DecodingOptions(beam_size=1, max_length=1))
+        """Serve's liveness probe: raises if an engine cannot run (then Serve restarts the replica)."""
+        for model in self.models.values():
+            model.translator.translate_ids([[model.translator.eos_id]], DecodingOptions(beam_size=1, max_length=1))
 
     @api.get("/health", response_model=schemas.Health)
     async def health(self) -> schemas.Health:
-        return schemas.Health(status="ok", model=self.args.model_id, provider=self.translator.provider,
-                              max_src_tokens=self.translator.max_src_tokens,
+        translator = self.default.translator
+        return schemas.Health(status="ok", model=self.args.model_id, provider=translator.provider,
+                              max_src_tokens=translator.max_src_tokens,
                               max_texts_per_request=self.args.max_texts_per_request,
                               max_chars_per_text=self.args.max_chars_per_text,
                               replica=serve.get_replica_context().replica_id.unique_id,
                               node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid())
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        cfg = self.translator.manifest.get("model_config", {})
-        return {"models": [dict(id=self.args.model_id, source_language="en", target_language="de",
-                                provider=self.translator.provider, precision="float32",
-                                max_src_tokens=self.translator.max_src_tokens, d_model=cfg.get("d_model"))]}
+    async def list_models(self) -> dict:
+        """The models this replica serves: language pair, precision, provider, limits."""
+        out = []
+        for model_id, model in self.models.items():
+            t = model.translator
+            languages = t.manifest.get("languages", {})
+            out.append(dict(id=model_id, default=model is self.default, source_language=languages.get("source"),
+                            target_language=languages.get("target"), precision=t.manifest.get("precision", "float32"),
+                            provider=t.provider, max_src_tokens=t.max_src_tokens,
+                            max_texts_per_request=self.args.max_texts_per_request,
+                            max_chars_per_text=self.args.max_chars_per_text,
+                            d_model=t.manifest.get("model_config", {}).get("d_model")))
+        return {"models": out}
 
     @api.post("/translate", response_model=schemas.TranslateResponse,
               responses={413: {"model": schemas.ErrorResponse}, 422: {"model": schemas.ErrorResponse}},
@@ -136,21 +167,23 @@ class TranslatorDeployment:
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
         texts: list[str] = []
+        metrics = self.default.metrics  # until the request names a valid model
         try:
             self._authorize(request)
             body = await self._read_body(request)
             req = schemas.TranslateRequest.model_validate_json(body)
             texts = req.texts()
+            metrics = self._model(req.model).metrics
             response = await self._translate(req)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
         except asyncio.CancelledError:
             log.info("request cancelled (client gone or proxy timeout)")
-            self.metrics.request(499)
+            metrics.request(499)
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = response_for(e)
-        self.metrics.request(response.status_code)
+        metrics.request(response.status_code)
         log.info("translate status %d texts %d chars %d latency_ms %.1f", response.status_code, len(texts),
                  sum(len(t) for t in texts), 1000 * (time.perf_counter() - started))
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
@@ -178,9 +211,10 @@ class TranslatorDeployment:
         return bytes(body)
 
     async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse:
-        if req.model is not None and req.model != self.args.model_id:
-            raise InvalidRequestError(f"unknown model {req.model!r}; this deployment serves {self.args.model_id!r}")
-        options = req.decoding_options(self.translator.default_options)
+        model_id = req.model or self.args.model_id
+        model = self._model(model_id)
+        translator = model.translator
+        options = req.decoding_options(translator.default_options)
         texts, prefixes = req.texts(), req.prefixes()
         if len(texts) > self.args.max_texts_per_request:
             raise RequestTooLargeError(f"{len(texts)} texts > limit {self.args.max_texts_per_request} per request")
@@ -194,26 +228,26 @@ class TranslatorDeployment:
         items: list[_Item] = []
         for seg, prefix in zip(segmented, prefixes):
             for j, sentence in enumerate(seg.sentences):
-                prefix_ids = tuple(self.translator.sp.encode(prefix)) if prefix and j == 0 else None
-                items.append(_Item(self.translator.tokenize(sentence), options, now, prefix_ids))
-        outcomes = await self._run_items(items)
+                prefix_ids = tuple(translator.sp.encode(prefix)) if prefix and j == 0 else None
+                items.append(_Item(model_id, translator.tokenize(sentence), options, now, prefix_ids))
+        outcomes = await self._run_items(items, model.metrics)
         translations, cursor = [], 0
         for seg in segmented:
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
             cursor += len(seg.sentences)
-            unknowns = ([self.translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
+            unknowns = ([translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
                         else [None] * len(seg.sentences))
-            translation = self._render(seg, per_sentence, unknowns, req.return_scores)
+            translation = self._render(translator, seg, per_sentence, unknowns, req.return_scores)
             if req.return_attention:
-                translation.attention = [self._attention(sentence, h[0]) for sentence, h in
+                translation.attention = [self._attention(translator, sentence, h[0]) for sentence, h in
                                          zip(seg.sentences, per_sentence)]
             translations.append(translation)
-        body = schemas.TranslateResponse(model=self.args.model_id, translations=translations)
+        body = schemas.TranslateResponse(model=model_id, translations=translations)
         return JSONResponse(body.model_dump(exclude_none=True))
 
-    async def _run_items(self, items: list[_Item]) -> list[list[Hypothesis]]:
+    async def _run_items(self, items: list[_Item], metrics: ServiceMetrics) -> list[list[Hypothesis]]:
         """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout."""
-        self.metrics.add_pending(len(items))
+        metrics.add_pending(len(items))
         try:
             outcomes = await asyncio.wait_for(asyncio.gather(*(self._translate_batch(i) for i in items)),
                                               timeout=self.args.request_timeout_s)
@@ -223,14 +257,14 @@ class TranslatorDeployment:
             for item in items:
                 item.cancelled = True
             if dropped:
-                self.metrics.cancelled.inc(dropped)
+                metrics.cancelled.inc(dropped)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            self.metrics.timeouts.inc(1)
+            metrics.timeouts.inc(1)
             raise RequestTimeoutError(f"request not finished within request_timeout_s="
                                       f"{self.args.request_timeout_s}; its work was dropped") from None
         finally:
-            self.metrics.add_pending(-len(items))
+            metrics.add_pending(-len(items))
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
@@ -238,7 +272,8 @@ class TranslatorDeployment:
                 raise RequestTimeoutError("translation was cancelled")
         return outcomes
 
-    def _render(self, seg: segmentation.Segmented, hyps: list[list[Hypothesis]], unknowns: list,
+    @staticmethod
+    def _render(translator: Translator, seg: segmentation.Segmented, hyps: list[list[Hypothesis]], unknowns: list,
                 return_scores: bool) -> schemas.Translation:
         """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
         (its last one if it has fewer); its score is the sum over sentences."""
@@ -249,16 +284,17 @@ class TranslatorDeployment:
         joined = []
         for k in range(n):
             picks = [h[min(k, len(h) - 1)] for h in hyps]
-            text = seg.join([self.translator.detokenize(p.tokens, u) for p, u in zip(picks, unknowns)])
+            text = seg.join([translator.detokenize(p.tokens, u) for p, u in zip(picks, unknowns)])
             joined.append(schemas.Hypothesis(text=text, score=sum(p.score for p in picks)))
         if not return_scores:
             return schemas.Translation(text=joined[0].text)
         return schemas.Translation(text=joined[0].text, score=joined[0].score, n_best=joined)
 
-    def _attention(self, sentence: str, hyp: Hypothesis) -> schemas.SentenceAttention:
-        sp = self.translator.sp
+    @staticmethod
+    def _attention(translator: Translator, sentence: str, hyp: Hypothesis) -> schemas.SentenceAttention:
+        sp = translator.sp
         return schemas.SentenceAttention(
-            source_tokens=sp.encode(sentence, out_type=str) + [sp.id_to_piece(self.translator.eos_id)],
+            source_tokens=sp.encode(sentence, out_type=str) + [sp.id_to_piece(translator.eos_id)],
             target_tokens=[sp.id_to_piece(t) for t in hyp.tokens],
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
@@ -267,25 +303,25 @@ class TranslatorDeployment:
         """Decodes one formed batch. Never raises: a failing group returns its exception per item."""
         started = time.perf_counter()
         for item in items:
-            self.metrics.queue_seconds.observe(started - item.enqueued_at)
-        self.metrics.batch_sentences.observe(len(items))
-        self.metrics.batch_tokens.observe(sum(len(i.src_ids) for i in items))
-        outcomes = await asyncio.to_thread(self._decode_groups, items)
-        self.metrics.compute_seconds.observe(time.perf_counter() - started)
-        return outcomes
+            self.models[item.model].metrics.queue_seconds.observe(started - item.enqueued_at)
+        return await asyncio.to_thread(self._decode_groups, items)
 
     def _decode_groups(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
-        groups: dict[DecodingOptions, list[int]] = defaultdict(list)
+        """Decodes the items of one batch, one engine call per (model, options) group."""
+        groups: dict[tuple[str, DecodingOptions], list[int]] = defaultdict(list)
         for index, item in enumerate(items):
-            groups[item.options].append(index)
+            groups[item.model, item.options].append(index)
         outcomes: list[list[Hypothesis] | Exception] = [RuntimeError("not decoded")] * len(items)
-        for options, indices in groups.items():
-            stats = StepStats()
+        for (model_id, options), indices in groups.items():
+            model, stats, started = self.models[model_id], StepStats(), time.perf_counter()
+            src = [items[i].src_ids for i in indices]
+            model.metrics.batch_sentences.observe(len(indices))
+            model.metrics.batch_tokens.observe(sum(len(ids) for ids in src))
             try:
                 prefixes = [list(items[i].prefix or ()) for i in indices]
-                hyps = self.translator.translate_ids([items[i].src_ids for i in indices], options, stats,
-                                                     is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled,
-                                                     target_prefixes=prefixes if any(prefixes) else None)
+                hyps = model.translator.translate_ids(src, options, stats,
+                                                      is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled,
+                                                      target_prefixes=prefixes if any(prefixes) else None)
             except Exception as e:  # noqa: BLE001 - isolate the group; other groups still succeed
                 log.exception("decode failed for a group of %d sentences", len(indices))
                 for i in indices:
@@ -293,10 +329,12 @@ class TranslatorDeployment:
                 continue
             for i, h in zip(indices, hyps):
                 outcomes[i] = h
-            self.metrics.sentences.inc(len(indices))
-            self.metrics.source_tokens.inc(sum(len(items[i].src_ids) for i in indices))
-            self.metrics.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps if h))
-            self.metrics.decode_steps.inc(stats.steps)
+            m = model.metrics
+            m.compute_seconds.observe(time.perf_counter() - started)
+            m.sentences.inc(len(indices))
+            m.source_tokens.inc(sum(len(ids) for ids in src))
+            m.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps if h))
+            m.decode_steps.inc(stats.steps)
         return outcomes
 
 

@@ -8,11 +8,26 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.options import DecodingOptions
+
 from conftest import SENTENCES, free_port
 
 
 @pytest.fixture(scope="module")
-def service(artifact):
+def greedy_artifact(artifact, tmp_path_factory):
+    """A second model served side by side: the same weights with greedy decoding as its default."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("second") / "en-de-greedy"
+    shutil.copytree(artifact, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoding_defaults"] = {"beam_size": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service(artifact, greedy_artifact):
     import ray
     from ray import serve
 
@@ -23,7 +38,8 @@ def service(artifact):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     # A long batch wait so that concurrent requests observably share batches.
     app = TranslatorDeployment.options(user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.3}).bind(
-        {"artifact_dir": str(artifact), "model_id": "en-de", "device": "cpu", "max_texts_per_request": 8,
+        {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact)},
+         "device": "cpu", "max_texts_per_request": 8,
          "max_chars_per_text": 1500, "max_body_bytes": 20_000})
     serve.run(app, name="translation", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
@@ -204,3 +220,19 @@ def test_return_attention_over_http(service):
         assert a["source_tokens"][-1] == "</s>" and len(a["weights"]) == len(a["target_tokens"])
         for row in a["weights"]:
             assert len(row) == len(a["source_tokens"]) and abs(sum(row) - 1) < 1e-3
+
+
+def test_several_models_side_by_side(service, translator):
+    models = requests.get(service["url"] + "/v1/models", timeout=10).json()["models"]
+    assert [(m["id"], m["default"]) for m in models] == [("en-de", True), ("en-de-greedy", False)]
+    assert models[0]["source_language"] == "en" and models[0]["target_language"] == "de"
+    assert models[0]["provider"] == "CPUExecutionProvider" and models[0]["precision"] == "float32"
+    text = SENTENCES[6]
+    r = post(service, {"text": text, "model": "en-de-greedy", "return_scores": True})
+    assert r.json()["model"] == "en-de-greedy"
+    (greedy,) = translator.translate([text], DecodingOptions(beam_size=1))
+    (beam,) = translator.translate([text], DecodingOptions(beam_size=4))
+    assert r.json()["translations"][0]["score"] == pytest.approx(greedy.score, abs=1e-4)  # its own default
+    r = post(service, {"text": text, "return_scores": True})
+    assert r.json()["model"] == "en-de"
+    assert r.json()["translations"][0]["score"] == pytest.approx(beam.score, abs=1e-4)
