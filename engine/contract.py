@@ -17,7 +17,6 @@ OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_STEP_FILE = "decoder_step.onnx"
-TOKENIZER_FILE = "spm.model"
 CONFIG_FILE = "config.json"
 
 ENCODER_INPUTS = ("src_ids", "src_mask")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import sentencepiece as spm
 
 from engine import contract
 from engine.errors import InputTooLongError
@@ -24,6 +23,7 @@ from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
 from engine.rules import Rules, Sampling
 from engine.search import Hypothesis, StepStats, beam_search, greedy_search
+from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Translator:
         # Decoding defaults shipped with the model (e.g. an imported checkpoint's generation config); requests
         # override them field by field.
         self.default_options = DecodingOptions(**model_config.get("decoding_defaults", {}))
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.artifact_dir / contract.TOKENIZER_FILE))
+        self.tokenizer = load_tokenizer(self.artifact_dir, model_config)
         self.model = OnnxModel(self.artifact_dir, self.config)
         self.provider = self.model.provider
         self.load_seconds = time.perf_counter() - started
@@ -84,25 +84,20 @@ class Translator:
         """
         if not text.strip():
             return []
-        ids = self.sp.encode(text) + [self.eos_id]
+        ids = self.tokenizer.encode_source(text) + [self.eos_id]
         if len(ids) > self.max_src_tokens:
             raise InputTooLongError(len(ids), self.max_src_tokens)
         return ids
 
     def unknown_pieces(self, text: str) -> list[str]:
         """Source substrings that the vocabulary maps to unk, in order (for :meth:`detokenize`)."""
-        proto = self.sp.encode(text, return_type="proto")
-        return [piece.surface for piece in proto.pieces if piece.id == self.sp.unk_id()]
+        return self.tokenizer.unknown_source_pieces(text)
 
     def detokenize(self, ids: list[int], unknowns: list[str] | None = None) -> str:
         """Token ids -> text. With ``unknowns`` (from :meth:`unknown_pieces` of the source), the k-th unk of the
-        output becomes the k-th unknown source substring, copied as is; without, unk shows as sentencepiece's
-        " ⁇ "."""
-        if unknowns is None or self.sp.unk_id() not in ids:
-            return self.sp.decode(ids)
-        queue = iter(unknowns)
-        pieces = [next(queue, "") if i == self.sp.unk_id() else self.sp.id_to_piece(i) for i in ids]
-        return self.sp.decode_pieces(pieces)
+        output becomes the k-th unknown source substring, copied as is; without, unk shows as the tokenizer's
+        unk rendering."""
+        return self.tokenizer.decode_target(ids, unknowns)
 
     def translate(self, texts: list[str], options: DecodingOptions | None = None,
                   stats: StepStats | None = None) -> list[Translation]:

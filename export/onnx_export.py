@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import contract
+from engine.tokenizer import TOKENIZER_FILES
 from nmt.config import ModelConfig
 from nmt.model import Transformer
 
@@ -118,7 +119,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp_name:
         tmp = Path(tmp_name)
         export_graphs(model, tmp)
-        shutil.copy(checkpoint / contract.TOKENIZER_FILE, tmp / contract.TOKENIZER_FILE)
+        for name in TOKENIZER_FILES[model.cfg.tokenizer]:
+            shutil.copy(checkpoint / name, tmp / name)
         shutil.copy(checkpoint / contract.CONFIG_FILE, tmp / contract.CONFIG_FILE)
         parity = measure_parity(model, tmp, parity_sentences, beam_size=beam_size, max_length=max_length)
         manifest = dict(

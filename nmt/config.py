@@ -7,12 +7,21 @@ import json
 from pathlib import Path
 
 
+ACTIVATIONS = ("relu", "swish", "gelu")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Hyper-parameters of the encoder-decoder Transformer (Vaswani et al. 2017, table 3 names).
 
-    Token ids follow the sentencepiece model trained by :mod:`nmt.tokenizer`: pad 0, unk 1, bos 2, eos 3.
+    Token ids follow the sentencepiece model trained by :mod:`nmt.data`: pad 0, unk 1, bos 2, eos 3. ``bos_id`` is
+    the decoder's start token (Marian checkpoints start from pad, so bos_id may equal pad_id).
     ``max_positions`` bounds src_len and tgt_len (in tokens, bos/eos included).
+
+    Departures from the paper, as named flags: ``activation`` of the FFN ("relu" in the paper; Marian / OPUS-MT
+    use "swish"), ``scale_embedding`` (the paper multiplies embeddings by sqrt(d_model): True).
+    ``tokenizer`` names the artifact's tokenizer ("sentencepiece": one joint model; "marian": source.spm,
+    target.spm and vocab.json).
 
     Raises:
         ValueError: a value is out of range, or d_model is not divisible by n_heads.
@@ -30,6 +39,9 @@ class ModelConfig:
     unk_id: int = 1
     bos_id: int = 2
     eos_id: int = 3
+    activation: str = "relu"
+    scale_embedding: bool = True
+    tokenizer: str = "sentencepiece"
     # Decoding defaults served with this model (DecodingOptions field names); requests override them.
     decoding_defaults: dict = dataclasses.field(default_factory=dict)
 
@@ -42,9 +54,13 @@ class ModelConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        ids = {self.pad_id, self.unk_id, self.bos_id, self.eos_id}
-        if len(ids) != 4 or max(ids) >= self.vocab_size or min(ids) < 0:
-            raise ValueError("pad/unk/bos/eos ids must be distinct and < vocab_size")
+        ids = {self.pad_id, self.unk_id, self.eos_id}
+        if len(ids) != 3 or self.bos_id in (self.unk_id, self.eos_id):
+            raise ValueError("pad/unk/eos ids must be distinct, and bos_id differ from unk_id and eos_id")
+        if max(ids | {self.bos_id}) >= self.vocab_size or min(ids | {self.bos_id}) < 0:
+            raise ValueError(f"special token ids must be in [0, vocab_size={self.vocab_size})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     @property
     def d_head(self) -> int:

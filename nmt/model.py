@@ -89,16 +89,20 @@ class MultiHeadAttention(nn.Module):
         return out, weights
 
 
-class FeedForward(nn.Module):
-    """Position-wise FFN(x) = max(0, x W1 + b1) W2 + b2 (paper equation 2, section 3.3)."""
+_ACTIVATIONS = {"relu": torch.relu, "swish": nn.functional.silu, "gelu": nn.functional.gelu}
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = act(x W1 + b1) W2 + b2 (paper equation 2, section 3.3: act = ReLU)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str = "relu") -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.activation = _ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(torch.relu(self.fc1(x))))
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
 
 
 class EncoderLayer(nn.Module):
@@ -108,7 +112,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.self_attn_norm = nn.LayerNorm(cfg.d_model)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -128,7 +132,7 @@ class DecoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(cfg.d_model)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -166,7 +170,8 @@ class Transformer(nn.Module):
 
     def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids int64 [batch, len], positions int64 [len] -> [batch, len, d_model] (paper section 3.4, 3.5)."""
-        x = self.embed(ids) * math.sqrt(self.cfg.d_model) + sinusoidal_positions(positions, self.cfg.d_model)
+        scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
+        x = self.embed(ids) * scale + sinusoidal_positions(positions, self.cfg.d_model)
         return self.dropout(x)
 
     def output_logits(self, y: Tensor) -> Tensor:

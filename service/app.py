@@ -228,7 +228,7 @@ class TranslatorDeployment:
         items: list[_Item] = []
         for seg, prefix in zip(segmented, prefixes):
             for j, sentence in enumerate(seg.sentences):
-                prefix_ids = tuple(translator.sp.encode(prefix)) if prefix and j == 0 else None
+                prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix and j == 0 else None
                 items.append(_Item(model_id, translator.tokenize(sentence), options, now, prefix_ids))
         outcomes = await self._run_items(items, model.metrics)
         translations, cursor = [], 0
@@ -292,10 +292,10 @@ class TranslatorDeployment:
 
     @staticmethod
     def _attention(translator: Translator, sentence: str, hyp: Hypothesis) -> schemas.SentenceAttention:
-        sp = translator.sp
+        tokenizer = translator.tokenizer
         return schemas.SentenceAttention(
-            source_tokens=sp.encode(sentence, out_type=str) + [sp.id_to_piece(translator.eos_id)],
-            target_tokens=[sp.id_to_piece(t) for t in hyp.tokens],
+            source_tokens=tokenizer.source_pieces(sentence) + tokenizer.target_pieces([translator.eos_id]),
+            target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)

@@ -74,7 +74,7 @@ def test_sampling_needs_beam_size_one():
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_target_prefix_forces_the_start(translator, beam_size):
-    prefix = translator.sp.encode("Bitte")
+    prefix = translator.tokenizer.encode_target("Bitte")
     src = [translator.tokenize(SENTENCES[0]), translator.tokenize(SENTENCES[2])]
     out = translator.translate_ids(src, DecodingOptions(beam_size=beam_size, n_best=beam_size),
                                    target_prefixes=[prefix, []])
@@ -95,7 +95,7 @@ def test_unknown_characters_are_copied_or_shown_as_unk(translator):
     text = "Click 😀 to save the file."
     assert "😀" in translator.unknown_pieces(text)
     (hyp,) = decode(translator, text, beam_size=2)
-    if translator.sp.unk_id() in hyp.tokens:
+    if translator.tokenizer.unk_id in hyp.tokens:
         assert "😀" in translator.detokenize(hyp.tokens, translator.unknown_pieces(text))
         assert "⁇" in translator.detokenize(hyp.tokens)
     assert "⁇" not in translator.detokenize(hyp.tokens, translator.unknown_pieces(text))

@@ -78,7 +78,7 @@ def test_n_best_is_sorted_distinct_and_bounded(translator):
     texts = [text for text, _ in t.n_best]
     assert len(set(texts)) == 4
     ranking = [score / ((5 + n) / 6) ** 0.6 for (_, score), n in
-               zip(t.n_best, [len(translator.sp.encode(x)) + 1 for x in texts])]
+               zip(t.n_best, [len(translator.tokenizer.encode_target(x)) + 1 for x in texts])]
     assert t.text == texts[0] and t.score == t.n_best[0][1]
     # Ranking scores are non-increasing (token counts re-derived from text are exact for sentencepiece ids
     # only approximately, so allow a small slack).

@@ -21,7 +21,7 @@ def test_manifest_records_parity_within_tolerance(exported):
     assert parity["max_abs_log_prob_diff"] <= LOG_PROB_ATOL
     assert parity["greedy_mismatches"] == 0 and parity["beam_mismatches"] == 0
     on_disk = json.loads((artifact / contract.MANIFEST).read_text())
-    assert on_disk["files"].keys() >= {contract.ENCODER_FILE, contract.DECODER_STEP_FILE, contract.TOKENIZER_FILE}
+    assert on_disk["files"].keys() >= {contract.ENCODER_FILE, contract.DECODER_STEP_FILE, "spm.model"}
     assert on_disk["opset"] == contract.OPSET
 
 
