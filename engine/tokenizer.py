@@ -85,7 +85,8 @@ class MarianTokenizer:
                 pieces.append(next(queue, "") if unknowns is not None else "<unk>")
             else:
                 pieces.append(self.pieces[i])
-        return self.target.decode_pieces(pieces)
+        # As Hugging Face's MarianTokenizer: pieces the target model lacks keep their "▁", which marks a space.
+        return self.target.decode_pieces(pieces).replace("\u2581", " ").strip()
 
 
 def load_tokenizer(folder: Path, model_config: dict) -> SentencePieceTokenizer | MarianTokenizer:

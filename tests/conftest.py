@@ -63,3 +63,24 @@ def translator(artifact):
     from engine.translator import Translator
 
     return Translator(artifact, EngineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def marian_hf(tmp_path_factory):
+    """A small MarianMTModel folder in the Hugging Face layout, built offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from marian_builder import build_marian_folder
+
+    return build_marian_folder(tmp_path_factory.mktemp("marian") / "hf", PARITY_SENTENCES)
+
+
+@pytest.fixture(scope="session")
+def marian_artifact(marian_hf, tmp_path_factory):
+    """The Marian folder imported into our checkpoint format and exported to ONNX (with its parity check)."""
+    from export.import_marian import import_marian
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("marian-import")
+    import_marian(marian_hf, root / "checkpoint")
+    export_checkpoint(root / "checkpoint", root / "artifact", PARITY_SENTENCES)
+    return root / "artifact"

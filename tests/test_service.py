@@ -27,7 +27,7 @@ def greedy_artifact(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(artifact, greedy_artifact):
+def service(artifact, greedy_artifact, marian_artifact):
     import ray
     from ray import serve
 
@@ -38,7 +38,8 @@ def service(artifact, greedy_artifact):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     # A long batch wait so that concurrent requests observably share batches.
     app = TranslatorDeployment.options(user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.3}).bind(
-        {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact)},
+        {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact),
+                                                                          "marian-test": str(marian_artifact)},
          "device": "cpu", "max_texts_per_request": 8,
          "max_chars_per_text": 1500, "max_body_bytes": 20_000})
     serve.run(app, name="translation", route_prefix="/")
@@ -224,7 +225,8 @@ def test_return_attention_over_http(service):
 
 def test_several_models_side_by_side(service, translator):
     models = requests.get(service["url"] + "/v1/models", timeout=10).json()["models"]
-    assert [(m["id"], m["default"]) for m in models] == [("en-de", True), ("en-de-greedy", False)]
+    assert [(m["id"], m["default"]) for m in models] == [("en-de", True), ("en-de-greedy", False),
+                                                         ("marian-test", False)]
     assert models[0]["source_language"] == "en" and models[0]["target_language"] == "de"
     assert models[0]["provider"] == "CPUExecutionProvider" and models[0]["precision"] == "float32"
     text = SENTENCES[6]
@@ -236,3 +238,20 @@ def test_several_models_side_by_side(service, translator):
     r = post(service, {"text": text, "return_scores": True})
     assert r.json()["model"] == "en-de"
     assert r.json()["translations"][0]["score"] == pytest.approx(beam.score, abs=1e-4)
+
+
+def test_served_marian_import_matches_transformers_generate(service, marian_hf):
+    from transformers import MarianMTModel, MarianTokenizer
+
+    from test_marian import MAX_NEW_TOKENS, hf_generate
+
+    model, tokenizer = MarianMTModel.from_pretrained(marian_hf).eval(), MarianTokenizer.from_pretrained(marian_hf)
+    from conftest import PARITY_SENTENCES
+
+    texts = PARITY_SENTENCES[:8]
+    r = post(service, {"text": texts, "model": "marian-test", "beam_size": 4, "length_penalty": 0.0,
+                       "max_length": MAX_NEW_TOKENS, "split_sentences": False, "replace_unknowns": False})
+    assert r.status_code == 200, r.text
+    for text, out in zip(texts, r.json()["translations"]):
+        expected = hf_generate(model, tokenizer(text).input_ids, 4)
+        assert out["text"] == tokenizer.decode(expected, skip_special_tokens=True)
