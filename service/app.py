@@ -222,6 +222,10 @@ class TranslatorDeployment:
             if len(text) > self.args.max_chars_per_text:
                 raise RequestTooLargeError(f"text[{i}] has {len(text)} characters > limit "
                                            f"{self.args.max_chars_per_text}")
+        for i, prefix in enumerate(prefixes):
+            if prefix is not None and len(prefix) > self.args.max_chars_per_text:
+                raise RequestTooLargeError(f"target_prefix[{i}] has {len(prefix)} characters > limit "
+                                           f"{self.args.max_chars_per_text}")
         # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
         segmented = [segmentation.split(text, req.split_sentences) for text in texts]
         now = time.perf_counter()

@@ -310,3 +310,51 @@ def test_a_killed_replica_is_restarted_and_only_its_requests_fail(ops):
         time.sleep(1)
     assert r.status_code == 200
     assert replica_pid(url) != pid
+
+
+def test_logs_carry_the_request_id_but_not_the_text(ops):
+    import ray
+
+    marker = "Quartz zebra marker sentence"
+    r = requests.post(ops["url"] + "/translate", json={"text": marker}, headers={"X-Request-ID": "ops-log-7f3a"},
+                      timeout=30)
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == "ops-log-7f3a"
+    from pathlib import Path
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = list((session / "logs" / "serve").glob("replica_*.log"))
+    deadline = time.monotonic() + 20
+    text = ""
+    while time.monotonic() < deadline:
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        if "ops-log-7f3a" in text:
+            break
+        time.sleep(0.5)
+    lines = [line for line in text.splitlines() if "ops-log-7f3a" in line]
+    assert any("translate status 200" in line for line in lines), lines
+    assert marker not in text  # request text is logged only at DEBUG level
+
+
+def test_a_failing_group_fails_alone_and_the_batch_method_never_raises(ops, artifact):
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from service.app import TranslatorDeployment, _Item, _Model
+    from service.metrics import ServiceMetrics
+
+    class FailingOnBeam3(Translator):
+        def translate_ids(self, src, options, *args, **kwargs):
+            if options.beam_size == 3:
+                raise RuntimeError("injected engine failure")
+            return super().translate_ids(src, options, *args, **kwargs)
+
+    from engine.options import DecodingOptions
+
+    replica = object.__new__(TranslatorDeployment.func_or_class)
+    translator = FailingOnBeam3(artifact, EngineConfig(device="cpu"))
+    replica.models = {"iso": _Model(translator, ServiceMetrics("iso"))}
+    ids = translator.tokenize(SENTENCES[0])
+    items = [_Item("iso", ids, DecodingOptions(beam_size=3), 0.0), _Item("iso", ids, DecodingOptions(beam_size=2), 0.0),
+             _Item("iso", ids, DecodingOptions(beam_size=3), 0.0)]
+    outcomes = replica._decode_groups(items)
+    assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[2], RuntimeError)
+    assert outcomes[1][0].tokens == translator.translate_ids([ids], DecodingOptions(beam_size=2))[0][0].tokens
