@@ -25,7 +25,10 @@ class TranslateRequest(BaseModel):
                                   description="GNMT alpha: ranking score = logprob / ((5 + len) / 6) ** alpha")
     n_best: int = Field(_DEFAULTS.n_best, ge=1, le=MAX_BEAM_SIZE, description="hypotheses per text, <= beam_size")
     max_length: int = Field(_DEFAULTS.max_length, ge=1, le=4096,
-                            description="max generated tokens; also bounded by 2 * src_len + 10 and the model")
+                            description="max generated tokens; also bounded by max_length_a * src_len + "
+                                        "max_length_b and the model")
+    max_length_a: float = Field(_DEFAULTS.max_length_a, ge=0, le=100, description="bound a * src_len + b")
+    max_length_b: int = Field(_DEFAULTS.max_length_b, ge=1, le=4096)
     min_length: int = Field(_DEFAULTS.min_length, ge=0, le=4096, description="min generated tokens before eos")
     no_repeat_ngram_size: int = Field(_DEFAULTS.no_repeat_ngram_size, ge=0, le=32,
                                       description="no n-gram of this size repeats in an output; 0 disables")

@@ -256,3 +256,11 @@ def test_served_marian_import_matches_transformers_generate(service, marian_hf):
     for text, out in zip(texts, r.json()["translations"]):
         expected = hf_generate(model, tokenizer(text).input_ids, 4)
         assert out["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_source_length_bound_over_http(service, translator):
+    body = {"text": SENTENCES[3], "max_length_a": 0.0, "max_length_b": 3, "return_scores": True}
+    text = post(service, body).json()["translations"][0]["text"]
+    assert len(translator.tokenizer.encode_target(text)) <= 4  # 3 tokens; re-encoding may split one more
+    long = post(service, {"text": SENTENCES[3]}).json()["translations"][0]["text"]
+    assert len(long) > len(text)
