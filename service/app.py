@@ -78,6 +78,12 @@ class BatchConfig(BaseModel):
 class _Model:
     translator: Translator
     metrics: ServiceMetrics
+    warmup_seconds: float = 0.0
+
+    def report_load_times(self) -> None:
+        # Re-set on every health check: Ray's exporter may drop a gauge that was set only once, long ago.
+        self.metrics.model_load_seconds.set(self.translator.load_seconds)
+        self.metrics.warmup_seconds.set(self.warmup_seconds)
 
 
 @dataclasses.dataclass
@@ -108,9 +114,9 @@ class TranslatorDeployment:
         self.models: dict[str, _Model] = {}
         for model_id, folder in self.args.artifact_paths().items():
             model = _Model(Translator(folder, engine_config), ServiceMetrics(model_id))
-            model.metrics.model_load_seconds.set(model.translator.load_seconds)
             if self.args.warmup:
-                model.metrics.warmup_seconds.set(model.translator.warmup())
+                model.warmup_seconds = model.translator.warmup()
+            model.report_load_times()
             log.info("model %s loaded from %s on %s", model_id, folder, model.translator.provider)
             self.models[model_id] = model
         self.default = self.models[self.args.model_id]
@@ -131,6 +137,7 @@ class TranslatorDeployment:
         """Serve's liveness probe: raises if an engine cannot run (then Serve restarts the replica)."""
         for model in self.models.values():
             model.translator.translate_ids([[model.translator.eos_id]], DecodingOptions(beam_size=1, max_length=1))
+            model.report_load_times()
 
     @api.get("/health", response_model=schemas.Health)
     async def health(self) -> schemas.Health:
