@@ -40,7 +40,11 @@ class UnsupportedCheckpointError(ValueError):
 
 
 def marian_config(hf: dict, generation: dict) -> ModelConfig:
-    """Maps Hugging Face's MarianConfig (as a dict) to ModelConfig. Raises UnsupportedCheckpointError on unsupported settings."""
+    """Maps Hugging Face's MarianConfig (as a dict) to ModelConfig.
+
+    Raises:
+        UnsupportedCheckpointError: a setting this model cannot express (the message names it).
+    """
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UnsupportedCheckpointError(message)

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         Path(args.output).write_text("\n".join(hypotheses) + "\n")
     result = dict(split=args.split, sentences=len(pairs), beam_size=args.beam_size,
-                  path="onnx" if args.artifact else "pytorch", seconds=round(seconds, 1), **score(hypotheses, references))
+                  path="onnx" if args.artifact else "pytorch", seconds=round(seconds, 1),
+                  **score(hypotheses, references))
     print(json.dumps(result))
 
 

@@ -43,7 +43,8 @@ class ServiceMetrics:
                                          "left or their request timed out", tag_keys=tags)
         self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
         self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
-        for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens, self.generated_tokens, self.decode_steps,
+        for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens,
+                  self.generated_tokens, self.decode_steps,
                   self.batch_sentences, self.batch_tokens, self.queue_seconds, self.compute_seconds,
                   self.model_load_seconds, self.warmup_seconds):
             m.set_default_tags({"model": model_id})

@@ -12,7 +12,8 @@ from service.schemas import TranslateRequest
 
 from conftest import SENTENCES
 
-LONG = {"min_length": 40, "max_length": 40, "max_length_a": 10.0}  # forces long outputs, where a small model starts repeating itself
+# Forces long outputs, where a small model starts repeating itself.
+LONG = {"min_length": 40, "max_length": 40, "max_length_a": 10.0}
 
 
 def ngrams(tokens, n):
