@@ -234,13 +234,10 @@ class TranslatorDeployment:
                 raise RequestTooLargeError(f"target_prefix[{i}] has {len(prefix)} characters > limit "
                                            f"{self.args.max_chars_per_text}")
         # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
-        segmented = [segmentation.split(text, req.split_sentences) for text in texts]
-        now = time.perf_counter()
-        items: list[_Item] = []
-        for seg, prefix in zip(segmented, prefixes):
-            for j, sentence in enumerate(seg.sentences):
-                prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix and j == 0 else None
-                items.append(_Item(model_id, translator.tokenize(sentence), options, now, prefix_ids))
+        # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
+        # the event loop that serves every other request of this replica.
+        segmented, items = await asyncio.to_thread(self._prepare, model_id, translator, texts, prefixes, options,
+                                                   req.split_sentences)
         outcomes = await self._run_items(items, model.metrics)
         translations, cursor = [], 0
         for seg in segmented:
@@ -255,6 +252,19 @@ class TranslatorDeployment:
             translations.append(translation)
         body = schemas.TranslateResponse(model=model_id, translations=translations)
         return JSONResponse(body.model_dump(exclude_none=True))
+
+    @staticmethod
+    def _prepare(model_id: str, translator: Translator, texts: list[str], prefixes: list[str | None],
+                 options: DecodingOptions, split_sentences: bool) -> tuple[list[segmentation.Segmented], list[_Item]]:
+        """Splits texts into sentences and tokenizes them. Raises InputTooLongError for an over-long sentence."""
+        segmented = [segmentation.split(text, split_sentences) for text in texts]
+        now = time.perf_counter()
+        items = []
+        for seg, prefix in zip(segmented, prefixes):
+            for j, sentence in enumerate(seg.sentences):
+                prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix and j == 0 else None
+                items.append(_Item(model_id, translator.tokenize(sentence), options, now, prefix_ids))
+        return segmented, items
 
     async def _run_items(self, items: list[_Item], metrics: ServiceMetrics) -> list[list[Hypothesis]]:
         """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout."""

@@ -4,7 +4,9 @@ zero failed requests. Prints the throughput at 1 and at 3 replicas."""
 
 import json
 import os
+import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -25,15 +27,29 @@ def ray_cli(*args: str) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+def stop_cluster(temp_dir: str) -> None:
+    """Stops only this test's Ray processes (their command lines name its temp dir); `ray stop` would also stop
+    any other Ray cluster on the machine, such as a developer's running service."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(int(proc.name), sig)
+            except (OSError, ProcessLookupError):
+                pass
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     import ray
     from ray import serve
 
     port, http_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-multinode-")
     # One CPU per node, so one replica per node: placement across nodes is forced, and visible.
     ray_cli("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-            "--disable-usage-stats", f"--metrics-export-port={free_port()}")
+            "--disable-usage-stats", f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}")
     try:
         for _ in range(N_NODES - 1):
             ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--metrics-export-port={free_port()}")
@@ -46,7 +62,7 @@ def cluster():
             serve.shutdown()
             ray.shutdown()
         finally:
-            ray_cli("stop", "--force")
+            stop_cluster(temp_dir)
 
 
 def deploy(artifact, **options):

@@ -33,7 +33,7 @@ def ops(artifact, tmp_path_factory):
     from service.app import TranslatorDeployment
 
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": 20})
     common = {"artifact_dir": str(artifact), "device": "cpu", "intra_op_threads": 1}
     apps = {

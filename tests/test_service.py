@@ -34,7 +34,7 @@ def service(artifact, greedy_artifact, marian_artifact):
     from service.app import TranslatorDeployment
 
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     # A long batch wait so that concurrent requests observably share batches.
     app = TranslatorDeployment.options(user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.3}).bind(
