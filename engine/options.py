@@ -8,6 +8,7 @@ import math
 from engine.errors import InvalidRequestError
 
 MAX_BEAM_SIZE = 16
+MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy search in all but name (and float64 overflows)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,7 +31,7 @@ class DecodingOptions:
             0 = the whole vocabulary.
         sampling_topp: nucleus sampling mass in (0, 1]; 1 disables.
         sampling_temperature: log-probs are divided by this before sampling; > 0.
-        seed: sampling seed; the same seed gives the same output. None draws a fresh seed per request.
+        seed: sampling seed; the same seed gives the same output. None: every sentence draws fresh entropy.
         return_attention: per output token, the cross-attention weights over the source tokens of the last
             decoder layer, averaged over its heads.
 
@@ -76,8 +77,8 @@ class DecodingOptions:
         check(self.sampling_topk >= 0, f"sampling_topk must be >= 0, got {self.sampling_topk}")
         check(math.isfinite(self.sampling_topp) and 0 < self.sampling_topp <= 1,
               f"sampling_topp must be in (0, 1], got {self.sampling_topp}")
-        check(math.isfinite(self.sampling_temperature) and 0 < self.sampling_temperature <= 100,
-              f"sampling_temperature must be in (0, 100], got {self.sampling_temperature}")
+        check(math.isfinite(self.sampling_temperature) and MIN_TEMPERATURE <= self.sampling_temperature <= 100,
+              f"sampling_temperature must be in [{MIN_TEMPERATURE}, 100], got {self.sampling_temperature}")
         check(self.seed is None or 0 <= self.seed < 2 ** 63, f"seed must be in [0, 2**63), got {self.seed}")
         check(self.beam_size == 1 or not self.sampling,
               f"sampling (sampling_topk={self.sampling_topk}, sampling_topp={self.sampling_topp}) needs beam_size "
@@ -89,5 +90,7 @@ class DecodingOptions:
         return self.sampling_topk != 1 or self.sampling_topp < 1.0
 
     def length_limit(self, src_len: int, max_positions: int) -> int:
-        """Generated-token limit for a source of ``src_len`` tokens: min(max_length, a*src_len+b, positions-1)."""
-        return max(1, min(self.max_length, int(self.max_length_a * src_len) + self.max_length_b, max_positions - 1))
+        """Generated-token limit for a source of ``src_len`` tokens: min(max_length, a*src_len+b, positions-1),
+        raised to min_length when that is larger (an explicit min_length wins over the source-length bound)."""
+        bound = max(min(self.max_length, int(self.max_length_a * src_len) + self.max_length_b), self.min_length)
+        return max(1, min(bound, max_positions - 1))

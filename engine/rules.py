@@ -57,6 +57,9 @@ def apply_rules(log_probs: np.ndarray, step: int, histories: list[list[int]], se
     """
     if not rules.active:
         return
+    forced = _forced_tokens(step, sentence_of_row, rules)
+    if forced:
+        original = {row: float(log_probs[row, token]) for row, token in forced.items()}
     if rules.banned_ids:
         log_probs[:, list(rules.banned_ids)] = NEG_INF
     if rules.repetition_penalty != 1.0:
@@ -73,16 +76,23 @@ def apply_rules(log_probs: np.ndarray, step: int, histories: list[list[int]], se
             banned = _banned_by_ngrams(history, rules.no_repeat_ngram_size)
             if banned:
                 log_probs[row, banned] = NEG_INF
-    if rules.prefixes:
-        for row, sentence in enumerate(sentence_of_row):
-            prefix = rules.prefixes[int(sentence)]
-            if step < len(prefix):
-                forced = prefix[step]
-                keep = log_probs[row, forced]
-                log_probs[row] = NEG_INF
-                # The forced token keeps its model log-prob (so scores stay comparable); -inf only if a rule banned
-                # it, in which case the prefix still wins with a large finite penalty.
-                log_probs[row, forced] = keep if np.isfinite(keep) else -1e4
+    for row, token in forced.items():
+        # The prefix wins over every other rule, and its token keeps the model's log-prob, so scores stay
+        # summed log-probabilities.
+        log_probs[row] = NEG_INF
+        log_probs[row, token] = original[row]
+
+
+def _forced_tokens(step: int, sentence_of_row: np.ndarray, rules: Rules) -> dict[int, int]:
+    """Row -> the prefix token forced at this step."""
+    if not rules.prefixes:
+        return {}
+    forced = {}
+    for row, sentence in enumerate(sentence_of_row):
+        prefix = rules.prefixes[int(sentence)]
+        if step < len(prefix):
+            forced[row] = prefix[step]
+    return forced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +107,7 @@ class Sampling:
     topk: int = 1
     topp: float = 1.0
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # None: every sentence draws from fresh OS entropy
 
     @property
     def greedy(self) -> bool:
@@ -110,7 +120,10 @@ class Sampling:
             order = np.argsort(-lp, kind="stable")
             if self.topk > 0:
                 order = order[: self.topk]
-            logits = lp[order] / self.temperature
+            logits = lp[order].astype(np.float64) / self.temperature
+            if not np.isfinite(logits.max()):  # nothing finite left to sample from: fall back to the best token
+                tokens[row] = order[0]
+                continue
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             if self.topp < 1.0:

@@ -217,6 +217,8 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
             for rank, flat in enumerate(_top_candidates(cand, 2 * beam_size)):
                 parent, token = divmod(int(flat), vocab)
                 score = float(cand[flat])
+                if score == -np.inf:  # forbidden by a rule: never a hypothesis (fewer live beams instead)
+                    break
                 attn = live_attention[sentence][parent] if return_attention else None
                 if token == eos_id:
                     if rank >= beam_size:
@@ -232,12 +234,17 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
                         new_attention.append(attn + [rows.attention_of(row0 + parent, src_lens[sentence])])
                 if len(parents) == beam_size:
                     break
-            if len(finished[sentence]) < beam_size and step + 1 >= length_limits[sentence]:
+            if not parents and not finished[sentence]:  # every continuation forbidden: keep what we have
+                penalty = gnmt_length_penalty(step, length_penalty)
+                finished[sentence].extend(Hypothesis(t, float(s), float(s) / penalty, a) for t, s, a in zip(
+                    live_tokens[sentence], live_scores[sentence],
+                    live_attention[sentence] if return_attention else [None] * n_live))
+            elif len(finished[sentence]) < beam_size and step + 1 >= length_limits[sentence]:
                 penalty = gnmt_length_penalty(step + 1, length_penalty)
                 finished[sentence].extend(Hypothesis(t, float(s), float(s) / penalty, a)
                                           for t, s, a in zip(new_tokens, new_scores,
                                                              new_attention or [None] * len(new_tokens)))
-            elif len(finished[sentence]) < beam_size:
+            elif len(finished[sentence]) < beam_size and parents:
                 live_tokens[sentence] = new_tokens
                 live_scores[sentence] = np.asarray(new_scores, dtype=np.float32)
                 live_attention[sentence] = new_attention

@@ -171,9 +171,8 @@ class Translator:
         if options.beam_size == 1:
             sampling = None
             if options.sampling:
-                seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2 ** 63)
                 sampling = Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
-                                    temperature=options.sampling_temperature, seed=seed)
+                                    temperature=options.sampling_temperature, seed=options.seed)
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                                  rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
                                  return_attention=options.return_attention)

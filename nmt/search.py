@@ -9,7 +9,7 @@ invariance. Semantics shared with the engine (engine/search.py):
 - Scores are summed natural-log probabilities of the generated tokens, eos included.
 - Beam hypotheses are ranked by score / lp(len) with the GNMT length penalty lp(len) = ((5 + len) / 6) ** alpha
   (Wu et al. 2016, eq. 14), len = generated tokens including eos, alpha = ``length_penalty`` (0 disables).
-- pad is never generated (Marian and Hugging Face ban it too).
+- pad is never generated (Marian and Hugging Face ban it too); a candidate scored -inf (forbidden) is never kept.
 - Each step takes the best 2 * beam_size candidates in score order (ties: lower flat index first); eos candidates
   ranked among the best beam_size become finished hypotheses (lower-ranked ones are dropped), the others fill the
   beam_size live beams. A sentence stops when it has beam_size finished hypotheses (fairseq's and Hugging Face's
@@ -98,6 +98,8 @@ def beam_search(model: Transformer, src_ids: list[int], beam_size: int, max_leng
         parents, new_tokens, new_scores = [], [], []
         for rank, flat in enumerate(order.tolist()):
             parent, token = divmod(flat, cfg.vocab_size)
+            if float(cand[flat]) == -float("inf"):  # forbidden: never a hypothesis
+                break
             if token == cfg.eos_id:
                 if rank < beam_size:
                     finish(live_tokens[parent], float(cand[flat]), step + 1)

@@ -54,6 +54,7 @@ class AppArgs(BaseModel):
     max_batch_tokens: int = Field(8192, ge=1)
     max_texts_per_request: int = Field(64, ge=1)
     max_chars_per_text: int = Field(2000, ge=1)
+    max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
@@ -236,8 +237,17 @@ class TranslatorDeployment:
         # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
         # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
         # the event loop that serves every other request of this replica.
-        segmented, items = await asyncio.to_thread(self._prepare, model_id, translator, texts, prefixes, options,
-                                                   req.split_sentences)
+        if sum(len(t) for t in texts) > self.args.max_chars_per_request:
+            raise RequestTooLargeError(f"{sum(len(t) for t in texts)} characters in all texts > limit "
+                                       f"{self.args.max_chars_per_request} per request")
+        try:
+            segmented, items = await asyncio.wait_for(asyncio.to_thread(
+                self._prepare, model_id, translator, texts, prefixes, options, req.split_sentences),
+                timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            model.metrics.timeouts.inc(1)
+            raise RequestTimeoutError(f"splitting and tokenizing took longer than request_timeout_s="
+                                      f"{self.args.request_timeout_s}") from None
         outcomes = await self._run_items(items, model.metrics)
         translations, cursor = [], 0
         for seg in segmented:
@@ -260,10 +270,14 @@ class TranslatorDeployment:
         segmented = [segmentation.split(text, split_sentences) for text in texts]
         now = time.perf_counter()
         items = []
-        for seg, prefix in zip(segmented, prefixes):
+        limit = translator.max_positions - 2  # room for the decoder start and eos
+        for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
+            prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix else None
+            if prefix_ids and len(prefix_ids) > limit:
+                raise InvalidRequestError(f"target_prefix[{i}] has {len(prefix_ids)} tokens > limit {limit}")
             for j, sentence in enumerate(seg.sentences):
-                prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix and j == 0 else None
-                items.append(_Item(model_id, translator.tokenize(sentence), options, now, prefix_ids))
+                items.append(_Item(model_id, translator.tokenize(sentence), options, now,
+                                   prefix_ids if j == 0 else None))
         return segmented, items
 
     async def _run_items(self, items: list[_Item], metrics: ServiceMetrics) -> list[list[Hypothesis]]:
@@ -277,8 +291,7 @@ class TranslatorDeployment:
             dropped = sum(not item.cancelled for item in items)
             for item in items:
                 item.cancelled = True
-            if dropped:
-                metrics.cancelled.inc(dropped)
+            metrics.count(metrics.cancelled, dropped)
             if isinstance(e, asyncio.CancelledError):
                 raise
             metrics.timeouts.inc(1)
@@ -321,42 +334,54 @@ class TranslatorDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
-        """Decodes one formed batch. Never raises: a failing group returns its exception per item."""
+        """Decodes one formed batch. Never raises: a failure becomes the outcome of the items it concerns."""
         started = time.perf_counter()
         for item in items:
             self.models[item.model].metrics.queue_seconds.observe(started - item.enqueued_at)
-        return await asyncio.to_thread(self._decode_groups, items)
+        try:
+            return await asyncio.to_thread(self._decode_groups, items)
+        except Exception as e:  # noqa: BLE001 - a bug here must not fail the batch loop itself
+            log.exception("batch of %d sentences failed", len(items))
+            return [e] * len(items)
 
     def _decode_groups(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
-        """Decodes the items of one batch, one engine call per (model, options) group."""
+        """Decodes the items of one batch, one engine call per (model, options) group. If a group fails, its
+        sentences are retried one by one, so that only the sentence that fails gets an error."""
         groups: dict[tuple[str, DecodingOptions], list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             groups[item.model, item.options].append(index)
         outcomes: list[list[Hypothesis] | Exception] = [RuntimeError("not decoded")] * len(items)
         for (model_id, options), indices in groups.items():
-            model, stats, started = self.models[model_id], StepStats(), time.perf_counter()
-            src = [items[i].src_ids for i in indices]
-            model.metrics.batch_sentences.observe(len(indices))
-            model.metrics.batch_tokens.observe(sum(len(ids) for ids in src))
             try:
-                prefixes = [list(items[i].prefix or ()) for i in indices]
-                hyps = model.translator.translate_ids(src, options, stats,
-                                                      is_cancelled=lambda j, ix=indices: items[ix[j]].cancelled,
-                                                      target_prefixes=prefixes if any(prefixes) else None)
-            except Exception as e:  # noqa: BLE001 - isolate the group; other groups still succeed
-                log.exception("decode failed for a group of %d sentences", len(indices))
+                results = self._decode_group(model_id, options, [items[i] for i in indices])
+            except Exception:  # noqa: BLE001 - isolate: retry alone, each failure stays with its sentence
+                log.exception("decode failed for a group of %d sentences; retrying them one by one", len(indices))
+                results = []
                 for i in indices:
-                    outcomes[i] = e
-                continue
-            for i, h in zip(indices, hyps):
-                outcomes[i] = h
-            m = model.metrics
-            m.compute_seconds.observe(time.perf_counter() - started)
-            m.sentences.inc(len(indices))
-            m.source_tokens.inc(sum(len(ids) for ids in src))
-            m.generated_tokens.inc(sum(len(h[0].tokens) for h in hyps if h))
-            m.decode_steps.inc(stats.steps)
+                    try:
+                        results.extend(self._decode_group(model_id, options, [items[i]]))
+                    except Exception as e:  # noqa: BLE001
+                        results.append(e)
+            for i, result in zip(indices, results):
+                outcomes[i] = result
         return outcomes
+
+    def _decode_group(self, model_id: str, options: DecodingOptions, items: list[_Item]) -> list[list[Hypothesis]]:
+        model, stats, started = self.models[model_id], StepStats(), time.perf_counter()
+        src = [item.src_ids for item in items]
+        prefixes = [list(item.prefix or ()) for item in items]
+        hyps = model.translator.translate_ids(src, options, stats,
+                                              is_cancelled=lambda j: items[j].cancelled,
+                                              target_prefixes=prefixes if any(prefixes) else None)
+        m = model.metrics
+        m.batch_sentences.observe(len(items))
+        m.batch_tokens.observe(sum(len(ids) for ids in src))
+        m.compute_seconds.observe(time.perf_counter() - started)
+        m.count(m.sentences, sum(1 for h in hyps if h))
+        m.count(m.source_tokens, sum(len(ids) for ids, h in zip(src, hyps) if h))
+        m.count(m.generated_tokens, sum(len(h[0].tokens) for h in hyps if h))
+        m.count(m.decode_steps, stats.steps)
+        return hyps
 
 
 def app_builder(args: dict | None = None) -> serve.Application:

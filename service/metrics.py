@@ -55,8 +55,14 @@ class ServiceMetrics:
 
     def request(self, status: int) -> None:
         self.requests.inc(1, tags={"model": self.model_id, "status_class": f"{status // 100}xx"})
-        if 400 <= status < 500 and status != 408:
+        if 400 <= status < 500 and status not in (408, 499):
             self.rejected.inc(1)
+
+    @staticmethod
+    def count(counter: metrics.Counter, n: int | float) -> None:
+        """Counter.inc for any n >= 0 (Ray's counters reject 0, which a fully cancelled batch produces)."""
+        if n > 0:
+            counter.inc(n)
 
     def add_pending(self, n: int) -> None:
         self._pending += n

@@ -7,7 +7,7 @@ import dataclasses
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import InvalidRequestError
-from engine.options import MAX_BEAM_SIZE, DecodingOptions
+from engine.options import MAX_BEAM_SIZE, MIN_TEMPERATURE, DecodingOptions
 
 _DEFAULTS = DecodingOptions()
 
@@ -37,7 +37,7 @@ class TranslateRequest(BaseModel):
     sampling_topk: int = Field(_DEFAULTS.sampling_topk, ge=0, le=100_000,
                                description="beam_size 1: sample among the k best tokens; 1 = greedy, 0 = all")
     sampling_topp: float = Field(_DEFAULTS.sampling_topp, gt=0, le=1, description="nucleus mass; 1 disables")
-    sampling_temperature: float = Field(_DEFAULTS.sampling_temperature, gt=0, le=100)
+    sampling_temperature: float = Field(_DEFAULTS.sampling_temperature, ge=MIN_TEMPERATURE, le=100)
     seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2 ** 63, description="sampling seed: same seed, same output")
     target_prefix: str | list[str | None] | None = Field(
         None, description="forced start of the translation: one string for every text, or one per text (null = "

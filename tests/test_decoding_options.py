@@ -144,3 +144,60 @@ def test_return_attention_gives_a_distribution_per_output_token(translator, beam
     # The attention of a sentence is the same alone and in the batch.
     (alone,) = translator.translate_ids(src[:1], DecodingOptions(beam_size=beam_size, return_attention=True))
     np.testing.assert_allclose(np.stack(alone[0].attention), np.stack(out[0][0].attention), atol=1e-4)
+
+
+def test_forced_prefix_never_yields_infinite_scores(translator):
+    """Forcing leaves one finite candidate per beam: forbidden (-inf) candidates must never become hypotheses."""
+    import math
+
+    prefix = translator.tokenizer.encode_target("Die Datei konnte nicht geöffnet werden und der Drucker")
+    options = DecodingOptions(beam_size=4, n_best=4, max_length_a=0.0, max_length_b=2)
+    (hyps,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], options, target_prefixes=[prefix])
+    assert hyps and all(math.isfinite(h.score) for h in hyps)
+    assert all(h.tokens[: len(prefix)] == prefix for h in hyps)
+
+
+def test_forced_prefix_keeps_scores_log_probabilities_under_other_rules(translator):
+    prefix = translator.tokenizer.encode_target("Die Die Die")
+    options = DecodingOptions(beam_size=1, no_repeat_ngram_size=1)
+    (hyps,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], options, target_prefixes=[prefix])
+    assert hyps[0].tokens[: len(prefix)] == prefix
+    assert -1000 < hyps[0].score < 0
+
+
+def test_unseeded_sampling_differs_between_identical_sentences(translator):
+    ids = translator.tokenize(SENTENCES[3])
+    out = translator.translate_ids([ids] * 4, DecodingOptions(beam_size=1, sampling_topk=0,
+                                                              sampling_temperature=1.5))
+    assert len({tuple(h[0].tokens) for h in out}) > 1
+
+
+def test_low_temperature_sampling_is_greedy_not_nan(translator):
+    greedy = decode(translator, SENTENCES[0], beam_size=1)[0].tokens
+    cold = decode(translator, SENTENCES[0], beam_size=1, sampling_topk=0, sampling_temperature=1e-3, seed=1)
+    assert cold[0].tokens == greedy
+    with pytest.raises(InvalidRequestError, match="sampling_temperature"):
+        DecodingOptions(beam_size=1, sampling_topk=2, sampling_temperature=1e-40)
+
+
+def test_min_length_wins_over_the_source_length_bound(translator):
+    assert len(decode(translator, "Hi.", beam_size=2, min_length=30)[0].tokens) >= 30
+
+
+def test_sentence_splitter_sees_bounded_windows(monkeypatch):
+    """pysbd's cost grows faster than linearly: it must never be handed more than WINDOW characters."""
+    from engine import segmentation
+
+    seen = []
+    real = segmentation._segmenter()
+
+    class Recorder:
+        def segment(self, text):
+            seen.append(len(text))
+            return real.segment(text)
+
+    monkeypatch.setattr(segmentation, "_segmenter", lambda: Recorder())
+    for text in [("a) b) c) " * 1000)[:2000], "word " * 400, "x" * 1500, "Fine. " * 300]:
+        seg = segmentation.split(text)
+        assert seg.join(seg.sentences) == text
+    assert max(seen) <= segmentation.WINDOW

@@ -358,3 +358,18 @@ def test_a_failing_group_fails_alone_and_the_batch_method_never_raises(ops, arti
     outcomes = replica._decode_groups(items)
     assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[2], RuntimeError)
     assert outcomes[1][0].tokens == translator.translate_ids([ids], DecodingOptions(beam_size=2))[0][0].tokens
+
+
+def test_a_batch_whose_sentences_were_all_cancelled_does_not_raise(ops, artifact):
+    from engine.options import DecodingOptions
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from service.app import TranslatorDeployment, _Item, _Model
+    from service.metrics import ServiceMetrics
+
+    replica = object.__new__(TranslatorDeployment.func_or_class)
+    translator = Translator(artifact, EngineConfig(device="cpu"))
+    replica.models = {"c": _Model(translator, ServiceMetrics("c"))}
+    ids = translator.tokenize(SENTENCES[0])
+    items = [_Item("c", ids, DecodingOptions(beam_size=b), 0.0, cancelled=True) for b in (1, 2)]
+    assert replica._decode_groups(items) == [[], []]  # counters see zeros; they must not raise

@@ -41,7 +41,7 @@ def service(artifact, greedy_artifact, marian_artifact):
         {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact),
                                                                           "marian-test": str(marian_artifact)},
          "device": "cpu", "max_texts_per_request": 8,
-         "max_chars_per_text": 1500, "max_body_bytes": 20_000})
+         "max_chars_per_text": 1500, "max_chars_per_request": 10_000, "max_body_bytes": 20_000})
     serve.run(app, name="translation", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
@@ -146,6 +146,7 @@ BAD_REQUESTS = [
     ({"text": "x" * 1600}, 413),
     ({"text": "x" * 30_000}, 413),
     ({"text": "x", "target_prefix": "y" * 1600}, 413),
+    ({"text": ["x " * 700] * 8}, 413),  # 11,200 characters > max_chars_per_request
 ]
 
 
@@ -207,6 +208,8 @@ def test_unknown_characters_over_http(service):
     ({"text": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"text": "x", "no_repeat_ngram_size": 99}, "no_repeat_ngram_size"),
     ({"text": "x", "sampling_topp": 1.5}, "sampling_topp"),
+    ({"text": "x", "beam_size": 1, "sampling_topk": 2, "sampling_temperature": 1e-40}, "sampling_temperature"),
+    ({"text": "x", "target_prefix": "Ja " * 300}, "target_prefix[0] has"),
 ])
 def test_option_errors_are_422_naming_the_option(service, body, fragment):
     r = post(service, body)
