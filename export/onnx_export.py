@@ -95,9 +95,9 @@ def sample_inputs(model: Transformer, batch: int = 3, src_len: int = 7, past_len
 def export_graphs(model: Transformer, out: Path) -> None:
     """Writes encoder.onnx and decoder_step.onnx into ``out``."""
     enc_args, step_args = sample_inputs(model)
-    _export(_EncoderGraph(model), enc_args, contract.ENCODER_INPUTS, contract.ENCODER_OUTPUTS,
+    _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.ENCODER_OUTPUTS,
             out / contract.ENCODER_FILE)
-    _export(_DecoderStepGraph(model), step_args, contract.DECODER_INPUTS, contract.DECODER_OUTPUTS,
+    _export(_DecoderStepGraph(model).eval(), step_args, contract.DECODER_INPUTS, contract.DECODER_OUTPUTS,
             out / contract.DECODER_STEP_FILE)
 
 

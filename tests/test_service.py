@@ -182,8 +182,24 @@ def test_paragraphs_are_split_translated_and_joined_with_their_layout(service):
     (joined,) = post(service, {"text": paragraph, "beam_size": 2}).json()["translations"]
     alone = [t["text"] for t in post(service, {"text": sentences, "beam_size": 2}).json()["translations"]]
     assert joined["text"] == f"{alone[0]} {alone[1]}\n\n{alone[2]}\n"
-    unsplit = post(service, {"text": paragraph, "beam_size": 2, "split_sentences": False}).json()
-    assert unsplit["translations"][0]["text"] != joined["text"]
+
+
+
+def test_split_sentences_false_translates_each_line_as_one_unit(service, translator):
+    import itertools
+
+    options = DecodingOptions(beam_size=2)
+    # A line whose translation as one unit differs from its sentences' translations (precondition).
+    for a, b in itertools.permutations(SENTENCES[:6], 2):
+        whole = translator.translate([f"{a} {b}"], options)[0].text
+        parts = " ".join(t.text for t in translator.translate([a, b], options))
+        if whole != parts:
+            break
+    else:
+        pytest.fail("no pair of sentences translates differently as one unit")
+    body = {"text": f"{a} {b}\n", "beam_size": 2}
+    assert post(service, {**body, "split_sentences": False}).json()["translations"][0]["text"] == whole + "\n"
+    assert post(service, body).json()["translations"][0]["text"] == parts + "\n"
 
 
 def test_target_prefix_and_sampling_over_http(service):
