@@ -31,7 +31,8 @@ StepFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 CancelFn = Callable[[int], bool]
 
 
-def _never(_: int) -> bool:
+def never_cancelled(_: int) -> bool:
+    """The default is_cancelled: the search skips polling when given this one."""
     return False
 
 
@@ -106,7 +107,7 @@ class _Rows:
 def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                   length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
                   sampling: Sampling | None = None, stats: StepStats | None = None,
-                  is_cancelled: CancelFn = _never, return_attention: bool = False) -> list[Hypothesis | None]:
+                  is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[Hypothesis | None]:
     """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
@@ -132,9 +133,10 @@ def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src
     src_lens = src_mask.sum(axis=1)
     attention: list[list[np.ndarray]] = [[] for _ in range(batch)]
     step = 0
+    check_cancel = is_cancelled is not never_cancelled  # the per-row poll is Python work: skip it when nothing can cancel
     while len(rows.sentence_of_row):
-        alive = np.asarray([r for r, sentence in enumerate(rows.sentence_of_row) if not is_cancelled(int(sentence))],
-                           dtype=np.int64)
+        alive = (np.asarray([r for r, s in enumerate(rows.sentence_of_row) if not is_cancelled(int(s))],
+                            dtype=np.int64) if check_cancel else rows.sentence_of_row)
         if len(alive) < len(rows.sentence_of_row):
             tokens = tokens[alive]
             rows.select(alive)
@@ -179,7 +181,7 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
                 n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
-                is_cancelled: CancelFn = _never, return_attention: bool = False) -> list[list[Hypothesis]]:
+                is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
     Args: as :func:`greedy_search` (no sampling), plus beam_size, length_penalty (GNMT alpha) and n_best

@@ -22,7 +22,7 @@ from engine.errors import InputTooLongError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
 from engine.rules import Rules, Sampling
-from engine.search import Hypothesis, StepStats, beam_search, greedy_search
+from engine.search import Hypothesis, StepStats, beam_search, greedy_search, never_cancelled
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,16 @@ class Translator:
         stats = stats if stats is not None else StepStats()
         results: list[list[Hypothesis]] = [[] for _ in src]
         order = sorted((i for i, ids in enumerate(src) if ids), key=lambda i: len(src[i]))
-        cancelled = is_cancelled or (lambda _: False)
+        cancelled = is_cancelled or never_cancelled
         for chunk in self._chunks(order, src):
             chunk = [i for i in chunk if not cancelled(i)]
             if not chunk:
                 continue
             batch = [src[i] for i in chunk]
             prefixes = [target_prefixes[i] for i in chunk] if target_prefixes else None
-            for i, hyps in zip(chunk, self._decode(batch, options, stats, lambda j, c=chunk: cancelled(c[j]),
+            for i, hyps in zip(chunk, self._decode(batch, options, stats,
+                                                   never_cancelled if is_cancelled is None
+                                                   else (lambda j, c=chunk: cancelled(c[j])),
                                                    prefixes)):
                 results[i] = hyps
         return results
