@@ -58,7 +58,7 @@ class Translator:
         FileNotFoundError: the artifact is incomplete.
     """
 
-    def __init__(self, artifact_dir: str | Path, config: EngineConfig | None = None) -> None:
+    def __init__(self, artifact_dir: str | Path, config: EngineConfig | None = None, model=None) -> None:
         started = time.perf_counter()
         self.artifact_dir = Path(artifact_dir)
         self.config = config or EngineConfig()
@@ -72,7 +72,8 @@ class Translator:
         # override them field by field.
         self.default_options = DecodingOptions(**model_config.get("decoding_defaults", {}))
         self.tokenizer = load_tokenizer(self.artifact_dir, model_config)
-        self.model = OnnxModel(self.artifact_dir, self.config)
+        # ``model``: anything with OnnxModel's encode/step/provider (the PyTorch-eager benchmark baseline).
+        self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config)
         self.provider = self.model.provider
         self.load_seconds = time.perf_counter() - started
 
