@@ -1,18 +1,21 @@
 """The ONNX contract: graph file names, input/output names and dynamic axes, shared by export and engine.
 
-Two graphs (DESIGN.md section 4), no If-merged decoder:
+Two graphs (DESIGN.md section 4), no If-merged decoder. The key/value cache is one tensor per decoder layer
+(i = 0 .. n_decoder_layers - 1), never one stacked tensor: a stacked cache costs a Split of every input and a
+Concat of every output each step, which ONNX Runtime's profile showed as 44% of the step (format_version 1).
 
 encoder.onnx
     src_ids  int64 [batch, src_len], src_mask bool [batch, src_len] (True = real token)
-    -> cross_k, cross_v float32 [n_decoder_layers, batch, n_heads, src_len, d_head]
+    -> cross_k_i, cross_v_i float32 [batch, n_heads, src_len, d_head]
 decoder_step.onnx
-    tokens int64 [rows, 1]; self_k, self_v float32 [n_decoder_layers, rows, n_heads, past_len, d_head]
-    (past_len may be 0); cross_k, cross_v as above with rows; src_mask bool [rows, src_len]
-    -> log_probs float32 [rows, vocab]; new_self_k, new_self_v [n_decoder_layers, rows, n_heads, past_len + 1,
-    d_head]; attention float32 [rows, src_len] (last decoder layer's cross-attention, mean over heads)
+    tokens int64 [rows, 1]; src_mask bool [rows, src_len]; self_k_i, self_v_i float32 [rows, n_heads, past_len,
+    d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows
+    -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
+    mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
 """
 
+FORMAT_VERSION = 2
 OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -20,17 +23,36 @@ DECODER_STEP_FILE = "decoder_step.onnx"
 CONFIG_FILE = "config.json"
 
 ENCODER_INPUTS = ("src_ids", "src_mask")
-ENCODER_OUTPUTS = ("cross_k", "cross_v")
-DECODER_INPUTS = ("tokens", "self_k", "self_v", "cross_k", "cross_v", "src_mask")
-DECODER_OUTPUTS = ("log_probs", "new_self_k", "new_self_v", "attention")
 
-# Axis names per tensor; axes that are not named here are fixed by the model config.
-DYNAMIC_AXES = {
-    "src_ids": {0: "batch", 1: "src_len"},
-    "src_mask": {0: "batch", 1: "src_len"},
-    "tokens": {0: "batch"},
-    "self_k": {1: "batch", 3: "past_len"},
-    "self_v": {1: "batch", 3: "past_len"},
-    "cross_k": {1: "batch", 3: "src_len"},
-    "cross_v": {1: "batch", 3: "src_len"},
-}
+
+def _per_layer(prefix: str, n_layers: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}_{i}" for i in range(n_layers))
+
+
+def encoder_outputs(n_layers: int) -> tuple[str, ...]:
+    """cross_k_0 .. cross_k_{n-1}, then cross_v_0 .. cross_v_{n-1}."""
+    return _per_layer("cross_k", n_layers) + _per_layer("cross_v", n_layers)
+
+
+def decoder_inputs(n_layers: int) -> tuple[str, ...]:
+    """tokens, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers names)."""
+    return (("tokens", "src_mask") + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
+            + encoder_outputs(n_layers))
+
+
+def decoder_outputs(n_layers: int) -> tuple[str, ...]:
+    """log_probs, attention, then new_self_k_*, new_self_v_*."""
+    return ("log_probs", "attention") + _per_layer("new_self_k", n_layers) + _per_layer("new_self_v", n_layers)
+
+
+def dynamic_axes(name: str) -> dict[int, str]:
+    """Named dynamic axes of an input; axes not named are fixed by the model config."""
+    if name in ("src_ids", "src_mask"):
+        return {0: "batch", 1: "src_len"}
+    if name == "tokens":
+        return {0: "batch"}
+    if name.startswith("self_"):
+        return {0: "batch", 2: "past_len"}
+    if name.startswith("cross_"):
+        return {0: "batch", 2: "src_len"}
+    return {}

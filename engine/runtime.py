@@ -72,8 +72,12 @@ class OnnxModel:
         EngineUnavailableError: device "cuda" was asked for and CUDA does not work.
     """
 
-    def __init__(self, artifact_dir: str | Path, cfg: EngineConfig) -> None:
+    def __init__(self, artifact_dir: str | Path, cfg: EngineConfig, n_layers: int) -> None:
         artifact_dir = Path(artifact_dir)
+        self.n_layers = n_layers
+        self.encoder_outputs = list(contract.encoder_outputs(n_layers))
+        self.decoder_inputs = contract.decoder_inputs(n_layers)
+        self.decoder_outputs = list(contract.decoder_outputs(n_layers))
         for name in (contract.ENCODER_FILE, contract.DECODER_STEP_FILE):
             if not (artifact_dir / name).is_file():
                 raise FileNotFoundError(f"{artifact_dir / name} is missing: run `python -m export.onnx_export`")
@@ -94,15 +98,18 @@ class OnnxModel:
             raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")
         log.info("ONNX Runtime %s on %s", ort.__version__, self.provider)
 
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v float32 [L, batch, H, src_len, d_head]."""
-        cross_k, cross_v = self.encoder.run(list(contract.ENCODER_OUTPUTS),
-                                            dict(zip(contract.ENCODER_INPUTS, (src_ids, src_mask))))
-        return cross_k, cross_v
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, float32
+        [batch, n_heads, src_len, d_head]."""
+        outputs = self.encoder.run(self.encoder_outputs, {"src_ids": src_ids, "src_mask": src_mask})
+        return outputs[:self.n_layers], outputs[self.n_layers:]
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
-        """One decoder step; shapes in engine/contract.py. Returns log_probs [rows, vocab], new self_k/self_v,
-        attention [rows, src_len]."""
-        feeds = dict(zip(contract.DECODER_INPUTS, (tokens, self_k, self_v, cross_k, cross_v, src_mask)))
-        log_probs, new_k, new_v, attention = self.decoder.run(list(contract.DECODER_OUTPUTS), feeds)
-        return log_probs, new_k, new_v, attention
+        """One decoder step; per-layer lists of arrays, shapes in engine/contract.py.
+
+        Returns log_probs float32 [rows, vocab], new self_k and self_v (lists), attention float32 [rows, src_len].
+        """
+        feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)))
+        outputs = self.decoder.run(self.decoder_outputs, feeds)
+        n = self.n_layers
+        return outputs[0], outputs[2:2 + n], outputs[2 + n:], outputs[1]

@@ -14,8 +14,9 @@ ones pay, and every step only computes live rows.
 A sentence whose ``is_cancelled(sentence)`` turns true (client gone, deadline passed) leaves the batch at the next
 step and gets no hypotheses ([]), so abandoned work stops costing compute.
 
-The step function is ``step(tokens, self_k, self_v, cross_k, cross_v, src_mask) -> (log_probs, self_k, self_v)``
-with the shapes of engine/contract.py; tests drive the search with scripted step functions too.
+The step function is ``step(tokens, self_k, self_v, cross_k, cross_v, src_mask) -> (log_probs, self_k, self_v[,
+attention])`` where the caches are lists with one array per decoder layer, shapes as in engine/contract.py; tests
+drive the search with scripted step functions too.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 class _Rows:
     """Decoder state of the active rows: self-attention cache plus the cross K/V and mask gathered per row."""
 
-    def __init__(self, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray) -> None:
+    def __init__(self, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray) -> None:
         self.cross_k_all, self.cross_v_all, self.src_mask_all = cross_k, cross_v, src_mask
-        n_layers, batch, n_heads, _, d_head = cross_k.shape
-        self.self_k = np.zeros((n_layers, batch, n_heads, 0, d_head), dtype=cross_k.dtype)
-        self.self_v = self.self_k
+        batch, n_heads, _, d_head = cross_k[0].shape
+        empty = np.zeros((batch, n_heads, 0, d_head), dtype=cross_k[0].dtype)
+        self.self_k, self.self_v = [empty] * len(cross_k), [empty] * len(cross_k)
         self.sentence_of_row = np.arange(batch)
         self._gather_cross()
 
@@ -76,8 +77,8 @@ class _Rows:
         rows = self.sentence_of_row
         # Keep only the source columns that some active row still needs: padding of finished long sentences.
         src_len = int(self.src_mask_all[rows].sum(axis=1).max()) if len(rows) else 0
-        self.cross_k = np.ascontiguousarray(self.cross_k_all[:, rows, :, :src_len])
-        self.cross_v = np.ascontiguousarray(self.cross_v_all[:, rows, :, :src_len])
+        self.cross_k = [np.ascontiguousarray(k[rows, :, :src_len]) for k in self.cross_k_all]
+        self.cross_v = [np.ascontiguousarray(v[rows, :, :src_len]) for v in self.cross_v_all]
         self.src_mask = np.ascontiguousarray(self.src_mask_all[rows, :src_len])
 
     def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats) -> np.ndarray:
@@ -98,20 +99,20 @@ class _Rows:
         new_sentences = self.sentence_of_row[parent_rows]
         changed = not np.array_equal(new_sentences, self.sentence_of_row)
         self.sentence_of_row = new_sentences
-        self.self_k = self.self_k[:, parent_rows]
-        self.self_v = self.self_v[:, parent_rows]
+        self.self_k = [k[parent_rows] for k in self.self_k]
+        self.self_v = [v[parent_rows] for v in self.self_v]
         if changed:
             self._gather_cross()
 
 
-def greedy_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
+def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray,
                   length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
                   sampling: Sampling | None = None, stats: StepStats | None = None,
                   is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[Hypothesis | None]:
     """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
-        cross_k, cross_v: float32 [n_layers, batch, n_heads, src_len, d_head] from the encoder.
+        cross_k, cross_v: per decoder layer, float32 [batch, n_heads, src_len, d_head], from the encoder.
         src_mask: bool [batch, src_len], True for real tokens.
         length_limits: per sentence, the maximum number of decoding steps.
         rules: per-step constraints (engine/rules.py).
@@ -178,7 +179,29 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
     return top[np.lexsort((top, -cand[top]))]
 
 
-def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_mask: np.ndarray,
+def _sentence_candidates(active, live_scores, log_probs: np.ndarray, n_lives: list[int], k: int):
+    """Per active sentence: (cand [n_live * vocab] summed scores, its k best flat indices best first).
+
+    When every sentence has the same number of live beams (the usual case) one argpartition over
+    [sentences, n_live * vocab] replaces one call per sentence (the search's largest Python-side cost).
+    """
+    vocab = log_probs.shape[1]
+    if len(set(n_lives)) == 1 and n_lives[0] * vocab > k:
+        n = n_lives[0]
+        scores = np.stack([live_scores[sentence] for sentence in active])  # [sentences, n]
+        cand = (scores[:, :, None] + log_probs.reshape(len(active), n, vocab)).reshape(len(active), -1)
+        tops = np.argpartition(-cand, k - 1, axis=1)[:, :k]
+        for row, top in zip(cand, tops):
+            yield row, top[np.lexsort((top, -row[top]))]
+        return
+    row0 = 0
+    for sentence, n in zip(active, n_lives):
+        cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n]).reshape(-1)
+        row0 += n
+        yield cand, _top_candidates(cand, k)
+
+
+def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
                 n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
                 is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[list[Hypothesis]]:
@@ -212,11 +235,11 @@ def beam_search(step_fn: StepFn, cross_k: np.ndarray, cross_v: np.ndarray, src_m
         vocab = log_probs.shape[1]
         parent_rows, next_last, still_active = [], [], []
         row0 = 0
-        for sentence in active:
-            n_live = len(live_tokens[sentence])
-            cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n_live]).reshape(-1)
+        n_lives = [len(live_tokens[sentence]) for sentence in active]
+        candidates = _sentence_candidates(active, live_scores, log_probs, n_lives, 2 * beam_size)
+        for sentence, n_live, (cand, top) in zip(active, n_lives, candidates):
             new_tokens, new_scores, parents, new_attention = [], [], [], []
-            for rank, flat in enumerate(_top_candidates(cand, 2 * beam_size)):
+            for rank, flat in enumerate(top):
                 parent, token = divmod(int(flat), vocab)
                 score = float(cand[flat])
                 if score == -np.inf:  # forbidden by a rule: never a hypothesis (fewer live beams instead)

@@ -47,31 +47,45 @@ def load_checkpoint(folder: str | Path) -> Transformer:
 
 
 class _EncoderGraph(torch.nn.Module):
+    """src_ids, src_mask -> cross_k_0 .. cross_k_{L-1}, cross_v_0 .. cross_v_{L-1} (engine/contract.py)."""
+
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, src_ids, src_mask):
-        return self.model.cross_kv(self.model.encode(src_ids, src_mask))
+        cross_k, cross_v = self.model.cross_kv(self.model.encode(src_ids, src_mask))
+        return (*cross_k, *cross_v)
 
 
 class _DecoderStepGraph(torch.nn.Module):
+    """Flat per-layer inputs and outputs in contract.decoder_inputs / decoder_outputs order."""
+
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
+        self.n_layers = model.cfg.n_decoder_layers
 
-    def forward(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
-        return self.model.decode_step(tokens, self_k, self_v, cross_k, cross_v, src_mask)
+    def forward(self, tokens, src_mask, *caches):
+        n = self.n_layers
+        self_k, self_v, cross_k, cross_v = (list(caches[i * n:(i + 1) * n]) for i in range(4))
+        log_probs, new_k, new_v, attention = self.model.decode_step(tokens, self_k, self_v, cross_k, cross_v,
+                                                                    src_mask)
+        return (log_probs, attention, *new_k, *new_v)
 
 
-def _export(module, args: tuple, names_in, names_out, path: Path) -> None:
-    """torch.export-based ONNX export with every axis in contract.DYNAMIC_AXES kept dynamic."""
+def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: int) -> None:
+    """torch.export-based ONNX export with every axis in contract.dynamic_axes kept dynamic.
+
+    The module's forward takes ``n_named_args`` tensors, then the rest as *args (the per-layer caches); torch.export
+    wants dynamic_shapes in that structure.
+    """
     dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = {}
-    for name in names_in:
-        axes = contract.DYNAMIC_AXES.get(name, {})
-        dynamic_shapes[name] = {axis: dims.setdefault(dim, torch.export.Dim(dim, min=0, max=4096))
-                                for axis, dim in axes.items()} or None
+    shapes = [{axis: dims.setdefault(dim, torch.export.Dim(dim, min=0, max=4096))
+               for axis, dim in contract.dynamic_axes(name).items()} or None for name in names_in]
+    dynamic_shapes = tuple(shapes[:n_named_args])
+    if len(shapes) > n_named_args:
+        dynamic_shapes += (tuple(shapes[n_named_args:]),)
     program = torch.onnx.export(module, args, dynamo=True, input_names=list(names_in),
                                 output_names=list(names_out), dynamic_shapes=dynamic_shapes,
                                 opset_version=contract.OPSET, optimize=True, verbose=False)
@@ -86,19 +100,21 @@ def sample_inputs(model: Transformer, batch: int = 3, src_len: int = 7, past_len
     src_mask[0, -2:] = False
     with torch.no_grad():
         cross_k, cross_v = model.cross_kv(model.encode(src_ids, src_mask))
-    shape = (cfg.n_decoder_layers, batch, cfg.n_heads, past_len, cfg.d_head)
-    step = (torch.randint(4, cfg.vocab_size, (batch, 1)), torch.randn(shape), torch.randn(shape),
-            cross_k, cross_v, src_mask)
+    shape = (batch, cfg.n_heads, past_len, cfg.d_head)
+    self_k = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
+    self_v = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
+    step = (torch.randint(4, cfg.vocab_size, (batch, 1)), src_mask, *self_k, *self_v, *cross_k, *cross_v)
     return (src_ids, src_mask), step
 
 
 def export_graphs(model: Transformer, out: Path) -> None:
     """Writes encoder.onnx and decoder_step.onnx into ``out``."""
     enc_args, step_args = sample_inputs(model)
-    _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.ENCODER_OUTPUTS,
-            out / contract.ENCODER_FILE)
-    _export(_DecoderStepGraph(model).eval(), step_args, contract.DECODER_INPUTS, contract.DECODER_OUTPUTS,
-            out / contract.DECODER_STEP_FILE)
+    n = model.cfg.n_decoder_layers
+    _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.encoder_outputs(n),
+            out / contract.ENCODER_FILE, n_named_args=2)
+    _export(_DecoderStepGraph(model).eval(), step_args, contract.decoder_inputs(n), contract.decoder_outputs(n),
+            out / contract.DECODER_STEP_FILE, n_named_args=2)
 
 
 def sha256(path: Path) -> str:
@@ -124,12 +140,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
         shutil.copy(checkpoint / contract.CONFIG_FILE, tmp / contract.CONFIG_FILE)
         parity = measure_parity(model, tmp, parity_sentences, beam_size=beam_size, max_length=max_length)
         manifest = dict(
-            format_version=1, model_config=json.loads((tmp / contract.CONFIG_FILE).read_text()),
+            format_version=contract.FORMAT_VERSION, model_config=json.loads((tmp / contract.CONFIG_FILE).read_text()),
             languages={"source": languages[0], "target": languages[1]}, precision="float32",
             opset=contract.OPSET, torch_version=torch.__version__,
-            graphs={contract.ENCODER_FILE: dict(inputs=contract.ENCODER_INPUTS, outputs=contract.ENCODER_OUTPUTS),
-                    contract.DECODER_STEP_FILE: dict(inputs=contract.DECODER_INPUTS,
-                                                     outputs=contract.DECODER_OUTPUTS)},
+            graphs={contract.ENCODER_FILE: dict(inputs=contract.ENCODER_INPUTS,
+                                                outputs=contract.encoder_outputs(model.cfg.n_decoder_layers)),
+                    contract.DECODER_STEP_FILE: dict(inputs=contract.decoder_inputs(model.cfg.n_decoder_layers),
+                                                     outputs=contract.decoder_outputs(model.cfg.n_decoder_layers))},
             files={f.name: sha256(f) for f in sorted(tmp.iterdir())},
             parity=dict(parity, atol=atol))
         (tmp / contract.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

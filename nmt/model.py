@@ -186,11 +186,13 @@ class Transformer(nn.Module):
             x = layer(x, bias)
         return x
 
-    def cross_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """memory [batch, src_len, d_model] -> cross K and V, each [n_decoder_layers, batch, n_heads, src_len,
-        d_head]: computed once per sentence, reused by every decoding step."""
+    def cross_kv(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """memory [batch, src_len, d_model] -> cross K and V per decoder layer, each [batch, n_heads, src_len,
+        d_head]: computed once per sentence, reused by every decoding step. Per-layer lists rather than one
+        stacked tensor: a stacked cache makes the ONNX graph split and re-stack it every step (44% of a step's
+        time in ONNX Runtime's profile)."""
         pairs = [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
-        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+        return [k for k, _ in pairs], [v for _, v in pairs]
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
         """Teacher-forced decoder over a whole target prefix.
@@ -211,22 +213,22 @@ class Transformer(nn.Module):
         """Training forward: returns logits float32 [batch, tgt_len, vocab]."""
         return self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
 
-    def decode_step(self, tokens: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor, cross_v: Tensor,
-                    src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def decode_step(self, tokens: Tensor, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
+                    cross_v: list[Tensor], src_mask: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         """One incremental decoding step with a key/value cache.
 
         Args:
             tokens: int64 [rows, 1], the last token of each row (bos at the first step).
-            self_k, self_v: float32 [n_decoder_layers, rows, n_heads, past_len, d_head], the cache; past_len may
+            self_k, self_v: per decoder layer, float32 [rows, n_heads, past_len, d_head], the cache; past_len may
                 be 0. The new token's position is past_len.
-            cross_k, cross_v: float32 [n_decoder_layers, rows, n_heads, src_len, d_head], from :meth:`cross_kv`.
+            cross_k, cross_v: per decoder layer, float32 [rows, n_heads, src_len, d_head], from :meth:`cross_kv`.
             src_mask: bool [rows, src_len].
         Returns:
-            log_probs float32 [rows, vocab]; new self_k and self_v [n_decoder_layers, rows, n_heads, past_len + 1,
-            d_head]; attention float32 [rows, src_len], the last decoder layer's cross-attention weights averaged
+            log_probs float32 [rows, vocab]; new self_k and self_v per layer [rows, n_heads, past_len + 1, d_head];
+            attention float32 [rows, src_len], the last decoder layer's cross-attention weights averaged
             over heads (the alignment of this target token to the source tokens; rows sum to 1).
         """
-        past_len = self_k.shape[3]
+        past_len = self_k[0].shape[2]
         positions = torch.arange(past_len, past_len + 1, device=tokens.device)
         y = self.embed_tokens(tokens, positions)  # [rows, 1, d_model]
         cross_bias = padding_bias(src_mask)
@@ -240,13 +242,15 @@ class Transformer(nn.Module):
             new_v.append(v)
             y, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
         log_probs = torch.log_softmax(self.output_logits(y[:, 0]), dim=-1)
-        return log_probs, torch.stack(new_k), torch.stack(new_v), cross_weights[:, :, 0].mean(dim=1)
+        return log_probs, new_k, new_v, cross_weights[:, :, 0].mean(dim=1)
 
-    def empty_cache(self, rows: int) -> tuple[Tensor, Tensor]:
-        """Zero-length self-attention cache: two float32 [n_decoder_layers, rows, n_heads, 0, d_head]."""
-        shape = (self.cfg.n_decoder_layers, rows, self.cfg.n_heads, 0, self.cfg.d_head)
+    def empty_cache(self, rows: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Zero-length self-attention cache: per decoder layer, float32 [rows, n_heads, 0, d_head] keys and values."""
+        shape = (rows, self.cfg.n_heads, 0, self.cfg.d_head)
         device = self.embed.weight.device
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        n = self.cfg.n_decoder_layers
+        return [torch.zeros(shape, device=device) for _ in range(n)], [torch.zeros(shape, device=device)
+                                                                        for _ in range(n)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

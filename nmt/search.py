@@ -45,10 +45,10 @@ class _Encoded:
     def __init__(self, model: Transformer, src_ids: list[int]) -> None:
         src = torch.tensor([src_ids], dtype=torch.long)
         self.mask = torch.ones_like(src, dtype=torch.bool)
-        self.cross_k, self.cross_v = model.cross_kv(model.encode(src, self.mask))  # [L, 1, H, S, d_head]
+        self.cross_k, self.cross_v = model.cross_kv(model.encode(src, self.mask))  # L x [1, H, S, d_head]
 
     def rows(self, n: int):
-        return (self.cross_k.expand(-1, n, -1, -1, -1), self.cross_v.expand(-1, n, -1, -1, -1),
+        return ([k.expand(n, -1, -1, -1) for k in self.cross_k], [v.expand(n, -1, -1, -1) for v in self.cross_v],
                 self.mask.expand(n, -1))
 
 
@@ -113,7 +113,7 @@ def beam_search(model: Transformer, src_ids: list[int], beam_size: int, max_leng
             break
         live_tokens, live_scores = new_tokens, torch.stack(new_scores)
         index = torch.tensor(parents)
-        k, v = k[:, index], v[:, index]
+        k, v = [x[index] for x in k], [x[index] for x in v]
     else:
         for tokens, score in zip(live_tokens, live_scores.tolist()):
             finish(tokens, score, max_length)

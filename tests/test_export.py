@@ -35,17 +35,22 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     mask[0, src_len // 2 + 1:] = False  # a padded row
     ck, cv = torch_model.cross_kv(torch_model.encode(src, mask))
     ort_ck, ort_cv = translator.model.encode(src.numpy(), mask.numpy())
-    np.testing.assert_allclose(ort_ck, ck.numpy(), atol=1e-4)
-    shape = (cfg.n_decoder_layers, batch, cfg.n_heads, past_len, cfg.d_head)
-    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    for ort_x, x in zip(ort_ck + ort_cv, ck + cv):
+        np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
+    shape = (batch, cfg.n_heads, past_len, cfg.d_head)
+    k = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
+    v = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
     tokens = torch.randint(4, cfg.vocab_size, (batch, 1), generator=gen)
     lp, nk, nv, attention = torch_model.decode_step(tokens, k, v, ck, cv, mask)
-    ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), k.numpy(), v.numpy(), ort_ck,
+    numpy = lambda xs: [x.numpy() for x in xs]  # noqa: E731
+    ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), numpy(k), numpy(v), ort_ck,
                                                                   ort_cv, mask.numpy())
     np.testing.assert_allclose(ort_attention, attention.numpy(), atol=1e-5)
-    assert ort_nk.shape == (cfg.n_decoder_layers, batch, cfg.n_heads, past_len + 1, cfg.d_head)
+    assert len(ort_nk) == cfg.n_decoder_layers
+    assert all(x.shape == (batch, cfg.n_heads, past_len + 1, cfg.d_head) for x in ort_nk + ort_nv)
     np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
-    np.testing.assert_allclose(ort_nv, nv.numpy(), atol=1e-4)
+    for ort_x, x in zip(ort_nk + ort_nv, nk + nv):
+        np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
 
 
 def test_export_fails_loudly_when_parity_fails(tmp_path):

@@ -39,7 +39,7 @@ def test_incremental_decoding_equals_full_forward(torch_model, batch):
         # Cross-attention: a distribution over the real source tokens, none of it on padding.
         torch.testing.assert_close(attention.sum(dim=1), torch.ones(src.shape[0]))
         assert float(attention[~mask].abs().max()) < 1e-6
-    assert k.shape[3] == tgt.shape[1]
+    assert len(k) == torch_model.cfg.n_decoder_layers and all(x.shape[2] == tgt.shape[1] for x in k)
 
 
 @torch.no_grad()

@@ -26,12 +26,17 @@ def scripted_step(tokens, self_k, self_v, cross_k, cross_v, src_mask):
     for r, last in enumerate(tokens[:, 0]):
         for tok, p in TABLE.get(int(last), {EOS: 1.0}).items():
             log_probs[r, tok] = np.log(p)
-    grow = np.zeros(self_k.shape[:3] + (1,) + self_k.shape[4:], dtype=np.float32)
-    return log_probs, np.concatenate([self_k, grow], axis=3), np.concatenate([self_v, grow], axis=3)
+    return log_probs, grown(self_k), grown(self_v)
+
+
+def grown(cache):
+    """A per-layer cache [rows, heads, past_len, d_head] one position longer, as a real decoder step returns."""
+    return [np.concatenate([c, np.zeros(c.shape[:2] + (1,) + c.shape[3:], dtype=np.float32)], axis=2)
+            for c in cache]
 
 
 def encoder_outputs(batch: int):
-    cross = np.zeros((1, batch, 1, 3, 2), dtype=np.float32)
+    cross = [np.zeros((batch, 1, 3, 2), dtype=np.float32)]  # one layer, one head, src_len 3, d_head 2
     return cross, cross, np.ones((batch, 3), dtype=bool)
 
 
@@ -118,8 +123,7 @@ def test_eos_ranked_below_beam_size_is_not_finalized():
         for r, last in enumerate(tokens[:, 0]):
             for tok, p in table[int(last)].items():
                 log_probs[r, tok] = np.log(p)
-        grow = np.zeros(self_k.shape[:3] + (1,) + self_k.shape[4:], dtype=np.float32)
-        return log_probs, np.concatenate([self_k, grow], axis=3), np.concatenate([self_v, grow], axis=3)
+        return log_probs, grown(self_k), grown(self_v)
 
     (hyps,) = beam_search(step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=0.0, n_best=2)
     assert [h.tokens for h in hyps] == [[A], [B]]

@@ -27,17 +27,20 @@ class TorchStepModel:
 
     @torch.inference_mode()
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v float32 [L, batch, H, src_len, d_head]."""
+        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, float32
+        [batch, n_heads, src_len, d_head]."""
         memory = self.model.encode(torch.from_numpy(src_ids), torch.from_numpy(src_mask))
         cross_k, cross_v = self.model.cross_kv(memory)
-        return cross_k.numpy(), cross_v.numpy()
+        return [k.numpy() for k in cross_k], [v.numpy() for v in cross_v]
 
     @torch.inference_mode()
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
         """One decoder step, shapes as OnnxModel.step."""
-        outputs = self.model.decode_step(*(torch.from_numpy(np.ascontiguousarray(a))
-                                           for a in (tokens, self_k, self_v, cross_k, cross_v, src_mask)))
-        return tuple(t.numpy() for t in outputs)
+        as_torch = lambda arrays: [torch.from_numpy(a) for a in arrays]  # noqa: E731 (zero-copy views)
+        log_probs, new_k, new_v, attention = self.model.decode_step(
+            torch.from_numpy(tokens), as_torch(self_k), as_torch(self_v), as_torch(cross_k), as_torch(cross_v),
+            torch.from_numpy(src_mask))
+        return log_probs.numpy(), [k.numpy() for k in new_k], [v.numpy() for v in new_v], attention.numpy()
 
 
 def torch_translator(artifact_dir: str | Path, checkpoint: str | Path, threads: int) -> Translator:

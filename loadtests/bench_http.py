@@ -1,0 +1,268 @@
+"""The service over HTTP: a closed-loop concurrency sweep and an open-loop run at a fixed arrival rate.
+
+    .venv/bin/python -m loadtests.bench_http --artifact artifacts/en-de --threads 1 --clients 1,4,16,64,128 \
+        --seconds 10 --json http.json
+
+Starts Ray Serve in this process (one replica on loopback), sends one test sentence per POST /translate and prints
+one JSON line per level: sentences/s, requests, errors (non-200 or exception), latency p50/p90/p99 in seconds and the
+mean batch size the server formed (sentences per batch, from the service's metrics on Ray's metrics port). The open
+loop sends at ``--open-rate`` sentences/s (Poisson arrivals; 0 = 70% of the best closed-loop rate) and measures
+latency from each request's scheduled send time, so a slow server cannot slow the offered load down. The clients
+share the machine with the server: on 2 cores they take CPU from it, most at 64 and 128 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from nmt.data import read_pairs
+
+# Before Ray starts: no usage stats, no token auth on this private local cluster.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Mean batch = delta(sentences decoded) / delta(batches). Not the histogram's _sum / _count: Ray exports _sum
+# rebuilt from bucket midpoints (10 batches of 1 sentence export _sum 5.0), so only its _count is exact.
+SENTENCES_COUNTER = "ray_nmt_sentences_total"
+BATCH_COUNT = "ray_nmt_batch_size_sentences_count"
+CLIENT_TIMEOUT_S = 60.0  # above the service's request_timeout_s (30 s): the server's 504 is what we count
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.01,
+                  device: str = "auto") -> tuple[str, str, Callable[[], None]]:
+    """Starts a local Ray cluster and the service with one replica; returns (base_url, metrics_url, shutdown)."""
+    import ray
+    from ray import serve
+
+    from engine.contract import FORMAT_VERSION
+    from service.app import AppArgs, TranslatorDeployment
+
+    # A stale artifact otherwise fails as Serve's bare "Failed to update the deployments" (reason in its logs).
+    version = json.loads((Path(artifact) / "manifest.json").read_text()).get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{artifact} has artifact format {version}, the engine reads {FORMAT_VERSION}: re-export it "
+                         f"with `python -m export.onnx_export`")
+    metrics_port, http_port = _free_port(), _free_port()
+    # Metrics every 1 s (default 10 s) so that the counts settle soon after a run.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+             log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
+
+    def shutdown() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    args = AppArgs(artifact_dir=str(Path(artifact).resolve()), device=device, intra_op_threads=threads)
+    # max_ongoing_requests >= max_batch_size or Serve caps the batch; the queue holds the 128-client level.
+    app = TranslatorDeployment.options(
+        num_replicas=1, max_ongoing_requests=max(256, 2 * max_batch_size), max_queued_requests=1024,
+        user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
+    ).bind(args.model_dump())
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": CLIENT_TIMEOUT_S})
+        serve.run(app, name="bench", route_prefix="/")
+    except Exception:  # the replica's own traceback is in the Serve logs (log_to_driver is off)
+        shutdown()
+        raise
+    return f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", shutdown
+
+
+def batch_counts(metrics_url: str) -> tuple[float, float] | None:
+    """(sentences decoded, batches formed) summed over label sets; None if the endpoint does not answer."""
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException:
+        return None
+    sentences = batches = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == SENTENCES_COUNTER:
+                sentences += s.value
+            elif s.name == BATCH_COUNT:
+                batches += s.value
+    return sentences, batches
+
+
+def settled_counts(metrics_url: str | None, quiet_s: float = 2.5, timeout_s: float = 30.0):
+    """batch_counts once they have not changed for ``quiet_s`` seconds: Ray exports them ~1 s late."""
+    if metrics_url is None:
+        return None
+    deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = batch_counts(metrics_url)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now is not None and time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.5)
+    return last
+
+
+def _mean_batch(before, after) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
+def _stats(latencies: list[float], ok_in_window: int, requests_: int, errors: int, seconds: float) -> dict:
+    # One test sentence per request, so sentences/s = answered requests/s (the server may split a line in two,
+    # which the mean batch size, in server sentences, does count).
+    q = [round(float(v), 4) for v in np.percentile(latencies, [50, 90, 99])] if latencies else [None] * 3
+    return dict(requests=requests_, errors=errors, sentences_per_s=round(ok_in_window / seconds, 2),
+                latency_p50_s=q[0], latency_p90_s=q[1], latency_p99_s=q[2])
+
+
+async def _post(client: httpx.AsyncClient, text: str, body_options: dict) -> bool:
+    try:
+        r = await client.post("/translate", json={"text": text, **body_options})
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _closed(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict,
+                  metrics_url: str | None, warmup_s: float) -> dict:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+        async def worker(k: int, until: float, record: list | None) -> None:
+            i = k  # clients start at different sentences, so that batches mix lengths
+            while time.perf_counter() < until:
+                started = time.perf_counter()
+                ok = await _post(client, sentences[i % len(sentences)], body_options)
+                if record is not None:
+                    done = time.perf_counter()
+                    record.append((done, done - started, ok))
+                i += clients
+
+        if warmup_s > 0:  # opens the connections and fills the server's queue before we measure
+            until = time.perf_counter() + warmup_s
+            await asyncio.gather(*(worker(k, until, None) for k in range(clients)))
+        before = await asyncio.to_thread(settled_counts, metrics_url)
+        record: list = []
+        start = time.perf_counter()
+        end = start + seconds
+        await asyncio.gather(*(worker(k, end, record) for k in range(clients)))
+    after = await asyncio.to_thread(settled_counts, metrics_url)
+    # Throughput counts what finished inside the window; latency and errors count every request started in it.
+    ok_in_window = sum(1 for done, _, ok in record if ok and done <= end)
+    latencies = [lat for _, lat, ok in record if ok]
+    errors = sum(1 for _, _, ok in record if not ok)
+    return dict(mode="closed", clients=clients, seconds=seconds,
+                **_stats(latencies, ok_in_window, len(record), errors, seconds),
+                mean_batch_size=_mean_batch(before, after))
+
+
+def closed_loop(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict | None = None,
+                *, metrics_url: str | None = None, warmup_s: float = 2.0) -> dict:
+    """``clients`` workers each POST one sentence to ``url``/translate and wait for the answer, for ``seconds`` s
+    after ``warmup_s`` s of warm-up. Returns sentences/s, requests, errors, latency p50/p90/p99 (s) and the mean
+    server batch size in sentences (None without ``metrics_url``)."""
+    return asyncio.run(_closed(url, sentences, clients, seconds, body_options or {}, metrics_url, warmup_s))
+
+
+async def _open(url: str, sentences: list[str], rate_per_s: float, seconds: float, body_options: dict,
+                metrics_url: str | None, seed: int) -> dict:
+    rng, arrivals, t = random.Random(seed), [], 0.0
+    while (t := t + rng.expovariate(rate_per_s)) < seconds:
+        arrivals.append(t)
+    before = await asyncio.to_thread(settled_counts, metrics_url)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)  # in flight grows under overload
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+        async def one(text: str, scheduled: float) -> tuple[float, float, bool]:
+            ok = await _post(client, text, body_options)
+            done = time.perf_counter()
+            return done, done - scheduled, ok  # from the schedule, not the send
+
+        start, tasks = time.perf_counter() + 0.05, []
+        for i, at in enumerate(arrivals):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(sentences[i % len(sentences)], start + at)))
+        record = await asyncio.gather(*tasks)
+    after = await asyncio.to_thread(settled_counts, metrics_url)
+    ok = [(done, lat) for done, lat, good in record if good]
+    wall = max((done for done, _, _ in record), default=start + seconds) - start
+    result = _stats([lat for _, lat in ok], len(ok), len(record), len(record) - len(ok), max(wall, seconds))
+    return dict(mode="open", rate_per_s=rate_per_s, seconds=seconds, offered_per_s=round(len(arrivals) / seconds, 2),
+                **result, mean_batch_size=_mean_batch(before, after))
+
+
+def open_loop(url: str, sentences: list[str], rate_per_s: float, seconds: float, body_options: dict | None = None,
+              *, metrics_url: str | None = None, seed: int = 0) -> dict:
+    """Sends one sentence per request at Poisson arrivals of ``rate_per_s`` requests/s for ``seconds`` s, whether or
+    not earlier ones have finished, then waits for all. Latency (s) runs from each scheduled send time;
+    sentences_per_s is the achieved rate (successes over the time until the last answer)."""
+    return asyncio.run(_open(url, sentences, rate_per_s, seconds, body_options or {}, metrics_url, seed))
+
+
+def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels: list[int], seconds: float,
+                       open_rate: float = 0.0, *, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.01,
+                       body_options: dict | None = None, on_level: Callable[[dict], None] | None = None) -> dict:
+    """Starts the service, runs the closed-loop sweep and one open-loop run, stops the service. ``open_rate`` in
+    sentences/s; 0 = 70% of the best closed-loop sentences/s. ``on_level`` is called with each level's result."""
+    sentences = [en for en, _ in read_pairs(Path(corpus) / "test.tsv.gz")]
+    base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_size, batch_wait_timeout_s)
+    levels: list[dict] = []
+    try:
+        for clients in clients_levels:
+            levels.append(dict(threads=threads, **closed_loop(base_url, sentences, clients, seconds, body_options,
+                                                              metrics_url=metrics_url)))
+            if on_level:
+                on_level(levels[-1])
+        best = max((lv["sentences_per_s"] for lv in levels), default=0.0)
+        rate = open_rate or round(0.7 * best, 2)
+        if rate > 0:
+            levels.append(dict(threads=threads, **open_loop(base_url, sentences, rate, seconds, body_options,
+                                                            metrics_url=metrics_url)))
+            if on_level:
+                on_level(levels[-1])
+    finally:
+        shutdown()
+    return dict(artifact=artifact, threads=threads, max_batch_size=max_batch_size,
+                batch_wait_timeout_s=batch_wait_timeout_s, body_options=body_options or {}, levels=levels)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", default="artifacts/en-de")
+    p.add_argument("--corpus", default="../shared/corpus")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the replica")
+    p.add_argument("--clients", default="1,4,16,64,128", help="closed-loop concurrency levels, comma-separated")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument("--open-rate", type=float, default=0.0, help="open-loop sentences/s; 0 = 70%% of the best closed")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--beam-size", type=int, help="beam size per request (default: the model's)")
+    p.add_argument("--json", help="write the list of levels here")
+    args = p.parse_args(argv)
+    result = run_http_benchmark(args.artifact, args.corpus, args.threads,
+                                [int(c) for c in args.clients.split(",") if c.strip()], args.seconds, args.open_rate,
+                                max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                                body_options={"beam_size": args.beam_size} if args.beam_size else None,
+                                on_level=lambda level: print(json.dumps(level), flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result["levels"], indent=1) + "\n")
+    return result["levels"]
+
+
+if __name__ == "__main__":
+    main()

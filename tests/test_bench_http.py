@@ -1,0 +1,27 @@
+"""The HTTP benchmark's closed loop against a real service (one start): no errors, sane latencies, real batches."""
+
+import pytest
+
+from conftest import SENTENCES
+
+
+@pytest.fixture(scope="module")
+def bench_service(artifact):
+    from loadtests.bench_http import start_service
+
+    base_url, metrics_url, shutdown = start_service(str(artifact), threads=1, max_batch_size=16,
+                                                    batch_wait_timeout_s=0.01, device="cpu")
+    yield base_url, metrics_url
+    shutdown()
+
+
+def test_closed_loop_at_4_clients(bench_service):
+    from loadtests.bench_http import closed_loop
+
+    base_url, metrics_url = bench_service
+    result = closed_loop(base_url, SENTENCES, clients=4, seconds=3, body_options={"beam_size": 2},
+                         metrics_url=metrics_url, warmup_s=1.0)
+    assert result["errors"] == 0, result
+    assert result["requests"] > 0 and result["sentences_per_s"] > 0
+    assert result["latency_p50_s"] <= result["latency_p90_s"] <= result["latency_p99_s"]
+    assert result["mean_batch_size"] is not None and result["mean_batch_size"] >= 1, result
