@@ -96,6 +96,8 @@ class _Rows:
 
     def select(self, parent_rows: np.ndarray) -> None:
         """Keeps/reorders rows: new row i continues old row parent_rows[i] (int64 [new_rows])."""
+        if len(parent_rows) == len(self.sentence_of_row) and np.array_equal(parent_rows, np.arange(len(parent_rows))):
+            return  # nothing left or moved (most greedy steps): the cache stays as the step returned it
         new_sentences = self.sentence_of_row[parent_rows]
         changed = not np.array_equal(new_sentences, self.sentence_of_row)
         self.sentence_of_row = new_sentences
@@ -134,7 +136,8 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
     src_lens = src_mask.sum(axis=1)
     attention: list[list[np.ndarray]] = [[] for _ in range(batch)]
     step = 0
-    check_cancel = is_cancelled is not never_cancelled  # the per-row poll is Python work: skip it when nothing can cancel
+    # The per-row poll is Python work: skip it when nothing can cancel.
+    check_cancel = is_cancelled is not never_cancelled
     while len(rows.sentence_of_row):
         alive = (np.asarray([r for r, s in enumerate(rows.sentence_of_row) if not is_cancelled(int(s))],
                             dtype=np.int64) if check_cancel else rows.sentence_of_row)

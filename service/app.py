@@ -1,7 +1,8 @@
 """Ray Serve application: FastAPI ingress and dynamic batching over the engine, in one deployment.
 
-One deployment holds both the HTTP ingress and the @serve.batch method: on this machine a separate ingress
-deployment halved the requests/s Serve could route (DESIGN.md section 6). Each sentence of a request becomes one
+One deployment holds both the HTTP ingress and the batcher (service/batcher.py, which forms a batch when the
+engine is free; Ray's @serve.batch formed 3-sentence batches with 64 sentences waiting): on this machine a separate
+ingress deployment halved the requests/s Serve could route (DESIGN.md section 6). Each sentence of a request becomes one
 batch item, so sentences of different requests share a batch; items are grouped by model and decoding options
 inside the batch. Several models can be served side by side by one replica (``models`` in the args); a request
 names one with ``model``.
@@ -32,6 +33,7 @@ from engine.runtime import EngineConfig
 from engine.search import Hypothesis, StepStats
 from engine.translator import Translator
 from service import schemas
+from service.batcher import DynamicBatcher
 from service.errors import (RequestTimeoutError, RequestTooLargeError, UnauthorizedError, error_response,
                             install_handlers, response_for, validation_message)
 from service.metrics import ServiceMetrics
@@ -121,6 +123,8 @@ class TranslatorDeployment:
             log.info("model %s loaded from %s on %s", model_id, folder, model.translator.provider)
             self.models[model_id] = model
         self.default = self.models[self.args.model_id]
+        defaults = BatchConfig()
+        self.batcher = DynamicBatcher(self._translate_batch, defaults.max_batch_size, defaults.batch_wait_timeout_s)
 
     def _model(self, model_id: str | None) -> _Model:
         if model_id is None:
@@ -131,8 +135,7 @@ class TranslatorDeployment:
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig(**user_config)
-        self._translate_batch.set_max_batch_size(config.max_batch_size)
-        self._translate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s)
 
     def check_health(self) -> None:
         """Serve's liveness probe: raises if an engine cannot run (then Serve restarts the replica)."""
@@ -284,7 +287,7 @@ class TranslatorDeployment:
         """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout."""
         metrics.add_pending(len(items))
         try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*(self._translate_batch(i) for i in items)),
+            outcomes = await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
                                               timeout=self.args.request_timeout_s)
         except (asyncio.CancelledError, asyncio.TimeoutError) as e:
             # The batch drops these sentences at its next decoding step.
@@ -332,7 +335,6 @@ class TranslatorDeployment:
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
         """Decodes one formed batch. Never raises: a failure becomes the outcome of the items it concerns."""
         started = time.perf_counter()
