@@ -25,7 +25,9 @@ class EngineConfig:
         device: "auto" (CUDA when its provider really loads, else CPU), "cpu" or "cuda" (fail if unavailable).
         intra_op_threads: ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (all physical cores).
         max_batch_tokens: upper bound on padded source tokens (batch x src_len) per encoder call; larger batches
-            are split. Bounds peak memory independently of how many requests the server batched.
+            are split. Bounds peak memory independently of how many requests the server batched. On the CPU
+            smaller chunks also run faster, their KV cache staying in the processor's caches (200 test sentences,
+            1 thread: 8192 -> 1024 made greedy 33% and beam 4 22% faster); GPUs want large ones (32768).
 
     Raises:
         ValueError: an unknown device or a negative count.
@@ -33,7 +35,7 @@ class EngineConfig:
 
     device: str = "auto"
     intra_op_threads: int = 0
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from engine import contract
 from engine.options import DecodingOptions
@@ -63,10 +64,14 @@ def quantize_artifact(artifact: str | Path, out: str | Path, sentences: list[str
         tmp = Path(tmp_name) / "artifact"
         shutil.copytree(artifact, tmp)
         for graph in (contract.ENCODER_FILE, contract.DECODER_STEP_FILE):
-            # Signed int8 weights and activations: this CPU has VNNI (no u8s8 saturation issue), and per-channel
-            # scales keep the tied 8000-row output projection accurate.
-            quantize_dynamic(artifact / graph, tmp / graph, per_channel=True, weight_type=QuantType.QInt8,
+            # Constant folding first: the output projection multiplies by Transpose(embedding), which the quantizer
+            # only sees as a constant weight once folded (without it the largest MatMul stayed float32).
+            folded = Path(tmp_name) / f"folded-{graph}"
+            quant_pre_process(str(artifact / graph), str(folded), skip_symbolic_shape=True)
+            # int8 weights with per-channel scales (they keep the tied 8000-row output projection accurate).
+            quantize_dynamic(folded, tmp / graph, per_channel=True, weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm"])
+            folded.unlink()
         reference = Translator(artifact, EngineConfig(device="cpu"))
         quantized = Translator(tmp, EngineConfig(device="cpu"))
         options = DecodingOptions(beam_size=1, max_length=64)

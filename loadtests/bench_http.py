@@ -70,7 +70,10 @@ def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_w
         serve.shutdown()
         ray.shutdown()
 
-    args = AppArgs(artifact_dir=str(Path(artifact).resolve()), device=device, intra_op_threads=threads)
+    # A queue limit above the largest level: the sweep measures capacity, not admission control (which would
+    # answer the 128-client level's surplus with 503s by design).
+    args = AppArgs(artifact_dir=str(Path(artifact).resolve()), device=device, intra_op_threads=threads,
+                   max_queued_sentences=1024)
     # max_ongoing_requests >= max_batch_size or Serve caps the batch; the queue holds the 128-client level.
     app = TranslatorDeployment.options(
         num_replicas=1, max_ongoing_requests=max(256, 2 * max_batch_size), max_queued_requests=1024,

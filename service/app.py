@@ -34,8 +34,8 @@ from engine.search import Hypothesis, StepStats
 from engine.translator import Translator
 from service import schemas
 from service.batcher import DynamicBatcher
-from service.errors import (RequestTimeoutError, RequestTooLargeError, UnauthorizedError, error_response,
-                            install_handlers, response_for, validation_message)
+from service.errors import (OverloadedError, RequestTimeoutError, RequestTooLargeError, UnauthorizedError,
+                            error_response, install_handlers, response_for, validation_message)
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("ray.serve")
@@ -53,12 +53,15 @@ class AppArgs(BaseModel):
                                                                      "artifact folder")
     device: str = "auto"
     intra_op_threads: int = Field(0, ge=0)
-    max_batch_tokens: int = Field(8192, ge=1)
+    max_batch_tokens: int = Field(1024, ge=1)
     max_texts_per_request: int = Field(64, ge=1)
     max_chars_per_text: int = Field(2000, ge=1)
     max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
+    max_queued_sentences: int = Field(64, ge=1, description="sentences waiting for a batch in this replica beyond "
+                                      "which a request gets a JSON 503 with Retry-After (admission control)")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of that 503, seconds")
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
     warmup: bool = True
 
@@ -284,7 +287,17 @@ class TranslatorDeployment:
         return segmented, items
 
     async def _run_items(self, items: list[_Item], metrics: ServiceMetrics) -> list[list[Hypothesis]]:
-        """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout."""
+        """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout.
+
+        Raises:
+            OverloadedError: the replica's queue is full (a request is always admitted into an empty queue, so
+                one larger than the limit is still served).
+        """
+        queued = self.batcher.queued
+        if queued and queued + len(items) > self.args.max_queued_sentences:
+            metrics.rejected.inc(1)
+            raise OverloadedError(f"{queued} sentences are waiting in this replica (limit "
+                                  f"{self.args.max_queued_sentences}); retry later", self.args.retry_after_s)
         metrics.add_pending(len(items))
         try:
             outcomes = await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),

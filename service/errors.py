@@ -22,6 +22,14 @@ class RequestTimeoutError(EngineError):
     """The request did not finish within request_timeout_s; its work was dropped. HTTP 504."""
 
 
+class OverloadedError(EngineError):
+    """The replica's queue is full. HTTP 503 with a Retry-After header of ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UnauthorizedError(EngineError):
     """Missing or wrong API key. HTTP 401."""
 
@@ -32,6 +40,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (RequestTooLargeError, 413, "request_too_large"),
     (InvalidRequestError, 422, "invalid_request"),
     (EngineUnavailableError, 503, "unavailable"),
+    (OverloadedError, 503, "overloaded"),
     (RequestTimeoutError, 504, "timeout"),
     (UnauthorizedError, 401, "unauthorized"),
     (EngineError, 500, "engine_error"),
@@ -46,7 +55,9 @@ def response_for(exc: Exception) -> JSONResponse:
     """Maps an exception to the error body; unknown exceptions become a 500 without internals."""
     for cls, status, type_ in STATUS_BY_ERROR:
         if isinstance(exc, cls):
-            return error_response(status, type_, str(exc))
+            retry_after = getattr(exc, "retry_after_s", None)
+            return error_response(status, type_, str(exc),
+                                  {"Retry-After": str(retry_after)} if retry_after is not None else None)
     log.exception("internal error", exc_info=exc)
     return error_response(500, "internal_error", "internal error; see the server log")
 

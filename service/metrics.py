@@ -35,7 +35,7 @@ class ServiceMetrics:
                                                  boundaries=_SECONDS, tag_keys=tags)
         self.pending = metrics.Gauge("nmt_pending_sentences", "sentences queued or decoding in this replica",
                                      tag_keys=tags)
-        self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx)",
+        self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx; 503 when the replica queue is full)",
                                         tag_keys=tags)
         self.timeouts = metrics.Counter("nmt_timed_out_requests_total", "requests past request_timeout_s (504)",
                                         tag_keys=tags)

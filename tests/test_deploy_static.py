@@ -59,6 +59,9 @@ def test_serve_configs_pass_rays_schema_and_ours(config):
             batch = BatchConfig(**deployment["user_config"])
             # max_ongoing_requests below max_batch_size silently caps the batch (DESIGN.md section 6).
             assert deployment["max_ongoing_requests"] >= batch.max_batch_size
+            # Room for a full batch plus a full replica queue: the replica's JSON 503 comes before the proxy's.
+            queue = AppArgs(**app["args"]).max_queued_sentences
+            assert deployment["max_ongoing_requests"] > batch.max_batch_size + queue
             scaling = deployment["autoscaling_config"]
             assert scaling["min_replicas"] <= scaling["max_replicas"]
 

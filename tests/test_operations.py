@@ -42,6 +42,8 @@ def ops(artifact, tmp_path_factory):
                   {"max_ongoing_requests": 2, "max_queued_requests": 2,
                    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                    "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
+        "busy": ({"model_id": "en-de-busy", "max_queued_sentences": 2},
+                 {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
         "secure": ({"model_id": "en-de-secure", "api_key": API_KEY}, {}),
         "prom": ({"model_id": "en-de-prom"}, {}),
     }
@@ -171,6 +173,29 @@ def test_backpressure_answers_503_with_retry_after_quickly(ops):
         assert r.headers.get("Retry-After") == "1"
         assert seconds < 1.0, f"a 503 took {seconds:.2f}s"
     assert {r.status_code for r, _ in results} <= {200, 503, 504}
+    assert post(url, GOOD).status_code == 200
+
+
+def test_a_full_replica_queue_answers_our_json_503_with_retry_after(ops):
+    # The replica's own admission control (max_queued_sentences 2), before Serve's proxy limit is reached: the
+    # rejection has the service's one error shape, not the proxy's plain text.
+    url = ops["url"] + "/busy"
+
+    def timed(body):
+        started = time.monotonic()
+        r = post(url, body, timeout=60)
+        return r, time.monotonic() - started
+
+    six_sentences = {"text": " ".join([SENTENCES[3]] * 6), "beam_size": 4, "min_length": 60, "max_length": 60}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(timed, [six_sentences] * 16))
+    rejected = [(r, s) for r, s in results if r.status_code == 503]
+    assert rejected, [r.status_code for r, _ in results]
+    for r, seconds in rejected:
+        assert r.json()["error"]["type"] == "overloaded" and "waiting" in r.json()["error"]["message"]
+        assert r.headers.get("Retry-After") == "1"
+        assert seconds < 1.0, f"a 503 took {seconds:.2f}s"
+    assert {r.status_code for r, _ in results} <= {200, 503}
     assert post(url, GOOD).status_code == 200
 
 
