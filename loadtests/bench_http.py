@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,18 +133,25 @@ def _stats(latencies: list[float], ok_in_window: int, requests_: int, errors: in
                 latency_p50_s=q[0], latency_p90_s=q[1], latency_p99_s=q[2])
 
 
-async def _post(client: httpx.AsyncClient, text: str, body_options: dict) -> bool:
+def _session(url: str, connections: int) -> aiohttp.ClientSession:
+    """aiohttp rather than httpx: at 64 clients httpx took 0.67 of this machine's 2 cores from the server under
+    test (6.9 ms of client CPU per request)."""
+    return aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S))
+
+
+async def _post(client: aiohttp.ClientSession, text: str, body_options: dict) -> bool:
     try:
-        r = await client.post("/translate", json={"text": text, **body_options})
-        return r.status_code == 200
-    except httpx.HTTPError:
+        async with client.post("/translate", json={"text": text, **body_options}) as r:
+            await r.read()
+            return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return False
 
 
 async def _closed(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict,
                   metrics_url: str | None, warmup_s: float) -> dict:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+    async with _session(url, clients) as client:
         async def worker(k: int, until: float, record: list | None) -> None:
             i = k  # clients start at different sentences, so that batches mix lengths
             while time.perf_counter() < until:
@@ -187,8 +194,7 @@ async def _open(url: str, sentences: list[str], rate_per_s: float, seconds: floa
     while (t := t + rng.expovariate(rate_per_s)) < seconds:
         arrivals.append(t)
     before = await asyncio.to_thread(settled_counts, metrics_url)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)  # in flight grows under overload
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+    async with _session(url, 0) as client:  # no connection limit: in flight grows under overload
         async def one(text: str, scheduled: float) -> tuple[float, float, bool]:
             ok = await _post(client, text, body_options)
             done = time.perf_counter()
