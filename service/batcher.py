@@ -62,8 +62,10 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def queued(self) -> int:
-        """Items waiting for a batch (not counting the batch being decoded)."""
-        return len(self._queue)
+        """Items waiting for a batch (not counting the batch being decoded), those of cancelled callers excluded."""
+        while self._queue and self._queue[0].future.done():  # cheap pruning; the rest are skipped when popped
+            self._queue.popleft()
+        return sum(1 for w in self._queue if not w.future.done())
 
     async def submit(self, item: T) -> R:
         """Queues ``item`` and returns its outcome; raises the Exception ``process`` returned for it."""

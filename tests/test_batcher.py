@@ -118,3 +118,21 @@ def test_configure_rejects_nonsense_and_applies_to_the_next_batch():
         return engine.batches
 
     assert [len(b) for b in run(main())] == [2, 2, 4]
+
+
+def test_cancelled_waiting_requests_do_not_count_as_queued():
+    async def main():
+        batcher = DynamicBatcher(SlowEngine(0.2), max_batch_size=1, batch_wait_timeout_s=0.0)
+        busy = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.02)
+        waiting = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        before = batcher.queued
+        for task in waiting[1:]:
+            task.cancel()
+        await asyncio.sleep(0.01)
+        after = batcher.queued
+        await asyncio.gather(busy, *waiting, return_exceptions=True)
+        return before, after
+
+    assert run(main()) == (5, 1)
