@@ -69,7 +69,7 @@ def _replica_rss(url: str, probes: int = 40) -> dict[int, float]:
 
 
 def run(artifact: str, int8_artifact: str, corpus: str, clients_levels: list[int], seconds: float,
-        threads: int) -> list[dict]:
+        threads: int, order: list[str]) -> list[dict]:
     import ray
     from ray import serve
 
@@ -92,7 +92,8 @@ def run(artifact: str, int8_artifact: str, corpus: str, clients_levels: list[int
     }
     results = []
     try:
-        for layout, (apps, targets) in layouts.items():
+        for layout in order:  # both orders, to see what running first costs
+            apps, targets = layouts[layout]
             for name, app in apps.items():
                 deployment = TranslatorDeployment.options(num_replicas=app["replicas"], **options)
                 serve.run(deployment.bind({**common, **app["args"]}), name=name, route_prefix=app["route"])
@@ -119,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", default="16,64")
     p.add_argument("--seconds", type=float, default=12.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--order", default="shared,per-model,shared,per-model", help="layouts, in the order run")
     args = p.parse_args(argv)
     run(str(Path(args.artifact).resolve()), str(Path(args.int8_artifact).resolve()), args.corpus,
-        [int(c) for c in args.clients.split(",")], args.seconds, args.threads)
+        [int(c) for c in args.clients.split(",")], args.seconds, args.threads, args.order.split(","))
 
 
 if __name__ == "__main__":

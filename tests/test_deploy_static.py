@@ -16,7 +16,8 @@ from service.app import AppArgs, BatchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33.0"
-SERVE_CONFIGS = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "serve_config.gpu.yaml"]
+SERVE_CONFIGS = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "serve_config.gpu.yaml",
+                 ROOT / "deploy" / "serve_config.multimodel.yaml"]
 RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 
 
@@ -48,7 +49,7 @@ def test_compose_scales_workers_and_wires_prometheus_and_grafana():
     assert devices[0]["capabilities"] == ["gpu"]
 
 
-@pytest.mark.parametrize("config", SERVE_CONFIGS + [None], ids=["cpu", "gpu", "rayservice"])
+@pytest.mark.parametrize("config", SERVE_CONFIGS + [None], ids=["cpu", "gpu", "multimodel", "rayservice"])
 def test_serve_configs_pass_rays_schema_and_ours(config):
     data = yaml.safe_load(config.read_text()) if config else rayservice_serve_config()
     ServeDeploySchema.model_validate(data)
