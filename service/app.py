@@ -59,7 +59,9 @@ class AppArgs(BaseModel):
     max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
-    max_queued_sentences: int = Field(64, ge=1, description="sentences waiting for a batch in this replica beyond "
+    max_sentences_per_request: int = Field(256, ge=1, description="sentences after splitting (413 beyond): bounds "
+                                           "how long one request can hold a replica")
+    max_queued_sentences: int = Field(256, ge=1, description="sentences waiting for a batch in this replica beyond "
                                       "which a request gets a JSON 503 with Retry-After (admission control)")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of that 503, seconds")
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
@@ -128,6 +130,7 @@ class TranslatorDeployment:
         self.default = self.models[self.args.model_id]
         defaults = BatchConfig()
         self.batcher = DynamicBatcher(self._translate_batch, defaults.max_batch_size, defaults.batch_wait_timeout_s)
+        self._configured = False  # set by the first valid reconfigure
 
     def _model(self, model_id: str | None) -> _Model:
         if model_id is None:
@@ -137,8 +140,23 @@ class TranslatorDeployment:
         return self.models[model_id]
 
     def reconfigure(self, user_config: dict) -> None:
-        config = BatchConfig(**user_config)
+        """Applies the deployment's user_config (BatchConfig). An invalid one fails a replica's first configuration
+        (the deploy fails loudly) but not a live update of a serving replica: that keeps its settings and logs the
+        error, so a typo in a config push cannot take a healthy service down.
+
+        Raises:
+            pydantic.ValidationError: invalid user_config on the replica's first configuration.
+        """
+        try:
+            config = BatchConfig(**user_config)
+        except ValidationError as e:
+            if not self._configured:
+                raise
+            log.error("user_config %r rejected, keeping max_batch_size=%d batch_wait_timeout_s=%s: %s", user_config,
+                      self.batcher.max_batch_size, self.batcher.batch_wait_timeout_s, validation_message(e.errors()))
+            return
         self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s)
+        self._configured = True
 
     def check_health(self) -> None:
         """Serve's liveness probe: raises if an engine cannot run (then Serve restarts the replica)."""
@@ -246,6 +264,8 @@ class TranslatorDeployment:
         if sum(len(t) for t in texts) > self.args.max_chars_per_request:
             raise RequestTooLargeError(f"{sum(len(t) for t in texts)} characters in all texts > limit "
                                        f"{self.args.max_chars_per_request} per request")
+        # One deadline for the whole request: splitting, queueing and decoding share request_timeout_s.
+        deadline = time.monotonic() + self.args.request_timeout_s
         try:
             segmented, items = await asyncio.wait_for(asyncio.to_thread(
                 self._prepare, model_id, translator, texts, prefixes, options, req.split_sentences),
@@ -254,7 +274,10 @@ class TranslatorDeployment:
             model.metrics.timeouts.inc(1)
             raise RequestTimeoutError(f"splitting and tokenizing took longer than request_timeout_s="
                                       f"{self.args.request_timeout_s}") from None
-        outcomes = await self._run_items(items, model.metrics)
+        if len(items) > self.args.max_sentences_per_request:
+            raise RequestTooLargeError(f"{len(items)} sentences > limit {self.args.max_sentences_per_request} per "
+                                       f"request")
+        outcomes = await self._run_items(items, model.metrics, deadline)
         translations, cursor = [], 0
         for seg in segmented:
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
@@ -286,40 +309,57 @@ class TranslatorDeployment:
                                    prefix_ids if j == 0 else None))
         return segmented, items
 
-    async def _run_items(self, items: list[_Item], metrics: ServiceMetrics) -> list[list[Hypothesis]]:
-        """Queues items on the batcher; enforces the request deadline; marks work abandoned on cancel/timeout.
+    async def _run_items(self, items: list[_Item], metrics: ServiceMetrics,
+                         deadline: float) -> list[list[Hypothesis]]:
+        """Queues items on the batcher until ``deadline`` (time.monotonic(), seconds); marks the request's work
+        abandoned when it is cancelled, times out, or one of its sentences fails (then the others stop too).
 
         Raises:
             OverloadedError: the replica's queue is full (a request is always admitted into an empty queue, so
-                one larger than the limit is still served).
+                one larger than the limit is still served; max_sentences_per_request bounds it).
+            RequestTimeoutError: past the deadline.
         """
+        if not items:  # nothing to decode (empty texts): asyncio.wait refuses an empty set
+            return []
         queued = self.batcher.queued
         if queued and queued + len(items) > self.args.max_queued_sentences:
             metrics.rejected.inc(1)
             raise OverloadedError(f"{queued} sentences are waiting in this replica (limit "
                                   f"{self.args.max_queued_sentences}); retry later", self.args.retry_after_s)
-        metrics.add_pending(len(items))
-        try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*(self.batcher.submit(i) for i in items)),
-                                              timeout=self.args.request_timeout_s)
-        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
-            # The batch drops these sentences at its next decoding step.
-            dropped = sum(not item.cancelled for item in items)
+
+        def abandon() -> None:  # the batch drops these sentences at its next decoding step
+            metrics.count(metrics.cancelled, sum(not item.cancelled for item in items))
             for item in items:
                 item.cancelled = True
-            metrics.count(metrics.cancelled, dropped)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            metrics.timeouts.inc(1)
-            raise RequestTimeoutError(f"request not finished within request_timeout_s="
-                                      f"{self.args.request_timeout_s}; its work was dropped") from None
+            for task in tasks:
+                task.cancel()
+
+        metrics.add_pending(len(items))
+        tasks = [asyncio.ensure_future(self.batcher.submit(item)) for item in items]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0),
+                                               return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            abandon()
+            raise
         finally:
             metrics.add_pending(-len(items))
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-            if not outcome:  # dropped by the engine as cancelled: cannot happen for a live request
+        if pending:
+            abandon()
+            failed = [t.exception() for t in tasks if t in done and not t.cancelled() and t.exception() is not None]
+            if failed:
+                raise failed[0]
+            metrics.timeouts.inc(1)
+            raise RequestTimeoutError(f"request not finished within request_timeout_s="
+                                      f"{self.args.request_timeout_s}; its work was dropped")
+        errors = [task.exception() for task in tasks]  # retrieve all, so none is logged as never retrieved
+        outcomes = []
+        for task, error in zip(tasks, errors):
+            if error is not None:
+                raise error
+            if not task.result():  # dropped by the engine as cancelled: cannot happen for a live request
                 raise RequestTimeoutError("translation was cancelled")
+            outcomes.append(task.result())
         return outcomes
 
     @staticmethod

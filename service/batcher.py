@@ -89,7 +89,8 @@ class DynamicBatcher(Generic[T, R]):
                 await self._arrived.wait()
             # Wait for a fuller batch only until the oldest item has waited batch_wait_timeout_s: under load the
             # queue filled during the previous decode and the batch starts at once.
-            while len(self._queue) < self.max_batch_size:
+            # (0 < len: callers that leave while we wait are pruned by `queued`, which can empty the queue.)
+            while 0 < len(self._queue) < self.max_batch_size:
                 remaining = self._queue[0].enqueued_at + self.batch_wait_timeout_s - time.monotonic()
                 if remaining <= 0:
                     break
@@ -108,7 +109,12 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
+            try:
+                batch = await self._next_batch()
+            except Exception:  # noqa: BLE001 - a bug here must not leave every later request hanging
+                log.exception("forming a batch failed; the queue is kept")
+                await asyncio.sleep(0.01)
+                continue
             try:
                 outcomes = await self._process([w.item for w in batch])
                 if len(outcomes) != len(batch):

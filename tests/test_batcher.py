@@ -136,3 +136,22 @@ def test_cancelled_waiting_requests_do_not_count_as_queued():
         return before, after
 
     assert run(main()) == (5, 1)
+
+
+def test_the_loop_survives_every_waiting_caller_leaving_while_it_waits_for_a_fuller_batch():
+    # Found by a break-it run: the queue emptied (pruned by `queued`) while the loop waited for more items, and the
+    # loop read queue[0] of an empty deque and died.
+    async def main():
+        batcher = DynamicBatcher(SlowEngine(0.0), max_batch_size=8, batch_wait_timeout_s=0.5)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.01)  # the loop waits up to 0.5 s for a fuller batch
+        second = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0)  # the second arrival has woken the loop, which has not run yet
+        first.cancel()
+        second.cancel()
+        assert batcher.queued == 0  # prunes both
+        await asyncio.sleep(0.05)
+        loop_alive = not batcher._loop_task.done()
+        return loop_alive, await asyncio.wait_for(batcher.submit(3), 2)
+
+    assert run(main()) == (True, 30)

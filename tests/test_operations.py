@@ -42,7 +42,7 @@ def ops(artifact, tmp_path_factory):
                   {"max_ongoing_requests": 2, "max_queued_requests": 2,
                    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                    "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
-        "busy": ({"model_id": "en-de-busy", "max_queued_sentences": 2},
+        "busy": ({"model_id": "en-de-busy", "max_queued_sentences": 2, "max_sentences_per_request": 8},
                  {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
         "secure": ({"model_id": "en-de-secure", "api_key": API_KEY}, {}),
         "prom": ({"model_id": "en-de-prom"}, {}),
@@ -192,6 +192,12 @@ def test_a_full_replica_queue_answers_our_json_503_with_retry_after(ops):
         assert r.json()["error"]["type"] == "overloaded" and "waiting" in r.json()["error"]["message"]
     assert {r.status_code for r in responses} <= {200, 503}
     assert post(url, GOOD).status_code == 200
+
+
+def test_a_request_with_too_many_sentences_is_413_naming_the_limit(ops):
+    r = post(ops["url"] + "/busy", {"text": " ".join([SENTENCES[3]] * 9)})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["type"] == "request_too_large" and "9 sentences > limit 8" in r.json()["error"]["message"]
 
 
 def test_timeout_is_504_and_its_work_is_dropped(ops):
