@@ -352,12 +352,13 @@ class TranslatorDeployment:
             metrics.timeouts.inc(1)
             raise RequestTimeoutError(f"request not finished within request_timeout_s="
                                       f"{self.args.request_timeout_s}; its work was dropped")
-        errors = [task.exception() for task in tasks]  # retrieve all, so none is logged as never retrieved
+        # Retrieve every exception, so none is logged as never retrieved.
+        errors = [None if task.cancelled() else task.exception() for task in tasks]
         outcomes = []
         for task, error in zip(tasks, errors):
             if error is not None:
                 raise error
-            if not task.result():  # dropped by the engine as cancelled: cannot happen for a live request
+            if task.cancelled() or not task.result():  # dropped as cancelled: cannot happen for a live request
                 raise RequestTimeoutError("translation was cancelled")
             outcomes.append(task.result())
         return outcomes
