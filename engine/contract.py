@@ -25,6 +25,14 @@ CONFIG_FILE = "config.json"
 ENCODER_INPUTS = ("src_ids", "src_mask")
 
 
+def check_format(manifest: dict, folder: object) -> None:
+    """Raises ValueError when an artifact's manifest (a dict; {} = not yet written) is of another format version."""
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{folder} has artifact format {version}, this engine reads {FORMAT_VERSION}: re-export it "
+                         f"with `python -m export.onnx_export`")
+
+
 def _per_layer(prefix: str, n_layers: int) -> tuple[str, ...]:
     return tuple(f"{prefix}_{i}" for i in range(n_layers))
 

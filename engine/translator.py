@@ -74,10 +74,7 @@ class Translator:
         self.default_options = DecodingOptions(**model_config.get("decoding_defaults", {}))
         self.tokenizer = load_tokenizer(self.artifact_dir, model_config)
         # ``model``: anything with OnnxModel's encode/step/provider (the PyTorch-eager benchmark baseline).
-        version = self.manifest.get("format_version", contract.FORMAT_VERSION)
-        if version != contract.FORMAT_VERSION:
-            raise ValueError(f"{self.artifact_dir} has artifact format {version}, this engine reads "
-                             f"{contract.FORMAT_VERSION}: re-export it with `python -m export.onnx_export`")
+        contract.check_format(self.manifest, self.artifact_dir)
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider

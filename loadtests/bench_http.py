@@ -53,14 +53,11 @@ def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_w
     import ray
     from ray import serve
 
-    from engine.contract import FORMAT_VERSION
+    from engine.contract import check_format
     from service.app import AppArgs, TranslatorDeployment
 
-    # A stale artifact otherwise fails as Serve's bare "Failed to update the deployments" (reason in its logs).
-    version = json.loads((Path(artifact) / "manifest.json").read_text()).get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{artifact} has artifact format {version}, the engine reads {FORMAT_VERSION}: re-export it "
-                         f"with `python -m export.onnx_export`")
+    # Checked here too: in a replica a stale artifact fails as Serve's bare "Failed to update the deployments".
+    check_format(json.loads((Path(artifact) / "manifest.json").read_text()), artifact)
     metrics_port, http_port = _free_port(), _free_port()
     # Metrics every 1 s (default 10 s) so that the counts settle soon after a run.
     ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,

@@ -105,3 +105,18 @@ def test_finished_rows_leave_the_batch(translator):
 def test_invalid_options_raise_with_a_message(kwargs):
     with pytest.raises(InvalidRequestError, match="must be"):
         DecodingOptions(**kwargs)
+
+
+def test_an_artifact_of_another_format_version_is_refused_with_a_message(artifact, tmp_path):
+    import json
+    import shutil
+
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    with pytest.raises(ValueError, match="artifact format 1.*re-export"):
+        Translator(old, EngineConfig(device="cpu"))
