@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 
 from engine import contract
 from engine.errors import EngineUnavailableError
+from engine.state_ops import NumpyOps, OrtValueOps
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,9 @@ class EngineConfig:
             are split. Bounds peak memory independently of how many requests the server batched. On the CPU
             smaller chunks also run faster, their KV cache staying in the processor's caches (200 test sentences,
             1 thread: 8192 -> 1024 made greedy 33% and beam 4 22% faster); GPUs want large ones (32768).
+        io_binding: keep the KV cache and cross K/V as OrtValues on the session's device between steps (ONNX
+            Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only log-probs and attention
+            come to the host. False: numpy arrays round-trip through the host every step.
 
     Raises:
         ValueError: an unknown device or a negative count.
@@ -36,6 +41,7 @@ class EngineConfig:
     device: str = "auto"
     intra_op_threads: int = 0
     max_batch_tokens: int = 1024
+    io_binding: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -98,20 +104,56 @@ class OnnxModel:
         self.provider = self.decoder.get_providers()[0]
         if cfg.device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")
-        log.info("ONNX Runtime %s on %s", ort.__version__, self.provider)
+        self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        cache_type = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16}[
+            next(i.type for i in self.decoder.get_inputs() if i.name == "self_k_0")]
+        self.io_binding = cfg.io_binding
+        # Row operations on the state the search keeps between steps (engine/search.py passes them on).
+        self.ops = (OrtValueOps(2 * n_layers, cache_type, providers, options, self.device_type)
+                    if cfg.io_binding else NumpyOps())
+        log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, cfg.io_binding)
 
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, float32
-        [batch, n_heads, src_len, d_head]."""
-        outputs = self.encoder.run(self.encoder_outputs, {"src_ids": src_ids, "src_mask": src_mask})
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
+        """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, [batch, n_heads,
+        src_len, d_head] in the graph's float type; OrtValues on the device with I/O binding, else numpy."""
+        if not self.io_binding:
+            outputs = self.encoder.run(self.encoder_outputs, {"src_ids": src_ids, "src_mask": src_mask})
+        else:
+            binding = self.encoder.io_binding()
+            binding.bind_cpu_input("src_ids", src_ids)
+            binding.bind_cpu_input("src_mask", src_mask)
+            for name in self.encoder_outputs:
+                binding.bind_output(name, self.device_type)
+            self.encoder.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
         return outputs[:self.n_layers], outputs[self.n_layers:]
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
-        """One decoder step; per-layer lists of arrays, shapes in engine/contract.py.
+        """One decoder step; per-layer lists of state tensors (as :meth:`encode` returns them), shapes in
+        engine/contract.py; tokens int64 [rows, 1] and src_mask bool [rows, src_len] are numpy. State tensors
+        may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
 
-        Returns log_probs float32 [rows, vocab], new self_k and self_v (lists), attention float32 [rows, src_len].
+        Returns log_probs float32 [rows, vocab] (numpy), new self_k and self_v (lists, same kind as the inputs),
+        attention float32 [rows, src_len] (numpy).
         """
-        feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)))
-        outputs = self.decoder.run(self.decoder_outputs, feeds)
         n = self.n_layers
-        return outputs[0], outputs[2:2 + n], outputs[2 + n:], outputs[1]
+        if not self.io_binding:
+            feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)))
+            outputs = self.decoder.run(self.decoder_outputs, feeds)
+            return outputs[0], outputs[2:2 + n], outputs[2 + n:], outputs[1]
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("tokens", tokens)
+        binding.bind_cpu_input("src_mask", src_mask)
+        for name, value in zip(self.decoder_inputs[2:], (*self_k, *self_v, *cross_k, *cross_v)):
+            if isinstance(value, np.ndarray):  # a caller's own state (parity tools, tests)
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        # Scores go to the host for the search; the grown cache stays where it is.
+        binding.bind_output("log_probs", "cpu")
+        binding.bind_output("attention", "cpu")
+        for name in self.decoder_outputs[2:]:
+            binding.bind_output(name, self.device_type)
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[2:2 + n], outputs[2 + n:], outputs[1].numpy()

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from engine.rules import Rules, Sampling, apply_rules
+from engine.state_ops import NumpyOps
 
 StepFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 CancelFn = Callable[[int], bool]
@@ -63,22 +64,26 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 
 class _Rows:
-    """Decoder state of the active rows: self-attention cache plus the cross K/V and mask gathered per row."""
+    """Decoder state of the active rows: self-attention cache plus the cross K/V and mask gathered per row.
 
-    def __init__(self, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray) -> None:
+    The state tensors are whatever the step function takes (numpy arrays or device OrtValues); ``ops`` moves their
+    rows. The mask and the bookkeeping stay numpy."""
+
+    def __init__(self, cross_k: list, cross_v: list, src_mask: np.ndarray, ops) -> None:
+        self.ops = ops
+        self.n_layers = len(cross_k)
         self.cross_k_all, self.cross_v_all, self.src_mask_all = cross_k, cross_v, src_mask
-        batch, n_heads, _, d_head = cross_k[0].shape
-        empty = np.zeros((batch, n_heads, 0, d_head), dtype=cross_k[0].dtype)
-        self.self_k, self.self_v = [empty] * len(cross_k), [empty] * len(cross_k)
-        self.sentence_of_row = np.arange(batch)
+        empty = ops.empty(cross_k[0])
+        self.self_k, self.self_v = [empty] * self.n_layers, [empty] * self.n_layers
+        self.sentence_of_row = np.arange(src_mask.shape[0])
         self._gather_cross()
 
     def _gather_cross(self) -> None:
         rows = self.sentence_of_row
         # Keep only the source columns that some active row still needs: padding of finished long sentences.
         src_len = int(self.src_mask_all[rows].sum(axis=1).max()) if len(rows) else 0
-        self.cross_k = [np.ascontiguousarray(k[rows, :, :src_len]) for k in self.cross_k_all]
-        self.cross_v = [np.ascontiguousarray(v[rows, :, :src_len]) for v in self.cross_v_all]
+        cross = self.ops.take(self.cross_k_all + self.cross_v_all, rows, src_len)
+        self.cross_k, self.cross_v = cross[:self.n_layers], cross[self.n_layers:]
         self.src_mask = np.ascontiguousarray(self.src_mask_all[rows, :src_len])
 
     def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats) -> np.ndarray:
@@ -98,11 +103,14 @@ class _Rows:
         """Keeps/reorders rows: new row i continues old row parent_rows[i] (int64 [new_rows])."""
         if len(parent_rows) == len(self.sentence_of_row) and np.array_equal(parent_rows, np.arange(len(parent_rows))):
             return  # nothing left or moved (most greedy steps): the cache stays as the step returned it
+        if not len(parent_rows):  # every sentence finished: nothing left to gather
+            self.sentence_of_row = parent_rows
+            return
         new_sentences = self.sentence_of_row[parent_rows]
         changed = not np.array_equal(new_sentences, self.sentence_of_row)
         self.sentence_of_row = new_sentences
-        self.self_k = [k[parent_rows] for k in self.self_k]
-        self.self_v = [v[parent_rows] for v in self.self_v]
+        state = self.ops.take(self.self_k + self.self_v, parent_rows)
+        self.self_k, self.self_v = state[:self.n_layers], state[self.n_layers:]
         if changed:
             self._gather_cross()
 
@@ -110,7 +118,8 @@ class _Rows:
 def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray,
                   length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
                   sampling: Sampling | None = None, stats: StepStats | None = None,
-                  is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[Hypothesis | None]:
+                  is_cancelled: CancelFn = never_cancelled, return_attention: bool = False,
+                  ops=NumpyOps()) -> list[Hypothesis | None]:
     """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
@@ -122,11 +131,13 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
             ``sampling.seed``, so its output does not depend on the other sentences of the batch.
         is_cancelled: called with a sentence index before each step; True drops the sentence.
         return_attention: keep each output token's cross-attention (the step function must return it).
+        ops: row operations on the state tensors (engine/state_ops.py): NumpyOps for numpy arrays, the model's
+            OrtValueOps when the step keeps them on the device.
     Returns: one Hypothesis per sentence, in input order (None for a cancelled sentence).
     """
     stats = stats or StepStats()
     batch = src_mask.shape[0]
-    rows = _Rows(cross_k, cross_v, src_mask)
+    rows = _Rows(cross_k, cross_v, src_mask, ops)
     tokens = np.full(batch, bos_id, dtype=np.int64)
     out_tokens: list[list[int]] = [[] for _ in range(batch)]
     scores = np.zeros(batch, dtype=np.float32)
@@ -207,7 +218,8 @@ def _sentence_candidates(active, live_scores, log_probs: np.ndarray, n_lives: li
 def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
                 n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
-                is_cancelled: CancelFn = never_cancelled, return_attention: bool = False) -> list[list[Hypothesis]]:
+                is_cancelled: CancelFn = never_cancelled, return_attention: bool = False,
+                ops=NumpyOps()) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
     Args: as :func:`greedy_search` (no sampling), plus beam_size, length_penalty (GNMT alpha) and n_best
@@ -216,7 +228,7 @@ def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.nda
     """
     stats = stats or StepStats()
     batch = src_mask.shape[0]
-    rows = _Rows(cross_k, cross_v, src_mask)
+    rows = _Rows(cross_k, cross_v, src_mask, ops)
     # Per active sentence (in row order), the live beams' tokens and scores; one live beam (bos) to start.
     live_tokens: list[list[list[int]]] = [[[]] for _ in range(batch)]
     live_scores: list[np.ndarray] = [np.zeros(1, dtype=np.float32) for _ in range(batch)]

@@ -23,6 +23,7 @@ from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
 from engine.rules import Rules, Sampling
 from engine.search import Hypothesis, StepStats, beam_search, greedy_search, never_cancelled
+from engine.state_ops import NumpyOps
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Translator:
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
+        self.ops = getattr(self.model, "ops", NumpyOps())
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str) -> list[int]:
@@ -181,12 +183,12 @@ class Translator:
                                     temperature=options.sampling_temperature, seed=options.seed)
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                                  rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
-                                 return_attention=options.return_attention)
+                                 return_attention=options.return_attention, ops=self.ops)
             return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,
                            n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled,
-                           return_attention=options.return_attention)
+                           return_attention=options.return_attention, ops=self.ops)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

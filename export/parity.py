@@ -35,7 +35,7 @@ def _max_step_diff(model: Transformer, translator: Translator, src_ids: list[int
     src = torch.tensor([src_ids])
     mask = torch.ones_like(src, dtype=torch.bool)
     ck, cv = model.cross_kv(model.encode(src, mask))
-    ort_ck, ort_cv = translator.model.encode(src.numpy(), mask.numpy())
+    ort_ck, ort_cv = map(translator.ops.to_numpy, translator.model.encode(src.numpy(), mask.numpy()))
     diff = max(float(np.abs(o - t.numpy()).max()) for o, t in zip(ort_ck + ort_cv, ck + cv))
     k, v = model.empty_cache(1)
     ort_k, ort_v = [x.numpy() for x in k], [x.numpy() for x in v]

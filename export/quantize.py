@@ -37,7 +37,7 @@ def _greedy_path_diff(reference: Translator, quantized: Translator, text: str, m
     states = []
     for engine in (reference, quantized):
         ck, cv = engine.model.encode(src, mask)
-        empty = np.zeros(ck[0].shape[:2] + (0,) + ck[0].shape[3:], dtype=np.float32)
+        empty = engine.model.ops.empty(ck[0])
         states.append([[empty] * len(ck), [empty] * len(ck), ck, cv])
     token, diff = reference.bos_id, 0.0
     for _ in range(max_length):

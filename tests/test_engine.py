@@ -28,7 +28,7 @@ def test_greedy_equals_beam_size_one(translator):
         ck, cv = translator.model.encode(*src_ids)
         limit = [DecodingOptions().length_limit(len(ids), translator.max_positions)]
         (b,) = beam_search(translator.model.step, ck, cv, src_ids[1], limit, translator.bos_id, translator.eos_id,
-                           beam_size=1, length_penalty=0.6)
+                           beam_size=1, length_penalty=0.6, ops=translator.ops)
         assert b[0].tokens == g[0].tokens
         assert b[0].score == pytest.approx(g[0].score, abs=1e-6)
 

@@ -34,7 +34,7 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     mask = torch.ones(batch, src_len, dtype=torch.bool)
     mask[0, src_len // 2 + 1:] = False  # a padded row
     ck, cv = torch_model.cross_kv(torch_model.encode(src, mask))
-    ort_ck, ort_cv = translator.model.encode(src.numpy(), mask.numpy())
+    ort_ck, ort_cv = map(translator.ops.to_numpy, translator.model.encode(src.numpy(), mask.numpy()))
     for ort_x, x in zip(ort_ck + ort_cv, ck + cv):
         np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
     shape = (batch, cfg.n_heads, past_len, cfg.d_head)
@@ -45,6 +45,7 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     numpy = lambda xs: [x.numpy() for x in xs]  # noqa: E731
     ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), numpy(k), numpy(v), ort_ck,
                                                                   ort_cv, mask.numpy())
+    ort_nk, ort_nv = translator.ops.to_numpy(ort_nk), translator.ops.to_numpy(ort_nv)
     np.testing.assert_allclose(ort_attention, attention.numpy(), atol=1e-5)
     assert len(ort_nk) == cfg.n_decoder_layers
     assert all(x.shape == (batch, cfg.n_heads, past_len + 1, cfg.d_head) for x in ort_nk + ort_nv)

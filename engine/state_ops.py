@@ -1,0 +1,115 @@
+"""Row operations on the decoder state (self-attention KV cache, cross K/V): on numpy arrays, or on ONNX Runtime
+OrtValues that stay on the session's device.
+
+The search (engine/search.py) reorders the cache rows after every beam step and drops rows whose sentence finished.
+With numpy arrays every step's cache goes device -> host -> device; with :class:`OrtValueOps` the cache never leaves
+the device (ONNX Runtime I/O binding) and the reorder runs there as a Gather graph, built here, of one node pair
+per tensor. That is what the GPU needs (CTranslate2 and FasterTransformer keep the cache on the device for the same
+reason); on the CPU it saves the copy of every step's outputs into fresh numpy arrays.
+
+Both classes share one interface: ``shape(x)``, ``empty(like)``, ``take(xs, rows, src_len=None)``, and
+``to_numpy(xs)`` for tools and tests that read the state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class NumpyOps:
+    """State tensors as numpy arrays (what scripted tests and the PyTorch baseline return)."""
+
+    @staticmethod
+    def shape(x: np.ndarray) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    @staticmethod
+    def to_numpy(xs: list[np.ndarray]) -> list[np.ndarray]:
+        return list(xs)
+
+    @staticmethod
+    def empty(like: np.ndarray) -> np.ndarray:
+        """A zero-length self cache [batch, n_heads, 0, d_head] with ``like``'s batch, heads, d_head and dtype."""
+        batch, n_heads, _, d_head = like.shape
+        return np.zeros((batch, n_heads, 0, d_head), dtype=like.dtype)
+
+    @staticmethod
+    def take(xs: list[np.ndarray], rows: np.ndarray, src_len: int | None = None) -> list[np.ndarray]:
+        """Per tensor [batch, n_heads, length, d_head]: rows ``rows`` (int64 [new_batch]), and the first
+        ``src_len`` positions of axis 2 when given."""
+        if src_len is None:
+            return [x[rows] for x in xs]
+        return [np.ascontiguousarray(x[rows, :, :src_len]) for x in xs]
+
+
+def _take_graph(n_tensors: int, elem_type: int) -> bytes:
+    """ONNX graph: y_i = Gather(Slice(x_i, starts=[0], ends=end, axes=[2]), rows, axis=0) for i < n_tensors."""
+    inputs = [helper.make_tensor_value_info(f"x_{i}", elem_type, ["n", "h", "l", "d"]) for i in range(n_tensors)]
+    inputs += [helper.make_tensor_value_info("rows", TensorProto.INT64, ["r"]),
+               helper.make_tensor_value_info("end", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info(f"y_{i}", elem_type, ["r", "h", None, "d"]) for i in range(n_tensors)]
+    nodes = [helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])),
+             helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2]))]
+    for i in range(n_tensors):
+        nodes.append(helper.make_node("Slice", [f"x_{i}", "zero", "end", "two"], [f"s_{i}"]))
+        nodes.append(helper.make_node("Gather", [f"s_{i}", "rows"], [f"y_{i}"], axis=0))
+    graph = helper.make_graph(nodes, "take_rows", inputs, outputs)
+    # IR version 8 (the one of opset 18) rather than the onnx package's newest, which ONNX Runtime may not read yet.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class OrtValueOps:
+    """State tensors as OrtValues on one device; ``take`` runs a Gather graph there (no host copy).
+
+    Args:
+        n_tensors: how many tensors one ``take`` call gets (2 x decoder layers: K and V).
+        elem_type: the tensors' ONNX element type (TensorProto.FLOAT or FLOAT16).
+        providers, options: those of the model's sessions, so the graph runs where the cache lives.
+        device_type, device_id: where outputs are kept ("cpu"/"cuda", 0).
+    """
+
+    def __init__(self, n_tensors: int, elem_type: int, providers: list[str], options: ort.SessionOptions,
+                 device_type: str, device_id: int = 0) -> None:
+        self.n_tensors = n_tensors
+        self.dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+        self.device_type, self.device_id = device_type, device_id
+        self.session = ort.InferenceSession(_take_graph(n_tensors, elem_type), options, providers=providers)
+
+    @staticmethod
+    def shape(x: ort.OrtValue) -> tuple[int, ...]:
+        return tuple(x.shape())
+
+    @staticmethod
+    def to_numpy(xs: list[ort.OrtValue]) -> list[np.ndarray]:
+        """Host copies of the tensors."""
+        return [x.numpy() for x in xs]
+
+    def empty(self, like: ort.OrtValue) -> ort.OrtValue:
+        batch, n_heads, _, d_head = like.shape()
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, n_heads, 0, d_head), dtype=self.dtype),
+                                                self.device_type, self.device_id)
+
+    def take(self, xs: list[ort.OrtValue], rows: np.ndarray, src_len: int | None = None) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.take`; ``xs`` must hold ``n_tensors`` OrtValues.
+
+        Raises:
+            ValueError: another number of tensors.
+        """
+        if len(xs) != self.n_tensors:
+            raise ValueError(f"take expects {self.n_tensors} tensors, got {len(xs)}")
+        binding = self.session.io_binding()
+        for i, x in enumerate(xs):
+            binding.bind_ortvalue_input(f"x_{i}", x)
+        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_cpu_input("end", np.asarray([_INT64_MAX if src_len is None else src_len], dtype=np.int64))
+        for i in range(self.n_tensors):
+            binding.bind_output(f"y_{i}", self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
