@@ -7,12 +7,18 @@ core with everything else, DESIGN.md section 8) and the same batching policy (se
 at most --max-batch-tokens padded source tokens). Systems:
     engine-fp32   our ONNX Runtime engine (engine/), the served artifact
     engine-int8   the same after export/quantize.py (dynamic int8)
+    engine-fp16   the same after export/fp16.py (float16; made for CUDA, and this CPU has float16 kernels too)
     torch-eager   the project's own nn.Module with its KV cache behind the engine's search (loadtests/baselines)
     ct2-fp32/int8 CTranslate2 built from our weights (loadtests/baselines/ctranslate2_model.py)
 Workloads: the test split (BLEU and chrF next to the speed), and a fixed-length one (min_length = max_length, so
 every system does the same work whatever it predicts), on the bundled model and on a Transformer-base model with
 random weights. Throughput counts generated target tokens (eos included when generated). Then the HTTP sweep of
 loadtests/bench_http.py. Prints a table with every target ratio of issue 4 and writes JSON and a PNG plot.
+
+    .venv/bin/python -m loadtests.benchmark --device cuda --skip-http   # the GPU run (scripts/gpu/check.sh)
+
+On CUDA: engine-fp32 and engine-fp16 with the state on the GPU (I/O binding) and torch-eager on the GPU; no
+CTranslate2 (its pip wheel is a CUDA 12 build) and no int8 (ONNX Runtime's dynamic int8 is a CPU kernel).
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import sacrebleu
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
+from export.fp16 import fp16_artifact
 from export.onnx_export import export_checkpoint
 from export.quantize import quantize_artifact
 from loadtests.base_model import make_base_checkpoint
-from loadtests.baselines.ctranslate2_model import CT2Translator, convert
 from loadtests.baselines.torch_eager import torch_translator
-from loadtests.flops import flops_per_target_token, gemm_flops
+from loadtests.flops import cuda_gemm_flops, flops_per_target_token, gemm_flops
 from nmt.config import ModelConfig
 from nmt.data import read_pairs
 
@@ -69,7 +75,7 @@ class EngineSystem:
 
 
 class CT2System:
-    def __init__(self, name: str, translator: CT2Translator, max_batch_tokens: int) -> None:
+    def __init__(self, name: str, translator, max_batch_tokens: int) -> None:
         self.name, self.ct2, self.max_batch_tokens = name, translator, max_batch_tokens
 
     def _run(self, texts: list[str], beam_size: int, min_length: int, max_length: int):
@@ -113,26 +119,49 @@ def prepare(args) -> list[Model]:
         if not (m.artifact / "manifest.json").exists():
             print(f"exporting {m.name} ...", flush=True)
             export_checkpoint(m.checkpoint, m.artifact, sentences[:4] if not m.trained else sentences)
-        if not (int8_artifact(m, args) / "manifest.json").exists():
+        if not (int8_artifact(m, args) / "manifest.json").exists() and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
-        for q in ("float32", "int8"):
-            ct2_dir = work / f"{m.name}-ct2-{q}"
-            if not (ct2_dir / "model.bin").exists():
-                convert(m.checkpoint, ct2_dir, q)
+        if not (fp16_artifact_dir(m, args) / "manifest.json").exists():
+            fp16_artifact(m.artifact, fp16_artifact_dir(m, args), sentences[:4], args.device)
+        if args.device == "cpu":
+            prepare_ct2(m, work)
     return models
+
+
+def prepare_ct2(m: Model, work: Path) -> None:
+    # Imported here: CTranslate2 runs in the CPU benchmark only, and the GPU machine's image does not have it.
+    from loadtests.baselines.ctranslate2_model import convert
+
+    for q in ("float32", "int8"):
+        ct2_dir = work / f"{m.name}-ct2-{q}"
+        if not (ct2_dir / "model.bin").exists():
+            convert(m.checkpoint, ct2_dir, q)
 
 
 def int8_artifact(m: Model, args) -> Path:
     return Path(args.work) / f"{m.name}-int8"
 
 
+def fp16_artifact_dir(m: Model, args) -> Path:
+    return Path(args.work) / f"{m.name}-fp16"
+
+
 def systems_for(m: Model, args) -> list:
-    engine = EngineConfig(device="cpu", intra_op_threads=args.threads, max_batch_tokens=args.max_batch_tokens)
+    engine = EngineConfig(device=args.device, intra_op_threads=args.threads, max_batch_tokens=args.max_batch_tokens)
+    if args.device == "cuda":
+        return [EngineSystem("engine-fp32", Translator(m.artifact, engine)),
+                EngineSystem("engine-fp16", Translator(fp16_artifact_dir(m, args), engine)),
+                EngineSystem("torch-eager", torch_translator(m.artifact, m.checkpoint, args.threads, "cuda",
+                                                               args.max_batch_tokens))]
+    from loadtests.baselines.ctranslate2_model import CT2Translator
+
     ct2 = lambda q: CT2Translator(Path(args.work) / f"{m.name}-ct2-{q}",  # noqa: E731
                                   m.checkpoint / "spm.model", args.threads)
     return [EngineSystem("engine-fp32", Translator(m.artifact, engine)),
             EngineSystem("engine-int8", Translator(int8_artifact(m, args), engine)),
-            EngineSystem("torch-eager", torch_translator(m.artifact, m.checkpoint, args.threads)),
+            EngineSystem("engine-fp16", Translator(fp16_artifact_dir(m, args), engine)),
+            EngineSystem("torch-eager", torch_translator(m.artifact, m.checkpoint, args.threads,
+                                                           max_batch_tokens=args.max_batch_tokens)),
             CT2System("ct2-fp32", ct2("float32"), args.max_batch_tokens),
             CT2System("ct2-int8", ct2("int8"), args.max_batch_tokens)]
 
@@ -194,6 +223,9 @@ def targets(rows: list[dict], http: dict | None) -> list[dict]:
                                  ("engine fp32 / PyTorch eager", "engine-fp32", "torch-eager", 3.0)):
         ratios = ratio_rows(rows, num, den)
         values = [r["ratio"] for r in ratios]
+        if not values:  # a system this device does not run (CTranslate2 and int8 on CUDA)
+            checks.append(dict(target=name, goal=goal, value=None, met=None))
+            continue
         checks.append(dict(target=name, goal=goal, min=min(values), max=max(values), met=min(values) >= goal,
                            per_workload=ratios))
     if http:
@@ -240,11 +272,13 @@ def print_table(rows: list[dict], checks: list[dict], http: dict | None) -> None
             print(f"{name:<15} {r['sentences_per_s']:>7.1f} {r['latency_p50_s']:>7.3f} {r['latency_p90_s']:>7.3f}"
                   f" {r['latency_p99_s']:>7.3f} {r['errors']:>7} {r['mean_batch_size'] or float('nan'):>11.2f}")
         print(f"engine alone, same sentences and options: {http['engine_sentences_per_s']} sentences/s")
-    print("* % of the measured float32 GEMM FLOP/s (int8 kernels can exceed it)")
+    print("* % of the measured float32 GEMM FLOP/s (int8 and float16 kernels can exceed it)")
     print("\ntarget                                                goal    value        met")
     for c in checks:
-        value = f"{c['min']:.2f}..{c['max']:.2f}" if "min" in c else f"{c['value']:.2f}"
-        print(f"{c['target']:<52} {c['goal']:>5.1f} {value:>12} {'yes' if c['met'] else 'NO':>6}")
+        value = (f"{c['min']:.2f}..{c['max']:.2f}" if "min" in c else
+                 "not run" if c["value"] is None else f"{c['value']:.2f}")
+        met = "n/a" if c["met"] is None else "yes" if c["met"] else "NO"
+        print(f"{c['target']:<52} {c['goal']:>5.1f} {value:>12} {met:>6}")
 
 
 def plot(rows: list[dict], http: dict | None, path: Path) -> None:
@@ -295,8 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifact", default="artifacts/en-de", help="the bundled model's export (made if missing)")
     p.add_argument("--work", default="artifacts/bench", help="exported/converted models are cached here")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max-batch-tokens", type=int, default=EngineConfig().max_batch_tokens)
-    p.add_argument("--fixed-sentences", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-batch-tokens", type=int,
+                   help=f"default {EngineConfig().max_batch_tokens} on the CPU, 16384 on CUDA")
+    p.add_argument("--fixed-sentences", type=int, help="default 64 on the CPU, 256 on CUDA")
     p.add_argument("--fixed-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="best of N timed runs")
     p.add_argument("--clients", default="1,4,16,64,128")
@@ -306,13 +342,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 100 test sentences, short HTTP levels")
     p.add_argument("--out", default="loadtests/results/benchmark")
     args = p.parse_args(argv)
+    if args.max_batch_tokens is None:
+        args.max_batch_tokens = 16384 if args.device == "cuda" else EngineConfig().max_batch_tokens
+    if args.device == "cuda":
+        args.fixed_sentences = args.fixed_sentences or 256  # a GPU needs more rows than 64 x beam to fill
+        args.skip_http = True  # the service's own GPU run is not part of this script (no Ray on the GPU image)
+    args.fixed_sentences = args.fixed_sentences or 64
     if args.quick:
         args.repeats, args.http_seconds, args.fixed_sentences = 1, 4.0, 16
     pairs = read_pairs(Path(args.corpus) / "test.tsv.gz")[: 100 if args.quick else None]
     test_src, test_ref = [en for en, _ in pairs], [de for _, de in pairs]
     models = prepare(args)
-    peaks = gemm_flops(args.threads)
-    peak = max(peaks.values())
+    peaks = gemm_flops(args.threads) if args.device == "cpu" else cuda_gemm_flops()
+    # % of peak is against float32 arithmetic (TF32 off on CUDA); float16 rows can exceed it.
+    peak = max(v for k, v in peaks.items() if "float16" not in k)
     print(json.dumps(dict(gemm_gflops={k: round(v / 1e9, 1) for k, v in peaks.items()})), flush=True)
     rows = bench_engines(models, args, test_src, test_ref, peak)
     http = None if args.skip_http else http_section(args)

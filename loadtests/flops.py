@@ -42,14 +42,33 @@ def gemm_flops(threads: int, shapes: tuple[tuple[int, int, int], ...] = ((2048, 
     Returns {"mxkxn": FLOP/s}; the best of repeated runs lasting at least ``min_seconds`` seconds.
     """
     torch.set_num_threads(threads)
+    return _timed_gemms(shapes, min_seconds, "cpu", torch.float32)
+
+
+def cuda_gemm_flops(shapes: tuple[tuple[int, int, int], ...] = ((8192, 8192, 8192),),
+                    min_seconds: float = 1.0) -> dict[str, float]:
+    """Measured GEMM speed of torch (cuBLAS) on the first GPU, FLOP/s per "dtype mxkxn": float32 (TF32 off, the
+    float32 engine's arithmetic) and float16 (tensor cores, the float16 engine's)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        for name, value in _timed_gemms(shapes, min_seconds, "cuda", dtype).items():
+            results[f"{str(dtype).removeprefix('torch.')} {name}"] = value
+    return results
+
+
+def _timed_gemms(shapes, min_seconds: float, device: str, dtype) -> dict[str, float]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b  # warm-up: thread pool and packing buffers
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        a @ b  # warm-up: thread pool, packing buffers, cuBLAS handles
+        sync()
         best, spent = float("inf"), 0.0
         while spent < min_seconds:
             started = time.perf_counter()
             a @ b
+            sync()
             seconds = time.perf_counter() - started
             best, spent = min(best, seconds), spent + seconds
         results[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best

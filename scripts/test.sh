@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up the project (scripts/setup.sh, and Debian's prometheus for the metrics tests) and runs the whole test
-# suite on the CPU.
+# suite on the CPU. Tests marked gpu (tests/gpu/) are deselected here, and counted as such in pytest's summary:
+# they need a CUDA GPU and run through scripts/gpu/check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_prometheus.sh
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
-exec .venv/bin/python -m pytest -p no:cacheprovider tests "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider -m "not gpu" tests "$@"

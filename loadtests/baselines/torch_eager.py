@@ -1,7 +1,8 @@
 """PyTorch-eager baseline: the project's own nn.Module with its KV cache, behind the engine's search code.
 
 The same batched greedy/beam search (engine/search.py) drives it, so the comparison with the ONNX engine isolates
-the runtime: eager PyTorch ops versus ONNX Runtime sessions.
+the runtime: eager PyTorch ops versus ONNX Runtime sessions. On a GPU the cache stays there as torch tensors
+(:class:`TorchOps`), as the engine's stays in OrtValues, so neither pays host copies the other does not.
 """
 
 from __future__ import annotations
@@ -17,37 +18,68 @@ from export.onnx_export import load_checkpoint
 from nmt.model import Transformer
 
 
+class TorchOps:
+    """engine/state_ops.py's interface over torch tensors on one device."""
+
+    @staticmethod
+    def shape(x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    @staticmethod
+    def to_numpy(xs: list[torch.Tensor]) -> list[np.ndarray]:
+        return [x.cpu().numpy() for x in xs]
+
+    @staticmethod
+    def empty(like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(like.shape[:2] + (0,) + like.shape[3:])
+
+    @staticmethod
+    def take(xs: list[torch.Tensor], rows: np.ndarray, src_len: int | None = None) -> list[torch.Tensor]:
+        index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(xs[0].device)
+        if src_len is None:
+            return [x.index_select(0, index) for x in xs]
+        return [x[:, :, :src_len].index_select(0, index) for x in xs]
+
+
 class TorchStepModel:
-    """OnnxModel's interface (encode, step; numpy in and out) over an eval-mode Transformer on the CPU."""
+    """OnnxModel's interface (encode, step, ops) over an eval-mode Transformer on ``device`` ("cpu" or "cuda").
 
-    provider = "torch-eager-cpu"
+    Token ids, masks, log-probs and attention cross as numpy; the state stays torch tensors on the device.
+    """
 
-    def __init__(self, model: Transformer) -> None:
-        self.model = model.eval()
+    ops = TorchOps()
+
+    def __init__(self, model: Transformer, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.provider = f"torch-eager-{self.device.type}"
+
+    def _in(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
 
     @torch.inference_mode()
-    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
         """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, float32
-        [batch, n_heads, src_len, d_head]."""
-        memory = self.model.encode(torch.from_numpy(src_ids), torch.from_numpy(src_mask))
-        cross_k, cross_v = self.model.cross_kv(memory)
-        return [k.numpy() for k in cross_k], [v.numpy() for v in cross_v]
+        [batch, n_heads, src_len, d_head] torch tensors on the device."""
+        memory = self.model.encode(self._in(src_ids), self._in(src_mask))
+        return self.model.cross_kv(memory)
 
     @torch.inference_mode()
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
         """One decoder step, shapes as OnnxModel.step."""
-        as_torch = lambda arrays: [torch.from_numpy(a) for a in arrays]  # noqa: E731 (zero-copy views)
         log_probs, new_k, new_v, attention = self.model.decode_step(
-            torch.from_numpy(tokens), as_torch(self_k), as_torch(self_v), as_torch(cross_k), as_torch(cross_v),
-            torch.from_numpy(src_mask))
-        return log_probs.numpy(), [k.numpy() for k in new_k], [v.numpy() for v in new_v], attention.numpy()
+            self._in(tokens), self_k, self_v, cross_k, cross_v, self._in(src_mask))
+        return log_probs.cpu().numpy(), new_k, new_v, attention.cpu().numpy()
 
 
-def torch_translator(artifact_dir: str | Path, checkpoint: str | Path, threads: int) -> Translator:
-    """A Translator (tokenizer and search from ``artifact_dir``) whose model runs in eager PyTorch.
+def torch_translator(artifact_dir: str | Path, checkpoint: str | Path, threads: int, device: str = "cpu",
+                     max_batch_tokens: int = EngineConfig().max_batch_tokens) -> Translator:
+    """A Translator (tokenizer and search from ``artifact_dir``) whose model runs in eager PyTorch on ``device``,
+    with the engine's batching (``max_batch_tokens`` padded source tokens per chunk).
 
     ``threads`` sets torch's intra-op threads for the whole process.
     """
     torch.set_num_threads(threads)
-    return Translator(artifact_dir, EngineConfig(device="cpu", intra_op_threads=threads),
-                      model=TorchStepModel(load_checkpoint(checkpoint)))
+    return Translator(artifact_dir, EngineConfig(device="cpu", intra_op_threads=threads,
+                                                 max_batch_tokens=max_batch_tokens),
+                      model=TorchStepModel(load_checkpoint(checkpoint), device))

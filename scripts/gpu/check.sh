@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU check in one go, on a machine with an NVIDIA GPU and no network: the GPU-only tests (tests/gpu, marker
+# gpu) and the GPU benchmark (engine float32 and float16 on CUDA with the state on the device, PyTorch eager on
+# CUDA). Figures and logs go to $OUT (the device tool's output folder), else .gpu/out.
+#
+# Made for the device tool's H200 image: its python3 (3.12) has torch 2.11+cu130 with the CUDA 13 libraries as
+# nvidia-* packages, onnx, onnxscript, sentencepiece, safetensors, sacrebleu, matplotlib and pytest; ONNX Runtime's
+# CUDA build comes from scripts/gpu/pack.sh's parts. Exits 3 when parts are missing (carry them, then rerun).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-.gpu/out}
+mkdir -p "$OUT"
+(cd .gpu/parts && sha256sum --quiet -c SHA256SUMS) || { echo "parts missing or broken: see scripts/gpu/pack.sh"; exit 3; }
+if [ ! -d .gpu/site/onnxruntime ]; then
+    mkdir -p .gpu/site && cat .gpu/parts/ort.tar.xz.part* | xz -d | tar -C .gpu/site -xf - || exit 3
+fi
+# Ours first, so the image's CPU-only onnxruntime is shadowed; the CUDA 13 libraries of the nvidia-* packages.
+export PYTHONPATH="$PWD/.gpu/site:$PWD" PYTHONUNBUFFERED=1
+nvidia_libs=$(python3 -c 'import glob, site; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))')
+export LD_LIBRARY_PATH="$nvidia_libs:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__, torch.cuda.is_available())' | tee -a "$OUT/gpu.txt"
+started=$SECONDS
+python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "gpu tests: exit $tests_rc after $((SECONDS - started)) s"
+python3 -m loadtests.benchmark --device cuda --corpus .gpu/corpus --work .gpu/bench --out "$OUT/benchmark_gpu" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/benchmark_gpu.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests exit $tests_rc, benchmark exit $bench_rc, $((SECONDS - started)) s in all"
+exit $((tests_rc || bench_rc))
