@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from onnx import TensorProto
 
 from engine import contract
 from engine.errors import EngineUnavailableError
+from engine.search import TopCandidates
 from engine.state_ops import NumpyOps, OrtValueOps
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class OnnxModel:
         self.encoder_outputs = list(contract.encoder_outputs(n_layers))
         self.decoder_inputs = contract.decoder_inputs(n_layers)
         self.decoder_outputs = list(contract.decoder_outputs(n_layers))
+        self.cache_outputs = [name for name in self.decoder_outputs if name.startswith("new_self_")]
         for name in (contract.ENCODER_FILE, contract.DECODER_STEP_FILE):
             if not (artifact_dir / name).is_file():
                 raise FileNotFoundError(f"{artifact_dir / name} is missing: run `python -m export.onnx_export`")
@@ -104,6 +107,7 @@ class OnnxModel:
         self.provider = self.decoder.get_providers()[0]
         if cfg.device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")
+        self.vocab_size = json.loads((artifact_dir / contract.CONFIG_FILE).read_text())["vocab_size"]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         cache_type = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16}[
             next(i.type for i in self.decoder.get_inputs() if i.name == "self_k_0")]
@@ -128,32 +132,38 @@ class OnnxModel:
             outputs = binding.get_outputs()
         return outputs[:self.n_layers], outputs[self.n_layers:]
 
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None):
         """One decoder step; per-layer lists of state tensors (as :meth:`encode` returns them), shapes in
         engine/contract.py; tokens int64 [rows, 1] and src_mask bool [rows, src_len] are numpy. State tensors
         may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
 
-        Returns log_probs float32 [rows, vocab] (numpy), new self_k and self_v (lists, same kind as the inputs),
-        attention float32 [rows, src_len] (numpy).
+        Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
+        with ``top_k`` only each row's top_k best tokens (:class:`TopCandidates`; the full log-probs then stay on
+        the device); the caches are lists of the same kind as the inputs; attention float32 [rows, src_len] (numpy).
         """
         n = self.n_layers
+        k = np.asarray([top_k or 1], dtype=np.int64)
+        host = (list(contract.TOP_K_OUTPUTS) if top_k else ["log_probs"]) + ["attention"]
         if not self.io_binding:
-            feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)))
-            outputs = self.decoder.run(self.decoder_outputs, feeds)
-            return outputs[0], outputs[2:2 + n], outputs[2 + n:], outputs[1]
-        binding = self.decoder.io_binding()
-        binding.bind_cpu_input("tokens", tokens)
-        binding.bind_cpu_input("src_mask", src_mask)
-        for name, value in zip(self.decoder_inputs[2:], (*self_k, *self_v, *cross_k, *cross_v)):
-            if isinstance(value, np.ndarray):  # a caller's own state (parity tools, tests)
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        # Scores go to the host for the search; the grown cache stays where it is.
-        binding.bind_output("log_probs", "cpu")
-        binding.bind_output("attention", "cpu")
-        for name in self.decoder_outputs[2:]:
-            binding.bind_output(name, self.device_type)
-        self.decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), outputs[2:2 + n], outputs[2 + n:], outputs[1].numpy()
+            feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v, k)))
+            outputs = self.decoder.run(host + self.cache_outputs, feeds)
+        else:
+            binding = self.decoder.io_binding()
+            for name, value in zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v, k)):
+                if isinstance(value, np.ndarray):  # tokens, mask, k; or a caller's own state (parity tools, tests)
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            # What the search reads goes to the host; the grown cache stays where it is.
+            for name in host:
+                binding.bind_output(name, "cpu")
+            for name in self.cache_outputs:
+                binding.bind_output(name, self.device_type)
+            if top_k:
+                binding.bind_output("log_probs", self.device_type)
+            self.decoder.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            outputs = [o.numpy() for o in outputs[:len(host)]] + outputs[len(host):len(host) + 2 * n]
+        scores = TopCandidates(outputs[0], outputs[1], self.vocab_size) if top_k else outputs[0]
+        caches = outputs[len(host):]
+        return scores, caches[:n], caches[n:2 * n], outputs[len(host) - 1]

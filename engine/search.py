@@ -11,6 +11,14 @@ Semantics are those of the PyTorch reference (nmt/search.py), which is the oracl
 Sentences that finish leave the batch: their rows are dropped from the cache, so long sentences do not make short
 ones pay, and every step only computes live rows.
 
+With ``use_top_k`` the step function is asked for each row's k best tokens only (``step_fn(..., top_k=k)`` returns
+:class:`TopCandidates` instead of log-probs; the ONNX graphs compute them with TopK, engine/contract.py). The
+result is exactly the full-vocabulary search's: a sentence's 2 x beam_size best candidates over all its beams are
+among its rows' own 2 x beam_size best (a candidate's rank in its row is at most its rank in the sentence, the
+row's score being shared), k also covers the tokens a rule bans (pad; eos before min_length), and ties order by
+lower token id in both. Rules that rewrite whole rows (repetition penalty, no_repeat_ngram, forced prefixes) and
+sampling need the full log-probs, so the search falls back to them.
+
 A sentence whose ``is_cancelled(sentence)`` turns true (client gone, deadline passed) leaves the batch at the next
 step and gets no hypotheses ([]), so abandoned work stops costing compute.
 
@@ -50,6 +58,39 @@ class Hypothesis:
     attention: list[np.ndarray] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TopCandidates:
+    """Each row's k best next tokens, which a decoder step returns instead of log-probs when asked for top_k.
+
+    Attributes:
+        log_probs: float32 [rows, k], best first, ties ordered by lower token id (ONNX TopK's rule).
+        ids: int64 [rows, k], the tokens.
+        vocab: the vocabulary size (a candidate's flat index is beam x vocab + token).
+    """
+
+    log_probs: np.ndarray
+    ids: np.ndarray
+    vocab: int
+
+
+def top_k_for(rules: Rules, width: int, sampling: Sampling | None = None) -> int | None:
+    """The k a top-k step needs so that a search keeping ``width`` candidates per row (1 greedy, 2 x beam_size beam)
+    gets exactly the full-vocabulary result under ``rules``; None when the rules or sampling need full log-probs."""
+    if (rules.repetition_penalty != 1.0 or rules.no_repeat_ngram_size or (rules.prefixes and any(rules.prefixes))
+            or (sampling is not None and not sampling.greedy)):
+        return None
+    return width + len(rules.banned_ids) + (1 if rules.min_length else 0)
+
+
+def _banned_values(top: TopCandidates, rules: Rules, step: int, eos_id: int) -> np.ndarray:
+    """top.log_probs with the tokens the rules forbid at this step set to -inf (what apply_rules does to full
+    log-probs when only bans are active)."""
+    banned = list(rules.banned_ids) + ([eos_id] if step < rules.min_length else [])
+    if not banned:
+        return top.log_probs
+    return np.where(np.isin(top.ids, banned), np.float32(-np.inf), top.log_probs)
+
+
 @dataclasses.dataclass
 class StepStats:
     """Work counters of one search call: decoder steps run and decoder rows computed (sum over steps)."""
@@ -86,10 +127,11 @@ class _Rows:
         self.cross_k, self.cross_v = cross[:self.n_layers], cross[self.n_layers:]
         self.src_mask = np.ascontiguousarray(self.src_mask_all[rows, :src_len])
 
-    def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats) -> np.ndarray:
-        """Runs the decoder on the active rows; keeps the attention output (if the step gives one) in
-        ``self.attention`` [rows, src_len]."""
-        out = step_fn(tokens[:, None], self.self_k, self.self_v, self.cross_k, self.cross_v, self.src_mask)
+    def step(self, step_fn: StepFn, tokens: np.ndarray, stats: StepStats, top_k: int | None = None):
+        """Runs the decoder on the active rows: log-probs [rows, vocab], or TopCandidates with ``top_k``; keeps the
+        attention output (if the step gives one) in ``self.attention`` [rows, src_len]."""
+        args = (tokens[:, None], self.self_k, self.self_v, self.cross_k, self.cross_v, self.src_mask)
+        out = step_fn(*args, top_k=top_k) if top_k else step_fn(*args)
         log_probs, self.self_k, self.self_v = out[:3]
         self.attention = out[3] if len(out) > 3 else None
         stats.steps += 1
@@ -119,7 +161,7 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
                   length_limits: list[int], bos_id: int, eos_id: int, rules: Rules = Rules(),
                   sampling: Sampling | None = None, stats: StepStats | None = None,
                   is_cancelled: CancelFn = never_cancelled, return_attention: bool = False,
-                  ops=NumpyOps()) -> list[Hypothesis | None]:
+                  ops=NumpyOps(), use_top_k: bool = False) -> list[Hypothesis | None]:
     """Greedy search of a batch, or random sampling when ``sampling`` is given and not greedy.
 
     Args:
@@ -133,6 +175,7 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
         return_attention: keep each output token's cross-attention (the step function must return it).
         ops: row operations on the state tensors (engine/state_ops.py): NumpyOps for numpy arrays, the model's
             OrtValueOps when the step keeps them on the device.
+        use_top_k: the step function can return TopCandidates (module docstring); used when the rules allow.
     Returns: one Hypothesis per sentence, in input order (None for a cancelled sentence).
     """
     stats = stats or StepStats()
@@ -149,6 +192,7 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
     step = 0
     # The per-row poll is Python work: skip it when nothing can cancel.
     check_cancel = is_cancelled is not never_cancelled
+    top_k = top_k_for(rules, 1, sampling) if use_top_k else None
     while len(rows.sentence_of_row):
         alive = (np.asarray([r for r, s in enumerate(rows.sentence_of_row) if not is_cancelled(int(s))],
                             dtype=np.int64) if check_cancel else rows.sentence_of_row)
@@ -157,18 +201,25 @@ def greedy_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.n
             rows.select(alive)
             if not len(alive):
                 break
-        log_probs = rows.step(step_fn, tokens, stats)
-        apply_rules(log_probs, step, [out_tokens[s] for s in rows.sentence_of_row], rows.sentence_of_row, rules,
-                    eos_id)
-        if rngs is None:
-            tokens = log_probs.argmax(axis=1)
+        log_probs = rows.step(step_fn, tokens, stats, top_k)
+        every_row = np.arange(len(tokens))
+        if top_k:  # best first with ties by lower id, so argmax picks what argmax over the vocabulary would
+            values = _banned_values(log_probs, rules, step, eos_id)
+            best = values.argmax(axis=1)
+            tokens, token_log_probs = log_probs.ids[every_row, best], values[every_row, best]
         else:
-            tokens = np.concatenate([sampling.choose(log_probs[r:r + 1], rngs[s])
-                                     for r, s in enumerate(rows.sentence_of_row)])
+            apply_rules(log_probs, step, [out_tokens[s] for s in rows.sentence_of_row], rows.sentence_of_row,
+                        rules, eos_id)
+            if rngs is None:
+                tokens = log_probs.argmax(axis=1)
+            else:
+                tokens = np.concatenate([sampling.choose(log_probs[r:r + 1], rngs[s])
+                                         for r, s in enumerate(rows.sentence_of_row)])
+            token_log_probs = log_probs[every_row, tokens]
         keep = []
         for row, sentence in enumerate(rows.sentence_of_row):
             token = int(tokens[row])
-            scores[sentence] += log_probs[row, token]
+            scores[sentence] += token_log_probs[row]
             if token != eos_id:
                 out_tokens[sentence].append(token)
                 if return_attention:
@@ -194,7 +245,8 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 
 
 def _sentence_candidates(active, live_scores, log_probs: np.ndarray, n_lives: list[int], k: int):
-    """Per active sentence: (cand [n_live * vocab] summed scores, its k best flat indices best first).
+    """Per active sentence: (scores, flat indices) of its k best candidates, best first, ties by lower flat index
+    (flat = beam x vocab + token; score = beam score + the token's log-prob).
 
     When every sentence has the same number of live beams (the usual case) one argpartition over
     [sentences, n_live * vocab] replaces one call per sentence (the search's largest Python-side cost).
@@ -206,20 +258,41 @@ def _sentence_candidates(active, live_scores, log_probs: np.ndarray, n_lives: li
         cand = (scores[:, :, None] + log_probs.reshape(len(active), n, vocab)).reshape(len(active), -1)
         tops = np.argpartition(-cand, k - 1, axis=1)[:, :k]
         for row, top in zip(cand, tops):
-            yield row, top[np.lexsort((top, -row[top]))]
+            top = top[np.lexsort((top, -row[top]))]
+            yield row[top], top
         return
     row0 = 0
     for sentence, n in zip(active, n_lives):
         cand = (live_scores[sentence][:, None] + log_probs[row0:row0 + n]).reshape(-1)
         row0 += n
-        yield cand, _top_candidates(cand, k)
+        top = _top_candidates(cand, k)
+        yield cand[top], top
+
+
+def _sentence_candidates_from_top(active, live_scores, values: np.ndarray, top: TopCandidates, n_lives: list[int],
+                                  k: int):
+    """As :func:`_sentence_candidates`, from each row's top candidates (values [rows, top_k], banned at -inf)."""
+    width = values.shape[1]
+    groups = ([(active, n_lives[0])] if len(set(n_lives)) == 1 else [([s], n) for s, n in zip(active, n_lives)])
+    row0 = 0
+    for sentences, n in groups:
+        rows = len(sentences) * n
+        scores = np.stack([live_scores[sentence] for sentence in sentences])  # [sentences, n]
+        cand = (scores[:, :, None] + values[row0:row0 + rows].reshape(len(sentences), n, width))
+        flats = np.arange(n)[None, :, None] * top.vocab + top.ids[row0:row0 + rows].reshape(len(sentences), n, width)
+        cand, flats = cand.reshape(len(sentences), -1), flats.reshape(len(sentences), -1)
+        row0 += rows
+        # Lower flat index first among equal scores: the layout is already in flat order wherever scores tie (beams
+        # in order, each row's ties by lower id), so a stable sort by score keeps it.
+        order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+        yield from zip(np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1))
 
 
 def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.ndarray], src_mask: np.ndarray,
                 length_limits: list[int], bos_id: int, eos_id: int, beam_size: int, length_penalty: float,
                 n_best: int = 1, rules: Rules = Rules(), stats: StepStats | None = None,
                 is_cancelled: CancelFn = never_cancelled, return_attention: bool = False,
-                ops=NumpyOps()) -> list[list[Hypothesis]]:
+                ops=NumpyOps(), use_top_k: bool = False) -> list[list[Hypothesis]]:
     """Beam search of a batch (semantics in the module docstring).
 
     Args: as :func:`greedy_search` (no sampling), plus beam_size, length_penalty (GNMT alpha) and n_best
@@ -237,26 +310,33 @@ def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.nda
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     active = list(range(batch))  # sentence ids, in row-block order
     last = np.full(batch, bos_id, dtype=np.int64)
+    top_k = top_k_for(rules, 2 * beam_size) if use_top_k else None
     step = 0
     while active:
         if any(is_cancelled(sentence) for sentence in active):
             active, last = _drop_cancelled(rows, active, live_tokens, last, finished, is_cancelled)
             if not active:
                 break
-        log_probs = rows.step(step_fn, last, stats)
-        if rules.active:
-            histories = [t for sentence in active for t in live_tokens[sentence]]
-            apply_rules(log_probs, step, histories, rows.sentence_of_row, rules, eos_id)
-        vocab = log_probs.shape[1]
+        log_probs = rows.step(step_fn, last, stats, top_k)
+        n_lives = [len(live_tokens[sentence]) for sentence in active]
+        if top_k:
+            vocab = log_probs.vocab
+            candidates = _sentence_candidates_from_top(active, live_scores, _banned_values(log_probs, rules, step,
+                                                                                          eos_id),
+                                                       log_probs, n_lives, 2 * beam_size)
+        else:
+            if rules.active:
+                histories = [t for sentence in active for t in live_tokens[sentence]]
+                apply_rules(log_probs, step, histories, rows.sentence_of_row, rules, eos_id)
+            vocab = log_probs.shape[1]
+            candidates = _sentence_candidates(active, live_scores, log_probs, n_lives, 2 * beam_size)
         parent_rows, next_last, still_active = [], [], []
         row0 = 0
-        n_lives = [len(live_tokens[sentence]) for sentence in active]
-        candidates = _sentence_candidates(active, live_scores, log_probs, n_lives, 2 * beam_size)
-        for sentence, n_live, (cand, top) in zip(active, n_lives, candidates):
+        for sentence, n_live, (cand_scores, flats) in zip(active, n_lives, candidates):
             new_tokens, new_scores, parents, new_attention = [], [], [], []
-            for rank, flat in enumerate(top):
+            for rank, (flat, cand_score) in enumerate(zip(flats, cand_scores)):
                 parent, token = divmod(int(flat), vocab)
-                score = float(cand[flat])
+                score = float(cand_score)
                 if score == -np.inf:  # forbidden by a rule: never a hypothesis (fewer live beams instead)
                     break
                 attn = live_attention[sentence][parent] if return_attention else None
@@ -269,7 +349,7 @@ def beam_search(step_fn: StepFn, cross_k: list[np.ndarray], cross_v: list[np.nda
                 else:
                     parents.append(parent)
                     new_tokens.append(live_tokens[sentence][parent] + [token])
-                    new_scores.append(cand[flat])
+                    new_scores.append(cand_score)
                     if return_attention:
                         new_attention.append(attn + [rows.attention_of(row0 + parent, src_lens[sentence])])
                 if len(parents) == beam_size:

@@ -80,6 +80,9 @@ class Translator:
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
         self.ops = getattr(self.model, "ops", NumpyOps())
+        # Our ONNX graphs give each row's top-k (engine/contract.py); other models (the PyTorch baseline) full
+        # log-probs. use_top_k is a switch so that tests can compare the two paths.
+        self.use_top_k = isinstance(self.model, OnnxModel)
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str) -> list[int]:
@@ -183,12 +186,13 @@ class Translator:
                                     temperature=options.sampling_temperature, seed=options.seed)
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                                  rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
-                                 return_attention=options.return_attention, ops=self.ops)
+                                 return_attention=options.return_attention, ops=self.ops,
+                                 use_top_k=self.use_top_k)
             return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,
                            n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled,
-                           return_attention=options.return_attention, ops=self.ops)
+                           return_attention=options.return_attention, ops=self.ops, use_top_k=self.use_top_k)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.rules import Rules
-from engine.search import StepStats, beam_search, gnmt_length_penalty, greedy_search
+from engine.rules import Rules, Sampling
+from engine.search import StepStats, TopCandidates, beam_search, gnmt_length_penalty, greedy_search, top_k_for
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
 VOCAB = 7
@@ -127,3 +127,47 @@ def test_eos_ranked_below_beam_size_is_not_finalized():
 
     (hyps,) = beam_search(step, *encoder_outputs(1), [10], BOS, EOS, beam_size=2, length_penalty=0.0, n_best=2)
     assert [h.tokens for h in hyps] == [[A], [B]]
+
+
+def _random_step(vocab: int, seed: int, levels: int = 6):
+    """A step whose log-probs depend on (last token, past length) through a fixed random table with few distinct
+    values, so that ties are common; returns it and its top-k twin (ties by lower id, as ONNX TopK)."""
+    table = np.log(np.random.default_rng(seed).integers(1, levels + 1, size=(vocab, 64, vocab)) / levels)
+    table = (table - np.logaddexp.reduce(table, axis=2, keepdims=True)).astype(np.float32)
+
+    def full(tokens, self_k, self_v, cross_k, cross_v, src_mask):
+        past = self_k[0].shape[2]
+        return table[tokens[:, 0], past].copy(), grown(self_k), grown(self_v)
+
+    def top(tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k):
+        log_probs, k, v = full(tokens, self_k, self_v, cross_k, cross_v, src_mask)
+        order = np.argsort(-log_probs, axis=1, kind="stable")[:, :top_k]
+        return TopCandidates(np.take_along_axis(log_probs, order, 1), order, vocab), k, v
+
+    return full, top
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("beam_size", [1, 2, 4])
+@pytest.mark.parametrize("rules", [Rules(), Rules(banned_ids=(PAD,)), Rules(banned_ids=(PAD, UNK), min_length=3)])
+def test_top_k_steps_give_exactly_the_full_vocabulary_result(seed, beam_size, rules):
+    """Module docstring of engine/search.py: the search over each row's top k equals the one over all tokens,
+    tie order included; three sentences of different length limits, so rows leave mid-batch."""
+    full, top = _random_step(vocab=12, seed=seed)
+    limits = [3, 9, 6]
+    if beam_size == 1:
+        want = greedy_search(full, *encoder_outputs(3), limits, BOS, EOS, rules=rules)
+        got = greedy_search(top, *encoder_outputs(3), limits, BOS, EOS, rules=rules, use_top_k=True)
+    else:
+        want = beam_search(full, *encoder_outputs(3), limits, BOS, EOS, beam_size=beam_size, length_penalty=0.6,
+                           n_best=beam_size, rules=rules)
+        got = beam_search(top, *encoder_outputs(3), limits, BOS, EOS, beam_size=beam_size, length_penalty=0.6,
+                          n_best=beam_size, rules=rules, use_top_k=True)
+    assert got == want
+
+
+def test_top_k_is_not_used_when_a_rule_needs_the_whole_row():
+    assert top_k_for(Rules(banned_ids=(PAD,), min_length=2), 8) == 8 + 1 + 1
+    for rules in (Rules(repetition_penalty=1.2), Rules(no_repeat_ngram_size=2), Rules(prefixes=((A,),))):
+        assert top_k_for(rules, 8) is None
+    assert top_k_for(Rules(), 1, Sampling(topk=5, seed=0)) is None
