@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Sets up the project, exports the bundled model to ONNX (once), starts a local Ray head with a fixed metrics
+# Sets up the project, exports the bundled model to ONNX (once, and again when this engine reads another
+# artifact format), starts a local Ray head with a fixed metrics
 # port and runs the Serve application in the foreground (Ctrl-C stops the app; `.venv/bin/ray stop` the cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 METRICS_PORT=${METRICS_PORT:-8080}
-if [ ! -f artifacts/en-de/manifest.json ]; then
+current_format() {
+  .venv/bin/python -c 'import json, sys; from engine import contract
+try: sys.exit(json.load(open("artifacts/en-de/manifest.json"))["format_version"] != contract.FORMAT_VERSION)
+except (OSError, KeyError, ValueError): sys.exit(1)'
+}
+if ! current_format; then
   .venv/bin/python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de
 fi
 .venv/bin/ray stop --force >/dev/null 2>&1 || true
