@@ -32,6 +32,7 @@ from pathlib import Path
 
 import sacrebleu
 
+from engine import contract
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
@@ -116,16 +117,22 @@ def prepare(args) -> list[Model]:
             make_base_checkpoint(base_ckpt, Path(args.checkpoint) / "spm.model")
         models.append(Model("transformer-base", base_ckpt, work / "transformer-base", False))
     for m in models:
-        if not (m.artifact / "manifest.json").exists():
+        if stale(m.artifact):
             print(f"exporting {m.name} ...", flush=True)
             export_checkpoint(m.checkpoint, m.artifact, sentences[:4] if not m.trained else sentences)
-        if not (int8_artifact(m, args) / "manifest.json").exists() and args.device == "cpu":
+        if stale(int8_artifact(m, args)) and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
-        if not (fp16_artifact_dir(m, args) / "manifest.json").exists():
+        if stale(fp16_artifact_dir(m, args)):
             fp16_artifact(m.artifact, fp16_artifact_dir(m, args), sentences[:4], args.device)
         if args.device == "cpu":
             prepare_ct2(m, work)
     return models
+
+
+def stale(artifact: Path) -> bool:
+    """No artifact there yet, or one of another format than this engine reads (engine/contract.py)."""
+    manifest = artifact / contract.MANIFEST
+    return not manifest.exists() or json.loads(manifest.read_text()).get("format_version") != contract.FORMAT_VERSION
 
 
 def prepare_ct2(m: Model, work: Path) -> None:
