@@ -19,3 +19,8 @@ class InputTooLongError(InvalidRequestError):
 
 class EngineUnavailableError(EngineError):
     """The engine cannot serve (model not loaded, provider failed). HTTP 503."""
+
+
+class NumericalError(EngineError):
+    """The model produced NaN log-probs for this input (e.g. a float16 copy overflowing). HTTP 500: not the
+    client's fault; the service retries a failed batch's sentences one by one, so only this sentence fails."""

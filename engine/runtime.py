@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from engine import contract
-from engine.errors import EngineUnavailableError
+from engine.errors import EngineUnavailableError, NumericalError
 from engine.search import TopCandidates
 from engine.state_ops import NumpyOps, OrtValueOps
 
@@ -140,6 +140,9 @@ class OnnxModel:
         Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
         with ``top_k`` only each row's top_k best tokens (:class:`TopCandidates`; the full log-probs then stay on
         the device); the caches are lists of the same kind as the inputs; attention float32 [rows, src_len] (numpy).
+
+        Raises:
+            NumericalError: NaN among the log-probs (checked every step: [rows, k] values, or the full rows).
         """
         n = self.n_layers
         k = np.asarray([top_k or 1], dtype=np.int64)
@@ -164,6 +167,9 @@ class OnnxModel:
             self.decoder.run_with_iobinding(binding)
             outputs = binding.get_outputs()
             outputs = [o.numpy() for o in outputs[:len(host)]] + outputs[len(host):len(host) + 2 * n]
+        # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
+        if np.isnan(outputs[0]).any():
+            raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         scores = TopCandidates(outputs[0], outputs[1], self.vocab_size) if top_k else outputs[0]
         caches = outputs[len(host):]
         return scores, caches[:n], caches[n:2 * n], outputs[len(host) - 1]

@@ -61,6 +61,7 @@ def write_lossy_copy(artifact: str | Path, out: str | Path, convert: ConvertFn, 
     Raises:
         FileNotFoundError: the source artifact is incomplete.
         EngineUnavailableError: device "cuda" without a working CUDA provider.
+        NumericalError: the copy produced NaN log-probs on a parity sentence (nothing is written then).
     """
     artifact, out = Path(artifact), Path(out)
     manifest = json.loads((artifact / contract.MANIFEST).read_text())

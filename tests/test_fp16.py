@@ -65,3 +65,24 @@ def test_float16_translates_close_to_float32(artifact, fp16):
     for a, b in zip(half.translate(PARITY_SENTENCES, options), full.translate(PARITY_SENTENCES, options)):
         assert np.isfinite(a.score) and abs(a.score - b.score) < 0.2
     assert half.translate(["The file could not be opened."])[0].text == "Die Datei konnte nicht geöffnet werden."
+
+
+def test_a_float16_overflow_is_an_error_not_a_translation(fp16, tmp_path):
+    """DESIGN.md section 4: float16 must be checked for NaN/inf. Weights scaled past float16's range make the
+    decoder overflow; the engine must raise NumericalError instead of decoding garbage."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from engine.errors import NumericalError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fp16[0], broken)
+    decoder = onnx.load(str(broken / "decoder_step.onnx"))
+    weights = [t for t in decoder.graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2]
+    for tensor in weights:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float16(3e3), tensor.name))
+    onnx.save(decoder, str(broken / "decoder_step.onnx"))
+    translator = Translator(broken, EngineConfig(device="cpu"))
+    with pytest.raises(NumericalError, match="NaN"):
+        translator.translate(["The file could not be opened."])
