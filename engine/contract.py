@@ -9,18 +9,13 @@ encoder.onnx
     -> cross_k_i, cross_v_i float32 [batch, n_heads, src_len, d_head]
 decoder_step.onnx
     tokens int64 [rows, 1]; src_mask bool [rows, src_len]; self_k_i, self_v_i float32 [rows, n_heads, past_len,
-    d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows; top_k int64 [1]
+    d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
-    mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]; top_log_probs float32
-    [rows, top_k] and top_ids int64 [rows, top_k]: each row's top_k best tokens, best first, ties by lower id
-    (ONNX TopK)
-Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown. The top-k
-outputs let a search read [rows, k] instead of [rows, vocab] per step (format 3): on a GPU that is the difference
-between copying 32 MB and 80 kB to the host per step at 1024 rows, and on the CPU it saves the search a partition
-of every row's whole vocabulary.
+    mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
+Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
 """
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -47,20 +42,15 @@ def encoder_outputs(n_layers: int) -> tuple[str, ...]:
     return _per_layer("cross_k", n_layers) + _per_layer("cross_v", n_layers)
 
 
-TOP_K_INPUT = "top_k"
-TOP_K_OUTPUTS = ("top_log_probs", "top_ids")
-
-
 def decoder_inputs(n_layers: int) -> tuple[str, ...]:
-    """tokens, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers names), then top_k."""
+    """tokens, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers names)."""
     return (("tokens", "src_mask") + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
-            + encoder_outputs(n_layers) + (TOP_K_INPUT,))
+            + encoder_outputs(n_layers))
 
 
 def decoder_outputs(n_layers: int) -> tuple[str, ...]:
-    """log_probs, attention, then new_self_k_*, new_self_v_*, then top_log_probs, top_ids."""
-    return (("log_probs", "attention") + _per_layer("new_self_k", n_layers) + _per_layer("new_self_v", n_layers)
-            + TOP_K_OUTPUTS)
+    """log_probs, attention, then new_self_k_*, new_self_v_*."""
+    return ("log_probs", "attention") + _per_layer("new_self_k", n_layers) + _per_layer("new_self_v", n_layers)
 
 
 def dynamic_axes(name: str) -> dict[int, str]:

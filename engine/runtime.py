@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from onnx import TensorProto
 
 from engine import contract
 from engine.errors import EngineUnavailableError, NumericalError
-from engine.search import TopCandidates
+from engine.top_k import TopK
 from engine.state_ops import NumpyOps, OrtValueOps
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,6 @@ class OnnxModel:
         self.encoder_outputs = list(contract.encoder_outputs(n_layers))
         self.decoder_inputs = contract.decoder_inputs(n_layers)
         self.decoder_outputs = list(contract.decoder_outputs(n_layers))
-        self.cache_outputs = [name for name in self.decoder_outputs if name.startswith("new_self_")]
         for name in (contract.ENCODER_FILE, contract.DECODER_STEP_FILE):
             if not (artifact_dir / name).is_file():
                 raise FileNotFoundError(f"{artifact_dir / name} is missing: run `python -m export.onnx_export`")
@@ -109,14 +107,15 @@ class OnnxModel:
         self.provider = self.decoder.get_providers()[0]
         if cfg.device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise EngineUnavailableError(f"device 'cuda' requested but ONNX Runtime runs {self.provider}")
-        self.vocab_size = json.loads((artifact_dir / contract.CONFIG_FILE).read_text())["vocab_size"]
         self.device_type = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         cache_type = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16}[
             next(i.type for i in self.decoder.get_inputs() if i.name == "self_k_0")]
+        self.float16 = cache_type == TensorProto.FLOAT16
         self.io_binding = cfg.io_binding if cfg.io_binding is not None else self.device_type == "cuda"
         # Row operations on the state the search keeps between steps (engine/search.py passes them on).
         self.ops = (OrtValueOps(2 * n_layers, cache_type, providers, options, self.device_type)
                     if self.io_binding else NumpyOps())
+        self.top_k = TopK(providers, options)
         log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
@@ -140,38 +139,39 @@ class OnnxModel:
         may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
 
         Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
-        with ``top_k`` only each row's top_k best tokens (:class:`TopCandidates`; the full log-probs then stay on
-        the device); the caches are lists of the same kind as the inputs; attention float32 [rows, src_len] (numpy).
+        with ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding
+        the full log-probs then never leave the device); the caches are lists of the same kind as the inputs;
+        attention float32 [rows, src_len] (numpy).
 
         Raises:
-            NumericalError: NaN among the log-probs (checked every step: [rows, k] values, or the full rows).
+            NumericalError: NaN among the scores the search reads (each row's top k; all log-probs of a float16
+                graph).
         """
         n = self.n_layers
-        k = np.asarray([top_k or 1], dtype=np.int64)
-        host = (list(contract.TOP_K_OUTPUTS) if top_k else ["log_probs"]) + ["attention"]
+        inputs = (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)
         if not self.io_binding:
-            feeds = dict(zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v, k)))
-            outputs = self.decoder.run(host + self.cache_outputs, feeds)
+            log_probs, attention, *caches = self.decoder.run(self.decoder_outputs,
+                                                             dict(zip(self.decoder_inputs, inputs)))
         else:
             binding = self.decoder.io_binding()
-            for name, value in zip(self.decoder_inputs, (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v, k)):
-                if isinstance(value, np.ndarray):  # tokens, mask, k; or a caller's own state (parity tools, tests)
+            for name, value in zip(self.decoder_inputs, inputs):
+                if isinstance(value, np.ndarray):  # tokens, mask; or a caller's own state (parity tools, tests)
                     binding.bind_cpu_input(name, value)
                 else:
                     binding.bind_ortvalue_input(name, value)
-            # What the search reads goes to the host; the grown cache stays where it is.
-            for name in host:
-                binding.bind_output(name, "cpu")
-            for name in self.cache_outputs:
+            # The grown cache stays on the device; so do the log-probs when only their top-k is read.
+            binding.bind_output("log_probs", self.device_type if top_k else "cpu")
+            binding.bind_output("attention", "cpu")
+            for name in self.decoder_outputs[2:]:
                 binding.bind_output(name, self.device_type)
-            if top_k:
-                binding.bind_output("log_probs", self.device_type)
             self.decoder.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            outputs = [o.numpy() for o in outputs[:len(host)]] + outputs[len(host):len(host) + 2 * n]
+            log_probs, attention, *caches = binding.get_outputs()
+            attention = attention.numpy()
+            log_probs = log_probs if top_k else log_probs.numpy()
+        scores = self.top_k(log_probs, top_k) if top_k else log_probs
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
-        if np.isnan(outputs[0]).any():
+        # [rows, k] costs nothing to check; full float32 rows are checked for float16 graphs only (a pass over
+        # [rows, vocab] is 1-3% of a greedy step, for an overflow float32 graphs do not have).
+        if (top_k or self.float16) and np.isnan((scores.log_probs if top_k else scores).max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
-        scores = TopCandidates(outputs[0], outputs[1], self.vocab_size) if top_k else outputs[0]
-        caches = outputs[len(host):]
-        return scores, caches[:n], caches[n:2 * n], outputs[len(host) - 1]
+        return scores, caches[:n], caches[n:], attention

@@ -12,7 +12,7 @@ Sentences that finish leave the batch: their rows are dropped from the cache, so
 ones pay, and every step only computes live rows.
 
 With ``use_top_k`` the step function is asked for each row's k best tokens only (``step_fn(..., top_k=k)`` returns
-:class:`TopCandidates` instead of log-probs; the ONNX graphs compute them with TopK, engine/contract.py). The
+:class:`TopCandidates` instead of log-probs; the ONNX engine computes them with TopK, engine/top_k.py). The
 result is exactly the full-vocabulary search's: a sentence's 2 x beam_size best candidates over all its beams are
 among its rows' own 2 x beam_size best (a candidate's rank in its row is at most its rank in the sentence, the
 row's score being shared), k also covers the tokens a rule bans (pad; eos before min_length), and ties order by

@@ -80,9 +80,11 @@ class Translator:
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
         self.ops = getattr(self.model, "ops", NumpyOps())
-        # Our ONNX graphs give each row's top-k (engine/contract.py); other models (the PyTorch baseline) full
-        # log-probs. use_top_k is a switch so that tests can compare the two paths.
+        # Our ONNX model can return each row's top-k (engine/top_k.py); other models (the PyTorch baseline) give
+        # full log-probs. Beam search always gains from it; greedy search only when the log-probs would otherwise
+        # cross from a device (on the CPU an argmax is cheaper than TopK). A switch, so tests compare both paths.
         self.use_top_k = isinstance(self.model, OnnxModel)
+        self.greedy_top_k = self.use_top_k and self.model.io_binding
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str) -> list[int]:
@@ -187,7 +189,7 @@ class Translator:
             hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                                  rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
                                  return_attention=options.return_attention, ops=self.ops,
-                                 use_top_k=self.use_top_k)
+                                 use_top_k=self.use_top_k and self.greedy_top_k)
             return [[h] if h is not None else [] for h in hyps]
         return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
                            beam_size=options.beam_size, length_penalty=options.length_penalty,

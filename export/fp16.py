@@ -5,12 +5,11 @@
 Weights, activations and the KV cache become float16 (half the memory traffic per step, tensor cores on the GPU).
 What float16 gets wrong stays float32 ("safe LayerNorm/softmax"):
 - LayerNormalization, Softmax, LogSoftmax and the mean over heads: their sums and exp overflow or lose the small
-  probabilities in float16 (max 65504, 11-bit mantissa); TopK, which reads the float32 log-probs (in float16,
-  near-equal log-probs would tie and reorder);
+  probabilities in float16 (max 65504, 11-bit mantissa);
 - the sinusoidal positions (Range -> Mul -> Sin/Cos): float16 rounds position x frequency to 11 bits, up to
   0.12 rad off at position 250; measured, that moved log-probs little, but the table is one [steps, d_model]
   computation, so float32 costs nothing;
-- the graph outputs log_probs, top_log_probs and attention, which go to the host for the search.
+- the graph outputs log_probs and attention, which the search reads (in float16, near-equal log-probs would tie).
 Agreement with float32 goes into the manifest (export/lossy_copy.py); ``--device`` says where it is measured.
 """
 
@@ -25,8 +24,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.lossy_copy import PARITY_SENTENCES, read_sentences, write_lossy_copy
 
-FLOAT32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "TopK"]
-FLOAT32_OUTPUTS = ["log_probs", "attention", "top_log_probs"]
+FLOAT32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean"]
+FLOAT32_OUTPUTS = ["log_probs", "attention"]
 METHOD = f"onnxruntime.transformers.float16; float32 kept for {', '.join(FLOAT32_OPS)}, the sinusoidal positions " \
          f"and the outputs {', '.join(FLOAT32_OUTPUTS)}"
 

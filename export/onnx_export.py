@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import onnx
 import torch
 from safetensors.torch import load_file
 
@@ -114,27 +113,8 @@ def export_graphs(model: Transformer, out: Path) -> None:
     n = model.cfg.n_decoder_layers
     _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.encoder_outputs(n),
             out / contract.ENCODER_FILE, n_named_args=2)
-    # The traced graph has every input and output but top_k's, which are appended as one ONNX TopK node: torch.topk
-    # wants k as a Python int, and k changes per call (2 x beam_size + banned tokens).
-    _export(_DecoderStepGraph(model).eval(), step_args, contract.decoder_inputs(n)[:-1],
-            contract.decoder_outputs(n)[:-len(contract.TOP_K_OUTPUTS)], out / contract.DECODER_STEP_FILE,
-            n_named_args=2)
-    add_top_k(out / contract.DECODER_STEP_FILE)
-
-
-def add_top_k(path: Path) -> None:
-    """Appends input top_k int64 [1] and outputs top_log_probs, top_ids = TopK(log_probs, top_k) to a decoder
-    graph (engine/contract.py). ONNX TopK breaks ties by the lower index, as the engine's full-vocabulary search."""
-    graph_model = onnx.load(str(path))
-    graph = graph_model.graph
-    graph.input.append(onnx.helper.make_tensor_value_info(contract.TOP_K_INPUT, onnx.TensorProto.INT64, [1]))
-    graph.node.append(onnx.helper.make_node("TopK", ["log_probs", contract.TOP_K_INPUT], list(contract.TOP_K_OUTPUTS),
-                                            name="top_k", axis=-1, largest=1, sorted=1))
-    values, ids = contract.TOP_K_OUTPUTS
-    graph.output.extend([onnx.helper.make_tensor_value_info(values, onnx.TensorProto.FLOAT, ["batch", "top_k"]),
-                         onnx.helper.make_tensor_value_info(ids, onnx.TensorProto.INT64, ["batch", "top_k"])])
-    onnx.checker.check_model(graph_model)
-    onnx.save(graph_model, str(path))
+    _export(_DecoderStepGraph(model).eval(), step_args, contract.decoder_inputs(n), contract.decoder_outputs(n),
+            out / contract.DECODER_STEP_FILE, n_named_args=2)
 
 
 def sha256(path: Path) -> str:

@@ -124,14 +124,15 @@ def test_an_artifact_of_another_format_version_is_refused_with_a_message(artifac
 
 @pytest.mark.parametrize("kwargs", [dict(beam_size=1), dict(beam_size=4, n_best=4), dict(beam_size=4, min_length=12),
                                     dict(beam_size=1, min_length=12)])
-def test_top_k_graph_outputs_give_the_full_vocabulary_result(artifact, kwargs):
-    """The engine reads each row's top-k from the decoder graph (engine/contract.py, format 3); the result must be
-    the one of the full log-probs, n-best lists and scores included."""
+def test_top_k_scores_give_the_full_vocabulary_result(artifact, kwargs):
+    """The engine can read each row's top-k only (engine/top_k.py); the result must be the one of the full
+    log-probs, n-best lists and scores included."""
     from engine.runtime import EngineConfig
     from engine.translator import Translator
 
     translator = Translator(artifact, EngineConfig(device="cpu"))
     assert translator.use_top_k
+    translator.greedy_top_k = True  # the CPU default is an argmax over full rows; test the top-k path here
     options = DecodingOptions(**kwargs)
     src = [translator.tokenize(s) for s in SENTENCES]
     with_top_k = translator.translate_ids(src, options)
