@@ -12,7 +12,9 @@ OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT"
 (cd .gpu/parts && sha256sum --quiet -c SHA256SUMS) || { echo "parts missing or broken: see scripts/gpu/pack.sh"; exit 3; }
 if [ ! -d .gpu/site/onnxruntime ]; then
-    mkdir -p .gpu/site && cat .gpu/parts/ort.tar.xz.part* | xz -d | tar -C .gpu/site -xf - || exit 3
+    # Python's tarfile rather than the xz tool, which an image may lack.
+    cat .gpu/parts/ort.tar.xz.part* | python3 -c 'import sys, tarfile
+tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(".gpu/site")' || exit 3
 fi
 # Ours first, so the image's CPU-only onnxruntime is shadowed; the CUDA 13 libraries of the nvidia-* packages.
 export PYTHONPATH="$PWD/.gpu/site:$PWD" PYTHONUNBUFFERED=1
