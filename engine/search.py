@@ -16,7 +16,7 @@ With ``use_top_k`` the step function is asked for each row's k best tokens only 
 result is exactly the full-vocabulary search's: a sentence's 2 x beam_size best candidates over all its beams are
 among its rows' own 2 x beam_size best (a candidate's rank in its row is at most its rank in the sentence, the
 row's score being shared), k also covers the tokens a rule bans (pad; eos before min_length), and ties order by
-lower token id in both. Rules that rewrite whole rows (repetition penalty, no_repeat_ngram, forced prefixes) and
+lower token id in both, including sums that only tie after float32 rounding. Rules that rewrite whole rows (repetition penalty, no_repeat_ngram, forced prefixes) and
 sampling need the full log-probs, so the search falls back to them.
 
 A sentence whose ``is_cancelled(sentence)`` turns true (client gone, deadline passed) leaves the batch at the next
@@ -282,8 +282,11 @@ def _sentence_candidates_from_top(active, live_scores, values: np.ndarray, top: 
         flats = np.arange(n)[None, :, None] * top.vocab + top.ids[row0:row0 + rows].reshape(len(sentences), n, width)
         cand, flats = cand.reshape(len(sentences), -1), flats.reshape(len(sentences), -1)
         row0 += rows
-        # Lower flat index first among equal scores: the layout is already in flat order wherever scores tie (beams
-        # in order, each row's ties by lower id), so a stable sort by score keeps it.
+        # Lower flat index first among equal scores: sort by flat, then stably by score. (Rows are in beam order
+        # and each row's equal log-probs in id order, but a beam score plus two different log-probs can round to
+        # the same float32 sum, and those must tie-break by id too.)
+        order = np.argsort(flats, axis=1, kind="stable")
+        cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
         order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
         yield from zip(np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1))
 

@@ -138,7 +138,14 @@ class Translator:
         padding stays small; results come back in input order. Returns per sentence its n_best hypotheses.
         ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence stops and returns [].
         ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).
+
+        Raises:
+            InputTooLongError: a source longer than ``max_src_tokens`` (checked before any decoding; the
+                positions past the model's table do not exist).
         """
+        longest = max((len(ids) for ids in src), default=0)
+        if longest > self.max_src_tokens:
+            raise InputTooLongError(longest, self.max_src_tokens)
         stats = stats if stats is not None else StepStats()
         results: list[list[Hypothesis]] = [[] for _ in src]
         order = sorted((i for i, ids in enumerate(src) if ids), key=lambda i: len(src[i]))

@@ -33,7 +33,7 @@ from engine.runtime import EngineConfig
 from engine.search import Hypothesis, StepStats
 from engine.translator import Translator
 from service import schemas
-from service.batcher import DynamicBatcher
+from service.batcher import DynamicBatcher, Settle
 from service.errors import (OverloadedError, RequestTimeoutError, RequestTooLargeError, UnauthorizedError,
                             error_response, install_handlers, response_for, validation_message)
 from service.metrics import ServiceMetrics
@@ -389,25 +389,28 @@ class TranslatorDeployment:
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
-    async def _translate_batch(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
-        """Decodes one formed batch. Never raises: a failure becomes the outcome of the items it concerns."""
+    async def _translate_batch(self, items: list[_Item], settle: Settle) -> list[list[Hypothesis] | Exception]:
+        """Decodes one formed batch; each (model, options) group's items are settled as soon as the group is done.
+        Never raises: a failure becomes the outcome of the items it concerns."""
         started = time.perf_counter()
         for item in items:
             self.models[item.model].metrics.queue_seconds.observe(started - item.enqueued_at)
         try:
-            return await asyncio.to_thread(self._decode_groups, items)
+            return await asyncio.to_thread(self._decode_groups, items, settle)
         except Exception as e:  # noqa: BLE001 - a bug here must not fail the batch loop itself
             log.exception("batch of %d sentences failed", len(items))
             return [e] * len(items)
 
-    def _decode_groups(self, items: list[_Item]) -> list[list[Hypothesis] | Exception]:
-        """Decodes the items of one batch, one engine call per (model, options) group. If a group fails, its
-        sentences are retried one by one, so that only the sentence that fails gets an error."""
+    def _decode_groups(self, items: list[_Item], settle: Settle | None = None) -> list[list[Hypothesis] | Exception]:
+        """Decodes the items of one batch, one engine call per (model, options) group, the cheapest group first,
+        calling ``settle(index, outcome)`` after each group: a default request batched with a beam-16 one of 200
+        tokens is answered after its own group, not after the whole batch (measured before: both took 20 s). If a
+        group fails, its sentences are retried one by one, so that only the sentence that fails gets an error."""
         groups: dict[tuple[str, DecodingOptions], list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             groups[item.model, item.options].append(index)
         outcomes: list[list[Hypothesis] | Exception] = [RuntimeError("not decoded")] * len(items)
-        for (model_id, options), indices in groups.items():
+        for (model_id, options), indices in sorted(groups.items(), key=lambda group: self._cost(items, *group)):
             try:
                 results = self._decode_group(model_id, options, [items[i] for i in indices])
             except Exception:  # noqa: BLE001 - isolate: retry alone, each failure stays with its sentence
@@ -420,7 +423,15 @@ class TranslatorDeployment:
                         results.append(e)
             for i, result in zip(indices, results):
                 outcomes[i] = result
+                if settle is not None:
+                    settle(i, result)
         return outcomes
+
+    def _cost(self, items: list[_Item], key: tuple[str, DecodingOptions], indices: list[int]) -> int:
+        """A group's worst-case decoder work, in beam-steps: beam_size x length limit, summed over its sentences."""
+        model_id, options = key
+        max_positions = self.models[model_id].translator.max_positions
+        return sum(options.beam_size * options.length_limit(len(items[i].src_ids), max_positions) for i in indices)
 
     def _decode_group(self, model_id: str, options: DecodingOptions, items: list[_Item]) -> list[list[Hypothesis]]:
         model, stats, started = self.models[model_id], StepStats(), time.perf_counter()

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+Settle = Callable[[int, object], None]
 
 
 @dataclasses.dataclass
@@ -35,8 +36,10 @@ class _Waiting(Generic[T]):
 class DynamicBatcher(Generic[T, R]):
     """Queues items; one loop decodes them in batches of at most ``max_batch_size``.
 
-    ``process(items)`` gets a batch and returns one outcome per item, in order: a result, or an Exception that only
-    that item's caller receives. A batch starts when the engine is free and either ``max_batch_size`` items are
+    ``process(items, settle)`` gets a batch and returns one outcome per item, in order: a result, or an Exception
+    that only that item's caller receives. It may call ``settle(i, outcome)`` (from any thread) as soon as item i's
+    outcome is known, so that the cheap part of a batch does not wait for the rest; what it later returns for an
+    item already settled is ignored. A batch starts when the engine is free and either ``max_batch_size`` items are
     queued or the oldest queued item has waited ``batch_wait_timeout_s`` seconds. A caller that is cancelled while
     its item still waits takes the item out of the queue; cancelling work already in a batch is the caller's job
     (the service flags the item and the engine drops it at its next step).
@@ -45,7 +48,7 @@ class DynamicBatcher(Generic[T, R]):
         ValueError: max_batch_size < 1 or batch_wait_timeout_s < 0.
     """
 
-    def __init__(self, process: Callable[[list[T]], Awaitable[list[R | Exception]]], max_batch_size: int = 32,
+    def __init__(self, process: Callable[[list[T], Settle], Awaitable[list[R | Exception]]], max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01) -> None:
         self._process = process
         self._queue: collections.deque[_Waiting[T]] = collections.deque()
@@ -115,17 +118,26 @@ class DynamicBatcher(Generic[T, R]):
                 log.exception("forming a batch failed; the queue is kept")
                 await asyncio.sleep(0.01)
                 continue
+            loop = asyncio.get_running_loop()
+
+            def settle(index: int, outcome: object, batch: list[_Waiting[T]] = batch) -> None:
+                loop.call_soon_threadsafe(self._settle, batch[index], outcome)
+
             try:
-                outcomes = await self._process([w.item for w in batch])
+                outcomes = await self._process([w.item for w in batch], settle)
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"process returned {len(outcomes)} outcomes for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the loop must outlive any failing batch
                 log.exception("batch of %d items failed", len(batch))
                 outcomes = [e] * len(batch)
             for waiting, outcome in zip(batch, outcomes):
-                if waiting.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    waiting.future.set_exception(outcome)
-                else:
-                    waiting.future.set_result(outcome)
+                self._settle(waiting, outcome)
+
+    @staticmethod
+    def _settle(waiting: _Waiting, outcome: object) -> None:
+        if waiting.future.done():  # settled early, or its caller left
+            return
+        if isinstance(outcome, Exception):
+            waiting.future.set_exception(outcome)
+        else:
+            waiting.future.set_result(outcome)

@@ -52,7 +52,7 @@ def items(n: int) -> list[_Item]:
 def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_queued():
     decoded = []
 
-    async def engine(batch):
+    async def engine(batch, settle):
         await asyncio.sleep(0.05)
         decoded.extend(item.src_ids[0] for item in batch if not item.cancelled)
         return [RuntimeError("engine failed on this sentence") if item.src_ids == [0] else [object()]
@@ -71,7 +71,7 @@ def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_queued():
 
 
 def test_the_deadline_covers_queueing_and_decoding_and_drops_the_work():
-    async def slow(batch):
+    async def slow(batch, settle):
         await asyncio.sleep(0.5)
         return [[object()] for _ in batch]
 
@@ -87,7 +87,7 @@ def test_the_deadline_covers_queueing_and_decoding_and_drops_the_work():
 
 
 def test_admission_refuses_past_the_queue_limit_but_always_admits_into_an_empty_queue():
-    async def engine(batch):
+    async def engine(batch, settle):
         await asyncio.sleep(0.2)
         return [[object()] for _ in batch]
 
@@ -115,7 +115,7 @@ def test_an_invalid_live_reconfigure_keeps_the_replica_serving_with_its_settings
 
 
 def test_a_request_with_no_sentences_queues_nothing():
-    async def never(batch):
+    async def never(batch, settle):
         raise AssertionError("nothing should reach the engine")
 
     assert asyncio.run(replica(never)._run_items([], StubMetrics(), time.monotonic() + 1)) == []

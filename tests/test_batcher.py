@@ -16,7 +16,7 @@ class SlowEngine:
     def __init__(self, seconds: float = 0.05) -> None:
         self.seconds, self.batches = seconds, []
 
-    async def __call__(self, items):
+    async def __call__(self, items, settle):
         self.batches.append(list(items))
         await asyncio.sleep(self.seconds)
         return [i if isinstance(i, Exception) else i * 10 for i in items]
@@ -67,7 +67,7 @@ def test_a_lone_request_waits_at_most_the_batch_wait_timeout():
 def test_a_failing_item_fails_alone_and_a_failing_batch_does_not_stop_the_loop():
     calls = []
 
-    async def flaky(items):
+    async def flaky(items, settle):
         calls.append(items)
         if len(calls) == 1:
             raise RuntimeError("engine exploded")
@@ -155,3 +155,22 @@ def test_the_loop_survives_every_waiting_caller_leaving_while_it_waits_for_a_ful
         return loop_alive, await asyncio.wait_for(batcher.submit(3), 2)
 
     assert run(main()) == (True, 30)
+
+
+def test_an_item_settled_early_does_not_wait_for_the_rest_of_its_batch():
+    async def engine(items, settle):
+        settle(0, "cheap")  # known at once
+        await asyncio.sleep(0.5)  # the rest of the batch is slow
+        return ["ignored: already settled", "slow"]
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=2, batch_wait_timeout_s=0.05)
+        started = time.monotonic()
+        cheap, slow = asyncio.create_task(batcher.submit(1)), asyncio.create_task(batcher.submit(2))
+        assert await cheap == "cheap"
+        cheap_after = time.monotonic() - started
+        assert await slow == "slow"
+        return cheap_after, time.monotonic() - started
+
+    cheap_after, slow_after = run(main())
+    assert cheap_after < 0.3 <= 0.5 <= slow_after

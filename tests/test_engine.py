@@ -140,3 +140,10 @@ def test_top_k_scores_give_the_full_vocabulary_result(artifact, kwargs):
     full = translator.translate_ids(src, options)
     for a, b in zip(with_top_k, full):
         assert [(h.tokens, h.score) for h in a] == [(h.tokens, h.score) for h in b]
+
+
+def test_token_id_sources_longer_than_the_model_allows_are_refused(translator):
+    """translate() checks lengths when it tokenizes; callers that pass ids directly get the same error."""
+    too_long = [5] * translator.max_src_tokens + [translator.eos_id]
+    with pytest.raises(InputTooLongError, match="limit"):
+        translator.translate_ids([too_long], DecodingOptions())

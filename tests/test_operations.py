@@ -399,3 +399,25 @@ def test_a_batch_whose_sentences_were_all_cancelled_does_not_raise(ops, artifact
     ids = translator.tokenize(SENTENCES[0])
     items = [_Item("c", ids, DecodingOptions(beam_size=b), 0.0, cancelled=True) for b in (1, 2)]
     assert replica._decode_groups(items) == [[], []]  # counters see zeros; they must not raise
+
+
+def test_groups_are_decoded_cheapest_first_and_each_is_settled_when_done(artifact):
+    """A default request batched with a much heavier one is answered after its own group, not the whole batch."""
+    from engine.options import DecodingOptions
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from service.app import TranslatorDeployment, _Item, _Model
+    from service.metrics import ServiceMetrics
+
+    replica = object.__new__(TranslatorDeployment.func_or_class)
+    translator = Translator(artifact, EngineConfig(device="cpu"))
+    replica.models = {"m": _Model(translator, ServiceMetrics("m"))}
+    ids = translator.tokenize(SENTENCES[0])
+    heavy = DecodingOptions(beam_size=8, min_length=40, max_length=40)
+    items = [_Item("m", ids, heavy, 0.0), _Item("m", ids, DecodingOptions(), 0.0), _Item("m", ids, heavy, 0.0)]
+    settled = []
+    outcomes = replica._decode_groups(items, lambda i, outcome: settled.append((i, outcome)))
+    assert [i for i, _ in settled] == [1, 0, 2]  # the cheap group first, then the heavy one
+    assert all(outcomes[i] is outcome for i, outcome in settled)
+    assert len(outcomes[0][0].tokens) == 40 and outcomes[1][0].tokens == translator.translate_ids(
+        [ids], DecodingOptions())[0][0].tokens

@@ -171,3 +171,32 @@ def test_top_k_is_not_used_when_a_rule_needs_the_whole_row():
     for rules in (Rules(repetition_penalty=1.2), Rules(no_repeat_ngram_size=2), Rules(prefixes=((A,),))):
         assert top_k_for(rules, 8) is None
     assert top_k_for(Rules(), 1, Sampling(topk=5, seed=0)) is None
+
+
+def test_top_k_breaks_ties_made_by_float32_rounding_like_the_full_search():
+    """A beam score plus three different log-probs (-1e-7, -1.5e-7, -2e-7) round to the same float32 sum (-20): the
+    full search ranks them by lower flat index (eos, id 3, first); the top-k search must too, not by log-prob."""
+    vocab = 10
+
+    def full(tokens, self_k, self_v, cross_k, cross_v, src_mask):
+        past = self_k[0].shape[2]
+        log_probs = np.full((tokens.shape[0], vocab), -30.0, dtype=np.float32)
+        for r, last in enumerate(tokens[:, 0]):
+            if past == 0:
+                log_probs[r, 4], log_probs[r, 5] = -20.0, -20.5
+            elif past == 1 and last == 4:
+                log_probs[r, 6], log_probs[r, 7], log_probs[r, EOS] = -1e-7, -1.5e-7, -2e-7
+            else:
+                log_probs[r, EOS] = -0.01
+        return log_probs, grown(self_k), grown(self_v)
+
+    def top(tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k):
+        log_probs, k, v = full(tokens, self_k, self_v, cross_k, cross_v, src_mask)
+        order = np.argsort(-log_probs, axis=1, kind="stable")[:, :top_k]
+        return TopCandidates(np.take_along_axis(log_probs, order, 1), order, vocab), k, v
+
+    assert np.float32(-20.0) + np.float32(-1e-7) == np.float32(-20.0) + np.float32(-2e-7)
+    options = dict(beam_size=2, length_penalty=0.0, n_best=2)
+    want = beam_search(full, *encoder_outputs(1), [10], BOS, EOS, **options)
+    assert want[0][0].tokens == [4]  # eos won the rounding tie
+    assert beam_search(top, *encoder_outputs(1), [10], BOS, EOS, use_top_k=True, **options) == want
