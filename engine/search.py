@@ -16,8 +16,9 @@ With ``use_top_k`` the step function is asked for each row's k best tokens only 
 result is exactly the full-vocabulary search's: a sentence's 2 x beam_size best candidates over all its beams are
 among its rows' own 2 x beam_size best (a candidate's rank in its row is at most its rank in the sentence, the
 row's score being shared), k also covers the tokens a rule bans (pad; eos before min_length), and ties order by
-lower token id in both, including sums that only tie after float32 rounding. Rules that rewrite whole rows (repetition penalty, no_repeat_ngram, forced prefixes) and
-sampling need the full log-probs, so the search falls back to them.
+lower token id in both, including sums that only tie after float32 rounding. Rules that rewrite whole rows
+(repetition penalty, no_repeat_ngram, forced prefixes) and sampling need the full log-probs, so the search falls
+back to them.
 
 A sentence whose ``is_cancelled(sentence)`` turns true (client gone, deadline passed) leaves the batch at the next
 step and gets no hypotheses ([]), so abandoned work stops costing compute.

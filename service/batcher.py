@@ -111,6 +111,7 @@ class DynamicBatcher(Generic[T, R]):
                 return batch
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()  # settle() may be called from the engine's worker thread
         while True:
             try:
                 batch = await self._next_batch()
@@ -118,7 +119,6 @@ class DynamicBatcher(Generic[T, R]):
                 log.exception("forming a batch failed; the queue is kept")
                 await asyncio.sleep(0.01)
                 continue
-            loop = asyncio.get_running_loop()
 
             def settle(index: int, outcome: object, batch: list[_Waiting[T]] = batch) -> None:
                 loop.call_soon_threadsafe(self._settle, batch[index], outcome)
