@@ -58,7 +58,15 @@ def _take_graph(n_tensors: int, elem_type: int) -> bytes:
     for i in range(n_tensors):
         nodes.append(helper.make_node("Slice", [f"x_{i}", "zero", "end", "two"], [f"s_{i}"]))
         nodes.append(helper.make_node("Gather", [f"s_{i}", "rows"], [f"y_{i}"], axis=0))
-    graph = helper.make_graph(nodes, "take_rows", inputs, outputs)
+    return serialized_model(helper.make_graph(nodes, "take_rows", inputs, outputs))
+
+
+def serialized_model(graph: onnx.GraphProto) -> bytes:
+    """An engine-built helper graph as a checked opset-18 model, ready for an InferenceSession.
+
+    Raises:
+        onnx.checker.ValidationError: the graph is malformed.
+    """
     # IR version 8 (the one of opset 18) rather than the onnx package's newest, which ONNX Runtime may not read yet.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
     onnx.checker.check_model(model)

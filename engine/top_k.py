@@ -12,11 +12,11 @@ pay for TopK (1.2 ms, 12% of a 64-row step) on every step.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from engine.search import TopCandidates
+from engine.state_ops import serialized_model
 
 
 def _top_k_graph() -> bytes:
@@ -29,10 +29,7 @@ def _top_k_graph() -> bytes:
          helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("top_log_probs", TensorProto.FLOAT, ["rows", "k"]),
          helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["rows", "k"])])
-    # IR version 8 (the one of opset 18) rather than the onnx package's newest, which ONNX Runtime may not read yet.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return serialized_model(graph)
 
 
 class TopK:
