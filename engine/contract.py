@@ -8,14 +8,18 @@ encoder.onnx
     src_ids  int64 [batch, src_len], src_mask bool [batch, src_len] (True = real token)
     -> cross_k_i, cross_v_i float32 [batch, n_heads, src_len, d_head]
 decoder_step.onnx
-    tokens int64 [rows, 1]; src_mask bool [rows, src_len]; self_k_i, self_v_i float32 [rows, n_heads, past_len,
-    d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows
+    tokens int64 [rows, 1]; positions int64 [rows] (each row's own position); past_mask bool [rows, past_len]
+    (True = the cached position belongs to the row); src_mask bool [rows, src_len]; self_k_i, self_v_i float32
+    [rows, n_heads, past_len, d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
     mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
+
+Format 3 added positions and past_mask: rows that joined a running batch at different steps (continuous batching,
+engine/core.py) share one cache padded per row, each row with its own position and its own cached positions.
 """
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -23,6 +27,7 @@ DECODER_STEP_FILE = "decoder_step.onnx"
 CONFIG_FILE = "config.json"
 
 ENCODER_INPUTS = ("src_ids", "src_mask")
+DECODER_STEP_INPUTS = ("tokens", "positions", "past_mask", "src_mask")
 
 
 def check_format(manifest: dict, folder: object) -> None:
@@ -43,8 +48,9 @@ def encoder_outputs(n_layers: int) -> tuple[str, ...]:
 
 
 def decoder_inputs(n_layers: int) -> tuple[str, ...]:
-    """tokens, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers names)."""
-    return (("tokens", "src_mask") + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
+    """tokens, positions, past_mask, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers
+    names)."""
+    return (DECODER_STEP_INPUTS + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
             + encoder_outputs(n_layers))
 
 
@@ -57,8 +63,10 @@ def dynamic_axes(name: str) -> dict[int, str]:
     """Named dynamic axes of an input; axes not named are fixed by the model config."""
     if name in ("src_ids", "src_mask"):
         return {0: "batch", 1: "src_len"}
-    if name == "tokens":
+    if name in ("tokens", "positions"):
         return {0: "batch"}
+    if name == "past_mask":
+        return {0: "batch", 1: "past_len"}
     if name.startswith("self_"):
         return {0: "batch", 2: "past_len"}
     if name.startswith("cross_"):

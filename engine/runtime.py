@@ -18,6 +18,7 @@ from engine.state_ops import NumpyOps, OrtValueOps
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULING = ("continuous", "static")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,10 +28,14 @@ class EngineConfig:
     Attributes:
         device: "auto" (CUDA when its provider really loads, else CPU), "cpu" or "cuda" (fail if unavailable).
         intra_op_threads: ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (all physical cores).
-        max_batch_tokens: upper bound on padded source tokens (batch x src_len) per encoder call; larger batches
-            are split. Bounds peak memory independently of how many requests the server batched. On the CPU
-            smaller chunks also run faster, their KV cache staying in the processor's caches (200 test sentences,
+        max_batch_tokens: upper bound on the padded source tokens of the sentences decoding together (sentences x
+            longest source; engine/core.py). Bounds peak memory however many requests are queued. On the CPU
+            smaller batches also run faster, their KV cache staying in the processor's caches (200 test sentences,
             1 thread: 8192 -> 1024 made greedy 33% and beam 4 22% faster); GPUs want large ones (32768).
+        max_batch_rows: upper bound on decoder rows per step (sentences x beams, a sentence counted at its
+            beam_size).
+        scheduling: "continuous" (sentences join a running decode between steps) or "static" (a batch decodes to
+            completion before the next forms; the former behaviour, kept to measure against). engine/core.py.
         io_binding: keep the KV cache and cross K/V as OrtValues on the session's device between steps (ONNX
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
             attention come to the host. False: numpy arrays round-trip through the host every step. None (default):
@@ -44,13 +49,17 @@ class EngineConfig:
     device: str = "auto"
     intra_op_threads: int = 0
     max_batch_tokens: int = 1024
+    max_batch_rows: int = 512
+    scheduling: str = "continuous"
     io_binding: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.intra_op_threads < 0 or self.max_batch_tokens < 1:
-            raise ValueError("intra_op_threads must be >= 0 and max_batch_tokens >= 1")
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
+        if self.intra_op_threads < 0 or self.max_batch_tokens < 1 or self.max_batch_rows < 1:
+            raise ValueError("intra_op_threads must be >= 0, max_batch_tokens and max_batch_rows >= 1")
 
 
 def _session_options(cfg: EngineConfig) -> ort.SessionOptions:
@@ -133,10 +142,13 @@ class OnnxModel:
             outputs = binding.get_outputs()
         return outputs[:self.n_layers], outputs[self.n_layers:]
 
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None):
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
+             positions: np.ndarray | None = None, past_mask: np.ndarray | None = None, check_nan: bool = True):
         """One decoder step; per-layer lists of state tensors (as :meth:`encode` returns them), shapes in
         engine/contract.py; tokens int64 [rows, 1] and src_mask bool [rows, src_len] are numpy. State tensors
         may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
+        positions int64 [rows] and past_mask bool [rows, past_len] (numpy) default to past_len and all True: every
+        row started at the same step (engine/core.py passes them for rows that joined a running batch later).
 
         Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
         with ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding
@@ -144,19 +156,24 @@ class OnnxModel:
         attention float32 [rows, src_len] (numpy).
 
         Raises:
-            NumericalError: NaN among the scores the search reads (each row's top k; all log-probs of a float16
-                graph).
+            NumericalError: with ``check_nan``, NaN among the scores the search reads (each row's top k; all
+                log-probs of a float16 graph). The engine core checks per sentence itself (check_nan=False).
         """
         n = self.n_layers
-        inputs = (tokens, src_mask, *self_k, *self_v, *cross_k, *cross_v)
+        rows, past_len = tokens.shape[0], self.ops.shape(self_k[0])[2]
+        if positions is None:
+            positions = np.full(rows, past_len, dtype=np.int64)
+        if past_mask is None:
+            past_mask = np.ones((rows, past_len), dtype=bool)
+        inputs = (tokens, positions, past_mask, src_mask, *self_k, *self_v, *cross_k, *cross_v)
         if not self.io_binding:
             log_probs, attention, *caches = self.decoder.run(self.decoder_outputs,
                                                              dict(zip(self.decoder_inputs, inputs)))
         else:
             binding = self.decoder.io_binding()
             for name, value in zip(self.decoder_inputs, inputs):
-                if isinstance(value, np.ndarray):  # tokens, mask; or a caller's own state (parity tools, tests)
-                    binding.bind_cpu_input(name, value)
+                if isinstance(value, np.ndarray):  # tokens, masks; or a caller's own state (parity tools, tests)
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
                 else:
                     binding.bind_ortvalue_input(name, value)
             # The grown cache stays on the device; so do the log-probs when only their top-k is read.
@@ -172,6 +189,6 @@ class OnnxModel:
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
         # [rows, k] costs nothing to check; full float32 rows are checked for float16 graphs only (a pass over
         # [rows, vocab] is 1-3% of a greedy step, for an overflow float32 graphs do not have).
-        if (top_k or self.float16) and np.isnan((scores.log_probs if top_k else scores).max(axis=1)).any():
+        if check_nan and (top_k or self.float16) and np.isnan((scores.log_probs if top_k else scores).max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, caches[:n], caches[n:], attention

@@ -7,8 +7,9 @@ the device (ONNX Runtime I/O binding) and the reorder runs there as a Gather gra
 per tensor. That is what the GPU needs (CTranslate2 and FasterTransformer keep the cache on the device for the same
 reason); on the CPU it saves the copy of every step's outputs into fresh numpy arrays.
 
-Both classes share one interface: ``shape(x)``, ``empty(like)``, ``take(xs, rows, src_len=None)``, and
-``to_numpy(xs)`` for tools and tests that read the state.
+Both classes share one interface: ``shape(x)``, ``empty(like, rows)``, ``take(xs, rows, start, end)`` (rows kept
+or reordered, positions of axis 2 trimmed), ``concat_rows(xs, ys, length)`` (sentences joining a running batch,
+engine/core.py), and ``to_numpy(xs)`` for tools and tests that read the state.
 """
 
 from __future__ import annotations
@@ -33,32 +34,59 @@ class NumpyOps:
         return list(xs)
 
     @staticmethod
-    def empty(like: np.ndarray) -> np.ndarray:
-        """A zero-length self cache [batch, n_heads, 0, d_head] with ``like``'s batch, heads, d_head and dtype."""
+    def empty(like: np.ndarray, rows: int | None = None) -> np.ndarray:
+        """A zero-length self cache [rows, n_heads, 0, d_head] with ``like``'s heads, d_head and dtype (rows
+        defaults to like's)."""
         batch, n_heads, _, d_head = like.shape
-        return np.zeros((batch, n_heads, 0, d_head), dtype=like.dtype)
+        return np.zeros((batch if rows is None else rows, n_heads, 0, d_head), dtype=like.dtype)
 
     @staticmethod
-    def take(xs: list[np.ndarray], rows: np.ndarray, src_len: int | None = None) -> list[np.ndarray]:
-        """Per tensor [batch, n_heads, length, d_head]: rows ``rows`` (int64 [new_batch]), and the first
-        ``src_len`` positions of axis 2 when given."""
-        if src_len is None:
+    def take(xs: list[np.ndarray], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[np.ndarray]:
+        """Per tensor [batch, n_heads, length, d_head]: rows ``rows`` (int64 [new_batch]) of positions
+        ``start:end`` of axis 2."""
+        if start == 0 and end is None:
             return [x[rows] for x in xs]
-        return [np.ascontiguousarray(x[rows, :, :src_len]) for x in xs]
+        return [np.ascontiguousarray(x[rows, :, start:end]) for x in xs]
+
+    @staticmethod
+    def concat_rows(xs: list[np.ndarray], ys: list[np.ndarray], length: int) -> list[np.ndarray]:
+        """Per pair: x [a, n_heads, lx, d_head] above y [b, n_heads, ly, d_head], each zero-padded at the end of
+        axis 2 to ``length`` (>= lx, ly) -> [a + b, n_heads, length, d_head]."""
+        out = []
+        for x, y in zip(xs, ys):
+            z = np.zeros((x.shape[0] + y.shape[0], x.shape[1], length, x.shape[3]), dtype=x.dtype)
+            z[:x.shape[0], :, :x.shape[2]] = x
+            z[x.shape[0]:, :, :y.shape[2]] = y
+            out.append(z)
+        return out
 
 
 def _take_graph(n_tensors: int, elem_type: int) -> bytes:
-    """ONNX graph: y_i = Gather(Slice(x_i, starts=[0], ends=end, axes=[2]), rows, axis=0) for i < n_tensors."""
+    """ONNX graph: y_i = Gather(Slice(x_i, starts=start, ends=end, axes=[2]), rows, axis=0) for i < n_tensors."""
     inputs = [helper.make_tensor_value_info(f"x_{i}", elem_type, ["n", "h", "l", "d"]) for i in range(n_tensors)]
     inputs += [helper.make_tensor_value_info("rows", TensorProto.INT64, ["r"]),
+               helper.make_tensor_value_info("start", TensorProto.INT64, [1]),
                helper.make_tensor_value_info("end", TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info(f"y_{i}", elem_type, ["r", "h", None, "d"]) for i in range(n_tensors)]
-    nodes = [helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])),
-             helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2]))]
+    nodes = [helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2]))]
     for i in range(n_tensors):
-        nodes.append(helper.make_node("Slice", [f"x_{i}", "zero", "end", "two"], [f"s_{i}"]))
+        nodes.append(helper.make_node("Slice", [f"x_{i}", "start", "end", "two"], [f"s_{i}"]))
         nodes.append(helper.make_node("Gather", [f"s_{i}", "rows"], [f"y_{i}"], axis=0))
     return serialized_model(helper.make_graph(nodes, "take_rows", inputs, outputs))
+
+
+def _concat_graph(n_tensors: int, elem_type: int) -> bytes:
+    """ONNX graph: z_i = Concat(Pad(x_i, pads_x), Pad(y_i, pads_y), axis=0) for i < n_tensors (zero padding)."""
+    inputs = [helper.make_tensor_value_info(f"{v}_{i}", elem_type, [f"n{v}", "h", f"l{v}", "d"])
+              for v in "xy" for i in range(n_tensors)]
+    inputs += [helper.make_tensor_value_info(f"pads_{v}", TensorProto.INT64, [8]) for v in "xy"]
+    outputs = [helper.make_tensor_value_info(f"z_{i}", elem_type, [None, "h", None, "d"]) for i in range(n_tensors)]
+    nodes = []
+    for i in range(n_tensors):
+        nodes.append(helper.make_node("Pad", [f"x_{i}", "pads_x"], [f"px_{i}"]))
+        nodes.append(helper.make_node("Pad", [f"y_{i}", "pads_y"], [f"py_{i}"]))
+        nodes.append(helper.make_node("Concat", [f"px_{i}", f"py_{i}"], [f"z_{i}"], axis=0))
+    return serialized_model(helper.make_graph(nodes, "concat_rows", inputs, outputs))
 
 
 def serialized_model(graph: onnx.GraphProto) -> bytes:
@@ -89,6 +117,7 @@ class OrtValueOps:
         self.dtype = helper.tensor_dtype_to_np_dtype(elem_type)
         self.device_type, self.device_id = device_type, device_id
         self.session = ort.InferenceSession(_take_graph(n_tensors, elem_type), options, providers=providers)
+        self._concat = ort.InferenceSession(_concat_graph(n_tensors, elem_type), options, providers=providers)
 
     @staticmethod
     def shape(x: ort.OrtValue) -> tuple[int, ...]:
@@ -99,25 +128,50 @@ class OrtValueOps:
         """Host copies of the tensors."""
         return [x.numpy() for x in xs]
 
-    def empty(self, like: ort.OrtValue) -> ort.OrtValue:
+    def empty(self, like: ort.OrtValue, rows: int | None = None) -> ort.OrtValue:
         batch, n_heads, _, d_head = like.shape()
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, n_heads, 0, d_head), dtype=self.dtype),
-                                                self.device_type, self.device_id)
+        return ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((batch if rows is None else rows, n_heads, 0, d_head), dtype=self.dtype),
+            self.device_type, self.device_id)
 
-    def take(self, xs: list[ort.OrtValue], rows: np.ndarray, src_len: int | None = None) -> list[ort.OrtValue]:
+    def _check(self, xs: list) -> None:
+        if len(xs) != self.n_tensors:
+            raise ValueError(f"expected {self.n_tensors} tensors, got {len(xs)}")
+
+    def take(self, xs: list[ort.OrtValue], rows: np.ndarray, start: int = 0,
+             end: int | None = None) -> list[ort.OrtValue]:
         """As :meth:`NumpyOps.take`; ``xs`` must hold ``n_tensors`` OrtValues.
 
         Raises:
             ValueError: another number of tensors.
         """
-        if len(xs) != self.n_tensors:
-            raise ValueError(f"take expects {self.n_tensors} tensors, got {len(xs)}")
+        self._check(xs)
         binding = self.session.io_binding()
         for i, x in enumerate(xs):
             binding.bind_ortvalue_input(f"x_{i}", x)
         binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
-        binding.bind_cpu_input("end", np.asarray([_INT64_MAX if src_len is None else src_len], dtype=np.int64))
+        binding.bind_cpu_input("start", np.asarray([start], dtype=np.int64))
+        binding.bind_cpu_input("end", np.asarray([_INT64_MAX if end is None else end], dtype=np.int64))
         for i in range(self.n_tensors):
             binding.bind_output(f"y_{i}", self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def concat_rows(self, xs: list[ort.OrtValue], ys: list[ort.OrtValue], length: int) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.concat_rows`, on the device.
+
+        Raises:
+            ValueError: another number of tensors.
+        """
+        self._check(xs)
+        self._check(ys)
+        binding = self._concat.io_binding()
+        for v, tensors in (("x", xs), ("y", ys)):
+            for i, t in enumerate(tensors):
+                binding.bind_ortvalue_input(f"{v}_{i}", t)
+            binding.bind_cpu_input(f"pads_{v}", np.asarray([0, 0, 0, 0, 0, 0, length - tensors[0].shape()[2], 0],
+                                                           dtype=np.int64))
+        for i in range(self.n_tensors):
+            binding.bind_output(f"z_{i}", self.device_type, self.device_id)
+        self._concat.run_with_iobinding(binding)
         return binding.get_outputs()

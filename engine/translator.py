@@ -21,9 +21,8 @@ from engine import contract
 from engine.errors import InputTooLongError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
-from engine.rules import Rules, Sampling
-from engine.search import Hypothesis, StepStats, beam_search, greedy_search, never_cancelled
-from engine.state_ops import NumpyOps
+from engine.core import CoreStats, EngineCore
+from engine.search import Hypothesis
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,12 +78,7 @@ class Translator:
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
-        self.ops = getattr(self.model, "ops", NumpyOps())
-        # Our ONNX model can return each row's top-k (engine/top_k.py); other models (the PyTorch baseline) give
-        # full log-probs. Beam search always gains from it; greedy search only when the log-probs would otherwise
-        # cross from a device (on the CPU an argmax is cheaper than TopK). A switch, so tests compare both paths.
-        self.use_top_k = isinstance(self.model, OnnxModel)
-        self.greedy_top_k = self.use_top_k and self.model.io_binding
+        self.ops = self.model.ops
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str) -> list[int]:
@@ -111,7 +105,7 @@ class Translator:
         return self.tokenizer.decode_target(ids, unknowns)
 
     def translate(self, texts: list[str], options: DecodingOptions | None = None,
-                  stats: StepStats | None = None) -> list[Translation]:
+                  stats: CoreStats | None = None) -> list[Translation]:
         """Translates texts (one sentence each). Empty or whitespace-only texts give "" without running the model.
 
         Raises:
@@ -129,79 +123,51 @@ class Translator:
             results.append(Translation(n_best[0][0], hyps[0].score, n_best, len(hyps[0].tokens)))
         return results
 
-    def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: StepStats | None = None,
+    def new_core(self, policy: str | None = None) -> EngineCore:
+        """A step-able engine core (engine/core.py) over this translator's model, with the config's scheduling
+        policy and budgets (``policy`` overrides the config's)."""
+        return EngineCore(self.model, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                          max_positions=self.max_positions, policy=policy or self.config.scheduling,
+                          max_batch_rows=self.config.max_batch_rows, max_batch_tokens=self.config.max_batch_tokens)
+
+    def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: CoreStats | None = None,
                       is_cancelled: Callable[[int], bool] | None = None,
                       target_prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
-        """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding).
+        """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding) through an
+        engine core of their own. Returns per sentence its n_best hypotheses, in input order.
 
-        Sentences are sorted by length and cut into chunks of at most ``max_batch_tokens`` padded tokens, so that
-        padding stays small; results come back in input order. Returns per sentence its n_best hypotheses.
-        ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence stops and returns [].
+        Sentences are submitted shortest first, so that the sentences decoding together have similar lengths.
+        ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence leaves and returns [].
         ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).
+        ``stats`` (if given) receives the core's counters.
 
         Raises:
             InputTooLongError: a source longer than ``max_src_tokens`` (checked before any decoding; the
                 positions past the model's table do not exist).
+            EngineError: a sentence failed (e.g. NumericalError).
         """
         longest = max((len(ids) for ids in src), default=0)
         if longest > self.max_src_tokens:
             raise InputTooLongError(longest, self.max_src_tokens)
-        stats = stats if stats is not None else StepStats()
+        core = self.new_core()
+        index_of = {}
+        for i in sorted(range(len(src)), key=lambda i: len(src[i])):
+            prefix = target_prefixes[i] if target_prefixes else None
+            index_of[core.submit(src[i], options, target_prefix=prefix)] = i
         results: list[list[Hypothesis]] = [[] for _ in src]
-        order = sorted((i for i, ids in enumerate(src) if ids), key=lambda i: len(src[i]))
-        cancelled = is_cancelled or never_cancelled
-        for chunk in self._chunks(order, src):
-            chunk = [i for i in chunk if not cancelled(i)]
-            if not chunk:
-                continue
-            batch = [src[i] for i in chunk]
-            prefixes = [target_prefixes[i] for i in chunk] if target_prefixes else None
-            for i, hyps in zip(chunk, self._decode(batch, options, stats,
-                                                   never_cancelled if is_cancelled is None
-                                                   else (lambda j, c=chunk: cancelled(c[j])),
-                                                   prefixes)):
-                results[i] = hyps
+        while core.has_work:
+            if is_cancelled is not None:
+                for handle, i in index_of.items():
+                    if is_cancelled(i):
+                        core.abort(handle)
+            for done in core.step():
+                if done.error is not None:
+                    raise done.error
+                results[index_of[done.handle]] = done.hypotheses
+        if stats is not None:
+            for field in dataclasses.fields(CoreStats):
+                setattr(stats, field.name, getattr(stats, field.name) + getattr(core.stats, field.name))
         return results
-
-    def _chunks(self, order: list[int], src: list[list[int]]):
-        chunk: list[int] = []
-        for i in order:  # ascending length: the newest sentence is the longest of its chunk
-            if chunk and (len(chunk) + 1) * len(src[i]) > self.config.max_batch_tokens:
-                yield chunk
-                chunk = []
-            chunk.append(i)
-        if chunk:
-            yield chunk
-
-    def _decode(self, batch: list[list[int]], options: DecodingOptions, stats: StepStats,
-                is_cancelled: Callable[[int], bool], prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
-        src_len = max(len(ids) for ids in batch)
-        src_ids = np.full((len(batch), src_len), self.pad_id, dtype=np.int64)
-        src_mask = np.zeros((len(batch), src_len), dtype=bool)
-        for row, ids in enumerate(batch):
-            src_ids[row, :len(ids)] = ids
-            src_mask[row, :len(ids)] = True
-        cross_k, cross_v = self.model.encode(src_ids, src_mask)
-        limits = [options.length_limit(len(ids), self.max_positions) for ids in batch]
-        if prefixes:  # a forced prefix always fits: it extends the limit if needed
-            limits = [max(limit, min(len(p) + 1, self.max_positions - 1)) for limit, p in zip(limits, prefixes)]
-        rules = Rules(min_length=options.min_length, no_repeat_ngram_size=options.no_repeat_ngram_size,
-                      repetition_penalty=options.repetition_penalty,
-                      prefixes=tuple(tuple(p) for p in prefixes) if prefixes else None, banned_ids=(self.pad_id,))
-        if options.beam_size == 1:
-            sampling = None
-            if options.sampling:
-                sampling = Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
-                                    temperature=options.sampling_temperature, seed=options.seed)
-            hyps = greedy_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
-                                 rules=rules, sampling=sampling, stats=stats, is_cancelled=is_cancelled,
-                                 return_attention=options.return_attention, ops=self.ops,
-                                 use_top_k=self.use_top_k and self.greedy_top_k)
-            return [[h] if h is not None else [] for h in hyps]
-        return beam_search(self.model.step, cross_k, cross_v, src_mask, limits, self.bos_id, self.eos_id,
-                           beam_size=options.beam_size, length_penalty=options.length_penalty,
-                           n_best=options.n_best, rules=rules, stats=stats, is_cancelled=is_cancelled,
-                           return_attention=options.return_attention, ops=self.ops, use_top_k=self.use_top_k)
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
         """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.

@@ -66,11 +66,11 @@ class _DecoderStepGraph(torch.nn.Module):
         self.model = model
         self.n_layers = model.cfg.n_decoder_layers
 
-    def forward(self, tokens, src_mask, *caches):
+    def forward(self, tokens, positions, past_mask, src_mask, *caches):
         n = self.n_layers
         self_k, self_v, cross_k, cross_v = (list(caches[i * n:(i + 1) * n]) for i in range(4))
         log_probs, new_k, new_v, attention = self.model.decode_step(tokens, self_k, self_v, cross_k, cross_v,
-                                                                    src_mask)
+                                                                    src_mask, positions, past_mask)
         return (log_probs, attention, *new_k, *new_v)
 
 
@@ -103,7 +103,12 @@ def sample_inputs(model: Transformer, batch: int = 3, src_len: int = 7, past_len
     shape = (batch, cfg.n_heads, past_len, cfg.d_head)
     self_k = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
     self_v = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
-    step = (torch.randint(4, cfg.vocab_size, (batch, 1)), src_mask, *self_k, *self_v, *cross_k, *cross_v)
+    positions = torch.tensor([past_len, past_len - 1, 1])[:batch]
+    past_mask = torch.ones(batch, past_len, dtype=torch.bool)
+    past_mask[1, 0] = False  # rows that joined later see only their own cached positions
+    past_mask[2, :past_len - 1] = False
+    step = (torch.randint(4, cfg.vocab_size, (batch, 1)), positions, past_mask, src_mask, *self_k, *self_v,
+            *cross_k, *cross_v)
     return (src_ids, src_mask), step
 
 
@@ -114,7 +119,7 @@ def export_graphs(model: Transformer, out: Path) -> None:
     _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.encoder_outputs(n),
             out / contract.ENCODER_FILE, n_named_args=2)
     _export(_DecoderStepGraph(model).eval(), step_args, contract.decoder_inputs(n), contract.decoder_outputs(n),
-            out / contract.DECODER_STEP_FILE, n_named_args=2)
+            out / contract.DECODER_STEP_FILE, n_named_args=len(contract.DECODER_STEP_INPUTS))
 
 
 def sha256(path: Path) -> str:

@@ -6,9 +6,11 @@ sinusoidal positions, one embedding matrix shared by source, target and the outp
 Masks: ``src_mask`` is bool [batch, src_len], True for a real token, False for padding. Attention turns masks into
 an additive bias (0 visible, ``NEG_INF`` hidden) so that padding never reaches a softmax's mass.
 
-Incremental decoding (:meth:`Transformer.decode_step`) carries per-layer self-attention keys/values stacked into
-one tensor [n_layers, rows, n_heads, past_len, d_head]; the cross-attention keys/values are computed once from the
-encoder output (:meth:`Transformer.cross_kv`) and passed in every step, never recomputed.
+Incremental decoding (:meth:`Transformer.decode_step`) carries one self-attention key/value cache per decoder layer
+([rows, n_heads, past_len, d_head]); the cross-attention keys/values are computed once from the encoder output
+(:meth:`Transformer.cross_kv`) and passed in every step, never recomputed. For continuous batching a step also takes
+each row's own position and a mask of which cached positions are its own, so that rows which joined a running
+batch at different steps share one padded cache.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids int64 [batch, len], positions int64 [len] -> [batch, len, d_model] (paper section 3.4, 3.5)."""
+        """ids int64 [batch, len], positions int64 [len] or [batch, len] -> [batch, len, d_model] (paper sections
+        3.4, 3.5)."""
         scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
         x = self.embed(ids) * scale + sinusoidal_positions(positions, self.cfg.d_model)
         return self.dropout(x)
@@ -214,26 +217,35 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
 
     def decode_step(self, tokens: Tensor, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
-                    cross_v: list[Tensor], src_mask: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+                    cross_v: list[Tensor], src_mask: Tensor, positions: Tensor | None = None,
+                    past_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         """One incremental decoding step with a key/value cache.
 
         Args:
             tokens: int64 [rows, 1], the last token of each row (bos at the first step).
             self_k, self_v: per decoder layer, float32 [rows, n_heads, past_len, d_head], the cache; past_len may
-                be 0. The new token's position is past_len.
+                be 0.
             cross_k, cross_v: per decoder layer, float32 [rows, n_heads, src_len, d_head], from :meth:`cross_kv`.
             src_mask: bool [rows, src_len].
+            positions: int64 [rows], each row's position (its number of earlier target tokens, bos included);
+                None = past_len for every row.
+            past_mask: bool [rows, past_len], True where a cached position belongs to the row (rows that joined a
+                running batch later have padding there); None = all True. The new token always sees itself.
         Returns:
-            log_probs float32 [rows, vocab]; new self_k and self_v per layer [rows, n_heads, past_len + 1, d_head];
-            attention float32 [rows, src_len], the last decoder layer's cross-attention weights averaged
-            over heads (the alignment of this target token to the source tokens; rows sum to 1).
+            log_probs float32 [rows, vocab]; new self_k and self_v per layer [rows, n_heads, past_len + 1, d_head]
+            (the new token's keys/values appended last); attention float32 [rows, src_len], the last decoder
+            layer's cross-attention weights averaged over heads (the alignment of this target token to the source
+            tokens; rows sum to 1).
         """
-        past_len = self_k[0].shape[2]
-        positions = torch.arange(past_len, past_len + 1, device=tokens.device)
-        y = self.embed_tokens(tokens, positions)  # [rows, 1, d_model]
+        rows, past_len = tokens.shape[0], self_k[0].shape[2]
+        if positions is None:
+            positions = torch.full((rows,), past_len, dtype=torch.int64, device=tokens.device)
+        y = self.embed_tokens(tokens, positions[:, None])  # [rows, 1, d_model]
         cross_bias = padding_bias(src_mask)
-        # The single query may see every cached position and itself, so the self-attention bias is zero.
-        self_bias = torch.zeros(1, device=tokens.device)
+        if past_mask is None:  # the single query sees every cached position and itself
+            self_bias = torch.zeros(1, device=tokens.device)
+        else:
+            self_bias = padding_bias(torch.cat([past_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1))
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder_layers):
             k, v = layer.self_attn.project_kv(y)  # [rows, n_heads, 1, d_head]

@@ -1,0 +1,396 @@
+"""The engine core: iteration-level (continuous) batching of encoder-decoder search. No Ray, no HTTP, no threads.
+
+    core = EngineCore(model, bos_id=..., eos_id=..., pad_id=..., max_positions=..., config=EngineConfig())
+    handle = core.submit(src_ids, DecodingOptions(beam_size=4))
+    while core.has_work:
+        for done in core.step():
+            print(done.handle, done.hypotheses)
+
+Sentences join a running decode between any two decoder steps and leave it as soon as they finish (Orca, OSDI 2022;
+for beam search, Yang et al. EMNLP 2020, "A Streaming Approach For Efficient Batched Beam Search"). Each sentence
+carries its own state and options (engine/search.py), so a greedy sentence, a beam-4 one, a beam-16 one and a
+sampled one share every step. Rows that joined at different steps share one self-attention cache, padded per row:
+each row has its own position and a mask of the cached positions that are its own (engine/contract.py, format 3);
+a row's own positions are always a suffix of the cache (the step appends each new key/value last), so the shared
+left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are padded to the longest source of
+the live rows, with the source mask.
+
+Scheduling policy, decided at the start of every step:
+1. Aborted sentences leave before the step computes them; their results are reported as aborted.
+2. Waiting sentences join while the running batch has room. A sentence reserves its most rows (beam_size) against
+   ``max_batch_rows`` and its source against ``max_batch_tokens`` (live sentences x longest live source: the padded
+   cross-attention memory, as the encoder's chunks were bounded before). Which sentence joins next: the first
+   waiting one of the group (a request) that holds the fewest rows now, ties to the group that arrived first; so a
+   request with nothing running goes first at the next step, and a large request fills only what the others leave.
+   When that sentence does not fit, joining stops for this step (a smaller one does not overtake it, so a long
+   sentence is never starved); an empty batch always takes one. The joiners are encoded in one encoder call.
+   Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
+   batch then decodes to completion before the next forms.
+3. One decoder step runs over every live row; each sentence's strategy reads its rows' scores and picks its next
+   tokens. A sentence whose scores hold NaN, or whose strategy raises, fails alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+
+import numpy as np
+
+from engine.errors import InputTooLongError, NumericalError
+from engine.options import DecodingOptions
+from engine.rules import Rules, Sampling
+from engine.search import BeamSearch, GreedySearch, Hypothesis, SentenceSearch, TopCandidates
+from engine.state_ops import NumpyOps
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("continuous", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A sentence that left the engine: ``hypotheses`` best first (n_best of them; [] for an empty source or when
+    aborted), or the ``error`` that failed it alone."""
+
+    handle: int
+    hypotheses: list[Hypothesis]
+    error: Exception | None = None
+    aborted: bool = False
+
+
+@dataclasses.dataclass
+class CoreStats:
+    """Counters since the core was made: decoder steps, rows computed (summed over steps), sentences that joined
+    a running batch / left it (finished, failed or aborted), generated tokens of finished best hypotheses."""
+
+    steps: int = 0
+    rows: int = 0
+    joined: int = 0
+    left: int = 0
+    generated_tokens: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Sentence:
+    handle: int
+    group: object
+    src_ids: list[int]
+    search: SentenceSearch
+    return_attention: bool
+    step: int = 0
+    aborted: bool = False
+
+
+class EngineCore:
+    """Step-able decoding of sentences that join and leave between steps (policy in the module docstring).
+
+    Args:
+        model: encode(src_ids, src_mask) -> (cross_k, cross_v); step(tokens, self_k, self_v, cross_k, cross_v,
+            src_mask, top_k, positions=, past_mask=, check_nan=False) -> (log_probs or TopCandidates, self_k,
+            self_v, attention); ``ops`` (engine/state_ops.py) for its state tensors; optionally ``top_k(log_probs,
+            k)`` and ``io_binding`` (engine/runtime.py's OnnxModel has all of these).
+        bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
+        max_positions: the model's position table; bounds source and target lengths.
+        policy: "continuous" or "static"; max_batch_rows: decoder rows per step; max_batch_tokens: live sentences x
+            longest live source.
+
+    Raises:
+        ValueError: an unknown policy or a budget < 1.
+    """
+
+    def __init__(self, model, *, bos_id: int, eos_id: int, pad_id: int, max_positions: int,
+                 policy: str = "continuous", max_batch_rows: int = 512, max_batch_tokens: int = 1024,
+                 banned_ids: tuple[int, ...] | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if max_batch_rows < 1 or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_rows and max_batch_tokens must be >= 1, got {max_batch_rows}, "
+                             f"{max_batch_tokens}")
+        self.model, self.ops = model, getattr(model, "ops", NumpyOps())
+        self.bos_id, self.eos_id, self.pad_id, self.max_positions = bos_id, eos_id, pad_id, max_positions
+        self.policy, self.max_batch_rows, self.max_batch_tokens = policy, max_batch_rows, max_batch_tokens
+        self.banned_ids = banned_ids if banned_ids is not None else (pad_id,)
+        # Top-k where the log-probs are (engine/top_k.py): beam search always gains; greedy search only when the
+        # log-probs would otherwise cross from a device (on the CPU an argmax is cheaper than TopK).
+        self.has_top_k = hasattr(model, "top_k")
+        self.device_top_k = self.has_top_k and bool(getattr(model, "io_binding", False))
+        self.stats = CoreStats()
+        self._handles = itertools.count()
+        self._waiting: dict[object, collections.deque[_Sentence]] = {}  # group -> its sentences, groups by arrival
+        self._by_handle: dict[int, _Sentence] = {}
+        self._done_early: list[Finished] = []  # empty sources and aborted waiting sentences, reported next step
+        self._live: list[_Sentence] = []  # in row-block order
+        self._reset_state()
+
+    # ---- the protocol ------------------------------------------------------------------------------------------
+
+    def submit(self, src_ids: list[int], options: DecodingOptions, *, target_prefix: list[int] | None = None,
+               group: object = None) -> int:
+        """Queues one sentence: src_ids (token ids ending in eos; [] = empty input, finishes with no hypothesis and
+        no decoding), its options, an optional forced target prefix (token ids, kept in the output), and the
+        ``group`` (e.g. a request id) that fairness is counted by. Returns the sentence's handle.
+
+        Raises:
+            InputTooLongError: more source tokens than the model's positions.
+        """
+        if len(src_ids) > self.max_positions:
+            raise InputTooLongError(len(src_ids), self.max_positions)
+        handle = next(self._handles)
+        if not src_ids:
+            self._done_early.append(Finished(handle, []))
+            return handle
+        sentence = _Sentence(handle, group, list(src_ids), self._search(len(src_ids), options, target_prefix),
+                             options.return_attention)
+        self._by_handle[handle] = sentence
+        self._waiting.setdefault(group, collections.deque()).append(sentence)
+        return handle
+
+    def abort(self, handle: int) -> None:
+        """Drops a waiting or running sentence at the next step (reported as aborted then); unknown or finished
+        handles are ignored."""
+        sentence = self._by_handle.get(handle)
+        if sentence is not None:
+            sentence.aborted = True
+
+    @property
+    def live_rows(self) -> int:
+        """Decoder rows of the running batch."""
+        return self._past_mask.shape[0]
+
+    @property
+    def live_sentences(self) -> int:
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        """Sentences waiting to join (aborted ones excluded)."""
+        return sum(not s.aborted for queue in self._waiting.values() for s in queue)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._live or self._waiting or self._done_early)
+
+    def step(self) -> list[Finished]:
+        """Schedules (aborts, joins), runs one decoder step over every live row and returns the sentences that
+        left: finished, failed alone, or aborted. Returns [] when there is nothing to do.
+
+        Raises:
+            Exception: what the model raised for the whole step (e.g. ONNX Runtime failing); every live sentence
+                is then failed and reported at the next call, so the core stays usable.
+        """
+        out, self._done_early = self._done_early, []
+        out += self._drop_aborted()
+        self._join(self._schedule())
+        if not self._live:
+            return out
+        try:
+            out += self._decode_step()
+        except Exception as e:  # noqa: BLE001 - the whole step failed: fail its sentences, keep the core usable
+            log.exception("decoder step failed for %d sentences", len(self._live))
+            out += [self._leave(s, error=e) for s in self._live]
+            self._live = []
+            self._reset_state()
+        return out
+
+    # ---- sentences ---------------------------------------------------------------------------------------------
+
+    def _search(self, src_len: int, options: DecodingOptions, prefix: list[int] | None) -> SentenceSearch:
+        limit = options.length_limit(src_len, self.max_positions)
+        if prefix:  # a forced prefix always fits: it extends the limit if needed
+            limit = max(limit, min(len(prefix) + 1, self.max_positions - 1))
+        rules = Rules(min_length=options.min_length, no_repeat_ngram_size=options.no_repeat_ngram_size,
+                      repetition_penalty=options.repetition_penalty,
+                      prefixes=(tuple(prefix),) if prefix else None, banned_ids=self.banned_ids)
+        if options.beam_size == 1:
+            sampling = (Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
+                                 temperature=options.sampling_temperature, seed=options.seed)
+                        if options.sampling else None)
+            return GreedySearch(limit, self.bos_id, self.eos_id, rules, sampling, options.return_attention)
+        return BeamSearch(limit, self.bos_id, self.eos_id, options.beam_size, options.length_penalty, options.n_best,
+                          rules, options.return_attention)
+
+    def _leave(self, sentence: _Sentence, hypotheses: list[Hypothesis] | None = None, error: Exception | None = None,
+               aborted: bool = False) -> Finished:
+        self._by_handle.pop(sentence.handle, None)
+        self.stats.left += 1
+        if hypotheses:
+            self.stats.generated_tokens += len(hypotheses[0].tokens)
+        return Finished(sentence.handle, hypotheses or [], error, aborted)
+
+    def _drop_aborted(self) -> list[Finished]:
+        out = []
+        for group in list(self._waiting):
+            queue = self._waiting[group]
+            out += [self._leave(s, aborted=True) for s in queue if s.aborted]
+            if out:
+                queue = collections.deque(s for s in queue if not s.aborted)
+                self._waiting[group] = queue
+            if not queue:
+                del self._waiting[group]
+        if any(s.aborted for s in self._live):
+            keep = [s for s in self._live if not s.aborted]
+            out += [self._leave(s, aborted=True) for s in self._live if s.aborted]
+            self._select(keep)
+        return out
+
+    # ---- scheduling --------------------------------------------------------------------------------------------
+
+    def _schedule(self) -> list[_Sentence]:
+        """The waiting sentences that join at this step (policy in the module docstring), removed from the queue."""
+        if not self._waiting or (self.policy == "static" and self._live):
+            return []
+        rows = sum(s.search.max_rows for s in self._live)
+        n_sentences = len(self._live)
+        longest = max((len(s.src_ids) for s in self._live), default=0)
+        rows_of_group: dict[object, int] = collections.Counter()
+        for s in self._live:
+            rows_of_group[s.group] += s.search.max_rows
+        arrival = {group: i for i, group in enumerate(self._waiting)}
+        joining = []
+        while self._waiting:
+            group = min(self._waiting, key=lambda g: (rows_of_group[g], arrival[g]))
+            sentence = self._waiting[group][0]
+            new_longest = max(longest, len(sentence.src_ids))
+            fits = (rows + sentence.search.max_rows <= self.max_batch_rows
+                    and (n_sentences + 1) * new_longest <= self.max_batch_tokens)
+            if not fits and (n_sentences or joining):
+                break
+            self._waiting[group].popleft()
+            if not self._waiting[group]:
+                del self._waiting[group]
+            joining.append(sentence)
+            rows += sentence.search.max_rows
+            rows_of_group[group] += sentence.search.max_rows
+            n_sentences, longest = n_sentences + 1, new_longest
+        return joining
+
+    # ---- the batch's state -------------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._self = None  # self-attention K then V, per decoder layer: [rows, n_heads, width, d_head]
+        self._cross = None  # cross-attention K then V, per decoder layer: [rows, n_heads, src_width, d_head]
+        self._past_mask = np.zeros((0, 0), dtype=bool)  # [rows, width]: True = the row's own cached position
+        self._src_mask = np.zeros((0, 0), dtype=bool)  # [rows, src_width]
+
+    def _join(self, joining: list[_Sentence]) -> None:
+        """Encodes the joiners in one call and appends one row each (a beam search widens after its first step)."""
+        if not joining:
+            return
+        src_width = max(len(s.src_ids) for s in joining)
+        src_ids = np.full((len(joining), src_width), self.pad_id, dtype=np.int64)
+        src_mask = np.zeros((len(joining), src_width), dtype=bool)
+        for row, s in enumerate(joining):
+            src_ids[row, :len(s.src_ids)] = s.src_ids
+            src_mask[row, :len(s.src_ids)] = True
+        cross_k, cross_v = self.model.encode(src_ids, src_mask)
+        cross = list(cross_k) + list(cross_v)
+        n_layers = len(cross_k)
+        if self._cross is None:
+            self._cross, self._src_mask = cross, src_mask
+            self._self = [self.ops.empty(cross[0], len(joining))] * (2 * n_layers)
+            self._past_mask = np.zeros((len(joining), 0), dtype=bool)
+        else:
+            width = max(self._src_mask.shape[1], src_width)
+            self._cross = self.ops.concat_rows(self._cross, cross, width)
+            self._src_mask = np.concatenate([np.pad(self._src_mask, ((0, 0), (0, width - self._src_mask.shape[1]))),
+                                             np.pad(src_mask, ((0, 0), (0, width - src_width)))])
+            past = self._past_mask.shape[1]
+            self._self = self.ops.concat_rows(self._self, [self.ops.empty(cross[0], len(joining))] * (2 * n_layers),
+                                              past)
+            self._past_mask = np.concatenate([self._past_mask, np.zeros((len(joining), past), dtype=bool)])
+        self._live += joining
+        self.stats.joined += len(joining)
+
+    def _select(self, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
+        """Keeps the rows of ``keep`` (their parent rows, int64 [new_rows], when a step reordered them), and trims
+        the cache positions and source columns no kept row uses."""
+        if parent_rows is None and keep:  # rows of whole sentences, as laid out before
+            starts = np.cumsum([0] + [s.search.n_rows for s in self._live])
+            row_of = {id(s): int(r) for s, r in zip(self._live, starts)}
+            parent_rows = np.concatenate([np.arange(row_of[id(s)], row_of[id(s)] + s.search.n_rows) for s in keep])
+        self._live = keep
+        if not keep:
+            self._reset_state()
+            return
+        past_mask = self._past_mask[parent_rows]
+        start = past_mask.shape[1] - int(past_mask.sum(axis=1).max())  # own positions are a suffix of each row
+        src_width = max(len(s.src_ids) for s in keep)
+        self._past_mask = np.ascontiguousarray(past_mask[:, start:])
+        self._src_mask = np.ascontiguousarray(self._src_mask[parent_rows, :src_width])
+        self._self = self.ops.take(self._self, parent_rows, start)
+        self._cross = self.ops.take(self._cross, parent_rows, 0, src_width)
+
+    # ---- one decoder step --------------------------------------------------------------------------------------
+
+    def _wants_top(self, search: SentenceSearch) -> bool:
+        return self.has_top_k and search.top_k is not None and (self.device_top_k or search.max_rows > 1)
+
+    def _decode_step(self) -> list[Finished]:
+        live = self._live
+        n_rows = [s.search.n_rows for s in live]
+        starts = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)
+        tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
+        positions = np.repeat(np.asarray([s.step for s in live], dtype=np.int64), n_rows)
+        wants_top = [self._wants_top(s.search) for s in live]
+        k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
+        n_layers = len(self._self) // 2
+        # With the log-probs on a device and every sentence reading top-k only, they never leave it.
+        device_top = k is not None and self.device_top_k and all(wants_top)
+        scores, self_k, self_v, attention = self.model.step(
+            tokens, self._self[:n_layers], self._self[n_layers:], self._cross[:n_layers], self._cross[n_layers:],
+            self._src_mask, k if device_top else None, positions=positions, past_mask=self._past_mask,
+            check_nan=False)
+        self._self = list(self_k) + list(self_v)
+        self._past_mask = np.concatenate([self._past_mask, np.ones((len(tokens), 1), dtype=bool)], axis=1)
+        self.stats.steps += 1
+        self.stats.rows += len(tokens)
+        top, top_row = None, {}
+        if device_top:
+            top, log_probs = scores, None
+            top_row = {i: int(starts[i]) for i in range(len(live))}
+        else:
+            log_probs = scores
+            if k is not None:  # top-k of the rows that read it, in one call
+                index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, w in enumerate(wants_top) if w])
+                top = self.model.top_k(np.ascontiguousarray(log_probs[index]), k)
+                cursor = 0
+                for i, w in enumerate(wants_top):
+                    if w:
+                        top_row[i] = cursor
+                        cursor += n_rows[i]
+        out, keep, parents = [], [], []
+        for i, s in enumerate(live):
+            r0, n = int(starts[i]), n_rows[i]
+            mine_top = None
+            if i in top_row:
+                t0 = top_row[i]
+                mine_top = TopCandidates(top.log_probs[t0:t0 + n], top.ids[t0:t0 + n], top.vocab)
+                mine_lp = None
+                values = mine_top.log_probs
+            else:
+                mine_lp = log_probs[r0:r0 + n]
+                values = mine_lp
+            try:
+                # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate
+                # log-prob. Checked on what the sentence reads, so that it fails alone.
+                if np.isnan(values.max(axis=1)).any():
+                    raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+                local = s.search.advance(s.step, mine_lp, mine_top,
+                                         attention[r0:r0 + n, :len(s.src_ids)] if s.return_attention else None)
+            except Exception as e:  # noqa: BLE001 - this sentence fails alone
+                log.warning("sentence %d failed at step %d: %s", s.handle, s.step, e)
+                out.append(self._leave(s, error=e))
+                continue
+            s.step += 1
+            if s.search.done:
+                out.append(self._leave(s, s.search.hypotheses))
+                continue
+            keep.append(s)
+            parents.append(r0 + local)
+        parent_rows = np.concatenate(parents) if parents else np.zeros(0, dtype=np.int64)
+        if len(parent_rows) != len(tokens) or not np.array_equal(parent_rows, np.arange(len(tokens))):
+            self._select(keep, parent_rows)
+        return out
