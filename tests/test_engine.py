@@ -6,7 +6,8 @@ import pytest
 
 from engine.errors import InputTooLongError, InvalidRequestError
 from engine.options import DecodingOptions
-from engine.search import StepStats
+from engine.core import CoreStats, EngineCore
+from engine.search import BeamSearch
 
 from conftest import SENTENCES
 
@@ -15,20 +16,30 @@ def test_runs_on_the_cpu_provider_here(translator):
     assert translator.provider == "CPUExecutionProvider"
 
 
+def decode_with(core: EngineCore, src: list[list[int]], options: DecodingOptions):
+    """Decodes every source in ``core``; returns each one's hypotheses, in order."""
+    handles = [core.submit(ids, options) for ids in src]
+    results = {}
+    while core.has_work:
+        for done in core.step():
+            assert done.error is None
+            results[done.handle] = done.hypotheses
+    return [results[h] for h in handles]
+
+
 def test_greedy_equals_beam_size_one(translator):
     src = [translator.tokenize(s) for s in SENTENCES]
     greedy = translator.translate_ids(src, DecodingOptions(beam_size=1))
-    # Beam search with one beam, forced through the beam code path (the engine routes beam_size 1 to greedy).
-    from engine.search import beam_search
 
-    for ids, g in zip(src, greedy):
-        import numpy as np
+    class BeamOneCore(EngineCore):  # beam_size 1 through the beam search strategy (the core picks greedy)
+        def _search(self, src_len, options, prefix):
+            return BeamSearch(options.length_limit(src_len, self.max_positions), self.bos_id, self.eos_id, 1,
+                              options.length_penalty, 1)
 
-        src_ids = np.asarray([ids]), np.ones((1, len(ids)), dtype=bool)
-        ck, cv = translator.model.encode(*src_ids)
-        limit = [DecodingOptions().length_limit(len(ids), translator.max_positions)]
-        (b,) = beam_search(translator.model.step, ck, cv, src_ids[1], limit, translator.bos_id, translator.eos_id,
-                           beam_size=1, length_penalty=0.6, ops=translator.ops)
+    beam = decode_with(BeamOneCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                                   pad_id=translator.pad_id, max_positions=translator.max_positions),
+                       src, DecodingOptions(beam_size=1))
+    for g, b in zip(greedy, beam):
         assert b[0].tokens == g[0].tokens
         assert b[0].score == pytest.approx(g[0].score, abs=1e-6)
 
@@ -60,7 +71,7 @@ def test_batch_invariance_across_token_budget_chunks(artifact):
 
 
 def test_empty_and_whitespace_input_translate_to_empty_without_decoding(translator):
-    stats = StepStats()
+    stats = CoreStats()
     out = translator.translate(["", "   \n\t"], DecodingOptions(), stats=stats)
     assert [t.text for t in out] == ["", ""]
     assert stats.steps == 0
@@ -93,7 +104,7 @@ def test_max_length_caps_generated_tokens(translator):
 
 def test_finished_rows_leave_the_batch(translator):
     """With one long and several short sentences, rows computed are far fewer than steps x batch x beam."""
-    stats = StepStats()
+    stats = CoreStats()
     src = [translator.tokenize(s) for s in SENTENCES]
     translator.translate_ids(src, DecodingOptions(beam_size=1), stats)
     assert stats.rows < stats.steps * len(src)
@@ -124,21 +135,17 @@ def test_an_artifact_of_another_format_version_is_refused_with_a_message(artifac
 
 @pytest.mark.parametrize("kwargs", [dict(beam_size=1), dict(beam_size=4, n_best=4), dict(beam_size=4, min_length=12),
                                     dict(beam_size=1, min_length=12)])
-def test_top_k_scores_give_the_full_vocabulary_result(artifact, kwargs):
+def test_top_k_scores_give_the_full_vocabulary_result(translator, kwargs):
     """The engine can read each row's top-k only (engine/top_k.py); the result must be the one of the full
     log-probs, n-best lists and scores included."""
-    from engine.runtime import EngineConfig
-    from engine.translator import Translator
-
-    translator = Translator(artifact, EngineConfig(device="cpu"))
-    assert translator.use_top_k
-    translator.greedy_top_k = True  # the CPU default is an argmax over full rows; test the top-k path here
     options = DecodingOptions(**kwargs)
     src = [translator.tokenize(s) for s in SENTENCES]
-    with_top_k = translator.translate_ids(src, options)
-    translator.use_top_k = False
-    full = translator.translate_ids(src, options)
-    for a, b in zip(with_top_k, full):
+    top_k_core = translator.new_core()
+    assert top_k_core.has_top_k
+    top_k_core.device_top_k = True  # the CPU default is an argmax over full rows for greedy; test top-k here
+    full_core = translator.new_core()
+    full_core.has_top_k = False
+    for a, b in zip(decode_with(top_k_core, src, options), decode_with(full_core, src, options)):
         assert [(h.tokens, h.score) for h in a] == [(h.tokens, h.score) for h in b]
 
 

@@ -14,23 +14,44 @@ from conftest import SENTENCES
 
 
 @pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
-@pytest.mark.parametrize("src_len", [None, 3, 0])
-def test_ortvalue_take_equals_numpy_take(elem_type, src_len):
+@pytest.mark.parametrize("start, end", [(0, None), (0, 3), (0, 0), (1, None), (2, 3)])
+def test_ortvalue_take_equals_numpy_take(elem_type, start, end):
     dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((5, 2, 4, 3)).astype(dtype) for _ in range(4)]
     rows = np.asarray([3, 3, 0, 4], dtype=np.int64)  # repeats (beams of one parent) and dropped rows
     ops = OrtValueOps(4, elem_type, ["CPUExecutionProvider"], ort.SessionOptions(), "cpu")
-    taken = ops.take([ort.OrtValue.ortvalue_from_numpy(x) for x in xs], rows, src_len)
+    taken = ops.take([ort.OrtValue.ortvalue_from_numpy(x) for x in xs], rows, start, end)
     assert all(isinstance(t, ort.OrtValue) for t in taken)
-    for got, want in zip(ops.to_numpy(taken), NumpyOps.take(xs, rows, src_len)):
+    for got, want, x in zip(ops.to_numpy(taken), NumpyOps.take(xs, rows, start, end), xs):
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(want, x[rows][:, :, start:end])
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
+@pytest.mark.parametrize("lengths", [(4, 0, 4), (2, 3, 5), (0, 0, 0)])
+def test_concat_rows_pads_and_stacks_on_the_device_like_numpy(elem_type, lengths):
+    """Sentences joining a running batch: old rows above new ones, both zero-padded on axis 2."""
+    dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+    lx, ly, length = lengths
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((3, 2, lx, 3)).astype(dtype) for _ in range(2)]
+    ys = [rng.standard_normal((2, 2, ly, 3)).astype(dtype) for _ in range(2)]
+    ops = OrtValueOps(2, elem_type, ["CPUExecutionProvider"], ort.SessionOptions(), "cpu")
+    got = ops.to_numpy(ops.concat_rows([ort.OrtValue.ortvalue_from_numpy(x) for x in xs],
+                                       [ort.OrtValue.ortvalue_from_numpy(y) for y in ys], length))
+    for g, want, x, y in zip(got, NumpyOps.concat_rows(xs, ys, length), xs, ys):
+        np.testing.assert_array_equal(g, want)
+        assert want.shape == (5, 2, length, 3)
+        np.testing.assert_array_equal(want[:3, :, :lx], x)
+        np.testing.assert_array_equal(want[3:, :, :ly], y)
+        assert not want[:3, :, lx:].any() and not want[3:, :, ly:].any()
 
 
 def test_ortvalue_take_refuses_another_tensor_count():
     ops = OrtValueOps(2, TensorProto.FLOAT, ["CPUExecutionProvider"], ort.SessionOptions(), "cpu")
-    with pytest.raises(ValueError, match="expects 2 tensors"):
+    with pytest.raises(ValueError, match="expected 2 tensors"):
         ops.take([ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, 1, 1), np.float32))], np.zeros(1, np.int64))
 
 

@@ -1,0 +1,205 @@
+"""The engine core (engine/core.py) on the bundled model: sentences joining a running decode at any step, beside
+any mix of options, get the tokens and scores they get alone; aborts free rows; fairness; failures stay alone."""
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.core import EngineCore
+from engine.errors import NumericalError
+from engine.options import DecodingOptions
+
+from conftest import SENTENCES
+
+# Option mixes that decode side by side: greedy, beams of 2/4/16 (top-k path), rules that need full rows,
+# sampling with a seed; lengths capped so that an example stays quick.
+OPTIONS = [
+    DecodingOptions(beam_size=1, max_length=24),
+    DecodingOptions(beam_size=4, n_best=2, max_length=24),
+    DecodingOptions(beam_size=16, max_length=12),
+    DecodingOptions(beam_size=2, no_repeat_ngram_size=2, repetition_penalty=1.3, max_length=24),
+    DecodingOptions(beam_size=1, min_length=6, max_length=20),
+    DecodingOptions(beam_size=1, sampling_topk=10, seed=3, max_length=16),
+    DecodingOptions(beam_size=4, length_penalty=1.0, return_attention=True, max_length=16),
+]
+
+
+def run(core: EngineCore, arrivals: list[tuple[int, list[int], DecodingOptions, object]]):
+    """Submits each (arrival step, src ids, options, group) when the core has run that many steps; returns the
+    hypotheses per arrival, in order, and the live-rows count seen at each step."""
+    handles, results, pending = {}, {}, sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
+    while pending or core.has_work:
+        while pending and arrivals[pending[0]][0] <= core.stats.steps:
+            i = pending.pop(0)
+            _, ids, options, group = arrivals[i]
+            handles[core.submit(ids, options, group=group)] = i
+        for done in core.step():
+            assert done.error is None, done.error
+            results[handles[done.handle]] = done.hypotheses
+        if not core.has_work and pending:  # idle until the next arrival: jump ahead as a server would wait
+            core.stats.steps = arrivals[pending[0]][0]
+    return [results[i] for i in range(len(arrivals))]
+
+
+def assert_same(got, want):
+    assert [h.tokens for h in got] == [h.tokens for h in want]
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
+    for g, w in zip(got, want):
+        if w.attention is not None:
+            np.testing.assert_allclose(np.stack(g.attention), np.stack(w.attention), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def alone(translator):
+    @functools.lru_cache(maxsize=None)
+    def decode(sentence: int, option: int):
+        return translator.translate_ids([translator.tokenize(SENTENCES[sentence])], OPTIONS[option])[0]
+    return decode
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arrivals=st.lists(st.tuples(st.integers(0, 14), st.integers(0, len(SENTENCES) - 1),
+                                   st.integers(0, len(OPTIONS) - 1)), min_size=1, max_size=7),
+       policy=st.sampled_from(["continuous", "static"]), max_batch_rows=st.sampled_from([16, 512]))
+def test_a_sentence_decodes_the_same_whenever_it_joins_and_beside_whatever(translator, alone, arrivals, policy,
+                                                                           max_batch_rows):
+    """Property: token-identical output and equal scores (float32, 1e-4) for every sentence, whether decoded
+    alone or joining a running batch at any step beside any mix of other sentences and options."""
+    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, policy=policy,
+                      max_batch_rows=max_batch_rows)
+    got = run(core, [(step, translator.tokenize(SENTENCES[s]), OPTIONS[o], i) for i, (step, s, o) in
+                     enumerate(arrivals)])
+    for (_, s, o), hyps in zip(arrivals, got):
+        assert_same(hyps, alone(s, o))
+    assert core.live_rows == 0 and core.waiting == 0 and core.live_sentences == 0
+
+
+def test_sentences_really_join_a_running_batch(translator):
+    """A sentence submitted while another decodes is computed in the same steps (rows > one sentence's)."""
+    core = translator.new_core()
+    first = core.submit(translator.tokenize(SENTENCES[3]), DecodingOptions(beam_size=4))
+    core.step()
+    core.step()
+    assert core.live_rows == 4
+    core.submit(translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=1))
+    core.step()
+    assert core.live_rows == 5 and core.stats.joined == 2
+    while core.has_work:
+        core.step()
+    assert first == 0 and core.live_rows == 0
+
+
+def test_static_policy_joins_only_an_empty_batch(translator):
+    core = translator.new_core(policy="static")
+    core.submit(translator.tokenize(SENTENCES[3]), DecodingOptions(beam_size=2))
+    core.step()
+    core.submit(translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=1))
+    rows = []
+    while core.has_work:
+        core.step()
+        rows.append(core.live_rows)
+    assert core.stats.joined == 2 and 3 not in rows  # never both at once
+
+
+def test_fairness_a_new_request_goes_first(translator):
+    """A group (request) with nothing running joins before the rest of a large request that fills the budget."""
+    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    bulk = [core.submit(translator.tokenize(s), DecodingOptions(beam_size=4), group="bulk") for s in SENTENCES]
+    core.step()  # two bulk sentences (8 rows reserved) run
+    assert core.live_sentences == 2
+    probe = core.submit(translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4), group="probe")
+    finished_order = []
+    while core.has_work:
+        finished_order += [d.handle for d in core.step()]
+    # The probe joined as soon as 4 rows were free, ahead of the 6 bulk sentences that were waiting before it.
+    assert finished_order.index(probe) < finished_order.index(bulk[4])
+
+
+def test_aborted_sentences_free_their_rows_and_others_are_unharmed(translator, alone):
+    core = translator.new_core()
+    handles = [core.submit(translator.tokenize(s), OPTIONS[1]) for s in SENTENCES]
+    core.step()
+    core.step()
+    for h in handles[::2]:
+        core.abort(h)
+    waiting_abort = core.submit(translator.tokenize(SENTENCES[1]), OPTIONS[0])
+    core.abort(waiting_abort)
+    results = {}
+    while core.has_work:
+        for done in core.step():
+            results[done.handle] = done
+    assert all(results[h].aborted and results[h].hypotheses == [] for h in handles[::2] + [waiting_abort])
+    for i, h in enumerate(handles):
+        if i % 2:
+            assert_same(results[h].hypotheses, alone(i, 1))
+    assert core.live_rows == 0 and core.waiting == 0 and core.stats.left == len(handles) + 1
+
+
+class _NaNForRow:
+    """Wraps a model: the log-probs of rows whose last token is ``token`` become NaN (a float16 overflow)."""
+
+    def __init__(self, model, token):
+        self.model, self.token = model, token
+        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
+
+    def encode(self, *args):
+        return self.model.encode(*args)
+
+    def step(self, tokens, *args, **kwargs):
+        log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
+        log_probs[tokens[:, 0] == self.token] = np.nan
+        return log_probs, k, v, attention
+
+
+def test_a_sentence_with_nan_scores_fails_alone(translator, alone):
+    ids = translator.tokenize(SENTENCES[0])
+    poisoned = alone(0, 0)[0].tokens[1]  # the second token of sentence 0's greedy output
+    core = EngineCore(_NaNForRow(translator.model, poisoned), bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions)
+    bad = core.submit(ids, OPTIONS[0])
+    good = core.submit(translator.tokenize(SENTENCES[5]), OPTIONS[0])
+    results = {}
+    while core.has_work:
+        results.update({d.handle: d for d in core.step()})
+    assert isinstance(results[bad].error, NumericalError)
+    assert results[good].error is None
+    if poisoned not in alone(5, 0)[0].tokens[:-1]:
+        assert_same(results[good].hypotheses, alone(5, 0))
+
+
+def test_a_failing_step_fails_its_sentences_and_the_core_goes_on(translator, alone):
+    class Flaky:
+        def __init__(self, model):
+            self.model, self.ops, self.top_k, self.io_binding, self.fail = model, model.ops, model.top_k, False, True
+
+        def encode(self, *args):
+            return self.model.encode(*args)
+
+        def step(self, *args, **kwargs):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("device lost")
+            return self.model.step(*args, **kwargs)
+
+    core = EngineCore(Flaky(translator.model), bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions)
+    first = core.submit(translator.tokenize(SENTENCES[0]), OPTIONS[0])
+    (done,) = core.step()
+    assert done.handle == first and "device lost" in str(done.error) and core.live_rows == 0
+    second = core.submit(translator.tokenize(SENTENCES[0]), OPTIONS[0])
+    results = {}
+    while core.has_work:
+        results.update({d.handle: d for d in core.step()})
+    assert_same(results[second].hypotheses, alone(0, 0))
+
+
+def test_empty_source_finishes_without_decoding(translator):
+    core = translator.new_core()
+    handle = core.submit([], DecodingOptions())
+    (done,) = core.step()
+    assert done.handle == handle and done.hypotheses == [] and core.stats.steps == 0
