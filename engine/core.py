@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import time
 
 import numpy as np
 
@@ -53,12 +54,15 @@ POLICIES = ("continuous", "static")
 @dataclasses.dataclass(frozen=True)
 class Finished:
     """A sentence that left the engine: ``hypotheses`` best first (n_best of them; [] for an empty source or when
-    aborted), or the ``error`` that failed it alone."""
+    aborted), or the ``error`` that failed it alone; ``queue_seconds`` it waited before joining a decode and
+    ``decode_seconds`` it spent in one (time.monotonic(), seconds; 0 if it never joined)."""
 
     handle: int
     hypotheses: list[Hypothesis]
     error: Exception | None = None
     aborted: bool = False
+    queue_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -82,6 +86,8 @@ class _Sentence:
     return_attention: bool
     step: int = 0
     aborted: bool = False
+    submitted_at: float = dataclasses.field(default_factory=time.monotonic)
+    joined_at: float | None = None
 
 
 class EngineCore:
@@ -183,7 +189,13 @@ class EngineCore:
         """
         out, self._done_early = self._done_early, []
         out += self._drop_aborted()
-        self._join(self._schedule())
+        joining = self._schedule()
+        try:
+            self._join(joining)
+        except Exception as e:  # noqa: BLE001 - the encoder failed for the joiners: fail them, not the batch
+            log.exception("encoder failed for %d joining sentences", len(joining))
+            out += [self._leave(s, error=e) for s in joining]
+            self._live = [s for s in self._live if s not in joining]
         if not self._live:
             return out
         try:
@@ -193,6 +205,16 @@ class EngineCore:
             out += [self._leave(s, error=e) for s in self._live]
             self._live = []
             self._reset_state()
+        return out
+
+    def fail_all(self, error: Exception) -> list[Finished]:
+        """Fails every waiting and running sentence with ``error`` and empties the core (what an owner does when
+        the core itself raised). Returns their results."""
+        out, self._done_early = self._done_early, []
+        everyone = [s for queue in self._waiting.values() for s in queue] + self._live
+        out += [self._leave(s, error=error) for s in everyone]
+        self._waiting, self._live = {}, []
+        self._reset_state()
         return out
 
     # ---- sentences ---------------------------------------------------------------------------------------------
@@ -218,7 +240,9 @@ class EngineCore:
         self.stats.left += 1
         if hypotheses:
             self.stats.generated_tokens += len(hypotheses[0].tokens)
-        return Finished(sentence.handle, hypotheses or [], error, aborted)
+        now = time.monotonic()
+        joined = sentence.joined_at if sentence.joined_at is not None else now
+        return Finished(sentence.handle, hypotheses or [], error, aborted, joined - sentence.submitted_at, now - joined)
 
     def _drop_aborted(self) -> list[Finished]:
         out = []
@@ -303,6 +327,9 @@ class EngineCore:
             self._past_mask = np.concatenate([self._past_mask, np.zeros((len(joining), past), dtype=bool)])
         self._live += joining
         self.stats.joined += len(joining)
+        now = time.monotonic()
+        for s in joining:
+            s.joined_at = now
 
     def _select(self, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
         """Keeps the rows of ``keep`` (their parent rows, int64 [new_rows], when a step reordered them), and trims

@@ -1,11 +1,12 @@
-"""Ray Serve application: FastAPI ingress and dynamic batching over the engine, in one deployment.
+"""Ray Serve application: FastAPI ingress over the engine's continuous batching, in one deployment.
 
-One deployment holds both the HTTP ingress and the batcher (service/batcher.py, which forms a batch when the
-engine is free; Ray's @serve.batch formed 3-sentence batches with 64 sentences waiting): on this machine a separate
-ingress deployment halved the requests/s Serve could route (DESIGN.md section 6). Each sentence of a request becomes one
-batch item, so sentences of different requests share a batch; items are grouped by model and decoding options
-inside the batch. Several models can be served side by side by one replica (``models`` in the args); a request
-names one with ``model``.
+One deployment holds both the HTTP ingress and the engine: on this machine a separate ingress deployment halved the
+requests/s Serve could route. Each model has one engine core whose step loop runs on a thread of its own
+(engine/async_engine.py); a request's sentences are submitted to it as soon as they are tokenized, join the running
+decode at its next step beside every other request's sentences whatever their options, and the request is answered
+when its last sentence finishes (or, with ``stream``, sentence by sentence). Scheduling and fairness live in the
+engine (engine/core.py); this layer only admits work, maps errors to HTTP and counts. Several models can be served
+side by side by one replica (``models`` in the args); a request names one with ``model``.
 
 Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:app_builder``).
 """
@@ -14,26 +15,28 @@ Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:ap
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import ray
 from ray import serve
 
 from engine import segmentation
+from engine.async_engine import AsyncEngine
+from engine.core import EngineCore, Finished
 from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
-from engine.search import Hypothesis, StepStats
+from engine.search import Hypothesis
 from engine.translator import Translator
 from service import schemas
-from service.batcher import DynamicBatcher, Settle
 from service.errors import (OverloadedError, RequestTimeoutError, RequestTooLargeError, UnauthorizedError,
                             error_response, install_handlers, response_for, validation_message)
 from service.metrics import ServiceMetrics
@@ -53,7 +56,13 @@ class AppArgs(BaseModel):
                                                                      "artifact folder")
     device: str = "auto"
     intra_op_threads: int = Field(0, ge=0)
-    max_batch_tokens: int = Field(1024, ge=1)
+    scheduling: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: sentences join a running decode between steps; static: a batch "
+                                  "decodes to completion before the next forms (kept to measure against)")
+    max_batch_tokens: int = Field(1024, ge=1, description="padded source tokens decoding together (sentences x "
+                                                          "longest source); user_config can change it live")
+    max_batch_rows: int = Field(512, ge=1, description="decoder rows per step (sentences x beams); user_config can "
+                                                       "change it live")
     max_texts_per_request: int = Field(64, ge=1)
     max_chars_per_text: int = Field(2000, ge=1)
     max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
@@ -61,8 +70,13 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
     max_sentences_per_request: int = Field(256, ge=1, description="sentences after splitting (413 beyond): bounds "
                                            "how long one request can hold a replica")
-    max_queued_sentences: int = Field(256, ge=1, description="sentences waiting for a batch in this replica beyond "
-                                      "which a request gets a JSON 503 with Retry-After (admission control)")
+    max_queued_work: int = Field(65536, ge=1, description="work queued or decoding in this replica (token-rows: "
+                                 "beam_size x (source + expected target tokens), summed over sentences; "
+                                 "engine.async_engine.AsyncEngine.work) beyond which a bulk request gets a JSON 503 "
+                                 "with Retry-After (admission control)")
+    interactive_max_sentences: int = Field(4, ge=0, description="requests of at most this many sentences are "
+                                           "interactive: admitted until twice max_queued_work, so that they still "
+                                           "get in while bulk requests wait their turn")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of that 503, seconds")
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
     warmup: bool = True
@@ -74,18 +88,21 @@ class AppArgs(BaseModel):
 
 
 class BatchConfig(BaseModel):
-    """Live batch settings (the deployment's ``user_config``; changed at runtime through reconfigure)."""
+    """Live engine budgets (the deployment's ``user_config``; changed at runtime through reconfigure). None keeps
+    the value of the application args."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(32, ge=1, le=1024, description="sentences per batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="wait for a fuller batch, s")
+    max_batch_rows: int | None = Field(None, ge=1, le=65536, description="decoder rows per step")
+    max_batch_tokens: int | None = Field(None, ge=1, le=1 << 20, description="padded source tokens decoding "
+                                                                             "together")
 
 
 @dataclasses.dataclass
 class _Model:
     translator: Translator
     metrics: ServiceMetrics
+    engine: AsyncEngine | None = None
     warmup_seconds: float = 0.0
 
     def report_load_times(self) -> None:
@@ -95,13 +112,37 @@ class _Model:
 
 
 @dataclasses.dataclass
-class _Item:
-    model: str
+class _Sentence:
     src_ids: list[int]
-    options: DecodingOptions
-    enqueued_at: float
-    prefix: tuple[int, ...] | None = None  # forced target prefix ids
-    cancelled: bool = False  # set by the request when its client leaves or its deadline passes
+    prefix: list[int] | None = None  # forced target prefix ids
+
+
+class _StepMetrics:
+    """The engine loop's on_step callback: per-step rows and sentences, joins/leaves, and per-sentence figures of
+    those that left, into the model's metrics (called on the engine's thread)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+        self.last = None
+
+    def __call__(self, core: EngineCore, finished: list[Finished]) -> None:
+        m, stats = self.metrics, core.stats
+        last = self.last or dataclasses.replace(stats, steps=0, rows=0, joined=0, left=0, generated_tokens=0)
+        if stats.steps > last.steps:
+            m.step_rows.observe((stats.rows - last.rows) / (stats.steps - last.steps))
+            m.step_sentences.observe(core.live_sentences + len(finished))
+        m.count(m.decode_steps, stats.steps - last.steps)
+        m.count(m.joined, stats.joined - last.joined)
+        m.count(m.left, stats.left - last.left)
+        m.count(m.generated_tokens, stats.generated_tokens - last.generated_tokens)
+        done = [f for f in finished if f.hypotheses]
+        m.count(m.sentences, len(done))
+        for f in done:
+            m.queue_seconds.observe(f.queue_seconds)
+            m.compute_seconds.observe(f.decode_seconds)
+        m.live_rows.set(core.live_rows)
+        m.waiting.set(core.waiting)
+        self.last = dataclasses.replace(stats)
 
 
 
@@ -118,18 +159,19 @@ class TranslatorDeployment:
     def __init__(self, args: dict | None = None) -> None:
         self.args = AppArgs(**(args or {}))
         engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
-                                     max_batch_tokens=self.args.max_batch_tokens)
+                                     max_batch_tokens=self.args.max_batch_tokens,
+                                     max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling)
         self.models: dict[str, _Model] = {}
         for model_id, folder in self.args.artifact_paths().items():
             model = _Model(Translator(folder, engine_config), ServiceMetrics(model_id))
             if self.args.warmup:
                 model.warmup_seconds = model.translator.warmup()
             model.report_load_times()
-            log.info("model %s loaded from %s on %s", model_id, folder, model.translator.provider)
+            model.engine = AsyncEngine(model.translator.new_core(), model_id, _StepMetrics(model.metrics))
+            log.info("model %s loaded from %s on %s, %s scheduling", model_id, folder, model.translator.provider,
+                     self.args.scheduling)
             self.models[model_id] = model
         self.default = self.models[self.args.model_id]
-        defaults = BatchConfig()
-        self.batcher = DynamicBatcher(self._translate_batch, defaults.max_batch_size, defaults.batch_wait_timeout_s)
         self._configured = False  # set by the first valid reconfigure
 
     def _model(self, model_id: str | None) -> _Model:
@@ -152,16 +194,33 @@ class TranslatorDeployment:
         except ValidationError as e:
             if not self._configured:
                 raise
-            log.error("user_config %r rejected, keeping max_batch_size=%d batch_wait_timeout_s=%s: %s", user_config,
-                      self.batcher.max_batch_size, self.batcher.batch_wait_timeout_s, validation_message(e.errors()))
+            core = self.default.engine.core
+            log.error("user_config %r rejected, keeping max_batch_rows=%d max_batch_tokens=%d: %s", user_config,
+                      core.max_batch_rows, core.max_batch_tokens, validation_message(e.errors()))
             return
-        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s)
+        for model in self.models.values():
+            # Plain attribute writes the engine thread reads at its next schedule.
+            if config.max_batch_rows is not None:
+                model.engine.core.max_batch_rows = config.max_batch_rows
+            if config.max_batch_tokens is not None:
+                model.engine.core.max_batch_tokens = config.max_batch_tokens
         self._configured = True
 
-    def check_health(self) -> None:
-        """Serve's liveness probe: raises if an engine cannot run (then Serve restarts the replica)."""
-        for model in self.models.values():
-            model.translator.translate_ids([[model.translator.eos_id]], DecodingOptions(beam_size=1, max_length=1))
+    async def check_health(self) -> None:
+        """Serve's liveness probe: raises if an engine's step loop is dead or cannot decode a one-token sentence
+        through it within 30 s (then Serve restarts the replica)."""
+        for model_id, model in self.models.items():
+            if not model.engine.alive:
+                raise RuntimeError(f"the engine loop of model {model_id} is not running")
+            future = model.engine.submit([model.translator.eos_id], DecodingOptions(beam_size=1, max_length=1),
+                                         group="health")
+            try:
+                done = await asyncio.wait_for(future, 30)
+            except asyncio.TimeoutError:
+                model.engine.abort(future)
+                raise RuntimeError(f"the engine of model {model_id} did not decode a health probe in 30 s") from None
+            if done.error is not None:
+                raise RuntimeError(f"the engine of model {model_id} failed a health probe: {done.error}")
             model.report_load_times()
 
     @api.get("/health", response_model=schemas.Health)
@@ -215,7 +274,8 @@ class TranslatorDeployment:
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = response_for(e)
-        metrics.request(response.status_code)
+        if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
+            metrics.request(response.status_code)
         log.info("translate status %d texts %d chars %d latency_ms %.1f", response.status_code, len(texts),
                  sum(len(t) for t in texts), 1000 * (time.perf_counter() - started))
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
@@ -242,7 +302,7 @@ class TranslatorDeployment:
                 raise RequestTooLargeError(f"body > limit {limit} bytes")
         return bytes(body)
 
-    async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse:
+    async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse | StreamingResponse:
         model_id = req.model or self.args.model_id
         model = self._model(model_id)
         translator = model.translator
@@ -258,110 +318,170 @@ class TranslatorDeployment:
             if prefix is not None and len(prefix) > self.args.max_chars_per_text:
                 raise RequestTooLargeError(f"target_prefix[{i}] has {len(prefix)} characters > limit "
                                            f"{self.args.max_chars_per_text}")
-        # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
-        # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
-        # the event loop that serves every other request of this replica.
         if sum(len(t) for t in texts) > self.args.max_chars_per_request:
             raise RequestTooLargeError(f"{sum(len(t) for t in texts)} characters in all texts > limit "
                                        f"{self.args.max_chars_per_request} per request")
         # One deadline for the whole request: splitting, queueing and decoding share request_timeout_s.
         deadline = time.monotonic() + self.args.request_timeout_s
+        # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
+        # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
+        # the event loop that serves every other request of this replica.
         try:
-            segmented, items = await asyncio.wait_for(asyncio.to_thread(
-                self._prepare, model_id, translator, texts, prefixes, options, req.split_sentences),
+            segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
+                self._prepare, translator, texts, prefixes, req.split_sentences),
                 timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             model.metrics.timeouts.inc(1)
             raise RequestTimeoutError(f"splitting and tokenizing took longer than request_timeout_s="
                                       f"{self.args.request_timeout_s}") from None
-        if len(items) > self.args.max_sentences_per_request:
-            raise RequestTooLargeError(f"{len(items)} sentences > limit {self.args.max_sentences_per_request} per "
-                                       f"request")
-        outcomes = await self._run_items(items, model.metrics, deadline)
+        if len(sentences) > self.args.max_sentences_per_request:
+            raise RequestTooLargeError(f"{len(sentences)} sentences > limit {self.args.max_sentences_per_request} "
+                                       f"per request")
+        self._admit(model, sentences, options)
+        futures = self._submit(model, sentences, options)
+        if req.stream:
+            return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline),
+                                     media_type="application/x-ndjson")
+        outcomes = await self._await_sentences(model, futures, deadline)
         translations, cursor = [], 0
         for seg in segmented:
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
             cursor += len(seg.sentences)
-            unknowns = ([translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
-                        else [None] * len(seg.sentences))
-            translation = self._render(translator, seg, per_sentence, unknowns, req.return_scores)
-            if req.return_attention:
-                translation.attention = [self._attention(translator, sentence, h[0]) for sentence, h in
-                                         zip(seg.sentences, per_sentence)]
-            translations.append(translation)
+            translations.append(self._translation(translator, req, seg, per_sentence))
         body = schemas.TranslateResponse(model=model_id, translations=translations)
         return JSONResponse(body.model_dump(exclude_none=True))
 
+    def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: segmentation.Segmented,
+                     hyps: list[list[Hypothesis]]) -> schemas.Translation:
+        unknowns = ([translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
+                    else [None] * len(seg.sentences))
+        translation = self._render(translator, seg, hyps, unknowns, req.return_scores)
+        if req.return_attention:
+            translation.attention = [self._attention(translator, sentence, h[0]) for sentence, h in
+                                     zip(seg.sentences, hyps)]
+        return translation
+
     @staticmethod
-    def _prepare(model_id: str, translator: Translator, texts: list[str], prefixes: list[str | None],
-                 options: DecodingOptions, split_sentences: bool) -> tuple[list[segmentation.Segmented], list[_Item]]:
+    def _prepare(translator: Translator, texts: list[str], prefixes: list[str | None],
+                 split_sentences: bool) -> tuple[list[segmentation.Segmented], list[_Sentence]]:
         """Splits texts into sentences and tokenizes them. Raises InputTooLongError for an over-long sentence."""
         segmented = [segmentation.split(text, split_sentences) for text in texts]
-        now = time.perf_counter()
-        items = []
+        sentences = []
         limit = translator.max_positions - 2  # room for the decoder start and eos
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
-            prefix_ids = tuple(translator.tokenizer.encode_target(prefix)) if prefix else None
+            prefix_ids = translator.tokenizer.encode_target(prefix) if prefix else None
             if prefix_ids and len(prefix_ids) > limit:
                 raise InvalidRequestError(f"target_prefix[{i}] has {len(prefix_ids)} tokens > limit {limit}")
             for j, sentence in enumerate(seg.sentences):
-                items.append(_Item(model_id, translator.tokenize(sentence), options, now,
-                                   prefix_ids if j == 0 else None))
-        return segmented, items
+                sentences.append(_Sentence(translator.tokenize(sentence), prefix_ids if j == 0 else None))
+        return segmented, sentences
 
-    async def _run_items(self, items: list[_Item], metrics: ServiceMetrics,
-                         deadline: float) -> list[list[Hypothesis]]:
-        """Queues items on the batcher until ``deadline`` (time.monotonic(), seconds); marks the request's work
-        abandoned when it is cancelled, times out, or one of its sentences fails (then the others stop too).
+    def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> None:
+        """Admission by work (token-rows, AsyncEngine.work): a bulk request is refused past max_queued_work, an
+        interactive one (at most interactive_max_sentences sentences) only past twice that, so that interactive
+        requests still get in while bulk ones wait their turn; an idle engine admits anything
+        (max_sentences_per_request bounds a request).
 
         Raises:
-            OverloadedError: the replica's queue is full (a request is always admitted into an empty queue, so
-                one larger than the limit is still served; max_sentences_per_request bounds it).
-            RequestTimeoutError: past the deadline.
+            OverloadedError: the replica has too much work queued (HTTP 503 with Retry-After).
         """
-        if not items:  # nothing to decode (empty texts): asyncio.wait refuses an empty set
-            return []
-        queued = self.batcher.queued
-        if queued and queued + len(items) > self.args.max_queued_sentences:
-            metrics.rejected.inc(1)
-            raise OverloadedError(f"{queued} sentences are waiting in this replica (limit "
-                                  f"{self.args.max_queued_sentences}); retry later", self.args.retry_after_s)
+        queued = model.engine.queued_work
+        work = sum(AsyncEngine.work(s.src_ids, options) for s in sentences)
+        interactive = len(sentences) <= self.args.interactive_max_sentences
+        limit = self.args.max_queued_work * (2 if interactive else 1)
+        if queued and queued + work > limit:
+            model.metrics.rejected.inc(1)
+            raise OverloadedError(f"this replica has {queued} token-rows of work queued (limit {limit} for a request "
+                                  f"of {len(sentences)} sentences); retry later",
+                                  self.args.retry_after_s)
 
-        def abandon() -> None:  # the batch drops these sentences at its next decoding step
-            metrics.count(metrics.cancelled, sum(not item.cancelled for item in items))
-            for item in items:
-                item.cancelled = True
-            for task in tasks:
-                task.cancel()
+    @staticmethod
+    def _submit(model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> list[asyncio.Future]:
+        group = object()  # the request: the engine's fairness unit
+        model.metrics.add_pending(len(sentences))
+        model.metrics.count(model.metrics.source_tokens, sum(len(s.src_ids) for s in sentences))
+        futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group) for s in sentences]
+        for future in futures:
+            future.add_done_callback(lambda _: model.metrics.add_pending(-1))
+        return futures
 
-        metrics.add_pending(len(items))
-        tasks = [asyncio.ensure_future(self.batcher.submit(item)) for item in items]
+    def _abandon(self, model: _Model, futures: list[asyncio.Future]) -> None:
+        """Aborts the request's unfinished sentences (client gone, deadline passed, a sibling failed): the engine
+        drops them at its next step."""
+        unfinished = [f for f in futures if not f.done()]
+        model.metrics.count(model.metrics.cancelled, len(unfinished))
+        for future in unfinished:
+            model.engine.abort(future)
+
+    async def _await_sentences(self, model: _Model, futures: list[asyncio.Future],
+                               deadline: float) -> list[list[Hypothesis]]:
+        """Waits for every sentence until ``deadline`` (time.monotonic(), seconds); aborts the rest when the
+        request is cancelled, times out, or one of its sentences fails.
+
+        Raises:
+            RequestTimeoutError: past the deadline.
+            EngineError (or what failed a sentence): the first failure among the sentences.
+        """
         try:
-            done, pending = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0),
-                                               return_when=asyncio.FIRST_EXCEPTION)
-        except asyncio.CancelledError:
-            abandon()
+            pending = set(futures)
+            while pending:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    model.metrics.timeouts.inc(1)
+                    raise RequestTimeoutError(f"request not finished within request_timeout_s="
+                                              f"{self.args.request_timeout_s}; its work was dropped")
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    if future.result().error is not None:
+                        raise future.result().error
+        except BaseException:
+            self._abandon(model, futures)
             raise
-        finally:
-            metrics.add_pending(-len(items))
-        if pending:
-            abandon()
-            failed = [t.exception() for t in tasks if t in done and not t.cancelled() and t.exception() is not None]
-            if failed:
-                raise failed[0]
-            metrics.timeouts.inc(1)
-            raise RequestTimeoutError(f"request not finished within request_timeout_s="
-                                      f"{self.args.request_timeout_s}; its work was dropped")
-        # Retrieve every exception, so none is logged as never retrieved.
-        errors = [None if task.cancelled() else task.exception() for task in tasks]
-        outcomes = []
-        for task, error in zip(tasks, errors):
-            if error is not None:
-                raise error
-            if task.cancelled() or not task.result():  # dropped as cancelled: cannot happen for a live request
-                raise RequestTimeoutError("translation was cancelled")
-            outcomes.append(task.result())
-        return outcomes
+        return [self._hypotheses(f.result()) for f in futures]
+
+    @staticmethod
+    def _hypotheses(done: Finished) -> list[Hypothesis]:
+        if done.aborted:  # only a request that abandoned its own work sees this, and it has already left
+            raise RequestTimeoutError("translation was cancelled")
+        return done.hypotheses
+
+    async def _stream(self, model_id: str, model: _Model, req: schemas.TranslateRequest,
+                      segmented: list[segmentation.Segmented], futures: list[asyncio.Future], deadline: float):
+        """Newline-delimited JSON records (schemas.StreamRecord), in order: each sentence of each text as soon as
+        it and those before it are done, then each text's whole translation, then "done". An error ends the
+        stream with an "error" record (the HTTP status was 200 when the stream began)."""
+        translator, cursor = model.translator, 0
+        try:
+            for index, seg in enumerate(segmented):
+                hyps = []
+                for j, future in enumerate(futures[cursor:cursor + len(seg.sentences)]):
+                    timeout = deadline - time.monotonic()
+                    try:
+                        done = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0))
+                    except asyncio.TimeoutError:
+                        model.metrics.timeouts.inc(1)
+                        raise RequestTimeoutError(f"request not finished within request_timeout_s="
+                                                  f"{self.args.request_timeout_s}; its work was dropped") from None
+                    if done.error is not None:
+                        raise done.error
+                    hyps.append(self._hypotheses(done))
+                    unknowns = translator.unknown_pieces(seg.sentences[j]) if req.replace_unknowns else None
+                    yield _record(type="sentence", index=index, sentence=j,
+                                  text=translator.detokenize(hyps[-1][0].tokens, unknowns))
+                cursor += len(seg.sentences)
+                translation = self._translation(translator, req, seg, hyps)
+                yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
+            yield _record(type="done", model=model_id)
+            model.metrics.request(200)
+        except asyncio.CancelledError:
+            self._abandon(model, futures)
+            model.metrics.request(499)
+            raise
+        except Exception as e:  # noqa: BLE001 - the stream's status is sent: end it with an error record
+            self._abandon(model, futures)
+            response = response_for(e)
+            model.metrics.request(response.status_code)
+            yield _record(type="error", status=response.status_code, **json.loads(response.body))
 
     @staticmethod
     def _render(translator: Translator, seg: segmentation.Segmented, hyps: list[list[Hypothesis]], unknowns: list,
@@ -389,66 +509,9 @@ class TranslatorDeployment:
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 
-    async def _translate_batch(self, items: list[_Item], settle: Settle) -> list[list[Hypothesis] | Exception]:
-        """Decodes one formed batch; each (model, options) group's items are settled as soon as the group is done.
-        Never raises: a failure becomes the outcome of the items it concerns."""
-        started = time.perf_counter()
-        for item in items:
-            self.models[item.model].metrics.queue_seconds.observe(started - item.enqueued_at)
-        try:
-            return await asyncio.to_thread(self._decode_groups, items, settle)
-        except Exception as e:  # noqa: BLE001 - a bug here must not fail the batch loop itself
-            log.exception("batch of %d sentences failed", len(items))
-            return [e] * len(items)
 
-    def _decode_groups(self, items: list[_Item], settle: Settle | None = None) -> list[list[Hypothesis] | Exception]:
-        """Decodes the items of one batch, one engine call per (model, options) group, the cheapest group first,
-        calling ``settle(index, outcome)`` after each group: a default request batched with a beam-16 one of 200
-        tokens is answered after its own group, not after the whole batch (measured before: both took 20 s). If a
-        group fails, its sentences are retried one by one, so that only the sentence that fails gets an error."""
-        groups: dict[tuple[str, DecodingOptions], list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[item.model, item.options].append(index)
-        outcomes: list[list[Hypothesis] | Exception] = [RuntimeError("not decoded")] * len(items)
-        for (model_id, options), indices in sorted(groups.items(), key=lambda group: self._cost(items, *group)):
-            try:
-                results = self._decode_group(model_id, options, [items[i] for i in indices])
-            except Exception:  # noqa: BLE001 - isolate: retry alone, each failure stays with its sentence
-                log.exception("decode failed for a group of %d sentences; retrying them one by one", len(indices))
-                results = []
-                for i in indices:
-                    try:
-                        results.extend(self._decode_group(model_id, options, [items[i]]))
-                    except Exception as e:  # noqa: BLE001
-                        results.append(e)
-            for i, result in zip(indices, results):
-                outcomes[i] = result
-                if settle is not None:
-                    settle(i, result)
-        return outcomes
-
-    def _cost(self, items: list[_Item], key: tuple[str, DecodingOptions], indices: list[int]) -> int:
-        """A group's worst-case decoder work, in beam-steps: beam_size x length limit, summed over its sentences."""
-        model_id, options = key
-        max_positions = self.models[model_id].translator.max_positions
-        return sum(options.beam_size * options.length_limit(len(items[i].src_ids), max_positions) for i in indices)
-
-    def _decode_group(self, model_id: str, options: DecodingOptions, items: list[_Item]) -> list[list[Hypothesis]]:
-        model, stats, started = self.models[model_id], StepStats(), time.perf_counter()
-        src = [item.src_ids for item in items]
-        prefixes = [list(item.prefix or ()) for item in items]
-        hyps = model.translator.translate_ids(src, options, stats,
-                                              is_cancelled=lambda j: items[j].cancelled,
-                                              target_prefixes=prefixes if any(prefixes) else None)
-        m = model.metrics
-        m.batch_sentences.observe(len(items))
-        m.batch_tokens.observe(sum(len(ids) for ids in src))
-        m.compute_seconds.observe(time.perf_counter() - started)
-        m.count(m.sentences, sum(1 for h in hyps if h))
-        m.count(m.source_tokens, sum(len(ids) for ids, h in zip(src, hyps) if h))
-        m.count(m.generated_tokens, sum(len(h[0].tokens) for h in hyps if h))
-        m.count(m.decode_steps, stats.steps)
-        return hyps
+def _record(**fields) -> bytes:
+    return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
 
 
 def app_builder(args: dict | None = None) -> serve.Application:

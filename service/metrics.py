@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from ray.util import metrics
 
-_BATCH_SENTENCES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-_BATCH_TOKENS = [16, 64, 256, 1024, 4096, 16384]
+_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 _SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
@@ -25,15 +24,23 @@ class ServiceMetrics:
         self.generated_tokens = metrics.Counter("nmt_generated_tokens_total", "generated target tokens (best "
                                                 "hypothesis, eos excluded)", tag_keys=tags)
         self.decode_steps = metrics.Counter("nmt_decode_steps_total", "decoder-step graph runs", tag_keys=tags)
-        self.batch_sentences = metrics.Histogram("nmt_batch_size_sentences", "sentences per formed batch",
-                                                 boundaries=_BATCH_SENTENCES, tag_keys=tags)
-        self.batch_tokens = metrics.Histogram("nmt_batch_size_tokens", "source tokens per formed batch",
-                                              boundaries=_BATCH_TOKENS, tag_keys=tags)
-        self.queue_seconds = metrics.Histogram("nmt_queue_seconds", "time a sentence waited for its batch, s",
-                                               boundaries=_SECONDS, tag_keys=tags)
-        self.compute_seconds = metrics.Histogram("nmt_compute_seconds", "engine time of one batch, s",
-                                                 boundaries=_SECONDS, tag_keys=tags)
-        self.pending = metrics.Gauge("nmt_pending_sentences", "sentences queued or decoding in this replica",
+        self.step_rows = metrics.Histogram("nmt_step_rows", "decoder rows (sentences x live beams) per step",
+                                           boundaries=_ROWS, tag_keys=tags)
+        self.step_sentences = metrics.Histogram("nmt_step_sentences", "sentences decoding together per step",
+                                                boundaries=_ROWS, tag_keys=tags)
+        self.joined = metrics.Counter("nmt_joined_sentences_total", "sentences that joined the running decode",
+                                      tag_keys=tags)
+        self.left = metrics.Counter("nmt_left_sentences_total", "sentences that left the running decode (finished, "
+                                    "failed or aborted)", tag_keys=tags)
+        self.live_rows = metrics.Gauge("nmt_live_rows", "decoder rows of the running decode", tag_keys=tags)
+        self.waiting = metrics.Gauge("nmt_waiting_sentences", "sentences waiting to join the running decode",
+                                     tag_keys=tags)
+        self.queue_seconds = metrics.Histogram("nmt_queue_seconds", "time a sentence waited before joining the "
+                                               "running decode, s", boundaries=_SECONDS, tag_keys=tags)
+        self.compute_seconds = metrics.Histogram("nmt_compute_seconds", "time a sentence spent in the running "
+                                                 "decode, s", boundaries=_SECONDS, tag_keys=tags)
+        self.pending = metrics.Gauge("nmt_pending_sentences", "sentences of open requests, queued or decoding, in this "
+                                     "replica",
                                      tag_keys=tags)
         self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx; 503 when the replica queue is full)",
                                         tag_keys=tags)
@@ -44,8 +51,8 @@ class ServiceMetrics:
         self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
         self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
         for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens,
-                  self.generated_tokens, self.decode_steps,
-                  self.batch_sentences, self.batch_tokens, self.queue_seconds, self.compute_seconds,
+                  self.generated_tokens, self.decode_steps, self.step_rows, self.step_sentences, self.joined,
+                  self.left, self.live_rows, self.waiting, self.queue_seconds, self.compute_seconds,
                   self.model_load_seconds, self.warmup_seconds):
             m.set_default_tags({"model": model_id})
         self.model_id = model_id

@@ -47,6 +47,9 @@ class TranslateRequest(BaseModel):
     replace_unknowns: bool = Field(True, description="copy source characters the vocabulary lacks (emoji, rare "
                                                      "scripts) into the output instead of the unk token")
     return_scores: bool = Field(False, description="include summed log-prob scores and n_best hypotheses")
+    stream: bool = Field(False, description="answer newline-delimited JSON records (application/x-ndjson): each "
+                                            "sentence as soon as it and those before it are translated, then each "
+                                            "text's whole translation, then a done record (StreamRecord)")
     return_attention: bool = Field(_DEFAULTS.return_attention, description=(
         "per sentence and output token, the cross-attention over the source tokens (last decoder layer, mean "
         "over heads)"))
@@ -93,6 +96,20 @@ class Translation(BaseModel):
 class TranslateResponse(BaseModel):
     model: str
     translations: list[Translation]
+
+
+class StreamRecord(BaseModel):
+    """One line of a ``stream: true`` answer. ``type`` is "sentence" (index: the text, sentence: its position in
+    the text, text: its translation), "translation" (index, and the fields of Translation: the whole text with its
+    layout), "done" (model) or "error" (status: the HTTP status the error would have had, error: ErrorDetail; the
+    stream ends there)."""
+
+    type: str
+    index: int | None = None
+    sentence: int | None = None
+    text: str | None = None
+    model: str | None = None
+    status: int | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -1,121 +1,200 @@
-"""The replica's request path around the batcher, driven directly (no Ray): admission control, one deadline per
-request, a failing sentence stopping its siblings, and live reconfiguration that cannot take a replica down."""
+"""The replica's request path over the engine loop, driven directly (no Ray): admission by work, one deadline per
+request, a failing sentence stopping its siblings, nothing left in the engine afterwards, and live reconfiguration
+that cannot take a replica down."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from engine.async_engine import AsyncEngine
+from engine.errors import NumericalError
 from engine.options import DecodingOptions
-from service.app import AppArgs, TranslatorDeployment, _Item
-from service.batcher import DynamicBatcher
+from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
 from service.errors import OverloadedError, RequestTimeoutError
+
+from conftest import SENTENCES
 
 
 class Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
     def inc(self, n=1):
-        pass
+        self.value += n
 
 
 class StubMetrics:
     """ServiceMetrics' interface, counting pending sentences."""
 
-    rejected = timeouts = cancelled = Counter()
-
     def __init__(self) -> None:
         self.pending = 0
+        self.rejected, self.timeouts, self.cancelled, self.source_tokens = Counter(), Counter(), Counter(), Counter()
 
     def add_pending(self, n: int) -> None:
         self.pending += n
 
     def count(self, counter, n) -> None:
-        pass
+        counter.inc(n)
 
 
-def replica(process, **args) -> object:
-    """The deployment class without its constructor (no model, no Ray): just args and a batcher over ``process``."""
+class NaNAfter:
+    """Wraps a model: rows whose last token is ``token`` get NaN log-probs (so one sentence fails alone)."""
+
+    def __init__(self, model, token: int) -> None:
+        self.model, self.token = model, token
+        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
+
+    def encode(self, *args):
+        return self.model.encode(*args)
+
+    def step(self, tokens, *args, **kwargs):
+        log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
+        log_probs[tokens[:, 0] == self.token] = np.nan
+        return log_probs, k, v, attention
+
+
+def replica(translator, model=None, **args):
+    """The deployment class without its constructor (no Ray): args and one model whose engine loop runs on
+    ``model`` (default: the translator's)."""
     # The user class under Serve's ingress wrapper (whose async __del__ would warn on a bare instance).
     dep = object.__new__(TranslatorDeployment.func_or_class.__mro__[1])
     dep.args = AppArgs(warmup=False, **args)
-    dep.batcher = DynamicBatcher(process, max_batch_size=1, batch_wait_timeout_s=0.0)
+    core = translator.new_core()
+    if model is not None:
+        core.model = model
+    dep.default = _Model(translator, StubMetrics(), AsyncEngine(core, "test"))
+    dep.models = {dep.args.model_id: dep.default}
     dep._configured = False
     return dep
 
 
-def items(n: int) -> list[_Item]:
-    return [_Item("m", [k], DecodingOptions(), time.perf_counter()) for k in range(n)]
+def sentences(translator, texts: list[str]) -> list[_Sentence]:
+    return [_Sentence(translator.tokenize(t)) for t in texts]
 
 
-def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_queued():
-    decoded = []
-
-    async def engine(batch, settle):
-        await asyncio.sleep(0.05)
-        decoded.extend(item.src_ids[0] for item in batch if not item.cancelled)
-        return [RuntimeError("engine failed on this sentence") if item.src_ids == [0] else [object()]
-                for item in batch]
-
-    async def main():
-        dep, metrics, request = replica(engine), StubMetrics(), items(5)
-        with pytest.raises(RuntimeError, match="engine failed"):
-            await dep._run_items(request, metrics, time.monotonic() + 10)
-        await asyncio.sleep(0.3)
-        return dep.batcher.queued, metrics.pending, [i.cancelled for i in request]
-
-    queued, pending, flags = asyncio.run(main())
-    assert decoded == [0]  # the other four were never decoded
-    assert (queued, pending) == (0, 0) and all(flags)
+async def settle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
+    """Waits until the engine has nothing left: no live rows, nothing waiting, no queued work."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (engine.core.has_work or engine.queued_work or not engine._inbox.empty()):
+        await asyncio.sleep(0.02)
 
 
-def test_the_deadline_covers_queueing_and_decoding_and_drops_the_work():
-    async def slow(batch, settle):
-        await asyncio.sleep(0.5)
-        return [[object()] for _ in batch]
+def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_behind(translator):
+    greedy = DecodingOptions(beam_size=1)
+    (bad,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], greedy)
+    poisoned = bad[0].tokens[1]
+    long_ones = [s for s in SENTENCES[3::4] if poisoned not in translator.translate_ids(
+        [translator.tokenize(s)], greedy)[0][0].tokens]
+    assert long_ones
+    dep = replica(translator, NaNAfter(translator.model, poisoned))
+    model = dep.default
 
     async def main():
-        dep, request = replica(slow), items(3)
+        futures = dep._submit(model, sentences(translator, [SENTENCES[0]] + long_ones * 3), greedy)
+        with pytest.raises(NumericalError):
+            await dep._await_sentences(model, futures, time.monotonic() + 30)
+        await settle(model.engine)
+        return [f.result() for f in futures]
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[0].error, NumericalError)
+    assert any(o.aborted for o in outcomes[1:])  # the siblings were dropped, not decoded to the end
+    core = model.engine.core
+    assert (core.live_rows, core.waiting, model.engine.queued_work, model.metrics.pending) == (0, 0, 0, 0)
+    model.engine.close()
+
+
+def test_the_deadline_covers_queueing_and_decoding_and_drops_the_work(translator):
+    dep = replica(translator)
+    model = dep.default
+    heavy = DecodingOptions(beam_size=16, min_length=200, max_length=200)
+
+    async def main():
+        futures = dep._submit(model, sentences(translator, SENTENCES[:3]), heavy)
         started = time.monotonic()
         with pytest.raises(RequestTimeoutError):
-            await dep._run_items(request, StubMetrics(), started + 0.2)  # what splitting left of the deadline
-        return time.monotonic() - started, [i.cancelled for i in request]
+            await dep._await_sentences(model, futures, started + 0.3)
+        waited = time.monotonic() - started
+        await settle(model.engine)
+        return waited, [f.result().aborted for f in futures]
 
-    waited, flags = asyncio.run(main())
-    assert waited < 0.45 and all(flags)
+    waited, aborted = asyncio.run(main())
+    assert waited < 0.8 and all(aborted)
+    assert model.engine.core.live_rows == 0 and model.metrics.timeouts.value == 1
+    model.engine.close()
 
 
-def test_admission_refuses_past_the_queue_limit_but_always_admits_into_an_empty_queue():
-    async def engine(batch, settle):
-        await asyncio.sleep(0.2)
-        return [[object()] for _ in batch]
+def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_always_an_idle_engine(translator):
+    dep = replica(translator, max_queued_work=1000, interactive_max_sentences=1)
+    model = dep.default
+    heavy = DecodingOptions(beam_size=4, min_length=100, max_length=100)
+    bulk = sentences(translator, SENTENCES[:4])
+    assert 1000 < sum(AsyncEngine.work(s.src_ids, heavy) for s in bulk) < 2000
 
     async def main():
-        dep = replica(engine, max_queued_sentences=3)
-        big = asyncio.create_task(dep._run_items(items(6), StubMetrics(), time.monotonic() + 10))
-        await asyncio.sleep(0.05)  # 1 decoding, 5 waiting
+        dep._admit(model, bulk, heavy)  # an idle engine admits a request larger than the limit
+        futures = dep._submit(model, bulk, heavy)
         with pytest.raises(OverloadedError) as refused:
-            await dep._run_items(items(1), StubMetrics(), time.monotonic() + 10)
-        return len(await big), refused.value.retry_after_s
+            dep._admit(model, sentences(translator, SENTENCES[4:6]), DecodingOptions())
+        dep._admit(model, sentences(translator, SENTENCES[4:5]), DecodingOptions())  # interactive: still in
+        dep._abandon(model, futures)
+        await settle(model.engine)
+        return refused.value
 
-    assert asyncio.run(main()) == (6, 1)
+    refused = asyncio.run(main())
+    assert refused.retry_after_s == 1 and "limit 1000" in str(refused)
+    assert model.metrics.rejected.value == 1
+    model.engine.close()
 
 
-def test_an_invalid_live_reconfigure_keeps_the_replica_serving_with_its_settings():
-    dep = replica(None)
+def test_an_invalid_live_reconfigure_keeps_the_replica_serving_with_its_settings(translator):
+    dep = replica(translator)
+    core = dep.default.engine.core
     with pytest.raises(ValidationError):  # first configuration: the deploy fails loudly
-        dep.reconfigure({"max_batch_size": 0})
-    dep.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.02})
-    dep.reconfigure({"max_batch_size": 0})  # a bad live update: logged, not applied
-    dep.reconfigure({"max_batch_size": 4, "nonsense": 1})
-    assert (dep.batcher.max_batch_size, dep.batcher.batch_wait_timeout_s) == (4, 0.02)
-    dep.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
-    assert dep.batcher.max_batch_size == 8
+        dep.reconfigure({"max_batch_rows": 0})
+    dep.reconfigure({"max_batch_rows": 64, "max_batch_tokens": 2048})
+    dep.reconfigure({"max_batch_rows": 0})  # a bad live update: logged, not applied
+    dep.reconfigure({"max_batch_rows": 4, "nonsense": 1})
+    assert (core.max_batch_rows, core.max_batch_tokens) == (64, 2048)
+    dep.reconfigure({"max_batch_rows": 8})
+    assert (core.max_batch_rows, core.max_batch_tokens) == (8, 2048)
+    dep.default.engine.close()
 
 
-def test_a_request_with_no_sentences_queues_nothing():
-    async def never(batch, settle):
-        raise AssertionError("nothing should reach the engine")
+def test_a_request_with_no_sentences_queues_nothing(translator):
+    dep = replica(translator)
 
-    assert asyncio.run(replica(never)._run_items([], StubMetrics(), time.monotonic() + 1)) == []
+    async def main():
+        return await dep._await_sentences(dep.default, dep._submit(dep.default, [], DecodingOptions()),
+                                          time.monotonic() + 1)
+
+    assert asyncio.run(main()) == [] and dep.default.engine.core.stats.steps == 0
+    dep.default.engine.close()
+
+
+def test_the_engine_loop_survives_callers_that_leave(translator):
+    """Cancelled awaits (clients gone) abort their sentences; the loop goes on serving the next caller."""
+    dep = replica(translator)
+    model = dep.default
+
+    async def main():
+        heavy = DecodingOptions(beam_size=8, min_length=100, max_length=100)
+        tasks = [asyncio.ensure_future(dep._await_sentences(model, dep._submit(model, sentences(
+            translator, SENTENCES[:2]), heavy), time.monotonic() + 30)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await settle(model.engine)
+        return await dep._await_sentences(model, dep._submit(model, sentences(translator, SENTENCES[:1]),
+                                                             DecodingOptions()), time.monotonic() + 30)
+
+    (hyps,) = asyncio.run(main())
+    assert hyps[0].tokens == translator.translate_ids([translator.tokenize(SENTENCES[0])], DecodingOptions())[0][0].tokens
+    assert model.engine.core.live_rows == 0 and model.engine.alive
+    model.engine.close()

@@ -41,9 +41,10 @@ def ops(artifact, tmp_path_factory):
         "tight": ({"model_id": "en-de-tight", "request_timeout_s": 1.0},
                   {"max_ongoing_requests": 2, "max_queued_requests": 2,
                    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
-                   "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
-        "busy": ({"model_id": "en-de-busy", "max_queued_sentences": 2, "max_sentences_per_request": 8},
-                 {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}),
+                   "user_config": {"max_batch_rows": 16}}),
+        "busy": ({"model_id": "en-de-busy", "max_queued_work": 100, "interactive_max_sentences": 0,
+                  "max_sentences_per_request": 8},
+                 {"max_ongoing_requests": 32, "user_config": {"max_batch_rows": 16}}),
         "secure": ({"model_id": "en-de-secure", "api_key": API_KEY}, {}),
         "prom": ({"model_id": "en-de-prom"}, {}),
     }
@@ -183,13 +184,13 @@ def test_backpressure_answers_503_with_retry_after_quickly(ops):
 
 
 def test_a_full_replica_queue_answers_our_json_503_with_retry_after(ops):
-    # The replica's own admission control (max_queued_sentences 2), before Serve's proxy limit is reached: the
+    # The replica's own admission control (max_queued_work 100), before Serve's proxy limit is reached: the
     # rejection has the service's one error shape, not the proxy's plain text.
     url = ops["url"] + "/busy"
     six_sentences = {"text": " ".join([SENTENCES[3]] * 6), "beam_size": 4, "min_length": 60, "max_length": 60}
     rejected, responses = burst(url, six_sentences)
     for r, _ in rejected:
-        assert r.json()["error"]["type"] == "overloaded" and "waiting" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "overloaded" and "queued" in r.json()["error"]["message"]
     assert {r.status_code for r in responses} <= {200, 503}
     assert post(url, GOOD).status_code == 200
 
@@ -208,8 +209,8 @@ def test_timeout_is_504_and_its_work_is_dropped(ops):
     assert r.status_code == 504, r.text
     assert "request_timeout_s" in r.json()["error"]["message"]
     assert elapsed < 3.0
-    # The batch loop (one batch of one sentence at a time here) is free again at once: had the dropped decode kept
-    # running, this request would wait for all of its 250 beam-16 steps.
+    # The dropped sentences left the engine: had they kept decoding, this request would share every step with
+    # 11 x 16 rows of 250-token beams.
     started = time.monotonic()
     assert post(url, GOOD, timeout=30).status_code == 200
     assert time.monotonic() - started < 1.5
@@ -359,65 +360,3 @@ def test_logs_carry_the_request_id_but_not_the_text(ops):
     lines = [line for line in text.splitlines() if "ops-log-7f3a" in line]
     assert any("translate status 200" in line for line in lines), lines
     assert marker not in text  # request text is logged only at DEBUG level
-
-
-def test_a_failing_group_fails_alone_and_the_batch_method_never_raises(ops, artifact):
-    from engine.runtime import EngineConfig
-    from engine.translator import Translator
-    from service.app import TranslatorDeployment, _Item, _Model
-    from service.metrics import ServiceMetrics
-
-    class FailingOnBeam3(Translator):
-        def translate_ids(self, src, options, *args, **kwargs):
-            if options.beam_size == 3:
-                raise RuntimeError("injected engine failure")
-            return super().translate_ids(src, options, *args, **kwargs)
-
-    from engine.options import DecodingOptions
-
-    replica = object.__new__(TranslatorDeployment.func_or_class)
-    translator = FailingOnBeam3(artifact, EngineConfig(device="cpu"))
-    replica.models = {"iso": _Model(translator, ServiceMetrics("iso"))}
-    ids = translator.tokenize(SENTENCES[0])
-    items = [_Item("iso", ids, DecodingOptions(beam_size=3), 0.0), _Item("iso", ids, DecodingOptions(beam_size=2), 0.0),
-             _Item("iso", ids, DecodingOptions(beam_size=3), 0.0)]
-    outcomes = replica._decode_groups(items)
-    assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[2], RuntimeError)
-    assert outcomes[1][0].tokens == translator.translate_ids([ids], DecodingOptions(beam_size=2))[0][0].tokens
-
-
-def test_a_batch_whose_sentences_were_all_cancelled_does_not_raise(ops, artifact):
-    from engine.options import DecodingOptions
-    from engine.runtime import EngineConfig
-    from engine.translator import Translator
-    from service.app import TranslatorDeployment, _Item, _Model
-    from service.metrics import ServiceMetrics
-
-    replica = object.__new__(TranslatorDeployment.func_or_class)
-    translator = Translator(artifact, EngineConfig(device="cpu"))
-    replica.models = {"c": _Model(translator, ServiceMetrics("c"))}
-    ids = translator.tokenize(SENTENCES[0])
-    items = [_Item("c", ids, DecodingOptions(beam_size=b), 0.0, cancelled=True) for b in (1, 2)]
-    assert replica._decode_groups(items) == [[], []]  # counters see zeros; they must not raise
-
-
-def test_groups_are_decoded_cheapest_first_and_each_is_settled_when_done(artifact):
-    """A default request batched with a much heavier one is answered after its own group, not the whole batch."""
-    from engine.options import DecodingOptions
-    from engine.runtime import EngineConfig
-    from engine.translator import Translator
-    from service.app import TranslatorDeployment, _Item, _Model
-    from service.metrics import ServiceMetrics
-
-    replica = object.__new__(TranslatorDeployment.func_or_class)
-    translator = Translator(artifact, EngineConfig(device="cpu"))
-    replica.models = {"m": _Model(translator, ServiceMetrics("m"))}
-    ids = translator.tokenize(SENTENCES[0])
-    heavy = DecodingOptions(beam_size=8, min_length=40, max_length=40)
-    items = [_Item("m", ids, heavy, 0.0), _Item("m", ids, DecodingOptions(), 0.0), _Item("m", ids, heavy, 0.0)]
-    settled = []
-    outcomes = replica._decode_groups(items, lambda i, outcome: settled.append((i, outcome)))
-    assert [i for i, _ in settled] == [1, 0, 2]  # the cheap group first, then the heavy one
-    assert all(outcomes[i] is outcome for i, outcome in settled)
-    assert len(outcomes[0][0].tokens) == 40 and outcomes[1][0].tokens == translator.translate_ids(
-        [ids], DecodingOptions())[0][0].tokens

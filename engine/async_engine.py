@@ -1,0 +1,160 @@
+"""An engine core's step loop on a thread of its own, fed by asyncio callers (vLLM's AsyncLLM in miniature).
+
+The loop sleeps while the core has nothing to do (no batch timer: a sentence submitted to an idle engine starts at
+once) and otherwise runs one step after another; between two steps it takes in what callers submitted or aborted
+since. Callers get one asyncio future per sentence, resolved with its :class:`engine.core.Finished` as soon as the
+sentence leaves the core. Nothing a caller does (cancelling, leaving, failing) can stop the loop: a step's failure
+fails its sentences (engine/core.py), and anything else the core raises fails every sentence in it and the loop
+goes on with an empty core. No Ray and no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Callable
+
+from engine.core import EngineCore, Finished
+from engine.options import DecodingOptions
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Runs ``core`` on a daemon thread named ``engine-<name>``.
+
+    Args:
+        core: the engine core it owns (nothing else may call it).
+        on_step: called on the loop thread after every step with the core and the sentences that left (metrics);
+            its exceptions are logged and ignored.
+
+    Attributes:
+        queued_work: :meth:`work` summed over the sentences submitted and not yet finished (the admission measure
+            of service/app.py).
+    """
+
+    def __init__(self, core: EngineCore, name: str = "engine",
+                 on_step: Callable[[EngineCore, list[Finished]], None] | None = None) -> None:
+        self.core, self.on_step = core, on_step
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self.queued_work = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def work(src_ids: list[int], options: DecodingOptions) -> int:
+        """The admission measure of one sentence, in token-rows: beam_size x (source tokens + expected target
+        tokens), the target expected as long as the source, or min_length when that is larger (a beam-4 sentence
+        of 20 tokens counts 160)."""
+        return options.beam_size * (len(src_ids) + max(len(src_ids), options.min_length))
+
+    def submit(self, src_ids: list[int], options: DecodingOptions, *, target_prefix: list[int] | None = None,
+               group: object = None) -> asyncio.Future:
+        """Queues a sentence (arguments as :meth:`EngineCore.submit`; validate lengths before: the core's
+        InputTooLongError would come back as the future's exception). Call from the event loop that awaits it.
+        Returns a future resolved with the sentence's :class:`Finished`.
+
+        Raises:
+            RuntimeError: the engine was closed.
+        """
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        work = self.work(src_ids, options)
+        with self._lock:
+            self.queued_work += work
+        self._inbox.put(("submit", future, loop, work, (src_ids, options, target_prefix, group)))
+        self._wake.set()
+        return future
+
+    def abort(self, future: asyncio.Future) -> None:
+        """Drops the sentence of ``future`` at the next step (its future then resolves as aborted)."""
+        self._inbox.put(("abort", future))
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stops the loop after its current step; sentences still in it are aborted."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # ---- the loop thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        futures: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
+        handles: dict[asyncio.Future, int] = {}
+        while not self._closed:
+            self._take_inbox(futures, handles)
+            if not self.core.has_work:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                finished = self.core.step()
+            except Exception as e:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine core failed; failing its %d sentences", len(futures))
+                finished = self.core.fail_all(e)
+            for done in finished:
+                entry = futures.pop(done.handle, None)
+                if entry is None:
+                    continue
+                future, loop, work = entry
+                handles.pop(future, None)
+                with self._lock:
+                    self.queued_work -= work
+                loop.call_soon_threadsafe(_resolve, future, done)
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.core, finished)
+                except Exception:  # noqa: BLE001 - metrics must not stop decoding
+                    log.exception("on_step callback failed")
+        for done in self.core.fail_all(RuntimeError("the engine was closed")):
+            entry = futures.pop(done.handle, None)
+            if entry is not None:
+                entry[1].call_soon_threadsafe(_resolve, entry[0], done)
+
+    def _take_inbox(self, futures: dict, handles: dict) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "abort":
+                handle = handles.get(message[1])
+                if handle is not None:
+                    self.core.abort(handle)
+                continue
+            _, future, loop, work, (src_ids, options, prefix, group) = message
+            if future.done():  # cancelled before it reached the loop
+                with self._lock:
+                    self.queued_work -= work
+                continue
+            try:
+                handle = self.core.submit(src_ids, options, target_prefix=prefix, group=group)
+            except Exception as e:  # noqa: BLE001 - the caller's error, not the loop's
+                with self._lock:
+                    self.queued_work -= work
+                loop.call_soon_threadsafe(_fail, future, e)
+                continue
+            futures[handle] = (future, loop, work)
+            handles[future] = handle
+
+
+def _resolve(future: asyncio.Future, done: Finished) -> None:
+    if not future.done():
+        future.set_result(done)
+
+
+def _fail(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
