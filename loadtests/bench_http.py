@@ -5,7 +5,7 @@
 
 Starts Ray Serve in this process (one replica on loopback), sends one test sentence per POST /translate and prints
 one JSON line per level: sentences/s, requests, errors (non-200 or exception), latency p50/p90/p99 in seconds and the
-mean batch size the server formed (sentences per batch, from the service's metrics on Ray's metrics port). The open
+mean decoder rows per step (sentences x live beams, from the service's metrics on Ray's metrics port). The open
 loop sends at ``--open-rate`` sentences/s (Poisson arrivals; 0 = 70% of the best closed-loop rate) and measures
 latency from each request's scheduled send time, so a slow server cannot slow the offered load down. The clients
 share the machine with the server: on 2 cores they take CPU from it, most at 64 and 128 clients.
@@ -34,10 +34,10 @@ from nmt.data import read_pairs
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# Mean batch = delta(sentences decoded) / delta(batches). Not the histogram's _sum / _count: Ray exports _sum
-# rebuilt from bucket midpoints (10 batches of 1 sentence export _sum 5.0), so only its _count is exact.
-SENTENCES_COUNTER = "ray_nmt_sentences_total"
-BATCH_COUNT = "ray_nmt_batch_size_sentences_count"
+# Mean batch = delta(decoder rows) / delta(decoder steps), both counters. Not a histogram's _sum / _count: Ray
+# exports _sum rebuilt from bucket midpoints (10 steps of 1 row export _sum 5.0), so only its _count is exact.
+SENTENCES_COUNTER = "ray_nmt_decoder_rows_total"
+BATCH_COUNT = "ray_nmt_decode_steps_total"
 CLIENT_TIMEOUT_S = 60.0  # above the service's request_timeout_s (30 s): the server's 504 is what we count
 
 
@@ -47,9 +47,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.01,
-                  device: str = "auto") -> tuple[str, str, Callable[[], None]]:
-    """Starts a local Ray cluster and the service with one replica; returns (base_url, metrics_url, shutdown)."""
+def start_service(artifact: str, threads: int, max_batch_rows: int = 512, scheduling: str = "continuous",
+                  device: str = "auto", **args) -> tuple[str, str, Callable[[], None]]:
+    """Starts a local Ray cluster and the service with one replica (``scheduling`` "continuous" or "static";
+    ``args``: more AppArgs); returns (base_url, metrics_url, shutdown)."""
     import ray
     from ray import serve
 
@@ -69,12 +70,12 @@ def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_w
 
     # A queue limit above the largest level: the sweep measures capacity, not admission control (which would
     # answer the 128-client level's surplus with 503s by design).
-    args = AppArgs(artifact_dir=str(Path(artifact).resolve()), device=device, intra_op_threads=threads,
-                   max_queued_sentences=1024)
-    # max_ongoing_requests >= max_batch_size or Serve caps the batch; the queue holds the 128-client level.
+    args = AppArgs(**{**dict(artifact_dir=str(Path(artifact).resolve()), device=device, intra_op_threads=threads,
+                             scheduling=scheduling, max_queued_work=1 << 24), **args})
+    # Every request of the replica in its engine at once; the proxy's queue holds the 128-client level.
     app = TranslatorDeployment.options(
-        num_replicas=1, max_ongoing_requests=max(256, 2 * max_batch_size), max_queued_requests=1024,
-        user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
+        num_replicas=1, max_ongoing_requests=256, max_queued_requests=1024,
+        user_config={"max_batch_rows": max_batch_rows},
     ).bind(args.model_dump())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": CLIENT_TIMEOUT_S})
@@ -86,7 +87,7 @@ def start_service(artifact: str, threads: int, max_batch_size: int = 64, batch_w
 
 
 def batch_counts(metrics_url: str) -> tuple[float, float] | None:
-    """(sentences decoded, batches formed) summed over label sets; None if the endpoint does not answer."""
+    """(decoder rows, decoder steps) summed over label sets; None if the endpoint does not answer."""
     try:
         text = requests.get(metrics_url, timeout=5).text
     except requests.RequestException:
@@ -221,12 +222,12 @@ def open_loop(url: str, sentences: list[str], rate_per_s: float, seconds: float,
 
 
 def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels: list[int], seconds: float,
-                       open_rate: float = 0.0, *, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.01,
+                       open_rate: float = 0.0, *, max_batch_rows: int = 512, scheduling: str = "continuous",
                        body_options: dict | None = None, on_level: Callable[[dict], None] | None = None) -> dict:
     """Starts the service, runs the closed-loop sweep and one open-loop run, stops the service. ``open_rate`` in
     sentences/s; 0 = 70% of the best closed-loop sentences/s. ``on_level`` is called with each level's result."""
     sentences = [en for en, _ in read_pairs(Path(corpus) / "test.tsv.gz")]
-    base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_size, batch_wait_timeout_s)
+    base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_rows, scheduling)
     levels: list[dict] = []
     try:
         for clients in clients_levels:
@@ -243,8 +244,8 @@ def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels:
                 on_level(levels[-1])
     finally:
         shutdown()
-    return dict(artifact=artifact, threads=threads, max_batch_size=max_batch_size,
-                batch_wait_timeout_s=batch_wait_timeout_s, body_options=body_options or {}, levels=levels)
+    return dict(artifact=artifact, threads=threads, max_batch_rows=max_batch_rows, scheduling=scheduling,
+                body_options=body_options or {}, levels=levels)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -255,14 +256,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--clients", default="1,4,16,64,128", help="closed-loop concurrency levels, comma-separated")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--open-rate", type=float, default=0.0, help="open-loop sentences/s; 0 = 70%% of the best closed")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--max-batch-rows", type=int, default=512)
+    p.add_argument("--scheduling", choices=["continuous", "static"], default="continuous")
     p.add_argument("--beam-size", type=int, help="beam size per request (default: the model's)")
     p.add_argument("--json", help="write the list of levels here")
     args = p.parse_args(argv)
     result = run_http_benchmark(args.artifact, args.corpus, args.threads,
                                 [int(c) for c in args.clients.split(",") if c.strip()], args.seconds, args.open_rate,
-                                max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                                max_batch_rows=args.max_batch_rows, scheduling=args.scheduling,
                                 body_options={"beam_size": args.beam_size} if args.beam_size else None,
                                 on_level=lambda level: print(json.dumps(level), flush=True))
     if args.json:

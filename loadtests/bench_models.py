@@ -80,8 +80,8 @@ def run(artifact: str, int8_artifact: str, corpus: str, clients_levels: list[int
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    common = dict(device="cpu", intra_op_threads=threads, max_queued_sentences=1024)
-    options = dict(max_ongoing_requests=256, user_config={"max_batch_size": 64, "batch_wait_timeout_s": 0.01})
+    common = dict(device="cpu", intra_op_threads=threads, max_queued_work=1 << 24)
+    options = dict(max_ongoing_requests=256, user_config={"max_batch_rows": 512})
     layouts = {
         "shared": ({"shared": dict(route="/shared", replicas=2,
                                    args=dict(artifact_dir=artifact, model_id="fp32", models={"int8": int8_artifact}))},

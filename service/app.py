@@ -132,6 +132,7 @@ class _StepMetrics:
             m.step_rows.observe((stats.rows - last.rows) / (stats.steps - last.steps))
             m.step_sentences.observe(core.live_sentences + len(finished))
         m.count(m.decode_steps, stats.steps - last.steps)
+        m.count(m.decoder_rows, stats.rows - last.rows)
         m.count(m.joined, stats.joined - last.joined)
         m.count(m.left, stats.left - last.left)
         m.count(m.generated_tokens, stats.generated_tokens - last.generated_tokens)

@@ -24,6 +24,8 @@ class ServiceMetrics:
         self.generated_tokens = metrics.Counter("nmt_generated_tokens_total", "generated target tokens (best "
                                                 "hypothesis, eos excluded)", tag_keys=tags)
         self.decode_steps = metrics.Counter("nmt_decode_steps_total", "decoder-step graph runs", tag_keys=tags)
+        self.decoder_rows = metrics.Counter("nmt_decoder_rows_total", "decoder rows computed, summed over steps "
+                                            "(/ nmt_decode_steps_total = mean rows per step)", tag_keys=tags)
         self.step_rows = metrics.Histogram("nmt_step_rows", "decoder rows (sentences x live beams) per step",
                                            boundaries=_ROWS, tag_keys=tags)
         self.step_sentences = metrics.Histogram("nmt_step_sentences", "sentences decoding together per step",
@@ -51,7 +53,7 @@ class ServiceMetrics:
         self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
         self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
         for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens,
-                  self.generated_tokens, self.decode_steps, self.step_rows, self.step_sentences, self.joined,
+                  self.generated_tokens, self.decode_steps, self.decoder_rows, self.step_rows, self.step_sentences, self.joined,
                   self.left, self.live_rows, self.waiting, self.queue_seconds, self.compute_seconds,
                   self.model_load_seconds, self.warmup_seconds):
             m.set_default_tags({"model": model_id})

@@ -9,8 +9,8 @@ from conftest import SENTENCES
 def bench_service(artifact):
     from loadtests.bench_http import start_service
 
-    base_url, metrics_url, shutdown = start_service(str(artifact), threads=1, max_batch_size=16,
-                                                    batch_wait_timeout_s=0.01, device="cpu")
+    base_url, metrics_url, shutdown = start_service(str(artifact), threads=1, max_batch_rows=256,
+                                                    device="cpu")
     yield base_url, metrics_url
     shutdown()
 

@@ -77,7 +77,7 @@ def deploy(artifact, **options):
     from service.app import TranslatorDeployment
 
     app = TranslatorDeployment.options(max_replicas_per_node=1, ray_actor_options={"num_cpus": 1},
-                                       user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
+                                       user_config={"max_batch_rows": 256},
                                        **options).bind({"artifact_dir": str(artifact), "device": "cpu",
                                                         "intra_op_threads": 1})
     serve.run(app, name="translation", route_prefix="/", blocking=False)

@@ -36,8 +36,7 @@ def service(artifact, greedy_artifact, marian_artifact):
     metrics_port, http_port = free_port(), free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    # A long batch wait so that concurrent requests observably share batches.
-    app = TranslatorDeployment.options(user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.3}).bind(
+    app = TranslatorDeployment.options(user_config={"max_batch_rows": 256}).bind(
         {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact),
                                                                           "marian-test": str(marian_artifact)},
          "device": "cpu", "max_texts_per_request": 8,
@@ -102,23 +101,42 @@ def test_list_input_with_empty_text_and_n_best(service):
     assert out[0]["n_best"][0]["text"] == out[0]["text"]
 
 
-def test_concurrent_requests_are_batched_together(service):
-    def count_batches(samples):
-        return sum(v for k, v in samples.items() if k.startswith("ray_nmt_batch_size_sentences_count"))
+def test_concurrent_requests_share_decoder_steps(service):
+    def steps(samples):
+        return sum(v for k, v in samples.items() if k.startswith("ray_nmt_step_sentences_count"))
 
-    before = count_batches(scrape(service))
-    singles_before = sum(v for k, v in scrape(service).items()
-                         if k.startswith("ray_nmt_batch_size_sentences_bucket") and '"le": "1.0"' in k)
+    def single_sentence_steps(samples):
+        return sum(v for k, v in samples.items()
+                   if k.startswith("ray_nmt_step_sentences_bucket") and '"le": "1.0"' in k)
+
+    before = scrape(service)
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(lambda s: post(service, {"text": s, "beam_size": 1}), SENTENCES * 2))
     assert all(r.status_code == 200 for r in responses)
-    after = wait_for_metric(service, lambda s: count_batches(s) > before)
-    # 16 sentences in fewer batches than sentences, and at least one batch with more than one sentence.
-    batches = count_batches(wait_for_metric(service, lambda s: count_batches(s) > before))
-    singles = sum(v for k, v in after.items()
-                  if k.startswith("ray_nmt_batch_size_sentences_bucket") and '"le": "1.0"' in k)
-    assert batches - before < 16
-    assert (batches - before) - (singles - singles_before) >= 1
+    after = wait_for_metric(service, lambda s: steps(s) > steps(before))
+    # Some steps decoded more than one sentence: requests joined each other's running decode.
+    assert (steps(after) - steps(before)) - (single_sentence_steps(after) - single_sentence_steps(before)) >= 1
+
+
+def test_stream_returns_each_sentence_in_order_then_the_text_then_done(service):
+    text = " ".join(SENTENCES[:5])
+    plain = post(service, {"text": [text, SENTENCES[6]], "beam_size": 2}).json()["translations"]
+    r = post(service, {"text": [text, SENTENCES[6]], "beam_size": 2, "stream": True}, stream=True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    records = [json.loads(line) for line in r.iter_lines() if line]
+    kinds = [(x["type"], x.get("index"), x.get("sentence")) for x in records]
+    n = len([k for k in kinds if k[0] == "sentence" and k[1] == 0])
+    assert n >= 4
+    assert kinds == ([("sentence", 0, j) for j in range(n)] + [("translation", 0, None), ("sentence", 1, 0),
+                                                                 ("translation", 1, None), ("done", None, None)])
+    assert [x["text"] for x in records if x["type"] == "translation"] == [t["text"] for t in plain]
+    sentences = [x["text"] for x in records if x["type"] == "sentence" and x["index"] == 0]
+    assert " ".join(sentences) == plain[0]["text"]
+
+
+def test_a_bad_streamed_request_is_refused_before_the_stream_starts(service):
+    r = post(service, {"text": SENTENCES[0], "beam_size": 99, "stream": True})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
 
 
 def test_own_metrics_appear_on_the_metrics_port(service):
@@ -126,8 +144,10 @@ def test_own_metrics_appear_on_the_metrics_port(service):
     samples = wait_for_metric(service, lambda s: any(k.startswith("ray_nmt_requests_total") for k in s))
     names = {k.split("{")[0] for k in samples}
     for name in ("ray_nmt_requests_total", "ray_nmt_sentences_total", "ray_nmt_generated_tokens_total",
-                 "ray_nmt_queue_seconds_count", "ray_nmt_compute_seconds_count", "ray_nmt_batch_size_tokens_count",
-                 "ray_nmt_decode_steps_total", "ray_nmt_model_load_seconds"):
+                 "ray_nmt_queue_seconds_count", "ray_nmt_compute_seconds_count", "ray_nmt_step_rows_count",
+                 "ray_nmt_step_sentences_count", "ray_nmt_joined_sentences_total", "ray_nmt_left_sentences_total",
+                 "ray_nmt_live_rows", "ray_nmt_waiting_sentences", "ray_nmt_decode_steps_total",
+                 "ray_nmt_model_load_seconds"):
         assert name in names, f"{name} missing from {sorted(names)}"
     assert any('"status_class": "2xx"' in k and v >= 1 for k, v in samples.items()
                if k.startswith("ray_nmt_requests_total"))
