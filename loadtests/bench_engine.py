@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
-from engine.search import StepStats
+from engine.core import CoreStats
 from engine.translator import Translator
 from nmt.data import read_pairs
 
@@ -24,7 +24,7 @@ def run(translator: Translator, sources: list[str], options: DecodingOptions, re
     translator.translate(sources[:8], options)  # warm-up
     best = None
     for _ in range(repeats):
-        stats = StepStats()
+        stats = CoreStats()
         started = time.perf_counter()
         out = translator.translate(sources, options, stats)
         seconds = time.perf_counter() - started

@@ -43,6 +43,30 @@ def test_incremental_decoding_equals_full_forward(torch_model, batch):
 
 
 @torch.no_grad()
+def test_a_row_that_joined_later_decodes_as_alone_over_a_padded_cache(torch_model, batch):
+    """Continuous batching: row 1 starts 3 steps after row 0; its cache positions before it joined hold junk that
+    past_mask hides, and its own position restarts at 0. Its log-probs equal those of decoding it alone."""
+    src, mask, tgt = batch
+    ck, cv = torch_model.cross_kv(torch_model.encode(src[:2], mask[:2]))
+    k, v = torch_model.empty_cache(2)
+    past_mask = torch.zeros(2, 0, dtype=torch.bool)
+    ak, av = torch_model.empty_cache(1)
+    alone_ck, alone_cv = [x[1:2] for x in ck], [x[1:2] for x in cv]
+    for t in range(8):
+        joined = t >= 3
+        tokens = torch.stack([tgt[0, t], tgt[1, t - 3] if joined else torch.tensor(4)])[:, None]
+        positions = torch.tensor([t, t - 3 if joined else 0])
+        junk = [torch.randn_like(x) for x in k]  # what the row's cache holds before it joined must not matter
+        k = [torch.where(past_mask[:, None, :, None], x, j) for x, j in zip(k, junk)]
+        step, k, v, _ = torch_model.decode_step(tokens, k, v, ck, cv, mask[:2], positions, past_mask)
+        if joined:
+            want, ak, av, _ = torch_model.decode_step(tgt[1:2, t - 3:t - 2], ak, av, alone_ck, alone_cv, mask[1:2])
+            torch.testing.assert_close(step[1], want[0], atol=1e-5, rtol=1e-5)
+        own = torch.tensor([True, joined])
+        past_mask = torch.cat([past_mask, own[:, None]], dim=1)
+
+
+@torch.no_grad()
 def test_padding_does_not_change_encoder_output(torch_model, batch):
     src, mask, _ = batch
     alone = torch_model.encode(src[2:3, : int(mask[2].sum())], mask[2:3, : int(mask[2].sum())])

@@ -1,6 +1,6 @@
 """PyTorch-eager baseline: the project's own nn.Module with its KV cache, behind the engine's search code.
 
-The same batched greedy/beam search (engine/search.py) drives it, so the comparison with the ONNX engine isolates
+The same engine core and search (engine/core.py, engine/search.py) drive it, so the comparison with the ONNX engine isolates
 the runtime: eager PyTorch ops versus ONNX Runtime sessions. On a GPU the cache stays there as torch tensors
 (:class:`TorchOps`), as the engine's stays in OrtValues, so neither pays host copies the other does not.
 """
@@ -30,15 +30,19 @@ class TorchOps:
         return [x.cpu().numpy() for x in xs]
 
     @staticmethod
-    def empty(like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(like.shape[:2] + (0,) + like.shape[3:])
+    def empty(like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        return like.new_zeros((like.shape[0] if rows is None else rows, like.shape[1], 0, like.shape[3]))
 
     @staticmethod
-    def take(xs: list[torch.Tensor], rows: np.ndarray, src_len: int | None = None) -> list[torch.Tensor]:
+    def take(xs: list[torch.Tensor], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[torch.Tensor]:
         index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(xs[0].device)
-        if src_len is None:
-            return [x.index_select(0, index) for x in xs]
-        return [x[:, :, :src_len].index_select(0, index) for x in xs]
+        return [x[:, :, start:end].index_select(0, index) for x in xs]
+
+    @staticmethod
+    def concat_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        pad = torch.nn.functional.pad
+        return [torch.cat([pad(x, (0, 0, 0, length - x.shape[2])), pad(y, (0, 0, 0, length - y.shape[2]))])
+                for x, y in zip(xs, ys)]
 
 
 class TorchStepModel:
@@ -65,17 +69,20 @@ class TorchStepModel:
         return self.model.cross_kv(memory)
 
     @torch.inference_mode()
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask):
-        """One decoder step, shapes as OnnxModel.step."""
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions=None,
+             past_mask=None, check_nan=True):
+        """One decoder step, shapes as OnnxModel.step; full log-probs only (``top_k`` must be None)."""
+        assert top_k is None, "the PyTorch baseline returns full log-probs"
         log_probs, new_k, new_v, attention = self.model.decode_step(
-            self._in(tokens), self_k, self_v, cross_k, cross_v, self._in(src_mask))
+            self._in(tokens), self_k, self_v, cross_k, cross_v, self._in(src_mask),
+            None if positions is None else self._in(positions), None if past_mask is None else self._in(past_mask))
         return log_probs.cpu().numpy(), new_k, new_v, attention.cpu().numpy()
 
 
 def torch_translator(artifact_dir: str | Path, checkpoint: str | Path, threads: int, device: str = "cpu",
                      max_batch_tokens: int = EngineConfig().max_batch_tokens) -> Translator:
-    """A Translator (tokenizer and search from ``artifact_dir``) whose model runs in eager PyTorch on ``device``,
-    with the engine's batching (``max_batch_tokens`` padded source tokens per chunk).
+    """A Translator (tokenizer, engine core and search from ``artifact_dir``) whose model runs in eager PyTorch on
+    ``device``, with the engine's batching (``max_batch_tokens`` padded source tokens decoding together).
 
     ``threads`` sets torch's intra-op threads for the whole process.
     """

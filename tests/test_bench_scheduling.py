@@ -1,0 +1,83 @@
+"""The pure parts of loadtests/bench_scheduling.py: arrival schedule, beam mix, target evaluation, the table. No Ray,
+no model."""
+
+import statistics
+
+from loadtests.bench_scheduling import (BEAM_MIX, beam_sizes, comparison_rows, evaluate_targets, format_report,
+                                        joined_texts, poisson_arrivals)
+
+
+def test_poisson_arrivals_rate_order_and_seed():
+    a = poisson_arrivals(50.0, 100.0, seed=3)
+    assert a == poisson_arrivals(50.0, 100.0, seed=3)
+    assert a != poisson_arrivals(50.0, 100.0, seed=4)
+    assert all(0 < x < 100.0 for x in a) and a == sorted(a)
+    assert 4700 <= len(a) <= 5300  # 5000 expected, sd ~71
+    gaps = [b - a_ for a_, b in zip(a, a[1:])]
+    assert abs(statistics.mean(gaps) - 0.02) < 0.002  # exponential gaps of mean 1 / rate
+    assert statistics.stdev(gaps) > 0.015  # not evenly spaced
+    assert poisson_arrivals(0.0, 10.0, seed=1) == []
+
+
+def test_beam_mix_is_deterministic_and_follows_the_mix():
+    b = beam_sizes(10_000, seed=7)
+    assert b == beam_sizes(10_000, seed=7)
+    assert b != beam_sizes(10_000, seed=8)
+    assert set(b) == {1, 4, 16}
+    for beam, p in BEAM_MIX:
+        assert abs(b.count(beam) / len(b) - p) < 0.02, (beam, b.count(beam))
+    assert abs(statistics.mean(b) - 4.0) < 0.2  # the mix averages 4 rows per sentence, like beam 4
+
+
+def test_joined_texts_wraps_around():
+    assert joined_texts(["a.", "b.", "c."], 4, 2) == "c. a. b. c."
+
+
+def _results(cont_p99=0.4, static_p99=1.0, cont_sps=30.0, static_sps=29.0, refused=0, hol=0.15):
+    def run(p99, sps, hol_s, probe_p99, refused_, single, sat, stream):
+        return {"open_70": {"latency_p99_s": p99, "sentences_per_s": sps, "offered_per_s": 30.0},
+                "head_of_line": {"short_latency_s": hol_s},
+                "bulk_interactive": {"probe_latency_p99_s": probe_p99, "probe_refused": refused_},
+                "single": {"ratio": single}, "saturation": {"ratio": sat}, "stream": {"ratio": stream}}
+    return {"static": run(static_p99, static_sps, 3.0, 2.5, 4, 1.1, 0.95, 5.0),
+            "continuous": run(cont_p99, cont_sps, hol, 0.6, refused, 1.2, 0.92, 1.5)}
+
+
+def test_targets_met_and_not_met():
+    checks = {c["target"]: c for c in evaluate_targets(_results())}
+    assert len(checks) == 8
+    p99 = checks["1 open 70%: p99 continuous / p99 static"]
+    assert p99["value"] == 0.4 and p99["met"] is True
+    assert checks["1 open 70%: sent/s continuous / sent/s static"]["met"] is True
+    assert checks["2 head of line: short request latency (s)"]["met"] is True
+    assert checks["3 bulk+interactive: probes refused (503)"]["met"] is True
+    assert checks["5 saturation: HTTP sent/s / engine sent/s"]["value"] == 0.92
+    assert all(c["met"] is True for c in checks.values())
+
+    bad = {c["target"]: c for c in evaluate_targets(_results(cont_p99=0.6, cont_sps=28.0, refused=1, hol=0.2001))}
+    assert bad["1 open 70%: p99 continuous / p99 static"]["met"] is False  # 0.6 > 0.5
+    assert bad["1 open 70%: sent/s continuous / sent/s static"]["met"] is False
+    assert bad["3 bulk+interactive: probes refused (503)"]["met"] is False
+    assert bad["2 head of line: short request latency (s)"]["met"] is False
+    assert bad["4 single sentence: HTTP p50 / engine p50"]["met"] is True  # the rest unchanged
+
+
+def test_missing_figures_are_not_judged():
+    checks = evaluate_targets({"continuous": {"single": {"ratio": 1.5}}})
+    by = {c["target"]: c for c in checks}
+    assert by["4 single sentence: HTTP p50 / engine p50"]["met"] is False
+    assert by["1 open 70%: p99 continuous / p99 static"]["met"] is None  # no static run
+    assert sum(c["met"] is None for c in checks) == 7
+
+
+def test_table_side_by_side():
+    results = _results()
+    rows = {label: (s, c) for label, s, c in comparison_rows(results)}
+    assert rows["1 open 70%: p99 s"] == (1.0, 0.4)
+    assert rows["2 head of line: short s"] == (3.0, 0.15)
+    assert rows["1 open 50%: p99 s"] == (None, None)
+    text = format_report(results, evaluate_targets(results))
+    line = next(ln for ln in text.splitlines() if ln.startswith("1 open 70%: p99 s"))
+    assert line.split()[-2:] == ["1.000", "0.400"]
+    assert "NOT MET" not in text
+    assert "NOT MET" in format_report(results, evaluate_targets(_results(hol=0.5)))
