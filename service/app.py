@@ -147,6 +147,10 @@ class _StepMetrics:
 
 
 
+def _record(**fields) -> bytes:
+    return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
+
+
 api = FastAPI(title="Translation service", version="0.1.0",
               description="English->German Transformer on ONNX Runtime, batched by Ray Serve.")
 install_handlers(api)
@@ -509,10 +513,6 @@ class TranslatorDeployment:
             source_tokens=tokenizer.source_pieces(sentence) + tokenizer.target_pieces([translator.eos_id]),
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
-
-
-def _record(**fields) -> bytes:
-    return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
 
 
 def app_builder(args: dict | None = None) -> serve.Application:

@@ -32,11 +32,14 @@ class StubMetrics:
     """ServiceMetrics' interface, counting pending sentences."""
 
     def __init__(self) -> None:
-        self.pending = 0
+        self.pending, self.statuses = 0, []
         self.rejected, self.timeouts, self.cancelled, self.source_tokens = Counter(), Counter(), Counter(), Counter()
 
     def add_pending(self, n: int) -> None:
         self.pending += n
+
+    def request(self, status: int) -> None:
+        self.statuses.append(status)
 
     def count(self, counter, n) -> None:
         counter.inc(n)
@@ -198,3 +201,24 @@ def test_the_engine_loop_survives_callers_that_leave(translator):
     assert hyps[0].tokens == translator.translate_ids([translator.tokenize(SENTENCES[0])], DecodingOptions())[0][0].tokens
     assert model.engine.core.live_rows == 0 and model.engine.alive
     model.engine.close()
+
+
+def test_an_error_during_a_stream_ends_it_with_an_error_record(translator):
+    import json
+
+    from service import schemas
+
+    greedy = DecodingOptions(beam_size=1)
+    (bad,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], greedy)
+    dep = replica(translator, NaNAfter(translator.model, bad[0].tokens[1]))
+    body = {"text": [SENTENCES[2], SENTENCES[0] + " " + SENTENCES[2]], "beam_size": 1, "stream": True}
+
+    async def main():
+        response = await dep._translate(schemas.TranslateRequest.model_validate_json(json.dumps(body)))
+        return [json.loads(chunk) async for chunk in response.body_iterator]
+
+    records = asyncio.run(main())
+    assert [r["type"] for r in records] == ["sentence", "translation", "error"]  # never a silent cut
+    assert records[-1]["status"] == 500 and records[-1]["error"]["type"] and records[-1]["error"]["message"]
+    assert dep.default.metrics.statuses == [500]
+    dep.default.engine.close()
