@@ -23,7 +23,9 @@ Scheduling policy, decided at the start of every step:
    waiting one of the group (a request) that holds the fewest rows now, ties to the group that arrived first; so a
    request with nothing running goes first at the next step, and a large request fills only what the others leave.
    When that sentence does not fit, joining stops for this step (a smaller one does not overtake it, so a long
-   sentence is never starved); an empty batch always takes one. The joiners are encoded in one encoder call.
+   sentence is never starved); an empty batch always takes one, and a group with nothing running may overdraw a
+   full budget by one sentence (up to twice the budget), so a short request starts at the next step even while a
+   large one fills the batch. The joiners are encoded in one encoder call.
    Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
    batch then decodes to completion before the next forms.
 3. One decoder step runs over every live row; each sentence's strategy reads its rows' scores and picks its next
@@ -280,7 +282,12 @@ class EngineCore:
             new_longest = max(longest, len(sentence.src_ids))
             fits = (rows + sentence.search.max_rows <= self.max_batch_rows
                     and (n_sentences + 1) * new_longest <= self.max_batch_tokens)
-            if not fits and (n_sentences or joining):
+            # A group with nothing running may overdraw a full budget by one sentence (up to twice the budget), so
+            # that a short request never waits for a large one's sentences to finish before it starts.
+            starved = (self.policy == "continuous" and rows_of_group[group] == 0
+                       and rows + sentence.search.max_rows <= 2 * self.max_batch_rows
+                       and (n_sentences + 1) * new_longest <= 2 * self.max_batch_tokens)
+            if not (fits or starved) and (n_sentences or joining):
                 break
             self._waiting[group].popleft()
             if not self._waiting[group]:
