@@ -12,7 +12,8 @@ max_queued_work) and runs, in this order:
                         engine alone (Translator.translate_ids, same scheduling, same threads, this process, the
                         service idle) on the same sentences in one call: sentences/s. Its HTTP sentences/s is the
                         capacity that scenario 1 loads to a fraction of.
-    1 open loop         Poisson arrivals at 50, 70 and 90% of capacity, one test sentence per request, beam drawn per
+    1 open loop         Poisson arrivals at 50, 70 and 90% of capacity (static's saturation, the same offered load
+                        for both schedulings), one test sentence per request, beam drawn per
                         request (50% beam 4, 40% beam 1, 10% beam 16: on average 4 rows per sentence, like scenario
                         5; fixed seed): sentences/s, latency p50/p99 (s, from each request's scheduled send time).
     2 head of line      3 requests of beam 16, min_length = max_length = 200 (one long test sentence each), then
@@ -374,9 +375,10 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list[str], d: Durations,
-                   emit) -> dict:
+                   emit, capacity: float | None = None) -> dict:
     """Starts the service with ``scheduling``, runs scenarios 5, 1, 2, 4, 6, 3 (``emit`` gets each result dict),
-    stops it. Returns {scenario: figures}."""
+    stops it. Scenario 1 loads ``capacity`` sentences/s times each fraction (None: this run's own saturation).
+    Returns {scenario: figures}."""
     from dataclasses import replace
 
     from engine.runtime import EngineConfig
@@ -408,7 +410,7 @@ def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list
         engine_sps = len(src) / (time.perf_counter() - started)
         record("saturation", dict(http, engine_sentences=len(src), engine_sentences_per_s=round(engine_sps, 2),
                                   ratio=_ratio(http["sentences_per_s"], engine_sps)))
-        capacity = http["sentences_per_s"]
+        capacity = capacity or http["sentences_per_s"]
 
         # 1: open loop at fractions of that capacity
         for k, f in enumerate(LOAD_FRACTIONS):
@@ -463,8 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
     schedulings = [s.strip() for s in args.schedulings.split(",") if s.strip()]
     sentences = [en for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")]
     started = time.perf_counter()
-    results = {s: run_scheduling(s, args.artifact, args.threads, sentences, d,
-                                 lambda r: print(json.dumps(r), flush=True)) for s in schedulings}
+    results: dict = {}
+    capacity = None  # one offered load for both: fractions of the first run's (static's) saturation
+    for s in schedulings:
+        results[s] = run_scheduling(s, args.artifact, args.threads, sentences, d,
+                                    lambda r: print(json.dumps(r), flush=True), capacity)
+        capacity = capacity or results[s]["saturation"]["sentences_per_s"]
     checks = evaluate_targets(results)
     print()
     print(format_report(results, checks))

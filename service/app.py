@@ -14,6 +14,7 @@ Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:ap
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -118,8 +119,9 @@ class _Sentence:
 
 
 class _StepMetrics:
-    """The engine loop's on_step callback: per-step rows and sentences, joins/leaves, and per-sentence figures of
-    those that left, into the model's metrics (called on the engine's thread)."""
+    """The engine loop's on_step callback: per-step rows and sentences, joins/leaves, and the queue and decode times
+    of the sentences that left, into the model's metrics (called on the engine's thread). Sentences and generated
+    tokens are counted per request instead (``_submit``), so that health probes do not count."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
@@ -135,16 +137,22 @@ class _StepMetrics:
         m.count(m.decoder_rows, stats.rows - last.rows)
         m.count(m.joined, stats.joined - last.joined)
         m.count(m.left, stats.left - last.left)
-        m.count(m.generated_tokens, stats.generated_tokens - last.generated_tokens)
-        done = [f for f in finished if f.hypotheses]
-        m.count(m.sentences, len(done))
-        for f in done:
+        for f in finished:
+            if not f.hypotheses:
+                continue
             m.queue_seconds.observe(f.queue_seconds)
             m.compute_seconds.observe(f.decode_seconds)
         m.live_rows.set(core.live_rows)
         m.waiting.set(core.waiting)
         self.last = dataclasses.replace(stats)
 
+
+
+def _count_done(metrics: ServiceMetrics, future: asyncio.Future) -> None:
+    metrics.add_pending(-1)
+    if not future.cancelled() and future.exception() is None and future.result().hypotheses:
+        metrics.count(metrics.sentences, 1)
+        metrics.count(metrics.generated_tokens, len(future.result().hypotheses[0].tokens))
 
 
 def _record(**fields) -> bytes:
@@ -407,7 +415,7 @@ class TranslatorDeployment:
         model.metrics.count(model.metrics.source_tokens, sum(len(s.src_ids) for s in sentences))
         futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group) for s in sentences]
         for future in futures:
-            future.add_done_callback(lambda _: model.metrics.add_pending(-1))
+            future.add_done_callback(functools.partial(_count_done, model.metrics))
         return futures
 
     def _abandon(self, model: _Model, futures: list[asyncio.Future]) -> None:

@@ -34,6 +34,7 @@ class StubMetrics:
     def __init__(self) -> None:
         self.pending, self.statuses = 0, []
         self.rejected, self.timeouts, self.cancelled, self.source_tokens = Counter(), Counter(), Counter(), Counter()
+        self.sentences, self.generated_tokens = Counter(), Counter()
 
     def add_pending(self, n: int) -> None:
         self.pending += n
@@ -200,6 +201,7 @@ def test_the_engine_loop_survives_callers_that_leave(translator):
     (hyps,) = asyncio.run(main())
     assert hyps[0].tokens == translator.translate_ids([translator.tokenize(SENTENCES[0])], DecodingOptions())[0][0].tokens
     assert model.engine.core.live_rows == 0 and model.engine.alive
+    assert model.metrics.sentences.value == 1 and model.metrics.generated_tokens.value == len(hyps[0].tokens)
     model.engine.close()
 
 
