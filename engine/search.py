@@ -68,12 +68,20 @@ def top_k_for(rules: Rules, width: int, sampling: Sampling | None = None) -> int
 
 
 def _banned_values(top: TopCandidates, rules: Rules, step: int, eos_id: int) -> np.ndarray:
-    """top.log_probs with the tokens the rules forbid at this step set to -inf (what apply_rules does to full
-    log-probs when only bans are active)."""
-    banned = list(rules.banned_ids) + ([eos_id] if step < rules.min_length else [])
-    if not banned:
+    """top.log_probs with eos set to -inf before min_length. ``rules.banned_ids`` are already -inf in ``top``: the
+    engine core bans them for every row of a step at once (:func:`ban`), which is what apply_rules does to full
+    log-probs when only bans are active."""
+    if step >= rules.min_length:
         return top.log_probs
-    return np.where(np.isin(top.ids, banned), np.float32(-np.inf), top.log_probs)
+    return np.where(top.ids == eos_id, np.float32(-np.inf), top.log_probs)
+
+
+def ban(top: TopCandidates, banned_ids: tuple[int, ...]) -> TopCandidates:
+    """``top`` with the log-probs of ``banned_ids`` set to -inf (all rows at once)."""
+    if not banned_ids:
+        return top
+    return TopCandidates(np.where(np.isin(top.ids, banned_ids), np.float32(-np.inf), top.log_probs), top.ids,
+                         top.vocab)
 
 
 def gnmt_length_penalty(length: int, alpha: float) -> float:
@@ -122,11 +130,12 @@ class SentenceSearch:
     max_rows: int
 
     def advance(self, step: int, log_probs: np.ndarray | None, top: TopCandidates | None,
-                attention: np.ndarray | None) -> np.ndarray:
+                attention: np.ndarray | None, candidates=None) -> np.ndarray:
         """Consumes step ``step``'s scores of this sentence's rows: log_probs float32 [n_rows, vocab] (may be
         edited in place) or, when :attr:`top_k` is set, ``top`` restricted to its rows; attention float32
-        [n_rows, src_len] when return_attention. Returns the parents: int64 [new n_rows], the rows that continue,
-        in the order of the new rows (empty when done)."""
+        [n_rows, src_len] when return_attention; ``candidates``: what :meth:`BeamSearch.batch_candidates` computed
+        for it, if it did. Returns the parents: int64 [new n_rows], the rows that continue, in the order of the new
+        rows (empty when done)."""
         raise NotImplementedError
 
 
@@ -149,7 +158,7 @@ class GreedySearch(SentenceSearch):
         self.n_rows, self.last_tokens = 1, np.asarray([bos_id], dtype=np.int64)
         self.hypotheses = []
 
-    def advance(self, step, log_probs, top, attention):
+    def advance(self, step, log_probs, top, attention, candidates=None):
         if top is not None:  # best first with ties by lower id, so argmax picks what argmax over the vocabulary would
             values = _banned_values(top, self.rules, step, self.eos_id)[0]
             best = int(values.argmax())
@@ -190,6 +199,7 @@ class BeamSearch(SentenceSearch):
         self.live_scores = np.zeros(1, dtype=np.float32)
         self.live_attention: list[list[np.ndarray]] = [[]]
         self.finished: list[Hypothesis] = []
+        self.steps_done = 0
         self.n_rows, self.last_tokens = 1, np.asarray([bos_id], dtype=np.int64)
         self.hypotheses = []
 
@@ -211,8 +221,39 @@ class BeamSearch(SentenceSearch):
         self.done, self.n_rows = True, 0
         return np.zeros(0, dtype=np.int64)
 
-    def advance(self, step, log_probs, top, attention):
-        cand_scores, flats, vocab = self._candidates(step, log_probs, top)
+    @staticmethod
+    def batch_candidates(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates,
+                         top_row: dict[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+        """Candidates of many beam searches at once, grouped by beam count and live rows (the per-sentence numpy
+        calls were the search's largest host cost): {key: (scores, flats, vocab)} for each (key, search) whose
+        eos is allowed at this step (the others compute their own). ``top`` holds the rows of every search, the
+        rows of ``key`` starting at ``top_row[key]``; exactly :meth:`_candidates`'s result, ties included."""
+        groups: dict[tuple[int, int], list[tuple[int, BeamSearch]]] = {}
+        for key, search in searches:
+            if search.rules.min_length <= search.steps_done:
+                groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
+        out = {}
+        for (n, beam_size), members in groups.items():
+            rows = np.concatenate([np.arange(top_row[key], top_row[key] + n) for key, _ in members])
+            width = top.log_probs.shape[1]
+            values = top.log_probs[rows].reshape(len(members), n, width)
+            scores = np.stack([search.live_scores for _, search in members])  # [sentences, n]
+            cand = (scores[:, :, None] + values).reshape(len(members), -1)
+            flats = (np.arange(n)[None, :, None] * top.vocab + top.ids[rows].reshape(len(members), n, width))
+            flats = flats.reshape(len(members), -1)
+            # Lower flat index first among equal scores: sort by flat, then stably by score (as
+            # _candidates_from_top).
+            order = np.argsort(flats, axis=1, kind="stable")
+            cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
+            order = np.argsort(-cand, axis=1, kind="stable")[:, :2 * beam_size]
+            cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
+            for j, (key, _) in enumerate(members):
+                out[key] = (cand[j], flats[j], top.vocab)
+        return out
+
+    def advance(self, step, log_probs, top, attention, candidates=None):
+        cand_scores, flats, vocab = candidates or self._candidates(step, log_probs, top)
+        self.steps_done = step + 1
         new_tokens, new_scores, parents, new_attention = [], [], [], []
         for rank, (flat, cand_score) in enumerate(zip(flats, cand_scores)):
             parent, token = divmod(int(flat), vocab)
