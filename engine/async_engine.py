@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from engine.core import EngineCore, Finished
@@ -33,6 +34,9 @@ class AsyncEngine:
     Attributes:
         queued_work: :meth:`work` summed over the sentences submitted and not yet finished (the admission measure
             of service/app.py).
+        work_per_s: the work the engine has been finishing per second while busy (an exponential moving average
+            over steps, weight 0.05; 0 before the first sentence finishes): how fast a queue drains, for
+            Retry-After.
     """
 
     def __init__(self, core: EngineCore, name: str = "engine",
@@ -42,6 +46,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self.queued_work = 0
+        self.work_per_s = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -99,20 +104,27 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            started = time.monotonic()
             try:
                 finished = self.core.step()
             except Exception as e:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine core failed; failing its %d sentences", len(futures))
                 finished = self.core.fail_all(e)
+            done_work = 0
             for done in finished:
                 entry = futures.pop(done.handle, None)
                 if entry is None:
                     continue
                 future, loop, work = entry
                 handles.pop(future, None)
+                done_work += work
                 with self._lock:
                     self.queued_work -= work
                 loop.call_soon_threadsafe(_resolve, future, done)
+            elapsed = time.monotonic() - started
+            if elapsed > 0 and (done_work or self.work_per_s):  # first estimate at the first finished sentence
+                rate = done_work / elapsed
+                self.work_per_s = 0.95 * self.work_per_s + 0.05 * rate if self.work_per_s else rate
             if self.on_step is not None:
                 try:
                     self.on_step(self.core, finished)

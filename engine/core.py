@@ -250,8 +250,9 @@ class EngineCore:
         out = []
         for group in list(self._waiting):
             queue = self._waiting[group]
-            out += [self._leave(s, aborted=True) for s in queue if s.aborted]
-            if out:
+            aborted = [self._leave(s, aborted=True) for s in queue if s.aborted]
+            if aborted:
+                out += aborted
                 queue = collections.deque(s for s in queue if not s.aborted)
                 self._waiting[group] = queue
             if not queue:

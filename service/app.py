@@ -18,6 +18,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Requests of at most this many characters are split and tokenized on the event loop (about 1 ms): through
+# asyncio.to_thread they would queue behind the splitting of bulk requests in the default executor.
+INLINE_PREPARE_CHARS = 1000
 
 
 class AppArgs(BaseModel):
@@ -78,7 +82,8 @@ class AppArgs(BaseModel):
     interactive_max_sentences: int = Field(4, ge=0, description="requests of at most this many sentences are "
                                            "interactive: admitted until twice max_queued_work, so that they still "
                                            "get in while bulk requests wait their turn")
-    retry_after_s: int = Field(1, ge=0, description="the Retry-After of that 503, seconds")
+    retry_after_s: int = Field(1, ge=0, description="the least Retry-After of that 503, seconds (it grows with the "
+                                                    "queued work over the engine's recent rate, up to 60 s)")
     api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
     warmup: bool = True
 
@@ -340,9 +345,12 @@ class TranslatorDeployment:
         # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
         # the event loop that serves every other request of this replica.
         try:
-            segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
-                self._prepare, translator, texts, prefixes, req.split_sentences),
-                timeout=self.args.request_timeout_s)
+            if sum(len(t) for t in texts) <= INLINE_PREPARE_CHARS:  # a thread hop could wait behind bulk requests
+                segmented, sentences = self._prepare(translator, texts, prefixes, req.split_sentences)
+            else:
+                segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
+                    self._prepare, translator, texts, prefixes, req.split_sentences),
+                    timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             model.metrics.timeouts.inc(1)
             raise RequestTimeoutError(f"splitting and tokenizing took longer than request_timeout_s="
@@ -404,9 +412,14 @@ class TranslatorDeployment:
         limit = self.args.max_queued_work * (2 if interactive else 1)
         if queued and queued + work > limit:
             model.metrics.rejected.inc(1)
+            # Retry-After: when the queue will have drained enough at the engine's recent rate (at least
+            # retry_after_s, at most 60 s), so that refused clients do not come back every second and spend the
+            # CPU the engine needs on more refusals.
+            rate = model.engine.work_per_s
+            wait = (queued + work - limit) / rate if rate > 0 else 0
+            retry_after = min(60, max(self.args.retry_after_s, math.ceil(wait)))
             raise OverloadedError(f"this replica has {queued} token-rows of work queued (limit {limit} for a request "
-                                  f"of {len(sentences)} sentences); retry later",
-                                  self.args.retry_after_s)
+                                  f"of {len(sentences)} sentences); retry in {retry_after} s", retry_after)
 
     @staticmethod
     def _submit(model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> list[asyncio.Future]:

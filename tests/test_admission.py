@@ -146,13 +146,19 @@ def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_alway
         with pytest.raises(OverloadedError) as refused:
             dep._admit(model, sentences(translator, SENTENCES[4:6]), DecodingOptions())
         dep._admit(model, sentences(translator, SENTENCES[4:5]), DecodingOptions())  # interactive: still in
+        model.engine.work_per_s = 10.0  # token-rows/s: the queue drains slowly, so Retry-After grows
+        second = sentences(translator, SENTENCES[4:6])
+        excess = model.engine.queued_work + sum(AsyncEngine.work(s.src_ids, DecodingOptions()) for s in second) - 1000
+        with pytest.raises(OverloadedError) as later:
+            dep._admit(model, second, DecodingOptions())
+        assert excess / 10 > 60 and later.value.retry_after_s == 60  # capped at 60 s (the rate may decay)
         dep._abandon(model, futures)
         await settle(model.engine)
         return refused.value
 
     refused = asyncio.run(main())
     assert refused.retry_after_s == 1 and "limit 1000" in str(refused)
-    assert model.metrics.rejected.value == 1
+    assert model.metrics.rejected.value == 2
     model.engine.close()
 
 
