@@ -117,7 +117,7 @@ def settled_counts(metrics_url: str | None, quiet_s: float = 2.5, timeout_s: flo
     return last
 
 
-def _mean_batch(before, after) -> float | None:
+def _mean_rows(before, after) -> float | None:
     if before is None or after is None or after[1] <= before[1]:
         return None
     return round((after[0] - before[0]) / (after[1] - before[1]), 2)
@@ -125,7 +125,7 @@ def _mean_batch(before, after) -> float | None:
 
 def _stats(latencies: list[float], ok_in_window: int, requests_: int, errors: int, seconds: float) -> dict:
     # One test sentence per request, so sentences/s = answered requests/s (the server may split a line in two,
-    # which the mean batch size, in server sentences, does count).
+    # which the mean rows per step do count).
     q = [round(float(v), 4) for v in np.percentile(latencies, [50, 90, 99])] if latencies else [None] * 3
     return dict(requests=requests_, errors=errors, sentences_per_s=round(ok_in_window / seconds, 2),
                 latency_p50_s=q[0], latency_p90_s=q[1], latency_p99_s=q[2])
@@ -175,7 +175,7 @@ async def _closed(url: str, sentences: list[str], clients: int, seconds: float, 
     errors = sum(1 for _, _, ok in record if not ok)
     return dict(mode="closed", clients=clients, seconds=seconds,
                 **_stats(latencies, ok_in_window, len(record), errors, seconds),
-                mean_batch_size=_mean_batch(before, after))
+                mean_rows_per_step=_mean_rows(before, after))
 
 
 def closed_loop(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict | None = None,
@@ -210,7 +210,7 @@ async def _open(url: str, sentences: list[str], rate_per_s: float, seconds: floa
     wall = max((done for done, _, _ in record), default=start + seconds) - start
     result = _stats([lat for _, lat in ok], len(ok), len(record), len(record) - len(ok), max(wall, seconds))
     return dict(mode="open", rate_per_s=rate_per_s, seconds=seconds, offered_per_s=round(len(arrivals) / seconds, 2),
-                **result, mean_batch_size=_mean_batch(before, after))
+                **result, mean_rows_per_step=_mean_rows(before, after))
 
 
 def open_loop(url: str, sentences: list[str], rate_per_s: float, seconds: float, body_options: dict | None = None,

@@ -111,8 +111,11 @@ def beam_sizes(n: int, seed: int, mix: tuple[tuple[int, float], ...] = BEAM_MIX)
 
 
 def joined_texts(sentences: list[str], per_text: int, start: int) -> str:
-    """``per_text`` consecutive sentences from ``start`` (cyclic), joined by single spaces into one text."""
-    return " ".join(sentences[(start + i) % len(sentences)] for i in range(per_text))
+    """``per_text`` consecutive sentences from ``start`` (cyclic), joined by single spaces into one text. A test line
+    without final punctuation (a UI label) gets a period, so that the service's splitter sees ``per_text``
+    sentences rather than merging labels into their neighbours."""
+    picked = (sentences[(start + i) % len(sentences)].rstrip() for i in range(per_text))
+    return " ".join(line if line[-1:] in ".!?:;" else line + "." for line in picked)
 
 
 def _get(results: dict, scheduling: str, scenario: str, key: str):
@@ -394,13 +397,14 @@ def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list
     translator = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=threads, max_batch_rows=512,
                                                    scheduling=scheduling))
     options = translator.default_options
-    base_url, _, shutdown = start_service(
+    base_url, metrics_url, shutdown = start_service(
         artifact, threads, 512, scheduling, device="cpu",
         max_queued_work=AppArgs.model_fields["max_queued_work"].default, max_chars_per_text=MAX_CHARS_PER_TEXT)
     try:
         # 5: saturation, HTTP then the engine alone on the same sentences (service idle)
         sat_sentences = sentences[:d.engine_sentences]
         http = closed_loop(base_url, sat_sentences, SATURATION_CLIENTS, d.saturation_s, {"beam_size": 4},
+                           metrics_url=metrics_url,
                            warmup_s=d.warmup_s)
         src = [translator.tokenize(s) for s in sat_sentences]
         beam4 = replace(options, beam_size=4)

@@ -273,11 +273,11 @@ def print_table(rows: list[dict], checks: list[dict], http: dict | None) -> None
               f" {r['sentences_per_s']:>7.1f} {r['mflop_per_token']:>10.1f} {100 * r['fraction_of_peak']:>6.1f}"
               f" {r.get('bleu', float('nan')):>6.2f} {r.get('chrf', float('nan')):>6.2f}")
     if http:
-        print("\nHTTP (beam 4)   sent/s   p50 s   p90 s   p99 s  errors  mean batch")
+        print("\nHTTP (beam 4)   sent/s   p50 s   p90 s   p99 s  errors  rows/step")
         for r in http["levels"]:
             name = f"{r['clients']} clients" if r["mode"] == "closed" else f"open {r['rate_per_s']:.1f}/s"
             print(f"{name:<15} {r['sentences_per_s']:>7.1f} {r['latency_p50_s']:>7.3f} {r['latency_p90_s']:>7.3f}"
-                  f" {r['latency_p99_s']:>7.3f} {r['errors']:>7} {r['mean_batch_size'] or float('nan'):>11.2f}")
+                  f" {r['latency_p99_s']:>7.3f} {r['errors']:>7} {r['mean_rows_per_step'] or float('nan'):>11.2f}")
         print(f"engine alone, same sentences and options: {http['engine_sentences_per_s']} sentences/s")
     print("* % of the measured float32 GEMM FLOP/s (int8 and float16 kernels can exceed it)")
     print("\ntarget                                                goal    value        met")

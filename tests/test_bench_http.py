@@ -24,4 +24,4 @@ def test_closed_loop_at_4_clients(bench_service):
     assert result["errors"] == 0, result
     assert result["requests"] > 0 and result["sentences_per_s"] > 0
     assert result["latency_p50_s"] <= result["latency_p90_s"] <= result["latency_p99_s"]
-    assert result["mean_batch_size"] is not None and result["mean_batch_size"] >= 1, result
+    assert result["mean_rows_per_step"] is not None and result["mean_rows_per_step"] >= 1, result
