@@ -54,9 +54,14 @@ class NumpyOps:
         axis 2 to ``length`` (>= lx, ly) -> [a + b, n_heads, length, d_head]."""
         out = []
         for x, y in zip(xs, ys):
-            z = np.zeros((x.shape[0] + y.shape[0], x.shape[1], length, x.shape[3]), dtype=x.dtype)
-            z[:x.shape[0], :, :x.shape[2]] = x
-            z[x.shape[0]:, :, :y.shape[2]] = y
+            a = x.shape[0]
+            # np.empty, then zeros only where the padding goes: zero-filling the whole array first cost a third of
+            # a join (page faults on a fresh allocation, then every byte written twice).
+            z = np.empty((a + y.shape[0], x.shape[1], length, x.shape[3]), dtype=x.dtype)
+            z[:a, :, :x.shape[2]] = x
+            z[:a, :, x.shape[2]:] = 0
+            z[a:, :, :y.shape[2]] = y
+            z[a:, :, y.shape[2]:] = 0
             out.append(z)
         return out
 
