@@ -29,6 +29,23 @@ SENTENCES = [
 ]
 
 
+class NaNAfterToken:
+    """Wraps an engine model: the log-probs of rows whose last token is ``token`` become NaN (how a float16
+    overflow shows), so that one sentence of a batch fails and the others must not."""
+
+    def __init__(self, model, token: int) -> None:
+        self.model, self.token = model, token
+        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
+
+    def encode(self, *args):
+        return self.model.encode(*args)
+
+    def step(self, tokens, *args, **kwargs):
+        log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
+        log_probs[tokens[:, 0] == self.token] = float("nan")
+        return log_probs, k, v, attention
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

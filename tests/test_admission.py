@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -17,7 +16,7 @@ from engine.options import DecodingOptions
 from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
 from service.errors import OverloadedError, RequestTimeoutError
 
-from conftest import SENTENCES
+from conftest import SENTENCES, NaNAfterToken
 
 
 class Counter:
@@ -44,22 +43,6 @@ class StubMetrics:
 
     def count(self, counter, n) -> None:
         counter.inc(n)
-
-
-class NaNAfter:
-    """Wraps a model: rows whose last token is ``token`` get NaN log-probs (so one sentence fails alone)."""
-
-    def __init__(self, model, token: int) -> None:
-        self.model, self.token = model, token
-        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
-
-    def encode(self, *args):
-        return self.model.encode(*args)
-
-    def step(self, tokens, *args, **kwargs):
-        log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
-        log_probs[tokens[:, 0] == self.token] = np.nan
-        return log_probs, k, v, attention
 
 
 def replica(translator, model=None, **args):
@@ -95,7 +78,7 @@ def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_behind(transla
     long_ones = [s for s in SENTENCES[3::4] if poisoned not in translator.translate_ids(
         [translator.tokenize(s)], greedy)[0][0].tokens]
     assert long_ones
-    dep = replica(translator, NaNAfter(translator.model, poisoned))
+    dep = replica(translator, NaNAfterToken(translator.model, poisoned))
     model = dep.default
 
     async def main():
@@ -218,7 +201,7 @@ def test_an_error_during_a_stream_ends_it_with_an_error_record(translator):
 
     greedy = DecodingOptions(beam_size=1)
     (bad,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], greedy)
-    dep = replica(translator, NaNAfter(translator.model, bad[0].tokens[1]))
+    dep = replica(translator, NaNAfterToken(translator.model, bad[0].tokens[1]))
     body = {"text": [SENTENCES[2], SENTENCES[0] + " " + SENTENCES[2]], "beam_size": 1, "stream": True}
 
     async def main():

@@ -12,7 +12,7 @@ from engine.core import EngineCore
 from engine.errors import NumericalError
 from engine.options import DecodingOptions
 
-from conftest import SENTENCES
+from conftest import SENTENCES, NaNAfterToken
 
 # Option mixes that decode side by side: greedy, beams of 2/4/16 (top-k path), rules that need full rows,
 # sampling with a seed; lengths capped so that an example stays quick.
@@ -144,26 +144,10 @@ def test_aborted_sentences_free_their_rows_and_others_are_unharmed(translator, a
     assert core.live_rows == 0 and core.waiting == 0 and core.stats.left == len(handles) + 1
 
 
-class _NaNForRow:
-    """Wraps a model: the log-probs of rows whose last token is ``token`` become NaN (a float16 overflow)."""
-
-    def __init__(self, model, token):
-        self.model, self.token = model, token
-        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
-
-    def encode(self, *args):
-        return self.model.encode(*args)
-
-    def step(self, tokens, *args, **kwargs):
-        log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
-        log_probs[tokens[:, 0] == self.token] = np.nan
-        return log_probs, k, v, attention
-
-
 def test_a_sentence_with_nan_scores_fails_alone(translator, alone):
     ids = translator.tokenize(SENTENCES[0])
     poisoned = alone(0, 0)[0].tokens[1]  # the second token of sentence 0's greedy output
-    core = EngineCore(_NaNForRow(translator.model, poisoned), bos_id=translator.bos_id, eos_id=translator.eos_id,
+    core = EngineCore(NaNAfterToken(translator.model, poisoned), bos_id=translator.bos_id, eos_id=translator.eos_id,
                       pad_id=translator.pad_id, max_positions=translator.max_positions)
     bad = core.submit(ids, OPTIONS[0])
     good = core.submit(translator.tokenize(SENTENCES[5]), OPTIONS[0])
