@@ -159,8 +159,8 @@ def test_hostile_schemathesis_cases_from_the_openapi_spec(ops):
 
 
 def burst(url, body, n=16, timeout=60):
-    """n concurrent POSTs of body; returns the 503s as (response, seconds) after checking each came fast with
-    Retry-After: 1, and all responses."""
+    """n concurrent POSTs of body; returns the 503s as (response, seconds) after checking each came fast with a
+    Retry-After of 1-60 s (the proxy's is 1; the replica's grows with its queued work), and all responses."""
     def timed(_):
         started = time.monotonic()
         r = post(url, body, timeout=timeout)
@@ -171,7 +171,7 @@ def burst(url, body, n=16, timeout=60):
     rejected = [(r, s) for r, s in results if r.status_code == 503]
     assert rejected, [r.status_code for r, _ in results]
     for r, seconds in rejected:
-        assert r.headers.get("Retry-After") == "1"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
         assert seconds < 1.0, f"a 503 took {seconds:.2f}s"
     return rejected, [r for r, _ in results]
 
