@@ -25,7 +25,10 @@ Scheduling policy, decided at the start of every step:
    When that sentence does not fit, joining stops for this step (a smaller one does not overtake it, so a long
    sentence is never starved); an empty batch always takes one, and a group with nothing running may overdraw a
    full budget by one sentence (up to twice the budget), so a short request starts at the next step even while a
-   large one fills the batch. The joiners are encoded in one encoder call.
+   large one fills the batch. The joiners are encoded in one encoder call. Each join copies the cache once, so
+   joins are batched where that costs no latency: the remaining sentences of a request that is already running
+   refill the batch only once a quarter of a budget is free, and (``join_interval_steps`` > 1, off by default) a
+   batch of some size takes newcomers only every few steps.
    Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
    batch then decodes to completion before the next forms.
 3. One decoder step runs over every live row; each sentence's strategy reads its rows' scores and picks its next

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from engine import contract
 from engine.errors import InputTooLongError
