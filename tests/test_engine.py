@@ -12,8 +12,23 @@ from engine.search import BeamSearch
 from conftest import SENTENCES
 
 
-def test_runs_on_the_cpu_provider_here(translator):
-    assert translator.provider == "CPUExecutionProvider"
+def test_device_cuda_without_a_working_cuda_provider_is_a_clear_error(artifact):
+    """onnxruntime-gpu falls back to the CPU silently when CUDA cannot load; the engine reads the provider that
+    really runs and refuses device "cuda" instead of pretending. (This machine and CI have no GPU; tests/gpu covers
+    the other case.)"""
+    import onnxruntime as ort
+
+    from engine.errors import EngineUnavailableError
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    auto = Translator(artifact, EngineConfig(device="auto"))
+    assert auto.provider == auto.model.decoder.get_providers()[0]
+    if auto.provider == "CUDAExecutionProvider":
+        pytest.skip("a working CUDA provider: tests/gpu covers this machine")
+    assert "CUDAExecutionProvider" in ort.get_available_providers()  # the GPU build is installed, CUDA is not
+    with pytest.raises(EngineUnavailableError, match="device 'cuda' requested"):
+        Translator(artifact, EngineConfig(device="cuda"))
 
 
 def decode_with(core: EngineCore, src: list[list[int]], options: DecodingOptions):
@@ -103,11 +118,15 @@ def test_max_length_caps_generated_tokens(translator):
 
 
 def test_finished_rows_leave_the_batch(translator):
-    """With one long and several short sentences, rows computed are far fewer than steps x batch x beam."""
+    """Greedy: a sentence computes one row per step until its eos (or its length limit), never after: the rows
+    computed are exactly the sum of the sentences' own steps, far fewer than steps x batch."""
     stats = CoreStats()
     src = [translator.tokenize(s) for s in SENTENCES]
-    translator.translate_ids(src, DecodingOptions(beam_size=1), stats)
-    assert stats.rows < stats.steps * len(src)
+    options = DecodingOptions(beam_size=1)
+    out = translator.translate_ids(src, options, stats)
+    limits = [options.length_limit(len(ids), translator.max_positions) for ids in src]
+    own_steps = [len(h[0].tokens) + (len(h[0].tokens) < limit) for h, limit in zip(out, limits)]
+    assert stats.rows == sum(own_steps) < stats.steps * len(src)
 
 
 @pytest.mark.parametrize("kwargs", [dict(beam_size=0), dict(beam_size=99), dict(beam_size=2, n_best=3),
