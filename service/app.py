@@ -359,10 +359,15 @@ class TranslatorDeployment:
             raise RequestTooLargeError(f"{len(sentences)} sentences > limit {self.args.max_sentences_per_request} "
                                        f"per request")
         self._admit(model, sentences, options)
-        futures = self._submit(model, sentences, options)
         if req.stream:
-            return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline),
+            # The first sentence decodes alone (on an otherwise idle engine) and the rest join once it is done: on a
+            # CPU a step costs more the more rows it holds, so the first sentence shows after about one sentence's
+            # latency instead of a full batch's (the stream as a whole takes about one sentence longer).
+            futures = self._submit(model, sentences[:1], options)
+            return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline,
+                                                  lambda: self._submit(model, sentences[1:], options)),
                                      media_type="application/x-ndjson")
+        futures = self._submit(model, sentences, options)
         outcomes = await self._await_sentences(model, futures, deadline)
         translations, cursor = [], 0
         for seg in segmented:
@@ -472,15 +477,21 @@ class TranslatorDeployment:
         return done.hypotheses
 
     async def _stream(self, model_id: str, model: _Model, req: schemas.TranslateRequest,
-                      segmented: list[segmentation.Segmented], futures: list[asyncio.Future], deadline: float):
+                      segmented: list[segmentation.Segmented], futures: list[asyncio.Future], deadline: float,
+                      submit_rest):
         """Newline-delimited JSON records (schemas.StreamRecord), in order: each sentence of each text as soon as
-        it and those before it are done, then each text's whole translation, then "done". An error ends the
-        stream with an "error" record (the HTTP status was 200 when the stream began)."""
+        it and those before it are done, then each text's whole translation, then "done". ``futures`` holds the
+        first sentence's; ``submit_rest()`` submits the others (called once the first is done) and returns their
+        futures. An error ends the stream with an "error" record (the HTTP status was 200 when the stream
+        began)."""
         translator, cursor = model.translator, 0
         try:
             for index, seg in enumerate(segmented):
                 hyps = []
-                for j, future in enumerate(futures[cursor:cursor + len(seg.sentences)]):
+                for j in range(len(seg.sentences)):
+                    if cursor + j == len(futures):
+                        futures += submit_rest()
+                    future = futures[cursor + j]
                     timeout = deadline - time.monotonic()
                     try:
                         done = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0))
