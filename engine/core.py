@@ -73,7 +73,8 @@ class Finished:
 @dataclasses.dataclass
 class CoreStats:
     """Counters since the core was made: decoder steps, rows computed (summed over steps), sentences that joined
-    a running batch / left it (finished, failed or aborted), generated tokens of finished best hypotheses."""
+    the running batch / left it (finished, failed or aborted after joining; left <= joined), generated tokens of
+    finished best hypotheses."""
 
     steps: int = 0
     rows: int = 0
@@ -245,7 +246,8 @@ class EngineCore:
     def _leave(self, sentence: _Sentence, hypotheses: list[Hypothesis] | None = None, error: Exception | None = None,
                aborted: bool = False) -> Finished:
         self._by_handle.pop(sentence.handle, None)
-        self.stats.left += 1
+        if sentence.joined_at is not None:  # left the running decode (a sentence aborted while waiting never joined)
+            self.stats.left += 1
         if hypotheses:
             self.stats.generated_tokens += len(hypotheses[0].tokens)
         now = time.monotonic()

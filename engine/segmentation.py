@@ -17,6 +17,14 @@ import pysbd
 # C0/C1 control characters except tab, line feed and carriage return (line breaks are layout, kept).
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+# Invisible format characters (zero-width space/joiners, word joiner, byte order mark, soft hyphen): a text of only
+# these and whitespace is blank, not a sentence (the model turned "\u200b\u200b\ufeff" into ".").
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
+
+
+def is_blank(text: str) -> bool:
+    """True for text of only whitespace and invisible format characters."""
+    return not _INVISIBLE.sub("", text).strip()
 
 
 def normalize(text: str) -> str:
@@ -68,14 +76,14 @@ def split(text: str, split_sentences: bool = True) -> Segmented:
     sentences: list[str] = []
     layout: list[str | int] = []
     for chunk in _LINE_BREAK.split(normalize(text)):
-        if not chunk.strip() or _LINE_BREAK.fullmatch(chunk):
+        if is_blank(chunk) or _LINE_BREAK.fullmatch(chunk):
             layout.append(chunk)
             continue
         pieces = [s.sent for w in _windows(chunk) for s in _segmenter().segment(w)] if split_sentences else [chunk]
         cursor = 0
         for piece in pieces:
             stripped = piece.strip()
-            if not stripped:
+            if is_blank(stripped):
                 continue
             start = chunk.find(stripped, cursor)
             if start < 0:  # pysbd altered the text: the rest of the line becomes one sentence

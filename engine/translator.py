@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from engine import contract
+from engine import contract, segmentation
 from engine.errors import InputTooLongError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
@@ -81,12 +81,13 @@ class Translator:
         self.load_seconds = time.perf_counter() - started
 
     def tokenize(self, text: str) -> list[int]:
-        """Source token ids with eos appended; [] for empty or whitespace-only text.
+        """Source token ids with eos appended; [] for empty text or text of only whitespace and invisible format
+        characters (segmentation.is_blank).
 
         Raises:
             InputTooLongError: more than ``max_src_tokens`` tokens.
         """
-        if not text.strip():
+        if segmentation.is_blank(text):
             return []
         ids = self.tokenizer.encode_source(text) + [self.eos_id]
         if len(ids) > self.max_src_tokens:

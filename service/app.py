@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import ray
 from ray import serve
+from ray.exceptions import TaskCancelledError
 
 from engine import segmentation
 from engine.async_engine import AsyncEngine
@@ -286,7 +287,7 @@ class TranslatorDeployment:
             response = await self._translate(req)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TaskCancelledError):
             log.info("request cancelled (client gone or proxy timeout)")
             metrics.request(499)
             raise
@@ -510,7 +511,7 @@ class TranslatorDeployment:
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
             yield _record(type="done", model=model_id)
             model.metrics.request(200)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TaskCancelledError):  # the client left: Serve cancels the stream's task
             self._abandon(model, futures)
             model.metrics.request(499)
             raise

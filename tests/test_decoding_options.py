@@ -125,6 +125,8 @@ def test_sentence_splitting_keeps_the_layout():
     assert seg.join(seg.sentences) == text
     assert seg.join(["A", "B", "C"]) == "  A B\n\nC\r\n"
     assert split("   \n ").sentences == []
+    assert split("\u200b\u200b\ufeff \n\u200b").sentences == []  # invisible characters only: blank, kept as layout
+    assert split("\u200b\u200b\ufeff \n\u200b").join([]) == "\u200b\u200b\ufeff \n\u200b"
     assert split("e\u0301\u0000x").sentences == ["\u00e9x"]  # NFC, control characters dropped
 
 

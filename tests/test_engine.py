@@ -87,8 +87,8 @@ def test_batch_invariance_across_token_budget_chunks(artifact):
 
 def test_empty_and_whitespace_input_translate_to_empty_without_decoding(translator):
     stats = CoreStats()
-    out = translator.translate(["", "   \n\t"], DecodingOptions(), stats=stats)
-    assert [t.text for t in out] == ["", ""]
+    out = translator.translate(["", "   \n\t", "\u200b\u200b\ufeff "], DecodingOptions(), stats=stats)
+    assert [t.text for t in out] == ["", "", ""]
     assert stats.steps == 0
 
 
