@@ -77,6 +77,7 @@ def test_a_sentence_decodes_the_same_whenever_it_joins_and_beside_whatever(trans
     for (_, s, o), hyps in zip(arrivals, got):
         assert_same(hyps, alone(s, o))
     assert core.live_rows == 0 and core.waiting == 0 and core.live_sentences == 0
+    assert not core._by_handle and not core._waiting  # nothing of a finished sentence is kept
 
 
 def test_sentences_really_join_a_running_batch(translator):
