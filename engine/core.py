@@ -48,7 +48,8 @@ import numpy as np
 from engine.errors import InputTooLongError, NumericalError
 from engine.options import DecodingOptions
 from engine.rules import Rules, Sampling
-from engine.search import BeamSearch, GreedySearch, Hypothesis, SentenceSearch, TopCandidates, ban
+from engine.candidates import TopCandidates
+from engine.search import BeamSearch, GreedySearch, Hypothesis, SentenceSearch, ban
 from engine.state_ops import NumpyOps
 
 log = logging.getLogger(__name__)

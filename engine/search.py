@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
+from engine.candidates import TopCandidates
 from engine.rules import Rules, Sampling, apply_rules
 
 
@@ -41,21 +42,6 @@ class Hypothesis:
     score: float
     ranking_score: float
     attention: list[np.ndarray] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TopCandidates:
-    """Each row's k best next tokens, which a decoder step returns instead of log-probs when asked for top_k.
-
-    Attributes:
-        log_probs: float32 [rows, k], best first, ties ordered by lower token id (ONNX TopK's rule).
-        ids: int64 [rows, k], the tokens.
-        vocab: the vocabulary size (a candidate's flat index is beam x vocab + token).
-    """
-
-    log_probs: np.ndarray
-    ids: np.ndarray
-    vocab: int
 
 
 def top_k_for(rules: Rules, width: int, sampling: Sampling | None = None) -> int | None:

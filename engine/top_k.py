@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from engine.search import TopCandidates
+from engine.candidates import TopCandidates
 from engine.state_ops import serialized_model
 
 

@@ -8,7 +8,8 @@ import pytest
 from engine.core import EngineCore
 from engine.options import DecodingOptions
 from engine.rules import Rules, Sampling
-from engine.search import TopCandidates, gnmt_length_penalty, top_k_for
+from engine.candidates import TopCandidates
+from engine.search import gnmt_length_penalty, top_k_for
 from engine.state_ops import NumpyOps
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
