@@ -87,12 +87,15 @@ def test_sentences_really_join_a_running_batch(translator):
     core.step()
     core.step()
     assert core.live_rows == 4
-    core.submit(translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=1))
-    core.step()
+    second = core.submit(translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=1))
+    results = {d.handle: d.hypotheses for d in core.step()}
     assert core.live_rows == 5 and core.stats.joined == 2
     while core.has_work:
-        core.step()
-    assert first == 0 and core.live_rows == 0
+        results.update({d.handle: d.hypotheses for d in core.step()})
+    assert core.live_rows == 0
+    for handle, sentence, beam_size in ((first, SENTENCES[3], 4), (second, SENTENCES[0], 1)):
+        assert_same(results[handle], translator.translate_ids([translator.tokenize(sentence)],
+                                                              DecodingOptions(beam_size=beam_size))[0])
 
 
 def test_static_policy_joins_only_an_empty_batch(translator):
