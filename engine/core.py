@@ -27,8 +27,7 @@ Scheduling policy, decided at the start of every step:
    full budget by one sentence (up to twice the budget), so a short request starts at the next step even while a
    large one fills the batch. The joiners are encoded in one encoder call. Each join copies the cache once, so
    joins are batched where that costs no latency: the remaining sentences of a request that is already running
-   refill the batch only once a quarter of a budget is free, and (``join_interval_steps`` > 1, off by default) a
-   batch of some size takes newcomers only every few steps.
+   refill the batch only once a quarter of a budget is free.
    Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
    batch then decodes to completion before the next forms.
 3. One decoder step runs over every live row; each sentence's strategy reads its rows' scores and picks its next
@@ -108,8 +107,7 @@ class EngineCore:
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
         policy: "continuous" or "static"; max_batch_rows: decoder rows per step; max_batch_tokens: live sentences x
-            longest live source; join_interval_steps: steps between two joins into a running batch of at least
-            max_batch_rows / 8 rows (1: at every step).
+            longest live source.
 
     Raises:
         ValueError: an unknown policy or a budget < 1.
@@ -117,7 +115,7 @@ class EngineCore:
 
     def __init__(self, model, *, bos_id: int, eos_id: int, pad_id: int, max_positions: int,
                  policy: str = "continuous", max_batch_rows: int = 512, max_batch_tokens: int = 1024,
-                 join_interval_steps: int = 1, banned_ids: tuple[int, ...] | None = None) -> None:
+                 banned_ids: tuple[int, ...] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_batch_rows < 1 or max_batch_tokens < 1:
@@ -126,7 +124,6 @@ class EngineCore:
         self.model, self.ops = model, getattr(model, "ops", NumpyOps())
         self.bos_id, self.eos_id, self.pad_id, self.max_positions = bos_id, eos_id, pad_id, max_positions
         self.policy, self.max_batch_rows, self.max_batch_tokens = policy, max_batch_rows, max_batch_tokens
-        self.join_interval_steps = join_interval_steps
         self.banned_ids = banned_ids if banned_ids is not None else (pad_id,)
         # Top-k where the log-probs are (engine/top_k.py): beam search always gains; greedy search only when the
         # log-probs would otherwise cross from a device (on the CPU an argmax is cheaper than TopK).
@@ -138,7 +135,6 @@ class EngineCore:
         self._by_handle: dict[int, _Sentence] = {}
         self._done_early: list[Finished] = []  # empty sources and aborted waiting sentences, reported next step
         self._live: list[_Sentence] = []  # in row-block order
-        self._last_join_step = 0
         self._reset_state()
 
     # ---- the protocol ------------------------------------------------------------------------------------------
@@ -292,12 +288,6 @@ class EngineCore:
                 and self.max_batch_tokens - n_sentences * longest >= self.max_batch_tokens / 4)
         if self._live and not room and all(rows_of_group[g] for g in self._waiting):
             return []
-        # New requests too join a running batch every join_interval_steps steps, not at each one: at saturation
-        # one arrives nearly every step, and a join per step cost a quarter of the time (cache copy, a 1-sentence
-        # encoder call). A small batch takes them at once: there the wait would cost more than the join.
-        if (self._live and self.stats.steps - self._last_join_step < self.join_interval_steps
-                and rows >= self.max_batch_rows / 8):
-            return []
         arrival = {group: i for i, group in enumerate(self._waiting)}
         joining = []
         while self._waiting:
@@ -358,7 +348,6 @@ class EngineCore:
             self._past_mask = np.concatenate([self._past_mask, np.zeros((len(joining), past), dtype=bool)])
         self._live += joining
         self.stats.joined += len(joining)
-        self._last_join_step = self.stats.steps
         now = time.monotonic()
         for s in joining:
             s.joined_at = now
@@ -416,18 +405,21 @@ class EngineCore:
         else:
             log_probs = scores
             if k is not None:  # top-k of the rows that read it, in one call
-                index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, w in enumerate(wants_top) if w])
-                top = ban(self.model.top_k(np.ascontiguousarray(log_probs[index]), k), self.banned_ids)
+                rows = (log_probs if all(wants_top) else log_probs[np.concatenate(  # no copy when every row reads it
+                    [np.arange(starts[i], starts[i + 1]) for i, w in enumerate(wants_top) if w])])
+                top = ban(self.model.top_k(rows, k), self.banned_ids)
                 cursor = 0
                 for i, w in enumerate(wants_top):
                     if w:
                         top_row[i] = cursor
                         cursor += n_rows[i]
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
-        # Checked for all rows at once, then on what each sentence reads, so that it fails alone.
+        # Checked for all rows at once, then on what each sentence reads, so that it fails alone: the top-k rows
+        # always ([rows, k] costs nothing); full rows for float16 graphs only (a pass over [rows, vocab] is 1-3% of
+        # a greedy step, for an overflow float32 graphs do not have; greedy search still refuses a NaN it picks).
         nan_top = np.isnan(top.log_probs.max(axis=1)) if top is not None else None
         nan_full = (np.isnan(log_probs.max(axis=1)) if log_probs is not None and len(top_row) < len(live)
-                    else None)
+                    and getattr(self.model, "float16", False) else None)
         nan_top = nan_top if nan_top is not None and nan_top.any() else None
         nan_full = nan_full if nan_full is not None and nan_full.any() else None
         candidates = BeamSearch.batch_candidates(

@@ -36,10 +36,6 @@ class EngineConfig:
             beam_size).
         scheduling: "continuous" (sentences join a running decode between steps) or "static" (a batch decodes to
             completion before the next forms; the former behaviour, kept to measure against). engine/core.py.
-        join_interval_steps: steps between two joins into a running batch of at least max_batch_rows / 8 rows
-            (1: at every step). Each join copies the cache once: offline, one new sentence every step, 3 saved
-            10% of the time; over HTTP it measured no more throughput and higher latency (open loop at 70% of
-            capacity: p50 0.44 vs 0.16 s), so it is off by default.
         io_binding: keep the KV cache and cross K/V as OrtValues on the session's device between steps (ONNX
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
             attention come to the host. False: numpy arrays round-trip through the host every step. None (default):
@@ -55,7 +51,6 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     max_batch_rows: int = 512
     scheduling: str = "continuous"
-    join_interval_steps: int = 1
     io_binding: bool | None = None
 
     def __post_init__(self) -> None:
@@ -63,10 +58,8 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
-        if (self.intra_op_threads < 0 or self.max_batch_tokens < 1 or self.max_batch_rows < 1
-                or self.join_interval_steps < 1):
-            raise ValueError("intra_op_threads must be >= 0; max_batch_tokens, max_batch_rows and join_interval_steps "
-                             ">= 1")
+        if self.intra_op_threads < 0 or self.max_batch_tokens < 1 or self.max_batch_rows < 1:
+            raise ValueError("intra_op_threads must be >= 0, max_batch_tokens and max_batch_rows >= 1")
 
 
 def _session_options(cfg: EngineConfig) -> ort.SessionOptions:

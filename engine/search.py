@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 
 from engine.candidates import TopCandidates
+from engine.errors import NumericalError
 from engine.rules import Rules, Sampling, apply_rules
 
 
@@ -83,18 +84,19 @@ def _top_candidates(cand: np.ndarray, k: int) -> np.ndarray:
 
 
 def _candidates_from_top(live_scores: np.ndarray, values: np.ndarray, ids: np.ndarray, vocab: int, k: int):
-    """(scores, flat indices) of a sentence's k best candidates from its rows' top tokens (values, ids [n, width],
-    banned at -inf), best first, ties by lower flat index (flat = beam x vocab + token)."""
-    n, width = values.shape
-    cand = (live_scores[:, None] + values).reshape(-1)
-    flats = (np.arange(n)[:, None] * vocab + ids).reshape(-1)
+    """(scores, flat indices), each [sentences, k]: the k best candidates of each of several sentences with the
+    same number n of live beams, from their rows' top tokens (live_scores [sentences, n]; values, ids [sentences,
+    n, width], banned at -inf), best first, ties by lower flat index (flat = beam x vocab + token)."""
+    sentences, n, _ = values.shape
+    cand = (live_scores[:, :, None] + values).reshape(sentences, -1)
+    flats = (np.arange(n)[None, :, None] * vocab + ids).reshape(sentences, -1)
     # Lower flat index first among equal scores: sort by flat, then stably by score. (Rows are in beam order and
     # each row's equal log-probs in id order, but a beam score plus two different log-probs can round to the same
     # float32 sum, and those must tie-break by id too.)
-    order = np.argsort(flats, kind="stable")
-    cand, flats = cand[order], flats[order]
-    order = np.argsort(-cand, kind="stable")[:k]
-    return cand[order], flats[order]
+    order = np.argsort(flats, axis=1, kind="stable")
+    cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
+    order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
 
 
 class SentenceSearch:
@@ -154,6 +156,8 @@ class GreedySearch(SentenceSearch):
             token = (int(log_probs[0].argmax()) if self.sampling is None
                      else int(self.sampling.choose(log_probs, self.rng)[0]))
             token_log_prob = log_probs[0, token]
+        if np.isnan(token_log_prob):  # argmax returns a NaN if the row has one; the core checks top-k rows itself
+            raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         self.score += token_log_prob
         if token != self.eos_id:
             self.tokens.append(token)
@@ -193,7 +197,8 @@ class BeamSearch(SentenceSearch):
         k = 2 * self.beam_size
         if top is not None:
             values = _banned_values(top, self.rules, step, self.eos_id)
-            return _candidates_from_top(self.live_scores, values, top.ids, top.vocab, k) + (top.vocab,)
+            cand, flats = _candidates_from_top(self.live_scores[None], values[None], top.ids[None], top.vocab, k)
+            return cand[0], flats[0], top.vocab
         if self.rules.active:
             apply_rules(log_probs, step, self.live_tokens, np.zeros(self.n_rows, dtype=np.int64), self.rules,
                         self.eos_id)
@@ -219,20 +224,13 @@ class BeamSearch(SentenceSearch):
             if search.rules.min_length <= search.steps_done:
                 groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
         out = {}
+        width = top.log_probs.shape[1]
         for (n, beam_size), members in groups.items():
             rows = np.concatenate([np.arange(top_row[key], top_row[key] + n) for key, _ in members])
-            width = top.log_probs.shape[1]
-            values = top.log_probs[rows].reshape(len(members), n, width)
-            scores = np.stack([search.live_scores for _, search in members])  # [sentences, n]
-            cand = (scores[:, :, None] + values).reshape(len(members), -1)
-            flats = (np.arange(n)[None, :, None] * top.vocab + top.ids[rows].reshape(len(members), n, width))
-            flats = flats.reshape(len(members), -1)
-            # Lower flat index first among equal scores: sort by flat, then stably by score (as
-            # _candidates_from_top).
-            order = np.argsort(flats, axis=1, kind="stable")
-            cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
-            order = np.argsort(-cand, axis=1, kind="stable")[:, :2 * beam_size]
-            cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
+            cand, flats = _candidates_from_top(np.stack([search.live_scores for _, search in members]),
+                                               top.log_probs[rows].reshape(len(members), n, width),
+                                               top.ids[rows].reshape(len(members), n, width), top.vocab,
+                                               2 * beam_size)
             for j, (key, _) in enumerate(members):
                 out[key] = (cand[j], flats[j], top.vocab)
         return out

@@ -33,7 +33,7 @@ from ray.exceptions import TaskCancelledError
 
 from engine import segmentation
 from engine.async_engine import AsyncEngine
-from engine.core import EngineCore, Finished
+from engine.core import CoreStats, EngineCore, Finished
 from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
@@ -135,7 +135,7 @@ class _StepMetrics:
 
     def __call__(self, core: EngineCore, finished: list[Finished]) -> None:
         m, stats = self.metrics, core.stats
-        last = self.last or dataclasses.replace(stats, steps=0, rows=0, joined=0, left=0, generated_tokens=0)
+        last = self.last or CoreStats()
         if stats.steps > last.steps:
             m.step_rows.observe((stats.rows - last.rows) / (stats.steps - last.steps))
             m.step_sentences.observe(core.live_sentences + len(finished))
