@@ -15,14 +15,13 @@ Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:ap
 import asyncio
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,15 +33,18 @@ from ray.exceptions import TaskCancelledError
 from engine import segmentation
 from engine.async_engine import AsyncEngine
 from engine.core import CoreStats, EngineCore, Finished
-from engine.errors import InvalidRequestError
+from engine.errors import EngineUnavailableError, InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
 from engine.translator import Translator
-from service import schemas
-from service.errors import (OverloadedError, RequestTimeoutError, RequestTooLargeError, UnauthorizedError,
-                            error_response, install_handlers, response_for, validation_message)
-from service.metrics import ServiceMetrics
+from service import http_security, schemas
+from service.api_keys import KeyStore, presented_key
+from service.errors import (NotConfiguredError, OverloadedError, RateLimitedError, RequestTimeoutError,
+                            RequestTooLargeError, UnauthorizedError, error_response, install_handlers, response_for,
+                            validation_message)
+from service.metrics import KeyMetrics, ServiceMetrics
+from service.usage_ledger import ledger_for
 
 log = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,12 @@ class AppArgs(BaseModel):
                                            "get in while bulk requests wait their turn")
     retry_after_s: int = Field(1, ge=0, description="the least Retry-After of that 503, seconds (it grows with the "
                                                     "queued work over the engine's recent rate, up to 60 s)")
-    api_key: str | None = Field(None, min_length=16, description="if set, /translate needs X-API-Key or Bearer")
+    api_keys_file: str | None = Field(
+        default_factory=lambda: os.environ.get("NMT_API_KEYS_FILE") or None,
+        description="API keys with their limits (service/api_keys.py; default: $NMT_API_KEYS_FILE): if set, "
+                    "/translate and /v1/usage need a key (X-API-Key or Authorization: Bearer)")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="origins that browsers may call the "
+                                          "API from (CORS); empty: none, ['*']: any")
     warmup: bool = True
 
     def artifact_paths(self) -> dict[str, Path]:
@@ -165,9 +172,29 @@ def _record(**fields) -> bytes:
     return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
 
 
+class _Outcome:
+    """One request's end: its status counted once (model metrics, key metrics) and its key's admission released
+    (characters refunded unless it succeeded)."""
+
+    def __init__(self, metrics: ServiceMetrics, key_metrics: KeyMetrics | None, ledger) -> None:
+        self.metrics, self.key_metrics, self.ledger = metrics, key_metrics, ledger
+        self.key_id: str | None = None
+        self.ticket: int | None = None
+        self.characters = 0
+
+    def finish(self, status: int) -> None:
+        self.metrics.request(status)
+        if self.key_metrics is not None:
+            self.key_metrics.request(self.key_id, status, self.characters)
+        if self.ticket is not None:
+            self.ledger.release.remote(self.ticket, status == 200)
+            self.ticket = None
+
+
 api = FastAPI(title="Translation service", version="0.1.0",
               description="English->German Transformer on ONNX Runtime, batched by Ray Serve.")
 install_handlers(api)
+api.add_middleware(http_security.SecurityMiddleware)
 
 
 @serve.deployment(name="Translator", max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
@@ -177,6 +204,15 @@ class TranslatorDeployment:
 
     def __init__(self, args: dict | None = None) -> None:
         self.args = AppArgs(**(args or {}))
+        http_security.configure(http_security.HttpSettings(max_body_bytes=self.args.max_body_bytes,
+                                                           cors_allow_origins=self.args.cors_allow_origins))
+        self.keys, self.ledger, self.key_metrics = None, None, None
+        if self.args.api_keys_file is not None:
+            keys_file = Path(self.args.api_keys_file)
+            self.keys = KeyStore.load(keys_file if keys_file.is_absolute() else PROJECT_ROOT / keys_file)
+            self.ledger = ledger_for(serve.get_replica_context().app_name, self.keys.limits)
+            self.key_metrics = KeyMetrics()
+            log.info("API keys required: %d keys from %s", len(self.keys.keys), self.args.api_keys_file)
         engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
                                      max_batch_tokens=self.args.max_batch_tokens,
                                      max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling)
@@ -277,37 +313,86 @@ class TranslatorDeployment:
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
         texts: list[str] = []
-        metrics = self.default.metrics  # until the request names a valid model
+        outcome = _Outcome(self.default.metrics, self.key_metrics, self.ledger)  # default model until one is named
         try:
-            self._authorize(request)
+            outcome.key_id = self._authorize(request)
             body = await self._read_body(request)
             req = schemas.TranslateRequest.model_validate_json(body)
             texts = req.texts()
-            metrics = self._model(req.model).metrics
-            response = await self._translate(req)
+            outcome.metrics = self._model(req.model).metrics
+            if outcome.key_id is not None:
+                await self._admit_key(outcome, sum(len(t) for t in texts))
+            response = await self._translate(req, outcome.finish)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
         except (asyncio.CancelledError, TaskCancelledError):
             log.info("request cancelled (client gone or proxy timeout)")
-            metrics.request(499)
+            outcome.finish(499)
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = response_for(e)
         if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
-            metrics.request(response.status_code)
-        log.info("translate status %d texts %d chars %d latency_ms %.1f", response.status_code, len(texts),
-                 sum(len(t) for t in texts), 1000 * (time.perf_counter() - started))
+            outcome.finish(response.status_code)
+        # The key's id, never the key.
+        log.info("translate status %d texts %d chars %d latency_ms %.1f key %s", response.status_code, len(texts),
+                 sum(len(t) for t in texts), 1000 * (time.perf_counter() - started), outcome.key_id or "-")
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
             log.debug("translate texts %r", texts)
         return response
 
-    def _authorize(self, request: Request) -> None:
-        key = self.args.api_key
-        if key is None:
+    @api.get("/v1/usage")
+    async def usage(self, request: Request) -> JSONResponse:
+        """The calling key's usage (characters in the last minute, today (UTC) and in all, requests, requests in
+        flight) and its limits."""
+        try:
+            if self.keys is None:
+                raise NotConfiguredError("this deployment has no API keys configured (api_keys_file), so there is "
+                                         "no per-key usage")
+            key_id = self._authorize(request)
+            try:
+                return JSONResponse(await self.ledger.usage.remote(key_id))
+            except ray.exceptions.RayError:
+                raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
+        except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
+            return response_for(e)
+
+    def _authorize(self, request: Request) -> str | None:
+        """The id of the key the request presents; None when this deployment has no keys.
+
+        Raises:
+            UnauthorizedError: keys are configured and the request presents none or an unknown one.
+        """
+        if self.keys is None:
+            return None
+        key_id = self.keys.identify(presented_key(request.headers))
+        if key_id is None:
+            raise UnauthorizedError("missing or wrong API key: send it as 'Authorization: Bearer <key>' or in the "
+                                    "X-API-Key header")
+        return key_id
+
+    async def _admit_key(self, outcome: _Outcome, characters: int) -> None:
+        """Admits the request by its key's limits (shared by every replica through the usage ledger).
+
+        Raises:
+            RateLimitedError: past a limit (HTTP 429 with Retry-After).
+            RequestTooLargeError: the request alone exceeds a limit of its key (413: no retry can help).
+            EngineUnavailableError: the ledger is restarting (503).
+        """
+        try:
+            admission = await self.ledger.acquire.remote(outcome.key_id, characters,
+                                                         self.args.request_timeout_s + 30)
+        except ray.exceptions.RayError:
+            raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
+        if admission.ticket is not None:
+            outcome.ticket, outcome.characters = admission.ticket, characters
             return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            raise UnauthorizedError("missing or wrong API key: send it in the X-API-Key header")
+        self.key_metrics.refused(outcome.key_id, admission.limit)
+        value = getattr(self.keys.limits[outcome.key_id], admission.limit)
+        if admission.never:
+            raise RequestTooLargeError(f"{characters} characters > the {admission.limit} limit {value} of API key "
+                                       f"{outcome.key_id!r}: split the request")
+        raise RateLimitedError(f"API key {outcome.key_id!r} is at its {admission.limit} limit ({value}); retry in "
+                               f"{admission.retry_after_s} s", admission.retry_after_s)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.args.max_body_bytes
@@ -321,7 +406,9 @@ class TranslatorDeployment:
                 raise RequestTooLargeError(f"body > limit {limit} bytes")
         return bytes(body)
 
-    async def _translate(self, req: schemas.TranslateRequest) -> JSONResponse | StreamingResponse:
+    async def _translate(self, req: schemas.TranslateRequest,
+                         finish: Callable[[int], None]) -> JSONResponse | StreamingResponse:
+        """Translates a validated request; a stream calls ``finish(status)`` when it ends."""
         model_id = req.model or self.args.model_id
         model = self._model(model_id)
         translator = model.translator
@@ -366,7 +453,7 @@ class TranslatorDeployment:
             # latency instead of a full batch's (the stream as a whole takes about one sentence longer).
             futures = self._submit(model, sentences[:1], options)
             return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline,
-                                                  lambda: self._submit(model, sentences[1:], options)),
+                                                  lambda: self._submit(model, sentences[1:], options), finish),
                                      media_type="application/x-ndjson")
         futures = self._submit(model, sentences, options)
         outcomes = await self._await_sentences(model, futures, deadline)
@@ -479,12 +566,12 @@ class TranslatorDeployment:
 
     async def _stream(self, model_id: str, model: _Model, req: schemas.TranslateRequest,
                       segmented: list[segmentation.Segmented], futures: list[asyncio.Future], deadline: float,
-                      submit_rest):
+                      submit_rest, finish: Callable[[int], None]):
         """Newline-delimited JSON records (schemas.StreamRecord), in order: each sentence of each text as soon as
         it and those before it are done, then each text's whole translation, then "done". ``futures`` holds the
         first sentence's; ``submit_rest()`` submits the others (called once the first is done) and returns their
         futures. An error ends the stream with an "error" record (the HTTP status was 200 when the stream
-        began)."""
+        began). ``finish(status)`` is called once when the stream ends."""
         translator, cursor = model.translator, 0
         try:
             for index, seg in enumerate(segmented):
@@ -510,15 +597,15 @@ class TranslatorDeployment:
                 translation = self._translation(translator, req, seg, hyps)
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
             yield _record(type="done", model=model_id)
-            model.metrics.request(200)
-        except (asyncio.CancelledError, TaskCancelledError):  # the client left: Serve cancels the stream's task
-            self._abandon(model, futures)
-            model.metrics.request(499)
+            finish(200)
+        except (asyncio.CancelledError, TaskCancelledError, GeneratorExit):  # the client left: Serve cancels the
+            self._abandon(model, futures)                                     # stream's task or closes it
+            finish(499)
             raise
         except Exception as e:  # noqa: BLE001 - the stream's status is sent: end it with an error record
             self._abandon(model, futures)
             response = response_for(e)
-            model.metrics.request(response.status_code)
+            finish(response.status_code)
             yield _record(type="error", status=response.status_code, **json.loads(response.body))
 
     @staticmethod

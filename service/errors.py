@@ -34,6 +34,19 @@ class UnauthorizedError(EngineError):
     """Missing or wrong API key. HTTP 401."""
 
 
+class RateLimitedError(EngineError):
+    """The API key is past one of its limits (characters per minute or day, concurrent requests). HTTP 429 with a
+    Retry-After header of ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotConfiguredError(EngineError):
+    """A route whose feature this deployment does not have configured (e.g. /v1/usage without API keys). HTTP 404."""
+
+
 # Most specific first: the first matching class wins.
 STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (InputTooLongError, 413, "input_too_long"),
@@ -43,6 +56,8 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (OverloadedError, 503, "overloaded"),
     (RequestTimeoutError, 504, "timeout"),
     (UnauthorizedError, 401, "unauthorized"),
+    (RateLimitedError, 429, "rate_limited"),
+    (NotConfiguredError, 404, "not_configured"),
     (EngineError, 500, "engine_error"),
 ]
 
@@ -55,9 +70,12 @@ def response_for(exc: Exception) -> JSONResponse:
     """Maps an exception to the error body; unknown exceptions become a 500 without internals."""
     for cls, status, type_ in STATUS_BY_ERROR:
         if isinstance(exc, cls):
-            retry_after = getattr(exc, "retry_after_s", None)
-            return error_response(status, type_, str(exc),
-                                  {"Retry-After": str(retry_after)} if retry_after is not None else None)
+            headers = {}
+            if getattr(exc, "retry_after_s", None) is not None:
+                headers["Retry-After"] = str(exc.retry_after_s)
+            if status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="translation"'
+            return error_response(status, type_, str(exc), headers or None)
     log.exception("internal error", exc_info=exc)
     return error_response(500, "internal_error", "internal error; see the server log")
 

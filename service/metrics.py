@@ -1,7 +1,7 @@
 """The service's own metrics, exported by Ray on its metrics port (ray.util.metrics; Ray prefixes "ray_").
 
-Labels are bounded: ``model`` (the deployment's model id) and ``status_class`` (2xx/4xx/5xx); never request ids,
-texts or paths.
+Labels are bounded: ``model`` (the deployment's model id), ``status_class`` (2xx/4xx/5xx), ``key_id`` (the ids of
+the API-key file) and ``limit`` (the three limit names); never request ids, texts, paths or key material.
 """
 
 from __future__ import annotations
@@ -76,3 +76,25 @@ class ServiceMetrics:
     def add_pending(self, n: int) -> None:
         self._pending += n
         self.pending.set(self._pending)
+
+
+class KeyMetrics:
+    """Per-API-key counters of one replica. ``key_id`` takes the ids of the key file (bounded by it) or "none" for a
+    request that presented no valid key; never key material."""
+
+    def __init__(self) -> None:
+        self.requests = metrics.Counter("nmt_key_requests_total", "translate requests by API key id and status class",
+                                        tag_keys=("key_id", "status_class"))
+        self.characters = metrics.Counter("nmt_key_characters_total", "source characters of successful "
+                                          "translations by API key id", tag_keys=("key_id",))
+        self.limited = metrics.Counter("nmt_key_limited_requests_total", "requests refused by a key's limit (429) "
+                                       "by API key id and limit", tag_keys=("key_id", "limit"))
+
+    def request(self, key_id: str | None, status: int, characters: int = 0) -> None:
+        key_id = key_id or "none"
+        self.requests.inc(1, tags={"key_id": key_id, "status_class": f"{status // 100}xx"})
+        if status == 200 and characters > 0:
+            self.characters.inc(characters, tags={"key_id": key_id})
+
+    def refused(self, key_id: str, limit: str) -> None:
+        self.limited.inc(1, tags={"key_id": key_id, "limit": limit})

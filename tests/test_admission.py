@@ -57,6 +57,7 @@ def replica(translator, model=None, **args):
     dep.default = _Model(translator, StubMetrics(), AsyncEngine(core, "test"))
     dep.models = {dep.args.model_id: dep.default}
     dep._configured = False
+    dep.keys = dep.ledger = dep.key_metrics = None
     return dep
 
 
@@ -205,7 +206,8 @@ def test_an_error_during_a_stream_ends_it_with_an_error_record(translator):
     body = {"text": [SENTENCES[2], SENTENCES[0] + " " + SENTENCES[2]], "beam_size": 1, "stream": True}
 
     async def main():
-        response = await dep._translate(schemas.TranslateRequest.model_validate_json(json.dumps(body)))
+        response = await dep._translate(schemas.TranslateRequest.model_validate_json(json.dumps(body)),
+                                        dep.default.metrics.request)
         return [json.loads(chunk) async for chunk in response.body_iterator]
 
     records = asyncio.run(main())
