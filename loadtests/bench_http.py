@@ -30,9 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nmt.data import read_pairs
 
-# Before Ray starts: no usage stats, no token auth on this private local cluster.
+# Before Ray starts: no usage stats; token authentication on, as everywhere (a local ray.init makes the token,
+# ~/.ray/auth_token, when none is given).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 # Mean batch = delta(decoder rows) / delta(decoder steps), both counters. Not a histogram's _sum / _count: Ray
 # exports _sum rebuilt from bucket midpoints (10 steps of 1 row export _sum 5.0), so only its _count is exact.

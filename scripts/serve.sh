@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0
+source scripts/ray_auth.sh
 METRICS_PORT=${METRICS_PORT:-8080}
 current_format() {
   .venv/bin/python -c 'import json, sys; from engine import contract
@@ -19,6 +20,7 @@ fi
 .venv/bin/ray start --head --metrics-export-port="$METRICS_PORT" --include-dashboard=false \
   --disable-usage-stats >/dev/null
 cat <<MSG
+Ray token authentication is on; the cluster's token is in $RAY_TOKEN_FILE (ray CLI and drivers here read it).
 Service starting on http://localhost:8000 (metrics: http://localhost:$METRICS_PORT/metrics). Try:
   curl -s localhost:8000/translate -H 'Content-Type: application/json' \\
     -d '{"text": ["The file could not be opened.", "Click the button to save the document."]}'

@@ -6,5 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_prometheus.sh
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0
+# The test clusters run with Ray's token authentication, on a token of their own (tests/conftest.py makes one in a
+# temporary folder), not the quick start's ~/.ray/auth_token.
+export RAY_AUTH_MODE=token
 exec .venv/bin/python -m pytest -p no:cacheprovider -m "not gpu" tests "$@"

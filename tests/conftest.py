@@ -8,9 +8,24 @@ from pathlib import Path
 
 import pytest
 
-# Before Ray is imported anywhere: no usage stats, no token auth on the local test cluster (DESIGN.md section 6).
+# Before Ray is imported anywhere: no usage stats, and Ray's token authentication on every test cluster (as in every
+# way the project starts Ray), with a token made for this test session in a temporary folder, so that the tests
+# neither need nor touch the quick start's ~/.ray/auth_token. Every Ray process of the tests inherits it.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
+                                                   or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    import atexit
+    import secrets
+    import shutil
+    import tempfile
+
+    _token_dir = tempfile.mkdtemp(prefix="nmt-test-ray-auth-")
+    atexit.register(shutil.rmtree, _token_dir, ignore_errors=True)
+    _token_file = Path(_token_dir) / "auth_token"
+    _token_file.write_text(secrets.token_hex(32))
+    _token_file.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "models" / "en-de"

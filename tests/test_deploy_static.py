@@ -111,3 +111,68 @@ def test_grafana_dashboard_queries_exported_metrics():
         for target in panel["targets"]:
             for name in re.findall(r"ray_(nmt_[a-z_]+?)(?:_bucket|_sum|_count)?\b", target["expr"]):
                 assert name in own, f"panel {panel['title']!r} queries unknown metric {name}"
+
+
+def test_compose_publishes_only_the_api_on_every_interface_and_runs_ray_with_a_secret_token():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    published = {name: service.get("ports", []) for name, service in compose["services"].items()}
+    assert published["ray-head"][0] == "8000:8000"  # the translation API: every interface
+    for name, ports in published.items():
+        for port in ports:
+            if port != "8000:8000":
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+            assert not port.endswith(":8080") and not port.endswith(":6379"), f"{name} publishes {port}"
+    for name in ("ray-head", "ray-worker"):
+        service = compose["services"][name]
+        assert service["environment"]["RAY_AUTH_MODE"] == "token"
+        token_path = service["environment"]["RAY_AUTH_TOKEN_PATH"]
+        assert token_path == "/run/secrets/ray_auth_token" and "ray_auth_token" in service["secrets"]
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "GF_SECURITY_ADMIN_PASSWORD__FILE" in grafana
+    for secret in compose["secrets"].values():
+        # The secret files are made by deploy/make_secrets.sh and ignored by git: never committed.
+        ignored = subprocess.run(["git", "check-ignore", "-q", secret["file"]], cwd=ROOT)
+        assert ignored.returncode == 0, f"{secret['file']} is not git-ignored"
+
+
+def test_deploy_make_secrets_makes_the_files_compose_mounts(tmp_path):
+    import shutil
+
+    shutil.copy(ROOT / "deploy" / "make_secrets.sh", tmp_path / "make_secrets.sh")
+    for _ in range(2):  # the second run keeps what the first made
+        result = subprocess.run(["bash", str(tmp_path / "make_secrets.sh")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        if _ == 0:
+            first = {p.name: p.read_text() for p in (tmp_path / "secrets").iterdir()}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    made = {p.name: p.read_text() for p in (tmp_path / "secrets").iterdir()}
+    assert made == first and {Path(s["file"]).name for s in compose["secrets"].values()} <= set(made)
+    assert all(len(v) == 64 for v in made.values())
+    assert (tmp_path / "secrets").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/Dockerfile.cpu", "deploy/Dockerfile.gpu"])
+def test_images_run_ray_with_token_authentication(dockerfile):
+    text = (ROOT / dockerfile).read_text()
+    assert "RAY_AUTH_MODE=token" in text
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])$", text, flags=re.M).group(1))
+    script = ROOT / entrypoint[0]
+    assert script.exists() and script.stat().st_mode & 0o111 and "get-auth-token --generate" in script.read_text()
+
+
+def test_rayservice_turns_on_token_authentication():
+    spec = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    assert spec["authOptions"] == {"mode": "token"}
+
+
+def test_no_file_of_the_project_turns_rays_authentication_off():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in {".py", ".sh", ".yml", ".yaml", ".cpu", ".gpu", ".toml", ".md", ""} and path.is_file() \
+                and name != "tests/test_deploy_static.py":
+            text = path.read_text(errors="replace")
+            if re.search(r"RAY_AUTH_MODE\W{0,4}disabled", text):
+                offenders.append(name)
+    assert offenders == []

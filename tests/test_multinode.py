@@ -23,8 +23,8 @@ N_NODES = 3
 
 def ray_cli(*args: str) -> None:
     # The single (head) proxy must spread requests over every node's replicas, not prefer its own node's.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-               RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING="0")
+    # Token authentication and the session's token (conftest) come with os.environ.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING="0")
     result = subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
