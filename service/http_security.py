@@ -73,7 +73,10 @@ class SecurityMiddleware:
             return
         settings = _settings
         headers = list(SECURITY_HEADERS)
-        if not scope["path"].startswith(DOCS_PATHS):
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # Serve's route prefix
+            path = path[len(root):]
+        if not path.startswith(DOCS_PATHS):
             headers.append(CSP)
 
         async def send_with_headers(message: Message) -> None:

@@ -4,6 +4,7 @@ zero failed requests. Prints the throughput at 1 and at 3 replicas."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -29,15 +30,36 @@ def ray_cli(*args: str) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-def stop_cluster(temp_dir: str) -> None:
-    """Stops only this test's Ray processes (their command lines name its temp dir); `ray stop` would also stop
-    any other Ray cluster on the machine, such as a developer's running service."""
+def cluster_pids(temp_dir: str, gcs_port: int) -> set[int]:
+    """The processes of one test cluster: those whose command line names its temp dir or its GCS address (Ray's
+    client server does not name the temp dir), and all their descendants (the agents rename their command lines)."""
+    parents, roots = {}, set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if temp_dir in cmdline or re.search(rf":{gcs_port}\b", cmdline):
+            roots.add(int(proc.name))
+    pids, grew = set(roots), True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in pids} - pids
+        pids |= children
+        grew = bool(children)
+    return pids - {os.getpid()}
+
+
+def stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Stops only this test's Ray processes (cluster_pids); `ray stop` would also stop any other Ray cluster on the
+    machine, such as a developer's running service."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in Path("/proc").iterdir():
+        for pid in cluster_pids(temp_dir, gcs_port):
             try:
-                if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    os.kill(int(proc.name), sig)
-            except (OSError, ProcessLookupError):
+                os.kill(pid, sig)
+            except ProcessLookupError:
                 pass
         time.sleep(2)
 
@@ -68,7 +90,7 @@ def cluster():
             serve.shutdown()
             ray.shutdown()
         finally:
-            stop_cluster(temp_dir)
+            stop_cluster(temp_dir, port)
 
 
 def deploy(artifact, **options):

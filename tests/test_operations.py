@@ -1,5 +1,6 @@
 """Operations against a real Ray Serve instance over real HTTP on loopback: hostile input, backpressure, timeouts,
-cancellation, API keys, a real Prometheus scraping the metrics, and a replica killed mid-load.
+cancellation, API keys and their limits, security headers and CORS, a real Prometheus scraping the metrics, and a
+replica killed mid-load.
 
 Every test is bounded in time; all traffic goes to 127.0.0.1.
 """
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from conftest import SENTENCES, free_port
 
-API_KEY = "test-key-0123456789abcdef"
+ORIGIN = "https://app.example"
 GOOD = {"text": SENTENCES[0], "beam_size": 1}
 # A decode forced to be slow (seconds here): a ~180-token source, 16 beams, 250 steps.
 SLOW = {"text": " ".join([SENTENCES[3]] * 11), "beam_size": 16, "min_length": 250, "max_length": 250}
@@ -32,6 +33,13 @@ def ops(artifact, tmp_path_factory):
 
     from service.app import TranslatorDeployment
 
+    from service.api_keys import digest, new_key
+
+    tmp = tmp_path_factory.mktemp("ops")
+    keys = {"alice": new_key(), "bob": new_key(), "carol": new_key()}
+    limits = {"alice": {"characters_per_minute": 60}, "bob": {}, "carol": {"max_concurrent_requests": 1}}
+    (tmp / "keys.yaml").write_text(json.dumps({"keys": [{"id": k, "sha256": digest(v).hex(), **limits[k]}
+                                                        for k, v in keys.items()]}))
     metrics_port, http_port = free_port(), free_port()
     ray.init(address="local", num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": 20})
@@ -45,7 +53,8 @@ def ops(artifact, tmp_path_factory):
         "busy": ({"model_id": "en-de-busy", "max_queued_work": 100, "interactive_max_sentences": 0,
                   "max_sentences_per_request": 8},
                  {"max_ongoing_requests": 32, "user_config": {"max_batch_rows": 16}}),
-        "secure": ({"model_id": "en-de-secure", "api_key": API_KEY}, {}),
+        "secure": ({"model_id": "en-de-secure", "api_keys_file": str(tmp / "keys.yaml"),
+                    "cors_allow_origins": [ORIGIN]}, {}),
         "prom": ({"model_id": "en-de-prom"}, {}),
     }
     for name, (args, options) in apps.items():
@@ -53,7 +62,7 @@ def ops(artifact, tmp_path_factory):
         serve.run(app, name=name, route_prefix="/" if name == "main" else f"/{name}")
     base = f"http://127.0.0.1:{http_port}"
     yield {"url": base, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "metrics_port": metrics_port,
-           "tmp": tmp_path_factory.mktemp("ops")}
+           "tmp": tmp, "keys": keys}
     serve.shutdown()
     ray.shutdown()
 
@@ -233,14 +242,124 @@ def test_clients_that_disconnect_do_not_stall_the_batch_loop(ops):
     assert time.monotonic() - started < 10
 
 
-def test_api_key_is_required_when_configured(ops):
-    url = ops["url"] + "/secure"
-    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer nope"}):
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def usage(ops, key):
+    r = requests.get(ops["url"] + "/secure/v1/usage", headers=bearer(key), timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_api_keys_401_401_429_and_other_keys_unaffected_with_exact_usage(ops):
+    url, keys = ops["url"] + "/secure", ops["keys"]
+    for headers in ({}, {"X-API-Key": "wrong"}, bearer("nmt_" + "x" * 43), bearer(keys["alice"][:-1])):
         r = post(url, GOOD, headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
-    assert post(url, GOOD, headers={"X-API-Key": API_KEY}).status_code == 200
-    assert post(url, GOOD, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert requests.get(url + "/v1/usage", timeout=10).status_code == 401
     assert requests.get(url + "/health", timeout=10).status_code == 200  # probes need no key
+    text = GOOD["text"]  # 29 characters: alice (60 per minute) has room for two
+    assert post(url, GOOD, headers=bearer(keys["alice"])).status_code == 200
+    assert post(url, GOOD, headers={"X-API-Key": keys["alice"]}).status_code == 200
+    limited = post(url, GOOD, headers={"Authorization": f"DeepL-Auth-Key {keys['alice']}"})
+    assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limited", limited.text
+    assert "characters_per_minute" in limited.json()["error"]["message"]
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    # Another key in the same second is unaffected; a failed request of a key is not counted.
+    assert post(url, {"text": [text, text, text]}, headers=bearer(keys["bob"])).status_code == 200
+    assert post(url, {"text": text, "beam_size": 0}, headers=bearer(keys["bob"])).status_code == 422
+    too_big = post(url, {"text": "x" * 61}, headers=bearer(keys["alice"]))
+    assert too_big.status_code == 413 and "characters_per_minute limit 60" in too_big.json()["error"]["message"]
+    alice, bob = usage(ops, keys["alice"]), usage(ops, keys["bob"])
+    assert (alice["characters_last_minute"], alice["characters_total"], alice["requests_total"],
+            alice["refused_requests_total"], alice["concurrent_requests"]) == (2 * len(text), 2 * len(text), 2, 2, 0)
+    assert alice["limits"]["characters_per_minute"] == 60 and alice["key_id"] == "alice"
+    assert (bob["characters_total"], bob["requests_total"], bob["limits"]["characters_per_minute"]) == \
+        (3 * len(text), 1, None)
+    # A deployment without keys has no usage route to offer.
+    r = requests.get(ops["url"] + "/v1/usage", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_configured"
+
+
+def test_a_key_past_its_concurrent_requests_gets_429_until_its_request_ends(ops):
+    url, carol = ops["url"] + "/secure", ops["keys"]["carol"]
+    with ThreadPoolExecutor(1) as pool:
+        held = {"text": SENTENCES[3], "beam_size": 4, "min_length": 150, "max_length": 150}  # a second or two
+        slow = pool.submit(post, url, held, 60, bearer(carol))
+        deadline = time.monotonic() + 20
+        while usage(ops, carol)["concurrent_requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = post(url, GOOD, headers=bearer(carol))
+        assert r.status_code == 429 and "max_concurrent_requests" in r.json()["error"]["message"], r.text
+        assert r.headers["Retry-After"] == "1"
+        assert post(url, GOOD, headers=bearer(ops["keys"]["bob"])).status_code == 200
+        assert slow.result().status_code == 200
+    assert post(url, GOOD, headers=bearer(carol)).status_code == 200
+    assert usage(ops, carol)["concurrent_requests"] == 0
+
+
+def test_keys_never_reach_the_logs(ops):
+    import ray
+    from pathlib import Path
+
+    for key in ops["keys"].values():
+        post(ops["url"] + "/secure", GOOD, headers=bearer(key))
+    time.sleep(2)  # replica log lines are flushed by then
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert logs
+    text = "".join(p.read_text(errors="replace") for p in logs)
+    assert "key alice" in text  # the key's id is logged with its requests
+    assert not [k for k, key in ops["keys"].items() if key in text]
+
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                    "Cache-Control": "no-store"}
+
+
+def test_every_route_sends_security_headers_and_no_stack_trace(ops):
+    base = ops["url"]
+    responses = [requests.get(base + path, timeout=10) for path in ("/health", "/v1/models", "/openapi.json", "/nope",
+                                                                    "/translate", "/secure/v1/usage")]
+    responses += [post(base, GOOD), post(base, {"text": 5}), post(base, b"{"), post(base + "/secure", GOOD)]
+    responses.append(post(base, GOOD | {"stream": True}))
+    assert sorted({r.status_code for r in responses}) == [200, 401, 404, 405, 422]
+    for r in responses:
+        for name, value in SECURITY_HEADERS.items():
+            assert r.headers.get(name) == value, (r.url, r.status_code, name, dict(r.headers))
+        assert r.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'", r.url
+        assert "Traceback" not in r.text and 'File "' not in r.text
+    docs = requests.get(base + "/docs", timeout=10)  # Swagger UI loads its scripts from its CDN: no CSP there
+    assert docs.status_code == 200 and "Content-Security-Policy" not in docs.headers
+    assert docs.headers["X-Frame-Options"] == "DENY"
+
+
+def test_a_body_over_the_limit_is_refused_on_every_route(ops):
+    big = b"x" * 1_000_001  # the main app's max_body_bytes is the default 1,000,000
+    for method, path in (("POST", "/translate"), ("POST", "/health"), ("GET", "/v1/models"), ("PUT", "/nope")):
+        r = requests.request(method, ops["url"] + path, data=big, timeout=30)
+        assert r.status_code == 413, (method, path, r.status_code)
+        assert r.json()["error"]["type"] == "request_too_large" and "1000000" in r.json()["error"]["message"]
+    assert post(ops["url"], GOOD).status_code == 200
+
+
+def test_cors_is_closed_by_default_and_open_only_to_configured_origins(ops):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type,authorization"}
+    closed = requests.options(ops["url"] + "/translate", headers=preflight, timeout=10)
+    assert closed.status_code >= 400 and "Access-Control-Allow-Origin" not in closed.headers
+    simple = requests.get(ops["url"] + "/health", headers={"Origin": ORIGIN}, timeout=10)
+    assert simple.status_code == 200 and "Access-Control-Allow-Origin" not in simple.headers
+    opened = requests.options(ops["url"] + "/secure/translate", headers=preflight, timeout=10)
+    assert opened.status_code == 200 and opened.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "authorization" in opened.headers["Access-Control-Allow-Headers"].lower()
+    other = requests.options(ops["url"] + "/secure/translate", headers=preflight | {"Origin": "https://evil.example"},
+                             timeout=10)
+    assert other.status_code == 400 and "Access-Control-Allow-Origin" not in other.headers
+    r = post(ops["url"] + "/secure", GOOD, headers=bearer(ops["keys"]["bob"]) | {"Origin": ORIGIN})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +412,13 @@ def test_real_prometheus_scrapes_the_expected_values(ops, prometheus):
             break
         time.sleep(2)
     assert values == expected
+    # Per-key counters (the secure app's traffic of the key tests), labelled by key id only.
+    assert prom_query(prometheus, 'sum(ray_nmt_key_requests_total{key_id="none",status_class="4xx"})') >= 4
+    assert prom_query(prometheus, 'sum(ray_nmt_key_requests_total{key_id="alice",status_class="2xx"})') >= 2
+    assert prom_query(prometheus, 'sum(ray_nmt_key_limited_requests_total{key_id="alice",'
+                                  'limit="characters_per_minute"})') >= 2
+    labels = requests.get(prometheus + "/api/v1/label/key_id/values", timeout=10).json()["data"]
+    assert set(labels) <= {"none", "alice", "bob", "carol"}
     assert prom_query(prometheus, 'sum(ray_nmt_generated_tokens_total{model="en-de-prom"})') > 7
     assert prom_query(prometheus, 'sum(ray_nmt_model_load_seconds{model="en-de-prom"})') > 0
     # Warm-up ran in the constructor, i.e. before Serve marked the replica ready and routed to it.
