@@ -33,18 +33,16 @@ from ray.exceptions import TaskCancelledError
 from engine import segmentation
 from engine.async_engine import AsyncEngine
 from engine.core import CoreStats, EngineCore, Finished
-from engine.errors import EngineUnavailableError, InvalidRequestError
+from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
 from engine.translator import Translator
 from service import http_security, schemas
-from service.api_keys import KeyStore, presented_key
-from service.errors import (NotConfiguredError, OverloadedError, RateLimitedError, RequestTimeoutError,
-                            RequestTooLargeError, UnauthorizedError, error_response, install_handlers, response_for,
-                            validation_message)
-from service.metrics import KeyMetrics, ServiceMetrics
-from service.usage_ledger import ledger_for
+from service.access import KeyAccess
+from service.errors import (NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
+                            error_response, install_handlers, response_for, validation_message)
+from service.metrics import ServiceMetrics
 
 log = logging.getLogger("ray.serve")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -176,19 +174,19 @@ class _Outcome:
     """One request's end: its status counted once (model metrics, key metrics) and its key's admission released
     (characters refunded unless it succeeded)."""
 
-    def __init__(self, metrics: ServiceMetrics, key_metrics: KeyMetrics | None, ledger) -> None:
-        self.metrics, self.key_metrics, self.ledger = metrics, key_metrics, ledger
+    def __init__(self, metrics: ServiceMetrics, access: KeyAccess | None) -> None:
+        self.metrics, self.access = metrics, access
         self.key_id: str | None = None
         self.ticket: int | None = None
         self.characters = 0
 
     def finish(self, status: int) -> None:
         self.metrics.request(status)
-        if self.key_metrics is not None:
-            self.key_metrics.request(self.key_id, status, self.characters)
-        if self.ticket is not None:
-            self.ledger.release.remote(self.ticket, status == 200)
-            self.ticket = None
+        if self.access is not None:
+            self.access.metrics.request(self.key_id, status, self.characters)
+            if self.ticket is not None:
+                self.access.release(self.ticket, status == 200)
+                self.ticket = None
 
 
 api = FastAPI(title="Translation service", version="0.1.0",
@@ -206,13 +204,11 @@ class TranslatorDeployment:
         self.args = AppArgs(**(args or {}))
         http_security.configure(http_security.HttpSettings(max_body_bytes=self.args.max_body_bytes,
                                                            cors_allow_origins=self.args.cors_allow_origins))
-        self.keys, self.ledger, self.key_metrics = None, None, None
+        self.access: KeyAccess | None = None
         if self.args.api_keys_file is not None:
             keys_file = Path(self.args.api_keys_file)
-            self.keys = KeyStore.load(keys_file if keys_file.is_absolute() else PROJECT_ROOT / keys_file)
-            self.ledger = ledger_for(serve.get_replica_context().app_name, self.keys.limits)
-            self.key_metrics = KeyMetrics()
-            log.info("API keys required: %d keys from %s", len(self.keys.keys), self.args.api_keys_file)
+            self.access = KeyAccess(keys_file if keys_file.is_absolute() else PROJECT_ROOT / keys_file,
+                                    serve.get_replica_context().app_name)
         engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
                                      max_batch_tokens=self.args.max_batch_tokens,
                                      max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling)
@@ -313,15 +309,18 @@ class TranslatorDeployment:
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
         texts: list[str] = []
-        outcome = _Outcome(self.default.metrics, self.key_metrics, self.ledger)  # default model until one is named
+        outcome = _Outcome(self.default.metrics, self.access)  # the default model's metrics until one is named
         try:
-            outcome.key_id = self._authorize(request)
+            if self.access is not None:
+                outcome.key_id = self.access.identify(request.headers)
             body = await self._read_body(request)
             req = schemas.TranslateRequest.model_validate_json(body)
             texts = req.texts()
             outcome.metrics = self._model(req.model).metrics
-            if outcome.key_id is not None:
-                await self._admit_key(outcome, sum(len(t) for t in texts))
+            if self.access is not None:
+                outcome.characters = sum(len(t) for t in texts)
+                outcome.ticket = await self.access.admit(outcome.key_id, outcome.characters,
+                                                         self.args.request_timeout_s + 30)
             response = await self._translate(req, outcome.finish)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
@@ -345,54 +344,12 @@ class TranslatorDeployment:
         """The calling key's usage (characters in the last minute, today (UTC) and in all, requests, requests in
         flight) and its limits."""
         try:
-            if self.keys is None:
+            if self.access is None:
                 raise NotConfiguredError("this deployment has no API keys configured (api_keys_file), so there is "
                                          "no per-key usage")
-            key_id = self._authorize(request)
-            try:
-                return JSONResponse(await self.ledger.usage.remote(key_id))
-            except ray.exceptions.RayError:
-                raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
+            return JSONResponse(await self.access.usage(self.access.identify(request.headers)))
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             return response_for(e)
-
-    def _authorize(self, request: Request) -> str | None:
-        """The id of the key the request presents; None when this deployment has no keys.
-
-        Raises:
-            UnauthorizedError: keys are configured and the request presents none or an unknown one.
-        """
-        if self.keys is None:
-            return None
-        key_id = self.keys.identify(presented_key(request.headers))
-        if key_id is None:
-            raise UnauthorizedError("missing or wrong API key: send it as 'Authorization: Bearer <key>' or in the "
-                                    "X-API-Key header")
-        return key_id
-
-    async def _admit_key(self, outcome: _Outcome, characters: int) -> None:
-        """Admits the request by its key's limits (shared by every replica through the usage ledger).
-
-        Raises:
-            RateLimitedError: past a limit (HTTP 429 with Retry-After).
-            RequestTooLargeError: the request alone exceeds a limit of its key (413: no retry can help).
-            EngineUnavailableError: the ledger is restarting (503).
-        """
-        try:
-            admission = await self.ledger.acquire.remote(outcome.key_id, characters,
-                                                         self.args.request_timeout_s + 30)
-        except ray.exceptions.RayError:
-            raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
-        if admission.ticket is not None:
-            outcome.ticket, outcome.characters = admission.ticket, characters
-            return
-        self.key_metrics.refused(outcome.key_id, admission.limit)
-        value = getattr(self.keys.limits[outcome.key_id], admission.limit)
-        if admission.never:
-            raise RequestTooLargeError(f"{characters} characters > the {admission.limit} limit {value} of API key "
-                                       f"{outcome.key_id!r}: split the request")
-        raise RateLimitedError(f"API key {outcome.key_id!r} is at its {admission.limit} limit ({value}); retry in "
-                               f"{admission.retry_after_s} s", admission.retry_after_s)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.args.max_body_bytes

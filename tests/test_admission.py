@@ -57,7 +57,7 @@ def replica(translator, model=None, **args):
     dep.default = _Model(translator, StubMetrics(), AsyncEngine(core, "test"))
     dep.models = {dep.args.model_id: dep.default}
     dep._configured = False
-    dep.keys = dep.ledger = dep.key_metrics = None
+    dep.access = None
     return dep
 
 
