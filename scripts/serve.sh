@@ -20,7 +20,8 @@ fi
 .venv/bin/ray start --head --metrics-export-port="$METRICS_PORT" --include-dashboard=false \
   --disable-usage-stats >/dev/null
 cat <<MSG
-Ray token authentication is on; the cluster's token is in $RAY_TOKEN_FILE (ray CLI and drivers here read it).
+Ray token authentication is on; the cluster's token is in $RAY_TOKEN_FILE (drivers here read it; the CLI with
+  RAY_AUTH_MODE=token, e.g. RAY_AUTH_MODE=token .venv/bin/ray status).
 Service starting on http://localhost:8000 (metrics: http://localhost:$METRICS_PORT/metrics). Try:
   curl -s localhost:8000/translate -H 'Content-Type: application/json' \\
     -d '{"text": ["The file could not be opened.", "Click the button to save the document."]}'

@@ -5,6 +5,8 @@ to 401, 413, 429 and 503 through service/errors.py."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +20,8 @@ from service.metrics import KeyMetrics
 from service.usage_ledger import ledger_for
 
 log = logging.getLogger("ray.serve")
+LEDGER_TIMEOUT_S = 5.0  # a ledger that does not answer in this time gives a 503, never a hanging request
+NEVER_DECODED = 0  # the release status of an admission whose request ended before it could decode: refunded
 
 
 class KeyAccess:
@@ -31,6 +35,9 @@ class KeyAccess:
         self.keys = KeyStore.load(keys_file)
         self.ledger = ledger_for(app_name, self.keys.limits)
         self.metrics = KeyMetrics()
+        # Ledger calls leave from threads of their own, not from the request's task: Ray cancels the actor calls of
+        # a cancelled request (a client that left), which lost releases (slots held until their lease ended).
+        self._calls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="usage-ledger")
         log.info("API keys required: %d keys from %s", len(self.keys.keys), keys_file)
 
     def identify(self, headers: Mapping[str, str]) -> str:
@@ -41,8 +48,8 @@ class KeyAccess:
         """
         key_id = self.keys.identify(presented_key(headers))
         if key_id is None:
-            raise UnauthorizedError("missing or wrong API key: send it as 'Authorization: Bearer <key>' or in the "
-                                    "X-API-Key header")
+            raise UnauthorizedError("missing or wrong API key: send it as 'Authorization: Bearer <key>', "
+                                    "'Authorization: DeepL-Auth-Key <key>' or in the X-API-Key header")
         return key_id
 
     async def admit(self, key_id: str, characters: int, lease_s: float) -> int:
@@ -54,10 +61,14 @@ class KeyAccess:
             RequestTooLargeError: the request alone exceeds a limit of its key (413: no retry can help).
             EngineUnavailableError: the ledger is restarting (503).
         """
+        call = self._call(self.ledger.acquire, key_id, characters, lease_s)
         try:
-            admission = await self.ledger.acquire.remote(key_id, characters, lease_s)
+            admission = await asyncio.shield(asyncio.wrap_future(call))
+        except asyncio.CancelledError:
+            call.add_done_callback(self._release_if_admitted)  # the client left while the ledger answered
+            raise
         except ray.exceptions.RayError:
-            raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
+            raise self._unavailable() from None
         if admission.ticket is not None:
             return admission.ticket
         self.metrics.refused(key_id, admission.limit)
@@ -68,9 +79,10 @@ class KeyAccess:
         raise RateLimitedError(f"API key {key_id!r} is at its {admission.limit} limit ({value}); retry in "
                                f"{admission.retry_after_s} s", admission.retry_after_s)
 
-    def release(self, ticket: int, succeeded: bool) -> None:
-        """Ends an admitted request (its characters are refunded unless it succeeded); does not wait."""
-        self.ledger.release.remote(ticket, succeeded)
+    def release(self, ticket: int, status: int) -> None:
+        """Ends an admitted request with its HTTP status (service.api_keys.CHARGED_STATUSES says which are
+        charged); does not wait."""
+        self._calls.submit(self.ledger.release.remote, ticket, status)
 
     async def usage(self, key_id: str) -> dict:
         """The key's usage and limits (service.api_keys.UsageLimiter.usage).
@@ -79,6 +91,18 @@ class KeyAccess:
             EngineUnavailableError: the ledger is restarting (503).
         """
         try:
-            return await self.ledger.usage.remote(key_id)
+            return await asyncio.wrap_future(self._call(self.ledger.usage, key_id))
         except ray.exceptions.RayError:
-            raise EngineUnavailableError("the usage ledger is restarting; retry in a few seconds") from None
+            raise self._unavailable() from None
+
+    def _call(self, method, *args) -> concurrent.futures.Future:
+        return self._calls.submit(lambda: ray.get(method.remote(*args), timeout=LEDGER_TIMEOUT_S))
+
+    def _release_if_admitted(self, call: concurrent.futures.Future) -> None:
+        if not call.cancelled() and call.exception() is None and call.result().ticket is not None:
+            self.release(call.result().ticket, NEVER_DECODED)
+
+    @staticmethod
+    def _unavailable() -> EngineUnavailableError:
+        return EngineUnavailableError(f"the usage ledger did not answer within {LEDGER_TIMEOUT_S:g} s (restarting "
+                                      f"or overloaded); retry in a few seconds")

@@ -16,7 +16,9 @@ early exit, so the time taken does not tell which digest, or how much of one, ma
 
 ``UsageLimiter`` keeps each key's usage and decides admission: characters per minute (a sliding 60 s window of
 1 s buckets), characters per UTC day, and requests in flight. The characters of a request are reserved when it is
-admitted and refunded if it does not succeed, so usage counts exactly the characters of successful translations.
+admitted; they stay charged when it was translated or when decoding worked on it until its deadline (504) or until
+its client left (499), and are refunded when the service refused it before decoding (4xx, 503) or failed (5xx), so
+a key cannot spend decoding time for free with requests made to time out.
 One limiter serves all replicas of an application (service/usage_ledger.py holds it in a Ray actor).
 """
 
@@ -44,6 +46,9 @@ KEY_PREFIX = "nmt_"
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 WINDOW_S = 60  # the per-minute limit's sliding window, seconds
+# HTTP statuses whose request is charged: translated (200), or decoded until its deadline (504) or until its
+# client left (499). Every other status was refused before decoding or failed on the service's side: refunded.
+CHARGED_STATUSES = frozenset({200, 499, 504})
 
 
 class KeyFileError(ValueError):
@@ -253,10 +258,10 @@ class UsageLimiter:
         self._owner[ticket] = key_id
         return Admission(ticket=ticket)
 
-    def release(self, ticket: int, succeeded: bool) -> None:
-        """Ends an admitted request. One that did not succeed gives its characters back (to the minute window
-        while its second is still in it, to the day while it is the same day); usage then counts only successful
-        translations. Releasing an unknown or expired ticket does nothing."""
+    def release(self, ticket: int, status: int) -> None:
+        """Ends an admitted request with its HTTP ``status``. One not in CHARGED_STATUSES gives its characters back
+        (to the minute window while its second is still in it, to the day while it is the same day); a 200 counts
+        in ``requests_total``. Releasing an unknown or expired ticket does nothing."""
         key_id = self._owner.pop(ticket, None)
         if key_id is None or key_id not in self._usage:
             return
@@ -264,8 +269,9 @@ class UsageLimiter:
         lease = usage.in_flight.pop(ticket, None)
         if lease is None:
             return
-        if succeeded:
+        if status == 200:
             usage.requests_total += 1
+        if status in CHARGED_STATUSES:
             return
         _, characters, second, day = lease
         self._roll(usage, self.clock())
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
              **{f.name: getattr(args, f.name) for f in dataclasses.fields(KeyLimits)
                 if getattr(args, f.name) is not None}}
     if args.file is None:
-        print(json.dumps(entry), file=sys.stderr)
+        print(json.dumps(entry), file=sys.stderr)  # the entry to paste into a key file
     else:
         data = (yaml.safe_load(args.file.read_text()) if args.file.exists() else None) or {"keys": []}
         data["keys"].append(entry)
@@ -334,9 +340,9 @@ def main(argv: list[str] | None = None) -> None:
         staged.write_text(yaml.safe_dump(data, sort_keys=False))
         try:
             KeyStore.load(staged)  # refuses a duplicate id before the file changes
-        except KeyFileError:
+        except KeyFileError as e:
             staged.unlink()
-            raise
+            parser.error(str(e).replace(str(staged), str(args.file)))
         staged.replace(args.file)
         print(f"entry {args.id!r} added to {args.file}", file=sys.stderr)
     print(key)

@@ -41,7 +41,8 @@ from engine.translator import Translator
 from service import http_security, schemas
 from service.access import KeyAccess
 from service.errors import (NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
-                            error_response, install_handlers, response_for, validation_message)
+                            UnsupportedMediaTypeError, error_response, install_handlers, response_for,
+                            validation_message)
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("ray.serve")
@@ -172,7 +173,7 @@ def _record(**fields) -> bytes:
 
 class _Outcome:
     """One request's end: its status counted once (model metrics, key metrics) and its key's admission released
-    (characters refunded unless it succeeded)."""
+    with it (service.api_keys.CHARGED_STATUSES: which statuses keep the characters charged)."""
 
     def __init__(self, metrics: ServiceMetrics, access: KeyAccess | None) -> None:
         self.metrics, self.access = metrics, access
@@ -185,7 +186,7 @@ class _Outcome:
         if self.access is not None:
             self.access.metrics.request(self.key_id, status, self.characters)
             if self.ticket is not None:
-                self.access.release(self.ticket, status == 200)
+                self.access.release(self.ticket, status)
                 self.ticket = None
 
 
@@ -352,6 +353,18 @@ class TranslatorDeployment:
             return response_for(e)
 
     async def _read_body(self, request: Request) -> bytes:
+        """The JSON body, at most max_body_bytes.
+
+        Raises:
+            UnsupportedMediaTypeError: a Content-Type other than JSON. The three a browser may send cross-origin
+                without a CORS preflight (text/plain, form-urlencoded, multipart) are among them, so a web page
+                cannot make its visitors' browsers send requests here.
+            RequestTooLargeError: a longer body.
+        """
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body as "
+                                            f"Content-Type: application/json")
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

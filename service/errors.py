@@ -43,6 +43,10 @@ class RateLimitedError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A body that is not JSON by its Content-Type. HTTP 415."""
+
+
 class NotConfiguredError(EngineError):
     """A route whose feature this deployment does not have configured (e.g. /v1/usage without API keys). HTTP 404."""
 
@@ -51,6 +55,7 @@ class NotConfiguredError(EngineError):
 STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (InputTooLongError, 413, "input_too_long"),
     (RequestTooLargeError, 413, "request_too_large"),
+    (UnsupportedMediaTypeError, 415, "unsupported_media_type"),
     (InvalidRequestError, 422, "invalid_request"),
     (EngineUnavailableError, 503, "unavailable"),
     (OverloadedError, 503, "overloaded"),

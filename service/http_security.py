@@ -5,7 +5,9 @@ client disconnects pass through untouched, unlike Starlette's BaseHTTPMiddleware
   referrer, no caching of translations (they may be confidential), and a Content-Security-Policy that allows
   nothing (JSON needs nothing; /docs and /redoc load Swagger UI and ReDoc from their CDN, so they get none);
 - a declared request body larger than ``max_body_bytes`` is refused with 413 on every route, before any handler
-  reads it (/translate also counts the bytes of chunked bodies as they arrive);
+  reads it (/translate also counts the bytes of chunked bodies as they arrive); request headers of more than
+  ``max_header_bytes`` in all get 431 (the limit h11 and common proxies apply; Serve's proxy, on httptools, applies
+  none and holds whatever it was sent, so a reverse proxy in front should bound it there too);
 - CORS closed unless origins are configured: no Access-Control-Allow-* header is sent, so browsers block
   cross-origin reads; with ``cors_allow_origins`` set, Starlette's CORSMiddleware answers for those origins only.
 """
@@ -36,6 +38,7 @@ class HttpSettings:
     empty: CORS closed)."""
 
     max_body_bytes: int = 1_000_000
+    max_header_bytes: int = 16 * 1024
     cors_allow_origins: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -84,12 +87,22 @@ class SecurityMiddleware:
                 message["headers"] = list(message.get("headers", [])) + headers
             await send(message)
 
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+        if header_bytes > settings.max_header_bytes:
+            await self._refuse(send_with_headers, 431, "request_header_fields_too_large",
+                               f"request headers of {header_bytes} bytes > limit {settings.max_header_bytes} bytes")
+            return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > settings.max_body_bytes:
-            body = json.dumps({"error": {"type": "request_too_large", "message": f"body of {int(declared)} "
-                                         f"bytes > limit {settings.max_body_bytes} bytes"}}).encode()
-            await send_with_headers({"type": "http.response.start", "status": 413, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await self._refuse(send_with_headers, 413, "request_too_large",
+                               f"body of {int(declared)} bytes > limit {settings.max_body_bytes} bytes")
             return
         await self._with_cors(settings.cors_allow_origins)(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, type_: str, message: str) -> None:
+        """The service's error body (service/errors.py's shape), sent without reading the request."""
+        body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

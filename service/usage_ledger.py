@@ -5,6 +5,11 @@ autoscaling).
 The actor is detached and found by name: it survives the replica that created it, and a replica restarted by Serve
 finds the same counts. It needs no CPU (a few microseconds per call). If it dies, Ray restarts it with empty counts
 (max_restarts=-1): a restart forgets the current minute's and day's usage, which the README states.
+
+Its methods are ``async`` so that Ray runs it as an async actor, which executes calls out of order: an ordered
+actor whose caller's call was cancelled before it ran waits for the missing sequence number, and every key's
+requests hung with it for two minutes (seen in a break-it run). Each method runs to completion without awaiting, so
+the limiter still sees one call at a time.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ class UsageLedger:
     def __init__(self, limits: dict[str, KeyLimits]) -> None:
         self.limiter = UsageLimiter(limits)
 
-    def set_limits(self, limits: dict[str, KeyLimits]) -> None:
+    async def set_limits(self, limits: dict[str, KeyLimits]) -> None:
         self.limiter.set_limits(limits)
 
-    def acquire(self, key_id: str, characters: int, lease_s: float) -> Admission:
+    async def acquire(self, key_id: str, characters: int, lease_s: float) -> Admission:
         return self.limiter.acquire(key_id, characters, lease_s)
 
-    def release(self, ticket: int, succeeded: bool) -> None:
-        self.limiter.release(ticket, succeeded)
+    async def release(self, ticket: int, status: int) -> None:
+        self.limiter.release(ticket, status)
 
-    def usage(self, key_id: str) -> dict:
+    async def usage(self, key_id: str) -> dict:
         return self.limiter.usage(key_id)
 
 

@@ -82,7 +82,7 @@ def test_the_cli_appends_an_entry_prints_the_key_once_and_refuses_a_duplicate_id
     store = KeyStore.load(path)
     assert store.identify(key) == "alice" and store.limits["alice"].characters_per_minute == 500
     again = subprocess.run(run + ["--id", "alice"], capture_output=True, text=True)
-    assert again.returncode != 0 and "duplicate id alice" in again.stderr
+    assert again.returncode == 2 and "duplicate id alice" in again.stderr and "Traceback" not in again.stderr
     assert KeyStore.load(path).identify(key) == "alice"  # the file is unchanged
 
 
@@ -90,10 +90,10 @@ def test_characters_per_minute_is_a_sliding_window_with_an_exact_retry_after():
     clock = Clock(1_000_000.0)
     limiter = UsageLimiter({"k": KeyLimits(characters_per_minute=100)}, clock)
     first = limiter.acquire("k", 60, lease_s=30)
-    limiter.release(first.ticket, succeeded=True)
+    limiter.release(first.ticket, status=200)
     clock.now += 20
     second = limiter.acquire("k", 40, lease_s=30)
-    limiter.release(second.ticket, succeeded=True)
+    limiter.release(second.ticket, status=200)
     refused = limiter.acquire("k", 30, lease_s=30)
     # The first 60 characters leave the window 60 s after they came: 40 s from now.
     assert refused.ticket is None and refused.limit == "characters_per_minute" and refused.retry_after_s == 40
@@ -107,7 +107,7 @@ def test_characters_per_minute_is_a_sliding_window_with_an_exact_retry_after():
 def test_characters_per_day_resets_at_utc_midnight():
     clock = Clock(NEAR_MIDNIGHT)
     limiter = UsageLimiter({"k": KeyLimits(characters_per_day=50)}, clock)
-    limiter.release(limiter.acquire("k", 50, lease_s=30).ticket, succeeded=True)
+    limiter.release(limiter.acquire("k", 50, lease_s=30).ticket, status=200)
     refused = limiter.acquire("k", 1, lease_s=30)
     assert refused.limit == "characters_per_day" and refused.retry_after_s == 60
     clock.now += 60
@@ -128,12 +128,12 @@ def test_concurrency_slots_are_held_until_release_or_lease_end():
     a, b = limiter.acquire("k", 1, lease_s=30), limiter.acquire("k", 1, lease_s=30)
     refused = limiter.acquire("k", 1, lease_s=30)
     assert refused.limit == "max_concurrent_requests" and refused.retry_after_s == 1
-    limiter.release(a.ticket, succeeded=True)
+    limiter.release(a.ticket, status=200)
     c = limiter.acquire("k", 1, lease_s=30)
     assert c.ticket is not None and limiter.usage("k")["concurrent_requests"] == 2
     clock.now += 30  # b's and c's replica died: their leases end
     assert limiter.usage("k")["concurrent_requests"] == 0
-    limiter.release(b.ticket, succeeded=True)  # a late release of an ended lease does nothing
+    limiter.release(b.ticket, status=200)  # a late release of an ended lease does nothing
     assert limiter.usage("k")["requests_total"] == 1
 
 
@@ -144,7 +144,7 @@ def test_failed_requests_give_their_characters_back_and_keys_are_independent():
     failed = limiter.acquire("a", 100, lease_s=30)
     assert limiter.acquire("a", 1, lease_s=30).ticket is None
     assert limiter.acquire("b", 100, lease_s=30).ticket is not None  # another key, the same second
-    limiter.release(failed.ticket, succeeded=False)
+    limiter.release(failed.ticket, status=503)
     usage = limiter.usage("a")
     assert (usage["characters_last_minute"], usage["characters_today"], usage["characters_total"],
             usage["requests_total"], usage["refused_requests_total"]) == (0, 0, 0, 0, 1)
@@ -153,9 +153,20 @@ def test_failed_requests_give_their_characters_back_and_keys_are_independent():
 
 def test_new_limits_keep_the_usage_of_remaining_keys():
     limiter = UsageLimiter({"a": KeyLimits()}, Clock(0.0))
-    limiter.release(limiter.acquire("a", 7, lease_s=30).ticket, succeeded=True)
+    limiter.release(limiter.acquire("a", 7, lease_s=30).ticket, status=200)
     limiter.set_limits({"a": KeyLimits(characters_per_minute=7), "b": KeyLimits()})
     assert limiter.usage("a")["characters_total"] == 7 and limiter.acquire("a", 1, lease_s=30).ticket is None
     assert limiter.usage("b")["characters_total"] == 0
     with pytest.raises(KeyError):
         limiter.acquire("nobody", 1, lease_s=30)
+
+
+@pytest.mark.parametrize("status, charged", [(200, True), (504, True), (499, True), (413, False), (422, False),
+                                             (503, False), (500, False)])
+def test_decoded_requests_are_charged_and_refused_ones_refunded(status, charged):
+    limiter = UsageLimiter({"k": KeyLimits(characters_per_minute=100)}, Clock(20_000.0))
+    limiter.release(limiter.acquire("k", 80, lease_s=30).ticket, status=status)
+    usage = limiter.usage("k")
+    assert usage["characters_total"] == (80 if charged else 0)
+    assert usage["requests_total"] == (1 if status == 200 else 0) and usage["concurrent_requests"] == 0
+    assert (limiter.acquire("k", 80, lease_s=30).ticket is None) == charged

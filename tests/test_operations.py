@@ -117,10 +117,15 @@ def test_hostile_hand_written_inputs(ops):
         assert requests.get(ops["url"] + "/translate", timeout=10).status_code == 405
         assert requests.post(ops["url"] + "/nope", timeout=10).status_code == 404
         r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10,
-                          headers={"Content-Type": "text/plain", "X-Request-ID": "abc-123"})
+                          headers={"Content-Type": "application/json; charset=utf-8", "X-Request-ID": "abc-123"})
         assert r.status_code == 200 and r.headers["X-Request-ID"] == "abc-123"
-        r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10)
+        r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10)  # no Content-Type: JSON
         assert r.status_code == 200 and r.headers["X-Request-ID"]  # Serve assigns one when the client sends none
+        # The bodies a browser may send cross-origin without a CORS preflight are refused.
+        for media_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10,
+                              headers={"Content-Type": media_type})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
     assert replica_pid(ops["url"]) == pid, "the replica restarted"
     print(f"\nHOSTILE hand-written cases: {len(HAND_WRITTEN) + 4}")
 
@@ -343,6 +348,29 @@ def test_a_body_over_the_limit_is_refused_on_every_route(ops):
         assert r.status_code == 413, (method, path, r.status_code)
         assert r.json()["error"]["type"] == "request_too_large" and "1000000" in r.json()["error"]["message"]
     assert post(ops["url"], GOOD).status_code == 200
+    # Headers: 16 KiB in all, on every route (Serve's proxy forwards whatever it was sent).
+    for path in ("/translate", "/health"):
+        r = requests.post(ops["url"] + path, data=json.dumps(GOOD), headers={"X-Junk": "a" * 20_000}, timeout=30)
+        assert r.status_code == 431 and r.json()["error"]["type"] == "request_header_fields_too_large", r.text
+    assert post(ops["url"], GOOD, headers={"X-Junk": "a" * 10_000}).status_code == 200
+
+
+def test_a_client_that_leaves_while_its_key_is_admitted_leaves_no_slot_behind(ops):
+    import socket
+
+    url, carol = ops["url"] + "/secure", ops["keys"]["carol"]  # carol: one request at a time
+    body = json.dumps({"text": " ".join([SENTENCES[1]] * 20), "beam_size": 16}).encode()
+    host, port = ops["url"].removeprefix("http://").split(":")
+    for delay_s in (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /secure/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Authorization: Bearer {carol}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(delay_s)
+        deadline = time.monotonic() + 20
+        while usage(ops, carol)["concurrent_requests"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert usage(ops, carol)["concurrent_requests"] == 0, f"a slot was left behind (left after {delay_s} s)"
+    assert post(url, GOOD, headers=bearer(carol)).status_code == 200
 
 
 def test_cors_is_closed_by_default_and_open_only_to_configured_origins(ops):
