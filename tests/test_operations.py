@@ -373,6 +373,48 @@ def test_a_client_that_leaves_while_its_key_is_admitted_leaves_no_slot_behind(op
     assert post(url, GOOD, headers=bearer(carol)).status_code == 200
 
 
+def test_a_cancelled_admission_releases_the_slot_the_ledger_granted(ops):
+    """The request task is cancelled (its client left) while the ledger grants its slot: the grant is released.
+    Deterministic, with a ledger that answers after 1 s; the former code (awaiting the actor call in the request's
+    task) held the slot until its lease ended."""
+    import asyncio
+
+    import ray
+
+    from service.access import KeyAccess
+    from service.api_keys import KeyLimits, UsageLimiter
+
+    @ray.remote(num_cpus=0)
+    class SlowLedger:
+        def __init__(self):
+            self.limiter = UsageLimiter({"carol": KeyLimits(max_concurrent_requests=1)})
+
+        async def acquire(self, key_id, characters, lease_s):
+            await asyncio.sleep(1.0)
+            return self.limiter.acquire(key_id, characters, lease_s)
+
+        async def release(self, ticket, status):
+            self.limiter.release(ticket, status)
+
+        async def usage(self, key_id):
+            return self.limiter.usage(key_id)
+
+    access = KeyAccess(ops["tmp"] / "keys.yaml", "access-test")
+    access.ledger = SlowLedger.remote()
+
+    async def leave_while_admitted():
+        task = asyncio.ensure_future(access.admit("carol", 10, lease_s=600))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(2.0)  # the grant arrives at 1 s and is released
+        return await access.usage("carol")
+
+    usage_after = asyncio.run(leave_while_admitted())
+    assert usage_after["concurrent_requests"] == 0 and usage_after["characters_total"] == 0, usage_after
+
+
 def test_cors_is_closed_by_default_and_open_only_to_configured_origins(ops):
     preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "content-type,authorization"}
