@@ -156,3 +156,29 @@ def test_listening_addresses_dashboard_on_loopback_and_every_port_listed(head):
     assert head["port"] in by_port  # the GCS: every interface on Ray 2.60 (no option binds it), token-checked above
     wildcard = {port for port, addresses in by_port.items() if addresses & {"0.0.0.0", "*"}}
     assert head["dashboard_port"] not in wildcard
+
+
+def test_the_images_entrypoint_makes_a_token_when_none_is_given_and_ray_needs_it(tmp_path):
+    """deploy/ray_token_entrypoint.sh with the images' RAY_AUTH_MODE=token and no token (a lone container): it
+    makes one in ~/.ray/auth_token (0600) and the Ray it starts refuses a driver without it."""
+    home, temp_dir, port = tmp_path / "home", tempfile.mkdtemp(prefix="ray-entrypoint-"), free_port()
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    entrypoint = Path(__file__).resolve().parents[1] / "deploy" / "ray_token_entrypoint.sh"
+    try:
+        result = subprocess.run([str(entrypoint), "ray", "start", "--head", f"--port={port}", "--num-cpus=1",
+                                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                                 f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        token_file = home / ".ray" / "auth_token"
+        assert "this container's token is in" in result.stderr
+        assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text().strip()) >= 32
+        head = {"home": tmp_path / "nohome"}
+        head["home"].mkdir()
+        results = run_clients(DRIVER, f"127.0.0.1:{port}", {
+            "none": client_env(head, None), "right": client_env(head, token_file.read_text().strip())})
+        assert results["none"].startswith("RESULT refused") and results["right"] == "RESULT connected 42", results
+    finally:
+        stop_cluster(temp_dir, port)
