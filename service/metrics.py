@@ -44,8 +44,8 @@ class ServiceMetrics:
         self.pending = metrics.Gauge("nmt_pending_sentences", "sentences of open requests, queued or decoding, in this "
                                      "replica",
                                      tag_keys=tags)
-        self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx; 503 when the replica queue is full)",
-                                        tag_keys=tags)
+        self.rejected = metrics.Counter("nmt_rejected_requests_total", "requests refused before queueing (4xx; 503 "
+                                        "when the replica queue is full)", tag_keys=tags)
         self.timeouts = metrics.Counter("nmt_timed_out_requests_total", "requests past request_timeout_s (504)",
                                         tag_keys=tags)
         self.cancelled = metrics.Counter("nmt_cancelled_sentences_total", "sentences dropped because their client "
@@ -53,8 +53,8 @@ class ServiceMetrics:
         self.model_load_seconds = metrics.Gauge("nmt_model_load_seconds", "artifact load time, s", tag_keys=tags)
         self.warmup_seconds = metrics.Gauge("nmt_warmup_seconds", "warm-up time before ready, s", tag_keys=tags)
         for m in (self.pending, self.rejected, self.timeouts, self.cancelled, self.sentences, self.source_tokens,
-                  self.generated_tokens, self.decode_steps, self.decoder_rows, self.step_rows, self.step_sentences, self.joined,
-                  self.left, self.live_rows, self.waiting, self.queue_seconds, self.compute_seconds,
+                  self.generated_tokens, self.decode_steps, self.decoder_rows, self.step_rows, self.step_sentences,
+                  self.joined, self.left, self.live_rows, self.waiting, self.queue_seconds, self.compute_seconds,
                   self.model_load_seconds, self.warmup_seconds):
             m.set_default_tags({"model": model_id})
         self.model_id = model_id

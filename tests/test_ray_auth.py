@@ -169,7 +169,8 @@ def test_the_images_entrypoint_makes_a_token_when_none_is_given_and_ray_needs_it
     try:
         result = subprocess.run([str(entrypoint), "ray", "start", "--head", f"--port={port}", "--num-cpus=1",
                                  "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                                 f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+                                 f"--metrics-export-port={free_port()}",
+                                 f"--dashboard-agent-listen-port={free_port()}"],
                                 env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         token_file = home / ".ray" / "auth_token"
