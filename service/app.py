@@ -25,6 +25,7 @@ from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import ray
 from ray import serve
@@ -325,6 +326,9 @@ class TranslatorDeployment:
             response = await self._translate(req, outcome.finish)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
+        except ClientDisconnect:  # the client left while its body was being read
+            response = error_response(499, "client_closed_request", "the client closed the connection before its "
+                                                                    "body arrived")
         except (asyncio.CancelledError, TaskCancelledError):
             log.info("request cancelled (client gone or proxy timeout)")
             outcome.finish(499)
@@ -356,14 +360,15 @@ class TranslatorDeployment:
         """The JSON body, at most max_body_bytes.
 
         Raises:
-            UnsupportedMediaTypeError: a Content-Type other than JSON. The three a browser may send cross-origin
-                without a CORS preflight (text/plain, form-urlencoded, multipart) are among them, so a web page
-                cannot make its visitors' browsers send requests here.
+            UnsupportedMediaTypeError: a Content-Type other than JSON, or none. Those a browser may send
+                cross-origin without a CORS preflight (text/plain, form-urlencoded, multipart, none) are among
+                them, so a web page cannot make its visitors' browsers send requests here.
             RequestTooLargeError: a longer body.
         """
-        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
-            raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body as "
+            # A missing type is refused too: a browser's no-cors fetch of an untyped body sends none.
+            raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body with "
                                             f"Content-Type: application/json")
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")

@@ -102,7 +102,7 @@ class SecurityMiddleware:
     @staticmethod
     async def _refuse(send: Send, status: int, type_: str, message: str) -> None:
         """The service's error body (service/errors.py's shape), sent without reading the request."""
-        body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+        body = json.dumps({"error": {"type": type_, "message": message}}, separators=(",", ":")).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -119,13 +119,13 @@ def test_hostile_hand_written_inputs(ops):
         r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10,
                           headers={"Content-Type": "application/json; charset=utf-8", "X-Request-ID": "abc-123"})
         assert r.status_code == 200 and r.headers["X-Request-ID"] == "abc-123"
-        r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10)  # no Content-Type: JSON
+        r = requests.post(ops["url"] + "/translate", json=GOOD, timeout=10)
         assert r.status_code == 200 and r.headers["X-Request-ID"]  # Serve assigns one when the client sends none
-        # The bodies a browser may send cross-origin without a CORS preflight are refused.
-        for media_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
-            r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD), timeout=10,
-                              headers={"Content-Type": media_type})
-            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+        # The bodies a browser may send cross-origin without a CORS preflight are refused, untyped ones too.
+        for media_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            r = requests.post(ops["url"] + "/translate", data=json.dumps(GOOD).encode(), timeout=10,
+                              headers={"Content-Type": media_type} if media_type else {})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], (media_type, r.text)
     assert replica_pid(ops["url"]) == pid, "the replica restarted"
     print(f"\nHOSTILE hand-written cases: {len(HAND_WRITTEN) + 4}")
 
@@ -371,6 +371,29 @@ def test_a_client_that_leaves_while_its_key_is_admitted_leaves_no_slot_behind(op
             time.sleep(0.1)
         assert usage(ops, carol)["concurrent_requests"] == 0, f"a slot was left behind (left after {delay_s} s)"
     assert post(url, GOOD, headers=bearer(carol)).status_code == 200
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(ops):
+    import socket
+
+    import ray
+    from pathlib import Path
+
+    def server_errors_logged() -> int:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        return sum(p.read_text(errors="replace").count("translate status 500")
+                   for p in (session / "logs" / "serve").glob("replica_*.log"))
+
+    host, port = ops["url"].removeprefix("http://").split(":")
+    before, errors_before = replica_pid(ops["url"]), server_errors_logged()
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 50\r\n\r\n{\"text\": \"")
+            time.sleep(0.5)
+    time.sleep(3)  # the replica's log lines are written by then
+    assert server_errors_logged() == errors_before
+    assert replica_pid(ops["url"]) == before
 
 
 def test_a_cancelled_admission_releases_the_slot_the_ledger_granted(ops):
