@@ -311,6 +311,7 @@ class TranslatorDeployment:
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
         texts: list[str] = []
+        characters = 0
         outcome = _Outcome(self.default.metrics, self.access)  # the default model's metrics until one is named
         try:
             if self.access is not None:
@@ -318,10 +319,11 @@ class TranslatorDeployment:
             body = await self._read_body(request)
             req = schemas.TranslateRequest.model_validate_json(body)
             texts = req.texts()
+            characters = sum(len(t) for t in texts)
             outcome.metrics = self._model(req.model).metrics
             if self.access is not None:
-                outcome.characters = sum(len(t) for t in texts)
-                outcome.ticket = await self.access.admit(outcome.key_id, outcome.characters,
+                outcome.characters = characters
+                outcome.ticket = await self.access.admit(outcome.key_id, characters,
                                                          self.args.request_timeout_s + 30)
             response = await self._translate(req, outcome.finish)
         except ValidationError as e:
@@ -339,7 +341,7 @@ class TranslatorDeployment:
             outcome.finish(response.status_code)
         # The key's id, never the key.
         log.info("translate status %d texts %d chars %d latency_ms %.1f key %s", response.status_code, len(texts),
-                 sum(len(t) for t in texts), 1000 * (time.perf_counter() - started), outcome.key_id or "-")
+                 characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
             log.debug("translate texts %r", texts)
         return response
@@ -363,7 +365,8 @@ class TranslatorDeployment:
             UnsupportedMediaTypeError: a Content-Type other than JSON, or none. Those a browser may send
                 cross-origin without a CORS preflight (text/plain, form-urlencoded, multipart, none) are among
                 them, so a web page cannot make its visitors' browsers send requests here.
-            RequestTooLargeError: a longer body.
+            RequestTooLargeError: a chunked body that grows past the limit (a declared Content-Length over it is
+                refused by service/http_security.py on every route, before this runs).
         """
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
@@ -371,9 +374,6 @@ class TranslatorDeployment:
             raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body with "
                                             f"Content-Type: application/json")
         limit = self.args.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLargeError(f"body of {declared} bytes > limit {limit} bytes")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk

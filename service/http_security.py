@@ -15,10 +15,11 @@ client disconnects pass through untouched, unlike Starlette's BaseHTTPMiddleware
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -89,20 +90,14 @@ class SecurityMiddleware:
 
         header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
         if header_bytes > settings.max_header_bytes:
-            await self._refuse(send_with_headers, 431, "request_header_fields_too_large",
-                               f"request headers of {header_bytes} bytes > limit {settings.max_header_bytes} bytes")
+            refusal = error_response(431, "request_header_fields_too_large", f"request headers of {header_bytes} "
+                                     f"bytes > limit {settings.max_header_bytes} bytes")
+            await refusal(scope, receive, send_with_headers)  # sent without reading the request
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > settings.max_body_bytes:
-            await self._refuse(send_with_headers, 413, "request_too_large",
-                               f"body of {int(declared)} bytes > limit {settings.max_body_bytes} bytes")
+            refusal = error_response(413, "request_too_large", f"body of {int(declared)} bytes > limit "
+                                     f"{settings.max_body_bytes} bytes")
+            await refusal(scope, receive, send_with_headers)
             return
         await self._with_cors(settings.cors_allow_origins)(scope, receive, send_with_headers)
-
-    @staticmethod
-    async def _refuse(send: Send, status: int, type_: str, message: str) -> None:
-        """The service's error body (service/errors.py's shape), sent without reading the request."""
-        body = json.dumps({"error": {"type": type_, "message": message}}, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})

@@ -32,7 +32,9 @@ def test_the_file_holds_digests_and_the_store_finds_each_key_and_no_other(tmp_pa
     assert a != b and a.startswith("nmt_") and len(a) >= 40
     path = write_keys(tmp_path / "keys.yaml", [{"id": "alice", "sha256": digest(a).hex(), "characters_per_day": 10},
                                                {"id": "bob", "sha256": digest(b).hex()}])
-    assert a not in path.read_text() and b not in path.read_text()
+    # The common mistake, the key itself pasted where its digest goes, is refused rather than matched.
+    with pytest.raises(KeyFileError, match="sha256 must be 64 hex"):
+        KeyStore.load(write_keys(tmp_path / "plain.yaml", [{"id": "alice", "sha256": a}]))
     store = KeyStore.load(path)
     assert store.identify(a) == "alice" and store.identify(b) == "bob"
     for wrong in (None, "", a[:-1], a + "x", a.upper(), "nmt_" + "A" * 43, digest(a).hex()):
