@@ -14,6 +14,12 @@ decoder_step.onnx
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
     mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
+explain.onnx (optional: serving never runs it; engine/explain.py does, when a client asks)
+    src_ids, src_mask as above; tgt_in int64 [batch, tgt_len] (bos, then the target tokens)
+    -> encoder_self_attention float32 [batch, n_encoder_layers, n_heads, src_len, src_len],
+    decoder_self_attention [batch, n_decoder_layers, n_heads, tgt_len, tgt_len],
+    cross_attention [batch, n_decoder_layers, n_heads, tgt_len, src_len]: every layer's and head's weights
+    (nmt.model.Transformer.attention_maps), kept out of the serving graphs so that they cost serving nothing.
 
 Format 3 added positions and past_mask: rows that joined a running batch at different steps (continuous batching,
 engine/core.py) share one cache padded per row, each row with its own position and its own cached positions.
@@ -25,6 +31,9 @@ MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_STEP_FILE = "decoder_step.onnx"
 CONFIG_FILE = "config.json"
+EXPLAIN_FILE = "explain.onnx"
+EXPLAIN_INPUTS = ("src_ids", "src_mask", "tgt_in")
+EXPLAIN_OUTPUTS = ("encoder_self_attention", "decoder_self_attention", "cross_attention")
 
 ENCODER_INPUTS = ("src_ids", "src_mask")
 DECODER_STEP_INPUTS = ("tokens", "positions", "past_mask", "src_mask")
@@ -63,6 +72,8 @@ def dynamic_axes(name: str) -> dict[int, str]:
     """Named dynamic axes of an input; axes not named are fixed by the model config."""
     if name in ("src_ids", "src_mask"):
         return {0: "batch", 1: "src_len"}
+    if name == "tgt_in":
+        return {0: "batch", 1: "tgt_len"}
     if name in ("tokens", "positions"):
         return {0: "batch"}
     if name == "past_mask":

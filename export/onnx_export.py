@@ -3,7 +3,7 @@
     python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de
 
 The checkpoint folder holds model.safetensors, config.json and spm.model (what nmt.train writes). The artifact
-folder gets encoder.onnx, decoder_step.onnx (contract in engine/contract.py), spm.model, config.json and
+folder gets encoder.onnx, decoder_step.onnx, explain.onnx (contract in engine/contract.py), spm.model, config.json and
 manifest.json with the opset, graph I/O names, file hashes and the parity figures measured here. Export fails
 (ParityError, exit code 1) when ONNX Runtime and PyTorch disagree beyond ``--atol`` or on any greedy/beam output.
 """
@@ -74,6 +74,17 @@ class _DecoderStepGraph(torch.nn.Module):
         return (log_probs, attention, *new_k, *new_v)
 
 
+class _ExplainGraph(torch.nn.Module):
+    """src_ids, src_mask, tgt_in -> every layer's and head's attention weights (contract.EXPLAIN_OUTPUTS)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids, src_mask, tgt_in):
+        return self.model.attention_maps(src_ids, src_mask, tgt_in)
+
+
 def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: int) -> None:
     """torch.export-based ONNX export with every axis in contract.dynamic_axes kept dynamic.
 
@@ -113,8 +124,11 @@ def sample_inputs(model: Transformer, batch: int = 3, src_len: int = 7, past_len
 
 
 def export_graphs(model: Transformer, out: Path) -> None:
-    """Writes encoder.onnx and decoder_step.onnx into ``out``."""
+    """Writes encoder.onnx, decoder_step.onnx and explain.onnx into ``out``."""
     enc_args, step_args = sample_inputs(model)
+    tgt_in = torch.randint(4, model.cfg.vocab_size, (enc_args[0].shape[0], 5))
+    _export(_ExplainGraph(model).eval(), (*enc_args, tgt_in), contract.EXPLAIN_INPUTS, contract.EXPLAIN_OUTPUTS,
+            out / contract.EXPLAIN_FILE, n_named_args=3)
     n = model.cfg.n_decoder_layers
     _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.encoder_outputs(n),
             out / contract.ENCODER_FILE, n_named_args=2)
@@ -151,7 +165,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
             graphs={contract.ENCODER_FILE: dict(inputs=contract.ENCODER_INPUTS,
                                                 outputs=contract.encoder_outputs(model.cfg.n_decoder_layers)),
                     contract.DECODER_STEP_FILE: dict(inputs=contract.decoder_inputs(model.cfg.n_decoder_layers),
-                                                     outputs=contract.decoder_outputs(model.cfg.n_decoder_layers))},
+                                                     outputs=contract.decoder_outputs(model.cfg.n_decoder_layers)),
+                    contract.EXPLAIN_FILE: dict(inputs=contract.EXPLAIN_INPUTS, outputs=contract.EXPLAIN_OUTPUTS)},
             files={f.name: sha256(f) for f in sorted(tmp.iterdir())},
             parity=dict(parity, atol=atol))
         (tmp / contract.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

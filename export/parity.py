@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.explain import Explainer
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
@@ -59,8 +60,10 @@ def measure_parity(model: Transformer, artifact_dir: Path, sentences: list[str],
     lengths while PyTorch decodes them one at a time, so this also checks batch invariance. Two n-best lists that
     differ only where hypotheses' ranking scores agree within TIE_TOLERANCE (a float tie, whose order float32
     noise decides) count as ``beam_float_ties``, not mismatches.
+    The explain graph's weights (every layer and head) are compared with ``Transformer.attention_maps`` over each
+    sentence and its greedy output.
     Returns a dict of figures: sentences, max_abs_log_prob_diff, max_abs_score_diff, greedy_mismatches,
-    beam_mismatches, beam_float_ties, beam_size.
+    beam_mismatches, beam_float_ties, beam_size, explain_max_abs_diff.
     """
     translator = Translator(artifact_dir, EngineConfig(device="cpu"))
     src = [translator.tokenize(s) for s in sentences]
@@ -69,7 +72,8 @@ def measure_parity(model: Transformer, artifact_dir: Path, sentences: list[str],
     ort_greedy = translator.translate_ids(src, greedy_opts)
     ort_beam = translator.translate_ids(src, beam_opts)
     figures = dict(sentences=len(src), beam_size=beam_size, max_abs_log_prob_diff=0.0, max_abs_score_diff=0.0,
-                   greedy_mismatches=0, beam_mismatches=0, beam_float_ties=0)
+                   greedy_mismatches=0, beam_mismatches=0, beam_float_ties=0, explain_max_abs_diff=0.0)
+    explainer = Explainer(artifact_dir, translator.bos_id)
     for ids, g, b in zip(src, ort_greedy, ort_beam):
         limit = greedy_opts.length_limit(len(ids), translator.max_positions)
         ref_g = search.greedy_search(model, ids, limit)
@@ -83,4 +87,17 @@ def measure_parity(model: Transformer, artifact_dir: Path, sentences: list[str],
         scores = [(ref_g.score, g[0].score)] + [(r.score, o.score) for r, o in zip(ref_b, b)
                                                 if r.tokens == o.tokens]
         figures["max_abs_score_diff"] = max([figures["max_abs_score_diff"]] + [abs(r - o) for r, o in scores])
+        figures["explain_max_abs_diff"] = max(figures["explain_max_abs_diff"],
+                                              explain_diff(model, explainer, ids, g[0].tokens))
     return figures
+
+
+@torch.no_grad()
+def explain_diff(model: Transformer, explainer: Explainer, src_ids: list[int], tgt_ids: list[int]) -> float:
+    """Max abs difference of every attention weight, explain.onnx vs Transformer.attention_maps (PyTorch)."""
+    maps = explainer.explain(src_ids, tgt_ids)
+    src = torch.tensor([src_ids])
+    reference = model.attention_maps(src, torch.ones_like(src, dtype=torch.bool),
+                                     torch.tensor([[model.cfg.bos_id] + list(tgt_ids)]))
+    return max(float(np.abs(o - r[0].numpy()).max()) for o, r in zip((maps.encoder, maps.decoder, maps.cross),
+                                                                       reference))

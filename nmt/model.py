@@ -118,11 +118,12 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """x: [batch, src_len, d_model]; bias: [batch, 1, 1, src_len]. Returns [batch, src_len, d_model]."""
-        attended, _ = self.self_attn.attend(x, *self.self_attn.project_kv(x), bias)
+    def forward(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [batch, src_len, d_model]; bias: [batch, 1, 1, src_len]. Returns the output [batch, src_len, d_model]
+        and the self-attention weights [batch, n_heads, src_len, src_len]."""
+        attended, weights = self.self_attn.attend(x, *self.self_attn.project_kv(x), bias)
         x = self.self_attn_norm(x + self.dropout(attended))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x))), weights
 
 
 class DecoderLayer(nn.Module):
@@ -142,13 +143,13 @@ class DecoderLayer(nn.Module):
                 cross_k: Tensor, cross_v: Tensor, cross_bias: Tensor) -> tuple[Tensor, Tensor]:
         """y: [batch, q_len, d_model] queries; self_k/v: [batch, n_heads, k_len, d_head] keys/values of the
         target prefix (y's own projections included); cross_k/v: [batch, n_heads, src_len, d_head].
-        Returns the output [batch, q_len, d_model] and the cross-attention weights [batch, n_heads, q_len,
-        src_len]."""
-        attended, _ = self.self_attn.attend(y, self_k, self_v, self_bias)
+        Returns the output [batch, q_len, d_model], the self-attention weights [batch, n_heads, q_len, k_len] and
+        the cross-attention weights [batch, n_heads, q_len, src_len]."""
+        attended, self_weights = self.self_attn.attend(y, self_k, self_v, self_bias)
         y = self.self_attn_norm(y + self.dropout(attended))
         attended, cross_weights = self.cross_attn.attend(y, cross_k, cross_v, cross_bias)
         y = self.cross_attn_norm(y + self.dropout(attended))
-        return self.ffn_norm(y + self.dropout(self.ffn(y))), cross_weights
+        return self.ffn_norm(y + self.dropout(self.ffn(y))), self_weights, cross_weights
 
 
 class Transformer(nn.Module):
@@ -186,7 +187,7 @@ class Transformer(nn.Module):
         positions = torch.arange(src_ids.shape[1], device=src_ids.device)
         x, bias = self.embed_tokens(src_ids, positions), padding_bias(src_mask)
         for layer in self.encoder_layers:
-            x = layer(x, bias)
+            x, _ = layer(x, bias)
         return x
 
     def cross_kv(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -209,12 +210,38 @@ class Transformer(nn.Module):
         cross_k, cross_v = self.cross_kv(memory)
         for i, layer in enumerate(self.decoder_layers):
             k, v = layer.self_attn.project_kv(y)
-            y, _ = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+            y, _, _ = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
         return self.output_logits(y)
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Training forward: returns logits float32 [batch, tgt_len, vocab]."""
         return self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
+
+    def attention_maps(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Every layer's and head's attention weights over a whole (teacher-forced) target, for the explain view.
+
+        src_ids int64 [batch, src_len], src_mask bool [batch, src_len], tgt_in int64 [batch, tgt_len] (bos first).
+        Returns float32 encoder self-attention [batch, n_encoder_layers, n_heads, src_len, src_len], decoder
+        (masked) self-attention [batch, n_decoder_layers, n_heads, tgt_len, tgt_len] and encoder-decoder attention
+        [batch, n_decoder_layers, n_heads, tgt_len, src_len]; each row sums to 1 (paper section 3.2.3: the three
+        uses of attention).
+        """
+        positions = torch.arange(src_ids.shape[1], device=src_ids.device)
+        x, src_bias = self.embed_tokens(src_ids, positions), padding_bias(src_mask)
+        encoder = []
+        for layer in self.encoder_layers:
+            x, weights = layer(x, src_bias)
+            encoder.append(weights)
+        y = self.embed_tokens(tgt_in, torch.arange(tgt_in.shape[1], device=tgt_in.device))
+        self_bias = causal_bias(tgt_in.shape[1], tgt_in.device)
+        cross_k, cross_v = self.cross_kv(x)
+        decoder, cross = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            k, v = layer.self_attn.project_kv(y)
+            y, self_weights, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], src_bias)
+            decoder.append(self_weights)
+            cross.append(cross_weights)
+        return torch.stack(encoder, 1), torch.stack(decoder, 1), torch.stack(cross, 1)
 
     def decode_step(self, tokens: Tensor, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
                     cross_v: list[Tensor], src_mask: Tensor, positions: Tensor | None = None,
@@ -252,7 +279,7 @@ class Transformer(nn.Module):
             k, v = torch.cat([self_k[i], k], dim=2), torch.cat([self_v[i], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            y, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
+            y, _, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
         log_probs = torch.log_softmax(self.output_logits(y[:, 0]), dim=-1)
         return log_probs, new_k, new_v, cross_weights[:, :, 0].mean(dim=1)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the project, exports the bundled model to ONNX (once, and again when this engine reads another
-# artifact format), starts a local Ray head with a fixed metrics
+# artifact format or the artifact lacks the explain graph), starts a local Ray head with a fixed metrics
 # port and runs the Serve application in the foreground (Ctrl-C stops the app; `.venv/bin/ray stop` the cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,8 @@ source scripts/ray_auth.sh
 METRICS_PORT=${METRICS_PORT:-8080}
 current_format() {
   .venv/bin/python -c 'import json, sys; from engine import contract
-try: sys.exit(json.load(open("artifacts/en-de/manifest.json"))["format_version"] != contract.FORMAT_VERSION)
+try: m = json.load(open("artifacts/en-de/manifest.json")); sys.exit(m["format_version"] != contract.FORMAT_VERSION
+                                                            or contract.EXPLAIN_FILE not in m["files"])
 except (OSError, KeyError, ValueError): sys.exit(1)'
 }
 if ! current_format; then

@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from engine.errors import EngineError, EngineUnavailableError, InputTooLongError, InvalidRequestError
+from engine.errors import (EngineError, EngineUnavailableError, InputTooLongError, InvalidRequestError,
+                           NotAvailableError)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (UnauthorizedError, 401, "unauthorized"),
     (RateLimitedError, 429, "rate_limited"),
     (NotConfiguredError, 404, "not_configured"),
+    (NotAvailableError, 404, "not_available"),
     (EngineError, 500, "engine_error"),
 ]
 
