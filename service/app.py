@@ -21,6 +21,8 @@ import math
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
@@ -34,6 +36,7 @@ from ray.exceptions import TaskCancelledError
 from engine import segmentation
 from engine.async_engine import AsyncEngine
 from engine.core import CoreStats, EngineCore, Finished
+from engine.explain import Explainer
 from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
@@ -51,6 +54,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Requests of at most this many characters are split and tokenized on the event loop (about 1 ms): through
 # asyncio.to_thread they would queue behind the splitting of bulk requests in the default executor.
 INLINE_PREPARE_CHARS = 1000
+# Source (and target) tokens /v1/explain takes: its weights grow with the square of the length (at 128 tokens,
+# about 2 MB of JSON for the bundled model).
+EXPLAIN_MAX_TOKENS = 128
 
 
 class AppArgs(BaseModel):
@@ -116,6 +122,7 @@ class BatchConfig(BaseModel):
 class _Model:
     translator: Translator
     metrics: ServiceMetrics
+    explainer: Explainer
     engine: AsyncEngine | None = None
     warmup_seconds: float = 0.0
 
@@ -216,7 +223,8 @@ class TranslatorDeployment:
                                      max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling)
         self.models: dict[str, _Model] = {}
         for model_id, folder in self.args.artifact_paths().items():
-            model = _Model(Translator(folder, engine_config), ServiceMetrics(model_id))
+            translator = Translator(folder, engine_config)
+            model = _Model(translator, ServiceMetrics(model_id), Explainer(folder, translator.bos_id))
             if self.args.warmup:
                 model.warmup_seconds = model.translator.warmup()
             model.report_load_times()
@@ -307,6 +315,30 @@ class TranslatorDeployment:
                   "schema": schemas.TranslateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def translate(self, request: Request) -> JSONResponse:
         """Translates one text or a list of texts; the body is size-checked before it is parsed."""
+        def parse(body: bytes) -> tuple[schemas.TranslateRequest, list[str], str | None]:
+            req = schemas.TranslateRequest.model_validate_json(body)
+            return req, req.texts(), req.model
+
+        return await self._handle(request, "translate", parse, self._translate)
+
+    @api.post("/v1/explain", response_model=schemas.ExplainResponse,
+              responses={404: {"model": schemas.ErrorResponse}, 413: {"model": schemas.ErrorResponse},
+                         422: {"model": schemas.ErrorResponse}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": schemas.ExplainRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def explain(self, request: Request) -> JSONResponse:
+        """Every layer's and head's attention (encoder self-attention, masked decoder self-attention,
+        encoder-decoder attention) for one sentence and its translation (or a given target): the web page's
+        attention view. Serving graphs do not compute it; the artifact's explain graph does, on request."""
+        def parse(body: bytes) -> tuple[schemas.ExplainRequest, list[str], str | None]:
+            req = schemas.ExplainRequest.model_validate_json(body)
+            return req, [req.text], req.model
+
+        return await self._handle(request, "explain", parse, self._explain)
+
+    async def _handle(self, request: Request, route: str, parse, run) -> JSONResponse | StreamingResponse:
+        """One request's edge: key, body, validation, the key's admission, ``run(parsed, finish)``, errors mapped to
+        their status, the outcome counted once and a log line. ``parse(body)`` returns (request, texts, model id)."""
         # Serve gives every request an id (the client's X-Request-ID or a fresh one), returns it in the response
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
@@ -317,22 +349,21 @@ class TranslatorDeployment:
             if self.access is not None:
                 outcome.key_id = self.access.identify(request.headers)
             body = await self._read_body(request)
-            req = schemas.TranslateRequest.model_validate_json(body)
-            texts = req.texts()
+            req, texts, model_id = parse(body)
             characters = sum(len(t) for t in texts)
-            outcome.metrics = self._model(req.model).metrics
+            outcome.metrics = self._model(model_id).metrics
             if self.access is not None:
                 outcome.characters = characters
                 outcome.ticket = await self.access.admit(outcome.key_id, characters,
                                                          self.args.request_timeout_s + 30)
-            response = await self._translate(req, outcome.finish)
+            response = await run(req, outcome.finish)
         except ValidationError as e:
             response = error_response(422, "validation_error", validation_message(e.errors()))
         except ClientDisconnect:  # the client left while its body was being read
             response = error_response(499, "client_closed_request", "the client closed the connection before its "
                                                                     "body arrived")
         except (asyncio.CancelledError, TaskCancelledError):
-            log.info("request cancelled (client gone or proxy timeout)")
+            log.info("%s request cancelled (client gone or proxy timeout)", route)
             outcome.finish(499)
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
@@ -340,11 +371,47 @@ class TranslatorDeployment:
         if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
             outcome.finish(response.status_code)
         # The key's id, never the key.
-        log.info("translate status %d texts %d chars %d latency_ms %.1f key %s", response.status_code, len(texts),
+        log.info("%s status %d texts %d chars %d latency_ms %.1f key %s", route, response.status_code, len(texts),
                  characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
-            log.debug("translate texts %r", texts)
+            log.debug("%s texts %r", route, texts)
         return response
+
+    async def _explain(self, req: schemas.ExplainRequest, finish: Callable[[int], None]) -> JSONResponse:
+        model = self._model(req.model)
+        translator = model.translator
+        if not model.explainer.available:
+            model.explainer.explain([translator.eos_id], [])  # raises NotAvailableError with its message
+        if len(req.text) > self.args.max_chars_per_text:
+            raise RequestTooLargeError(f"text has {len(req.text)} characters > limit {self.args.max_chars_per_text}")
+        src = translator.tokenize(req.text)
+        if not src:
+            raise InvalidRequestError("text is empty")
+        if len(src) > EXPLAIN_MAX_TOKENS:
+            raise RequestTooLargeError(f"text has {len(src)} tokens > limit {EXPLAIN_MAX_TOKENS} for explain (its "
+                                       f"weights grow with the square of the length)")
+        if req.target is not None:
+            tgt = translator.tokenizer.encode_target(req.target)
+            if len(tgt) + 1 > EXPLAIN_MAX_TOKENS:
+                raise RequestTooLargeError(f"target has {len(tgt)} tokens > limit {EXPLAIN_MAX_TOKENS - 1}")
+        else:
+            self._admit(model, [_Sentence(src)], translator.default_options)
+            futures = self._submit(model, [_Sentence(src)], translator.default_options)
+            [hyps] = await self._await_sentences(model, futures, time.monotonic() + self.args.request_timeout_s)
+            tgt = hyps[0].tokens
+        maps = await asyncio.to_thread(model.explainer.explain, src, tgt)
+        tokenizer = translator.tokenizer
+
+        def rounded(weights) -> list:
+            return np.round(weights.astype(np.float64), 5).tolist()
+
+        body = schemas.ExplainResponse(
+            model=req.model or self.args.model_id, translation=translator.detokenize(tgt),
+            source_tokens=tokenizer.source_pieces(req.text) + tokenizer.target_pieces([translator.eos_id]),
+            target_tokens=tokenizer.target_pieces(tgt), decoder_input_tokens=["<s>"] + tokenizer.target_pieces(tgt),
+            encoder_self_attention=rounded(maps.encoder), decoder_self_attention=rounded(maps.decoder),
+            cross_attention=rounded(maps.cross))
+        return JSONResponse(body.model_dump())
 
     @api.get("/v1/usage")
     async def usage(self, request: Request) -> JSONResponse:

@@ -75,6 +75,33 @@ class TranslateRequest(BaseModel):
         return [self.text] if isinstance(self.text, str) else list(self.text)
 
 
+class ExplainRequest(BaseModel):
+    """POST /v1/explain body: one sentence, and optionally the target to explain (default: its translation with the
+    model's default options)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"text": "The file could not be opened."}]})
+
+    text: str = Field(description="one sentence (at most 128 tokens)")
+    model: str | None = Field(None, description="model id; default: the deployment's model")
+    target: str | None = Field(None, description="a translation to explain instead of the model's own")
+
+
+class ExplainResponse(BaseModel):
+    """Attention weights, every row summing to 1. Decoder positions are the decoder's inputs (<s>, then the target
+    tokens): position i is where target token i was predicted (the last predicted the end of the sentence)."""
+
+    model: str
+    translation: str
+    source_tokens: list[str] = Field(description="sentencepiece pieces of the source, eos last")
+    target_tokens: list[str] = Field(description="pieces of the translation (eos excluded)")
+    decoder_input_tokens: list[str] = Field(description="<s>, then target_tokens: the decoder's positions")
+    encoder_self_attention: list = Field(description="[encoder layer][head][source][source]")
+    decoder_self_attention: list = Field(description="[decoder layer][head][decoder position][decoder position] "
+                                                     "(masked: nothing above the diagonal)")
+    cross_attention: list = Field(description="[decoder layer][head][decoder position][source]")
+
+
 class Hypothesis(BaseModel):
     text: str
     score: float = Field(description="summed natural-log probability of the tokens, eos included")

@@ -303,3 +303,43 @@ def test_source_length_bound_over_http(service, translator):
     assert len(translator.tokenizer.encode_target(text)) <= 4  # 3 tokens; re-encoding may split one more
     long = post(service, {"text": SENTENCES[3]}).json()["translations"][0]["text"]
     assert len(long) > len(text)
+
+
+def explain(service, body):
+    return requests.post(service["url"] + "/v1/explain", data=json.dumps(body),
+                         headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def test_explain_gives_every_layer_and_head_matching_the_engine(service, translator, artifact):
+    import numpy as np
+
+    from engine.explain import Explainer
+
+    text = SENTENCES[0]
+    r = explain(service, {"text": text})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (expected,) = translator.translate([text])  # the model's default options, as the route uses
+    assert body["translation"] == expected.text
+    src = translator.tokenize(text)
+    tgt = translator.translate_ids([src], translator.default_options)[0][0].tokens
+    maps = Explainer(artifact, translator.bos_id).explain(src, tgt)
+    assert len(body["source_tokens"]) == len(src) and len(body["decoder_input_tokens"]) == len(tgt) + 1
+    for name, ours in (("encoder_self_attention", maps.encoder), ("decoder_self_attention", maps.decoder),
+                       ("cross_attention", maps.cross)):
+        np.testing.assert_allclose(np.asarray(body[name]), ours, atol=1e-5)
+    # A given target is explained as given.
+    r = explain(service, {"text": text, "target": "Die Datei."})
+    assert r.status_code == 200 and r.json()["translation"] == "Die Datei."
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"text": ""}, 422, "empty"),
+    ({"text": "word " * 200}, 413, "limit 128"),
+    ({"text": SENTENCES[0], "model": "nope"}, 422, "unknown model"),
+    ({"text": ["a", "b"]}, 422, "text"),
+    ({"txt": "a"}, 422, "text"),
+])
+def test_explain_refuses_bad_input_with_a_4xx(service, body, status, fragment):
+    r = explain(service, body)
+    assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
