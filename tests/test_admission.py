@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.async_engine import AsyncEngine
+from engine.explain import Explainer
 from engine.errors import NumericalError
 from engine.options import DecodingOptions
 from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
@@ -54,7 +55,8 @@ def replica(translator, model=None, **args):
     core = translator.new_core()
     if model is not None:
         core.model = model
-    dep.default = _Model(translator, StubMetrics(), AsyncEngine(core, "test"))
+    dep.default = _Model(translator, StubMetrics(), Explainer(translator.artifact_dir, translator.bos_id),
+                         AsyncEngine(core, "test"))
     dep.models = {dep.args.model_id: dep.default}
     dep._configured = False
     dep.access = None
