@@ -34,9 +34,14 @@ def test_every_layer_and_head_matches_pytorch(torch_model, translator, artifact,
                                                torch.tensor([[cfg.bos_id] + tgt]))
     for ours, ref in zip((maps.encoder, maps.decoder, maps.cross), reference):
         np.testing.assert_allclose(ours, ref[0].numpy(), atol=1e-5, rtol=0)
-        np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
-    # Masked decoder self-attention: nothing on later positions.
+    # Masked decoder self-attention: nothing on later positions, and a longer target leaves the weights of the
+    # earlier positions as they were.
     assert np.abs(np.triu(maps.decoder, k=1)).max() == 0.0
+    longer = Explainer(artifact, translator.bos_id).explain(src, tgt + [tgt[0], tgt[-1]])
+    n = len(tgt) + 1
+    np.testing.assert_allclose(longer.decoder[:, :, :n, :n], maps.decoder, atol=1e-5)
+    np.testing.assert_allclose(longer.cross[:, :, :n], maps.cross, atol=1e-5)
+    np.testing.assert_allclose(longer.encoder, maps.encoder, atol=1e-5)
 
 
 def test_cross_attention_is_the_served_alignment(translator, artifact):
