@@ -55,12 +55,16 @@ class Explainer:
     def available(self) -> bool:
         return self.path.is_file()
 
+    def check_available(self) -> None:
+        """Raises NotAvailableError, with how to re-export, when the artifact has no explain graph."""
+        if not self.available:
+            raise NotAvailableError(f"this model's artifact has no {contract.EXPLAIN_FILE}: re-export it with "
+                                    f"`python -m export.onnx_export` to get the attention view")
+
     def _load(self) -> ort.InferenceSession:
         with self._lock:
             if self._session is None:
-                if not self.available:
-                    raise NotAvailableError(f"this model's artifact has no {contract.EXPLAIN_FILE}: re-export it "
-                                            f"with `python -m export.onnx_export` to get the attention view")
+                self.check_available()
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = self.intra_op_threads
                 options.log_severity_level = 3

@@ -380,8 +380,7 @@ class TranslatorDeployment:
     async def _explain(self, req: schemas.ExplainRequest, finish: Callable[[int], None]) -> JSONResponse:
         model = self._model(req.model)
         translator = model.translator
-        if not model.explainer.available:
-            model.explainer.explain([translator.eos_id], [])  # raises NotAvailableError with its message
+        model.explainer.check_available()  # before any decoding
         if len(req.text) > self.args.max_chars_per_text:
             raise RequestTooLargeError(f"text has {len(req.text)} characters > limit {self.args.max_chars_per_text}")
         src = translator.tokenize(req.text)
