@@ -40,16 +40,18 @@ class KeyAccess:
         self._calls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="usage-ledger")
         log.info("API keys required: %d keys from %s", len(self.keys.keys), keys_file)
 
-    def identify(self, headers: Mapping[str, str]) -> str:
-        """The id of the key the request presents (service.api_keys.presented_key).
+    def identify(self, headers: Mapping[str, str], body_key: str | None = None) -> str:
+        """The id of the key the request presents (service.api_keys.presented_key), or else of ``body_key``: the
+        ``api_key`` field of a LibreTranslate body.
 
         Raises:
             UnauthorizedError: no key, or one that matches no stored digest.
         """
-        key_id = self.keys.identify(presented_key(headers))
+        key_id = self.keys.identify(presented_key(headers) or body_key or None)
         if key_id is None:
             raise UnauthorizedError("missing or wrong API key: send it as 'Authorization: Bearer <key>', "
-                                    "'Authorization: DeepL-Auth-Key <key>' or in the X-API-Key header")
+                                    "'Authorization: DeepL-Auth-Key <key>', in the X-API-Key header or as "
+                                    "LibreTranslate's api_key field")
         return key_id
 
     async def admit(self, key_id: str, characters: int, lease_s: float) -> int:
@@ -77,7 +79,7 @@ class KeyAccess:
             raise RequestTooLargeError(f"{characters} characters > the {admission.limit} limit {value} of API key "
                                        f"{key_id!r}: split the request")
         raise RateLimitedError(f"API key {key_id!r} is at its {admission.limit} limit ({value}); retry in "
-                               f"{admission.retry_after_s} s", admission.retry_after_s)
+                               f"{admission.retry_after_s} s", admission.retry_after_s, admission.limit)
 
     def release(self, ticket: int, status: int) -> None:
         """Ends an admitted request with its HTTP status (service.api_keys.CHARGED_STATUSES says which are

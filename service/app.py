@@ -23,19 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from typing import Callable, Literal
+from typing import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 import ray
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
 from engine import segmentation
 from engine.async_engine import AsyncEngine
-from engine.core import CoreStats, EngineCore, Finished
+from engine.core import Finished
 from engine.explain import Explainer
 from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
@@ -44,78 +44,25 @@ from engine.search import Hypothesis
 from engine.translator import Translator
 from service import http_security, schemas
 from service.access import KeyAccess
+from service import compat
+from service.compat import NATIVE, Dialect
+from service.compat.languages import LanguageTable
+from service.compat.routes import CompatRoutes
+from service.config import PROJECT_ROOT, AppArgs, BatchConfig
+from service.http_app import api
+from service.page import PageRoutes
 from service.errors import (NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
-                            UnsupportedMediaTypeError, error_response, install_handlers, response_for,
+                            UnsupportedMediaTypeError, error_response, response_for,
                             validation_message)
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, StepMetrics, count_done
 
 log = logging.getLogger("ray.serve")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Requests of at most this many characters are split and tokenized on the event loop (about 1 ms): through
 # asyncio.to_thread they would queue behind the splitting of bulk requests in the default executor.
 INLINE_PREPARE_CHARS = 1000
 # Source (and target) tokens /v1/explain takes: its weights grow with the square of the length (at 128 tokens,
 # about 2 MB of JSON for the bundled model).
 EXPLAIN_MAX_TOKENS = 128
-
-
-class AppArgs(BaseModel):
-    """Application arguments (the ``args`` of the Serve config). Relative paths are relative to the project."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    artifact_dir: str = "artifacts/en-de"
-    model_id: str = Field("en-de", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the default model's id")
-    models: dict[str, str] = Field(default_factory=dict, description="more models served side by side: id -> "
-                                                                     "artifact folder")
-    device: str = "auto"
-    intra_op_threads: int = Field(0, ge=0)
-    scheduling: Literal["continuous", "static"] = Field(
-        "continuous", description="continuous: sentences join a running decode between steps; static: a batch "
-                                  "decodes to completion before the next forms (kept to measure against)")
-    max_batch_tokens: int = Field(1024, ge=1, description="padded source tokens decoding together (sentences x "
-                                                          "longest source); user_config can change it live")
-    max_batch_rows: int = Field(512, ge=1, description="decoder rows per step (sentences x beams); user_config can "
-                                                       "change it live")
-    max_texts_per_request: int = Field(64, ge=1)
-    max_chars_per_text: int = Field(2000, ge=1)
-    max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
-    max_body_bytes: int = Field(1_000_000, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
-    max_sentences_per_request: int = Field(256, ge=1, description="sentences after splitting (413 beyond): bounds "
-                                           "how long one request can hold a replica")
-    max_queued_work: int = Field(65536, ge=1, description="work queued or decoding in this replica (token-rows: "
-                                 "beam_size x (source + expected target tokens), summed over sentences; "
-                                 "engine.async_engine.AsyncEngine.work) beyond which a bulk request gets a JSON 503 "
-                                 "with Retry-After (admission control)")
-    interactive_max_sentences: int = Field(4, ge=0, description="requests of at most this many sentences are "
-                                           "interactive: admitted until twice max_queued_work, so that they still "
-                                           "get in while bulk requests wait their turn")
-    retry_after_s: int = Field(1, ge=0, description="the least Retry-After of that 503, seconds (it grows with the "
-                                                    "queued work over the engine's recent rate, up to 60 s)")
-    api_keys_file: str | None = Field(
-        default_factory=lambda: os.environ.get("NMT_API_KEYS_FILE") or None,
-        description="API keys with their limits (service/api_keys.py; default: $NMT_API_KEYS_FILE): if set, "
-                    "/translate and /v1/usage need a key (X-API-Key or Authorization: Bearer)")
-    cors_allow_origins: list[str] = Field(default_factory=list, description="origins that browsers may call the "
-                                          "API from (CORS); empty: none, ['*']: any")
-    warmup: bool = True
-
-    def artifact_paths(self) -> dict[str, Path]:
-        """Model id -> artifact folder, the default model first."""
-        folders = {self.model_id: self.artifact_dir, **self.models}
-        return {mid: Path(f) if Path(f).is_absolute() else PROJECT_ROOT / f for mid, f in folders.items()}
-
-
-class BatchConfig(BaseModel):
-    """Live engine budgets (the deployment's ``user_config``; changed at runtime through reconfigure). None keeps
-    the value of the application args."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_rows: int | None = Field(None, ge=1, le=65536, description="decoder rows per step")
-    max_batch_tokens: int | None = Field(None, ge=1, le=1 << 20, description="padded source tokens decoding "
-                                                                             "together")
 
 
 @dataclasses.dataclass
@@ -138,43 +85,6 @@ class _Sentence:
     prefix: list[int] | None = None  # forced target prefix ids
 
 
-class _StepMetrics:
-    """The engine loop's on_step callback: per-step rows and sentences, joins/leaves, and the queue and decode times
-    of the sentences that left, into the model's metrics (called on the engine's thread). Sentences and generated
-    tokens are counted per request instead (``_submit``), so that health probes do not count."""
-
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        self.metrics = metrics
-        self.last = None
-
-    def __call__(self, core: EngineCore, finished: list[Finished]) -> None:
-        m, stats = self.metrics, core.stats
-        last = self.last or CoreStats()
-        if stats.steps > last.steps:
-            m.step_rows.observe((stats.rows - last.rows) / (stats.steps - last.steps))
-            m.step_sentences.observe(core.live_sentences + len(finished))
-        m.count(m.decode_steps, stats.steps - last.steps)
-        m.count(m.decoder_rows, stats.rows - last.rows)
-        m.count(m.joined, stats.joined - last.joined)
-        m.count(m.left, stats.left - last.left)
-        for f in finished:
-            if not f.hypotheses:
-                continue
-            m.queue_seconds.observe(f.queue_seconds)
-            m.compute_seconds.observe(f.decode_seconds)
-        m.live_rows.set(core.live_rows)
-        m.waiting.set(core.waiting)
-        self.last = dataclasses.replace(stats)
-
-
-
-def _count_done(metrics: ServiceMetrics, future: asyncio.Future) -> None:
-    metrics.add_pending(-1)
-    if not future.cancelled() and future.exception() is None and future.result().hypotheses:
-        metrics.count(metrics.sentences, 1)
-        metrics.count(metrics.generated_tokens, len(future.result().hypotheses[0].tokens))
-
-
 def _record(**fields) -> bytes:
     return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
 
@@ -183,14 +93,14 @@ class _Outcome:
     """One request's end: its status counted once (model metrics, key metrics) and its key's admission released
     with it (service.api_keys.CHARGED_STATUSES: which statuses keep the characters charged)."""
 
-    def __init__(self, metrics: ServiceMetrics, access: KeyAccess | None) -> None:
-        self.metrics, self.access = metrics, access
+    def __init__(self, metrics: ServiceMetrics, access: KeyAccess | None, api: str = NATIVE.name) -> None:
+        self.metrics, self.access, self.api = metrics, access, api
         self.key_id: str | None = None
         self.ticket: int | None = None
         self.characters = 0
 
     def finish(self, status: int) -> None:
-        self.metrics.request(status)
+        self.metrics.request(status, self.api)
         if self.access is not None:
             self.access.metrics.request(self.key_id, status, self.characters)
             if self.ticket is not None:
@@ -198,15 +108,11 @@ class _Outcome:
                 self.ticket = None
 
 
-api = FastAPI(title="Translation service", version="0.1.0",
-              description="English->German Transformer on ONNX Runtime, batched by Ray Serve.")
-install_handlers(api)
-api.add_middleware(http_security.SecurityMiddleware)
 
 
 @serve.deployment(name="Translator", max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
 @serve.ingress(api)
-class TranslatorDeployment:
+class TranslatorDeployment(PageRoutes, CompatRoutes):
     """One replica: loads and warms the artifact, then serves /translate, /health and /v1/models."""
 
     def __init__(self, args: dict | None = None) -> None:
@@ -228,12 +134,17 @@ class TranslatorDeployment:
             if self.args.warmup:
                 model.warmup_seconds = model.translator.warmup()
             model.report_load_times()
-            model.engine = AsyncEngine(model.translator.new_core(), model_id, _StepMetrics(model.metrics))
+            model.engine = AsyncEngine(model.translator.new_core(), model_id, StepMetrics(model.metrics))
             log.info("model %s loaded from %s on %s, %s scheduling", model_id, folder, model.translator.provider,
                      self.args.scheduling)
             self.models[model_id] = model
         self.default = self.models[self.args.model_id]
         self._configured = False  # set by the first valid reconfigure
+        # service.compat.Backend: what the LibreTranslate and DeepL dialects see of this replica.
+        self.languages = LanguageTable.from_models([(mid, m.translator.manifest.get("languages", {}))
+                                                    for mid, m in self.models.items()])
+        self.keys_required = self.access is not None
+        self.max_chars_per_request = self.args.max_chars_per_request
 
     def _model(self, model_id: str | None) -> _Model:
         if model_id is None:
@@ -315,7 +226,7 @@ class TranslatorDeployment:
                   "schema": schemas.TranslateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def translate(self, request: Request) -> JSONResponse:
         """Translates one text or a list of texts; the body is size-checked before it is parsed."""
-        def parse(body: bytes) -> tuple[schemas.TranslateRequest, list[str], str | None]:
+        def parse(body: bytes, _: str) -> tuple[schemas.TranslateRequest, list[str], str | None]:
             req = schemas.TranslateRequest.model_validate_json(body)
             return req, req.texts(), req.model
 
@@ -330,26 +241,31 @@ class TranslatorDeployment:
         """Every layer's and head's attention (encoder self-attention, masked decoder self-attention,
         encoder-decoder attention) for one sentence and its translation (or a given target): the web page's
         attention view. Serving graphs do not compute it; the artifact's explain graph does, on request."""
-        def parse(body: bytes) -> tuple[schemas.ExplainRequest, list[str], str | None]:
+        def parse(body: bytes, _: str) -> tuple[schemas.ExplainRequest, list[str], str | None]:
             req = schemas.ExplainRequest.model_validate_json(body)
             return req, [req.text], req.model
 
         return await self._handle(request, "explain", parse, self._explain)
 
-    async def _handle(self, request: Request, route: str, parse, run) -> JSONResponse | StreamingResponse:
+    async def _handle(self, request: Request, route: str, parse, run,
+                      dialect: Dialect = NATIVE) -> JSONResponse | StreamingResponse:
         """One request's edge: key, body, validation, the key's admission, ``run(parsed, finish)``, errors mapped to
-        their status, the outcome counted once and a log line. ``parse(body)`` returns (request, texts, model id)."""
+        their status (``dialect``'s way), the outcome counted once and a log line. ``parse(body, media_type)``
+        returns (request, texts, model id); a request's ``api_key`` field (LibreTranslate's) is a key too."""
         # Serve gives every request an id (the client's X-Request-ID or a fresh one), returns it in the response
         # headers and stamps it on every "ray.serve" log record of the request, so these lines carry it.
         started = time.perf_counter()
         texts: list[str] = []
         characters = 0
-        outcome = _Outcome(self.default.metrics, self.access)  # the default model's metrics until one is named
+        # The default model's metrics until one is named.
+        outcome = _Outcome(self.default.metrics, self.access, dialect.name)
         try:
-            if self.access is not None:
+            if self.access is not None and not dialect.form_bodies:  # 401 before the body is read
                 outcome.key_id = self.access.identify(request.headers)
-            body = await self._read_body(request)
-            req, texts, model_id = parse(body)
+            body, media_type = await self._read_body(request, dialect.form_bodies)
+            req, texts, model_id = parse(body, media_type)
+            if self.access is not None and outcome.key_id is None:
+                outcome.key_id = self.access.identify(request.headers, getattr(req, "api_key", None))
             characters = sum(len(t) for t in texts)
             outcome.metrics = self._model(model_id).metrics
             if self.access is not None:
@@ -358,7 +274,8 @@ class TranslatorDeployment:
                                                          self.args.request_timeout_s + 30)
             response = await run(req, outcome.finish)
         except ValidationError as e:
-            response = error_response(422, "validation_error", validation_message(e.errors()))
+            response = (error_response(422, "validation_error", validation_message(e.errors()))
+                        if dialect is NATIVE else dialect.render_error(e))
         except ClientDisconnect:  # the client left while its body was being read
             response = error_response(499, "client_closed_request", "the client closed the connection before its "
                                                                     "body arrived")
@@ -367,12 +284,12 @@ class TranslatorDeployment:
             outcome.finish(499)
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
-            response = response_for(e)
+            response = dialect.render_error(e)
         if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
             outcome.finish(response.status_code)
         # The key's id, never the key.
-        log.info("%s status %d texts %d chars %d latency_ms %.1f key %s", route, response.status_code, len(texts),
-                 characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
+        log.info("%s %s status %d texts %d chars %d latency_ms %.1f key %s", dialect.name, route,
+                 response.status_code, len(texts), characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
             log.debug("%s texts %r", route, texts)
         return response
@@ -424,34 +341,95 @@ class TranslatorDeployment:
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             return response_for(e)
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The JSON body, at most max_body_bytes.
+    async def _lookup(self, dialect: Dialect, run, request: Request | None = None) -> JSONResponse:
+        """A dialect's read-only route: ``run()`` (or, given the ``request``, ``run(key id)`` after the key is
+        checked when keys are configured), errors in the dialect's form, counted under its api label."""
+        outcome = _Outcome(self.default.metrics, None, dialect.name)
+        try:
+            if request is None:
+                response = run()
+            else:
+                key_id = self.access.identify(request.headers) if self.access is not None else None
+                response = run(key_id)
+            if asyncio.iscoroutine(response):
+                response = await response
+        except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
+            response = dialect.render_error(e)
+        outcome.finish(response.status_code)
+        return response
+
+    async def _read_body(self, request: Request, form_ok: bool = False) -> tuple[bytes, str]:
+        """The JSON body (or, with ``form_ok``, a form-encoded one), at most max_body_bytes, and its media type.
 
         Raises:
-            UnsupportedMediaTypeError: a Content-Type other than JSON, or none. Those a browser may send
-                cross-origin without a CORS preflight (text/plain, form-urlencoded, multipart, none) are among
-                them, so a web page cannot make its visitors' browsers send requests here.
+            UnsupportedMediaTypeError: a Content-Type other than JSON (or form with ``form_ok``), or none. Those a
+                browser may send cross-origin without a CORS preflight (text/plain, form-urlencoded, multipart,
+                none) are among them, so a web page cannot make its visitors' browsers send requests to this
+                service's own API. The LibreTranslate and DeepL dialects take forms, as their clients send them:
+                a cross-site form can reach those, but it carries no key (keys travel in headers or in the body,
+                never in cookies) and cannot read the answer.
             RequestTooLargeError: a chunked body that grows past the limit (a declared Content-Length over it is
                 refused by service/http_security.py on every route, before this runs).
         """
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
+        if form_ok and media_type == compat.FORM:
+            pass
+        elif media_type != "application/json" and not media_type.endswith("+json"):
             # A missing type is refused too: a browser's no-cors fetch of an untyped body sends none.
             raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body with "
-                                            f"Content-Type: application/json")
+                                            f"Content-Type: application/json" +
+                                            (f" or {compat.FORM}" if form_ok else ""))
         limit = self.args.max_body_bytes
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise RequestTooLargeError(f"body > limit {limit} bytes")
-        return bytes(body)
+        return bytes(body), media_type
 
     async def _translate(self, req: schemas.TranslateRequest,
                          finish: Callable[[int], None]) -> JSONResponse | StreamingResponse:
         """Translates a validated request; a stream calls ``finish(status)`` when it ends."""
         model_id = req.model or self.args.model_id
         model = self._model(model_id)
+        options, segmented, sentences, deadline = await self._accept(model, req)
+        if req.stream:
+            # The first sentence decodes alone (on an otherwise idle engine) and the rest join once it is done: on a
+            # CPU a step costs more the more rows it holds, so the first sentence shows after about one sentence's
+            # latency instead of a full batch's (the stream as a whole takes about one sentence longer).
+            futures = self._submit(model, sentences[:1], options)
+            return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline,
+                                                  lambda: self._submit(model, sentences[1:], options), finish),
+                                     media_type="application/x-ndjson")
+        translations = await self._decode(model, req, segmented, sentences, options, deadline)
+        body = schemas.TranslateResponse(model=model_id, translations=translations)
+        return JSONResponse(body.model_dump(exclude_none=True))
+
+    async def translate_texts(self, req: schemas.TranslateRequest) -> list[schemas.Translation]:
+        """service.compat.Backend: ``req`` translated like /translate does (limits, admission, deadline), never
+        streamed."""
+        model = self._model(req.model)
+        options, segmented, sentences, deadline = await self._accept(model, req)
+        return await self._decode(model, req, segmented, sentences, options, deadline)
+
+    def default_options(self, model_id: str) -> DecodingOptions:
+        """service.compat.Backend: the model's decoding defaults."""
+        return self._model(model_id).translator.default_options
+
+    async def key_usage(self, key_id: str | None) -> dict | None:
+        """service.compat.Backend: the key's usage, None without API keys."""
+        return None if self.access is None else await self.access.usage(key_id)
+
+    async def _accept(self, model: _Model, req: schemas.TranslateRequest
+                      ) -> tuple[DecodingOptions, list[segmentation.Segmented], list[_Sentence], float]:
+        """Checks a request's limits, splits and tokenizes its texts and admits its work: its options, texts,
+        sentences and deadline (time.monotonic(), seconds). Nothing is queued when this raises.
+
+        Raises:
+            RequestTooLargeError, InputTooLongError, InvalidRequestError: 413/422.
+            RequestTimeoutError: splitting took past request_timeout_s.
+            OverloadedError: admission refused (503).
+        """
         translator = model.translator
         options = req.decoding_options(translator.default_options)
         texts, prefixes = req.texts(), req.prefixes()
@@ -488,23 +466,20 @@ class TranslatorDeployment:
             raise RequestTooLargeError(f"{len(sentences)} sentences > limit {self.args.max_sentences_per_request} "
                                        f"per request")
         self._admit(model, sentences, options)
-        if req.stream:
-            # The first sentence decodes alone (on an otherwise idle engine) and the rest join once it is done: on a
-            # CPU a step costs more the more rows it holds, so the first sentence shows after about one sentence's
-            # latency instead of a full batch's (the stream as a whole takes about one sentence longer).
-            futures = self._submit(model, sentences[:1], options)
-            return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline,
-                                                  lambda: self._submit(model, sentences[1:], options), finish),
-                                     media_type="application/x-ndjson")
+        return options, segmented, sentences, deadline
+
+    async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[segmentation.Segmented],
+                      sentences: list[_Sentence], options: DecodingOptions,
+                      deadline: float) -> list[schemas.Translation]:
+        """Submits the sentences, waits for all of them and joins each text's back into its layout."""
         futures = self._submit(model, sentences, options)
         outcomes = await self._await_sentences(model, futures, deadline)
         translations, cursor = [], 0
         for seg in segmented:
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
             cursor += len(seg.sentences)
-            translations.append(self._translation(translator, req, seg, per_sentence))
-        body = schemas.TranslateResponse(model=model_id, translations=translations)
-        return JSONResponse(body.model_dump(exclude_none=True))
+            translations.append(self._translation(model.translator, req, seg, per_sentence))
+        return translations
 
     def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: segmentation.Segmented,
                      hyps: list[list[Hypothesis]]) -> schemas.Translation:
@@ -562,7 +537,7 @@ class TranslatorDeployment:
         model.metrics.count(model.metrics.source_tokens, sum(len(s.src_ids) for s in sentences))
         futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group) for s in sentences]
         for future in futures:
-            future.add_done_callback(functools.partial(_count_done, model.metrics))
+            future.add_done_callback(functools.partial(count_done, model.metrics))
         return futures
 
     def _abandon(self, model: _Model, futures: list[asyncio.Future]) -> None:

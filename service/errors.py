@@ -37,11 +37,12 @@ class UnauthorizedError(EngineError):
 
 class RateLimitedError(EngineError):
     """The API key is past one of its limits (characters per minute or day, concurrent requests). HTTP 429 with a
-    Retry-After header of ``retry_after_s`` seconds."""
+    Retry-After header of ``retry_after_s`` seconds; ``limit`` names the limit (service.api_keys.KeyLimits' field)."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
+    def __init__(self, message: str, retry_after_s: int, limit: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.limit = limit
 
 
 class UnsupportedMediaTypeError(InvalidRequestError):

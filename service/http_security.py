@@ -3,7 +3,8 @@ client disconnects pass through untouched, unlike Starlette's BaseHTTPMiddleware
 
 - security headers on every response (OWASP's secure-headers list for an API): no MIME sniffing, no framing, no
   referrer, no caching of translations (they may be confidential), and a Content-Security-Policy that allows
-  nothing (JSON needs nothing; /docs and /redoc load Swagger UI and ReDoc from their CDN, so they get none);
+  nothing (JSON needs nothing; /docs and /redoc load Swagger UI and ReDoc from their CDN, so they get none; the
+  web page at / and /static/ gets one that allows its own scripts, styles and API calls, from 'self' only);
 - a declared request body larger than ``max_body_bytes`` is refused with 413 on every route, before any handler
   reads it (/translate also counts the bytes of chunked bodies as they arrive); request headers of more than
   ``max_header_bytes`` in all get 431 (the limit h11 and common proxies apply; Serve's proxy, on httptools, applies
@@ -29,6 +30,11 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
 CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+# The web page (service/page.py): no inline script or style, nothing from another origin.
+PAGE_CSP = (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; "
+                                        b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                        b"form-action 'none'; frame-ancestors 'none'")
+PAGE_PATHS = ("/", "/static/")
 # FastAPI's documentation pages load their scripts and styles from a CDN.
 DOCS_PATHS = ("/docs", "/redoc")
 
@@ -80,7 +86,9 @@ class SecurityMiddleware:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # Serve's route prefix
             path = path[len(root):]
-        if not path.startswith(DOCS_PATHS):
+        if path == PAGE_PATHS[0] or path.startswith(PAGE_PATHS[1]):
+            headers.append(PAGE_CSP)
+        elif not path.startswith(DOCS_PATHS):
             headers.append(CSP)
 
         async def send_with_headers(message: Message) -> None:

@@ -1,12 +1,18 @@
 """The service's own metrics, exported by Ray on its metrics port (ray.util.metrics; Ray prefixes "ray_").
 
-Labels are bounded: ``model`` (the deployment's model id), ``status_class`` (2xx/4xx/5xx), ``key_id`` (the ids of
-the API-key file) and ``limit`` (the three limit names); never request ids, texts, paths or key material.
+Labels are bounded: ``model`` (the deployment's model id), ``status_class`` (2xx/4xx/5xx), ``api`` (nmt,
+libretranslate, deepl: service.compat.Dialect.name), ``key_id`` (the ids of the API-key file) and ``limit`` (the
+three limit names); never request ids, texts, paths or key material.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 from ray.util import metrics
+
+from engine.core import CoreStats, EngineCore, Finished
 
 _ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 _SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -17,8 +23,9 @@ class ServiceMetrics:
 
     def __init__(self, model_id: str) -> None:
         tags = ("model",)
-        self.requests = metrics.Counter("nmt_requests_total", "HTTP translate requests by status class",
-                                        tag_keys=("model", "status_class"))
+        self.requests = metrics.Counter("nmt_requests_total", "HTTP requests by API (nmt: this service's own; "
+                                        "libretranslate, deepl: their dialects) and status class",
+                                        tag_keys=("model", "api", "status_class"))
         self.sentences = metrics.Counter("nmt_sentences_total", "sentences translated", tag_keys=tags)
         self.source_tokens = metrics.Counter("nmt_source_tokens_total", "source tokens (eos included)", tag_keys=tags)
         self.generated_tokens = metrics.Counter("nmt_generated_tokens_total", "generated target tokens (best "
@@ -62,8 +69,8 @@ class ServiceMetrics:
         self._pending = 0
         self.pending.set(0)
 
-    def request(self, status: int) -> None:
-        self.requests.inc(1, tags={"model": self.model_id, "status_class": f"{status // 100}xx"})
+    def request(self, status: int, api: str = "nmt") -> None:
+        self.requests.inc(1, tags={"model": self.model_id, "api": api, "status_class": f"{status // 100}xx"})
         if 400 <= status < 500 and status not in (408, 499):
             self.rejected.inc(1)
 
@@ -98,3 +105,40 @@ class KeyMetrics:
 
     def refused(self, key_id: str, limit: str) -> None:
         self.limited.inc(1, tags={"key_id": key_id, "limit": limit})
+
+
+class StepMetrics:
+    """The engine loop's on_step callback: per-step rows and sentences, joins/leaves, and the queue and decode times
+    of the sentences that left, into the model's metrics (called on the engine's thread). Sentences and generated
+    tokens are counted per request instead (``_submit``), so that health probes do not count."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+        self.last = None
+
+    def __call__(self, core: EngineCore, finished: list[Finished]) -> None:
+        m, stats = self.metrics, core.stats
+        last = self.last or CoreStats()
+        if stats.steps > last.steps:
+            m.step_rows.observe((stats.rows - last.rows) / (stats.steps - last.steps))
+            m.step_sentences.observe(core.live_sentences + len(finished))
+        m.count(m.decode_steps, stats.steps - last.steps)
+        m.count(m.decoder_rows, stats.rows - last.rows)
+        m.count(m.joined, stats.joined - last.joined)
+        m.count(m.left, stats.left - last.left)
+        for f in finished:
+            if not f.hypotheses:
+                continue
+            m.queue_seconds.observe(f.queue_seconds)
+            m.compute_seconds.observe(f.decode_seconds)
+        m.live_rows.set(core.live_rows)
+        m.waiting.set(core.waiting)
+        self.last = dataclasses.replace(stats)
+
+
+
+def count_done(metrics: ServiceMetrics, future: asyncio.Future) -> None:
+    metrics.add_pending(-1)
+    if not future.cancelled() and future.exception() is None and future.result().hypotheses:
+        metrics.count(metrics.sentences, 1)
+        metrics.count(metrics.generated_tokens, len(future.result().hypotheses[0].tokens))
