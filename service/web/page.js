@@ -96,7 +96,7 @@ function render(translation, model) {
   list.replaceChildren();
   $("n-best-block").hidden = !(translation.n_best && translation.n_best.length > 1);
   for (const h of translation.n_best || []) {
-    list.append(el("li", {}, `${h.text}  (score ${h.score.toFixed(3)})`));
+    list.append(el("li", {}, `${h.text} (score ${h.score.toFixed(3)})`));
   }
   const sentences = $("sentences");
   sentences.replaceChildren();
