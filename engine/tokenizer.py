@@ -12,6 +12,17 @@ import sentencepiece as spm
 TOKENIZER_FILES = {"sentencepiece": ("spm.model",), "marian": ("source.spm", "target.spm", "vocab.json")}
 
 
+def char_spans(sp: spm.SentencePieceProcessor, text: str) -> list[tuple[int, int]]:
+    """Each source piece's character range in ``text`` (sentencepiece reports UTF-8 byte offsets into the text as
+    given, before its own normalization), for aligning markup and protected spans with attention columns."""
+    encoded = text.encode("utf-8")
+    spans = []
+    for piece in sp.encode(text, return_type="proto").pieces:
+        spans.append((len(encoded[:piece.begin].decode("utf-8", "ignore")),
+                      len(encoded[:piece.end].decode("utf-8", "ignore"))))
+    return spans
+
+
 class SentencePieceTokenizer:
     """One sentencepiece model shared by source and target; token ids are the model's piece ids."""
 
@@ -29,6 +40,10 @@ class SentencePieceTokenizer:
 
     def source_pieces(self, text: str) -> list[str]:
         return self.sp.encode(text, out_type=str)
+
+    def source_char_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character range of each source piece in ``text`` (eos excluded)."""
+        return char_spans(self.sp, text)
 
     def target_pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
@@ -70,6 +85,10 @@ class MarianTokenizer:
 
     def source_pieces(self, text: str) -> list[str]:
         return self.source.encode(text, out_type=str)
+
+    def source_char_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character range of each source piece in ``text`` (eos excluded)."""
+        return char_spans(self.source, text)
 
     def target_pieces(self, ids: list[int]) -> list[str]:
         return [self.pieces.get(i, "<unk>") for i in ids]

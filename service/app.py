@@ -33,7 +33,7 @@ import ray
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
-from engine import segmentation
+from engine import rich_text
 from engine.async_engine import AsyncEngine
 from engine.core import Finished
 from engine.explain import Explainer
@@ -421,7 +421,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return None if self.access is None else await self.access.usage(key_id)
 
     async def _accept(self, model: _Model, req: schemas.TranslateRequest
-                      ) -> tuple[DecodingOptions, list[segmentation.Segmented], list[_Sentence], float]:
+                      ) -> tuple[DecodingOptions, list[rich_text.Prepared], list[_Sentence], float]:
         """Checks a request's limits, splits and tokenizes its texts and admits its work: its options, texts,
         sentences and deadline (time.monotonic(), seconds). Nothing is queued when this raises.
 
@@ -453,10 +453,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         # the event loop that serves every other request of this replica.
         try:
             if sum(len(t) for t in texts) <= INLINE_PREPARE_CHARS:  # a thread hop could wait behind bulk requests
-                segmented, sentences = self._prepare(translator, texts, prefixes, req.split_sentences)
+                segmented, sentences = self._prepare(translator, texts, prefixes, req)
             else:
                 segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
-                    self._prepare, translator, texts, prefixes, req.split_sentences),
+                    self._prepare, translator, texts, prefixes, req),
                     timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             model.metrics.timeouts.inc(1)
@@ -466,9 +466,12 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise RequestTooLargeError(f"{len(sentences)} sentences > limit {self.args.max_sentences_per_request} "
                                        f"per request")
         self._admit(model, sentences, options)
+        if any(p.needs_attention for p in segmented) and not options.return_attention:
+            # Markup, masks and casing are put back by alignment; the answer shows attention only when asked.
+            options = dataclasses.replace(options, return_attention=True)
         return options, segmented, sentences, deadline
 
-    async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[segmentation.Segmented],
+    async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[rich_text.Prepared],
                       sentences: list[_Sentence], options: DecodingOptions,
                       deadline: float) -> list[schemas.Translation]:
         """Submits the sentences, waits for all of them and joins each text's back into its layout."""
@@ -481,7 +484,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             translations.append(self._translation(model.translator, req, seg, per_sentence))
         return translations
 
-    def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: segmentation.Segmented,
+    def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
                      hyps: list[list[Hypothesis]]) -> schemas.Translation:
         unknowns = ([translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
                     else [None] * len(seg.sentences))
@@ -493,9 +496,15 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
 
     @staticmethod
     def _prepare(translator: Translator, texts: list[str], prefixes: list[str | None],
-                 split_sentences: bool) -> tuple[list[segmentation.Segmented], list[_Sentence]]:
-        """Splits texts into sentences and tokenizes them. Raises InputTooLongError for an over-long sentence."""
-        segmented = [segmentation.split(text, split_sentences) for text in texts]
+                 req: schemas.TranslateRequest) -> tuple[list[rich_text.Prepared], list[_Sentence]]:
+        """Parses texts (req.format), masks their protected spans, splits them into sentences and tokenizes them.
+
+        Raises:
+            InputTooLongError: an over-long sentence.
+            InvalidRequestError: malformed XML.
+        """
+        terms = tuple(req.protected_terms)
+        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms) for text in texts]
         sentences = []
         limit = translator.max_positions - 2  # room for the decoder start and eos
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
@@ -581,7 +590,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return done.hypotheses
 
     async def _stream(self, model_id: str, model: _Model, req: schemas.TranslateRequest,
-                      segmented: list[segmentation.Segmented], futures: list[asyncio.Future], deadline: float,
+                      segmented: list[rich_text.Prepared], futures: list[asyncio.Future], deadline: float,
                       submit_rest, finish: Callable[[int], None]):
         """Newline-delimited JSON records (schemas.StreamRecord), in order: each sentence of each text as soon as
         it and those before it are done, then each text's whole translation, then "done". ``futures`` holds the
@@ -608,7 +617,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                     hyps.append(self._hypotheses(done))
                     unknowns = translator.unknown_pieces(seg.sentences[j]) if req.replace_unknowns else None
                     yield _record(type="sentence", index=index, sentence=j,
-                                  text=translator.detokenize(hyps[-1][0].tokens, unknowns))
+                                  text=seg.render_sentence(j, hyps[-1][0], translator.tokenizer, unknowns))
                 cursor += len(seg.sentences)
                 translation = self._translation(translator, req, seg, hyps)
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
@@ -625,7 +634,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             yield _record(type="error", status=response.status_code, **json.loads(response.body))
 
     @staticmethod
-    def _render(translator: Translator, seg: segmentation.Segmented, hyps: list[list[Hypothesis]], unknowns: list,
+    def _render(translator: Translator, seg: rich_text.Prepared, hyps: list[list[Hypothesis]], unknowns: list,
                 return_scores: bool) -> schemas.Translation:
         """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
         (its last one if it has fewer); its score is the sum over sentences."""
@@ -636,7 +645,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         joined = []
         for k in range(n):
             picks = [h[min(k, len(h) - 1)] for h in hyps]
-            text = seg.join([translator.detokenize(p.tokens, u) for p, u in zip(picks, unknowns)])
+            text = seg.render(picks, translator.tokenizer, unknowns)
             joined.append(schemas.Hypothesis(text=text, score=sum(p.score for p in picks)))
         if not return_scores:
             return schemas.Translation(text=joined[0].text)

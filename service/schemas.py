@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +51,15 @@ class TranslateRequest(BaseModel):
     stream: bool = Field(False, description="answer newline-delimited JSON records (application/x-ndjson): each "
                                             "sentence as soon as it and those before it are translated, then each "
                                             "text's whole translation, then a done record (StreamRecord)")
+    format: Literal["text", "html", "xml"] = Field(
+        "text", description="text: plain text; html or xml: only text is translated, inline tags (b, i, a, span...) "
+                            "are put back around the words they belong to, attributes, void tags and entities are "
+                            "kept, code/pre/translate=\"no\"/class=\"notranslate\" are copied verbatim; malformed "
+                            "xml is a 422 that says where")
+    protected_terms: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="terms copied exactly (product names), besides what is always protected: placeholders (%s, "
+                    "%(name)s, {0}, {{name}}), URLs, e-mail addresses, paths, versions, dates and numbers")
     return_attention: bool = Field(_DEFAULTS.return_attention, description=(
         "per sentence and output token, the cross-attention over the source tokens (last decoder layer, mean "
         "over heads)"))

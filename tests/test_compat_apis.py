@@ -84,6 +84,24 @@ def test_libretranslate_list_alternatives_and_auto_detection(served, translator)
     assert all(50 < d["confidence"] <= 100 for d in body["detectedLanguage"])
 
 
+def test_markup_through_both_apis_keeps_its_tags(served):
+    import xml.etree.ElementTree as ET
+
+    import deepl
+    from libretranslatepy import LibreTranslateAPI
+
+    source = "<p>Select <b>the cell</b> and click <a href=\"x.html\">Save</a>.</p>"
+    form = {"q": source, "source": "en", "target": "de", "format": "html", "api_key": served["keys"]["bob"]}
+    r = requests.post(served["lt"] + "/translate", data=form, timeout=60)
+    assert r.status_code == 200, r.text
+    via_deepl = deepl.Translator(served["keys"]["bob"], server_url=served["deepl"]).translate_text(
+        source, target_lang="DE", tag_handling="html").text
+    for out in (r.json()["translatedText"], via_deepl):
+        root = ET.fromstring(out)  # well-formed
+        assert [e.tag for e in root.iter()] == ["p", "b", "a"] and root.find("a").get("href") == "x.html"
+    assert "15" in LibreTranslateAPI(served["lt"], api_key=served["keys"]["bob"]).translate("Delete 15 files.", "en", "de")
+
+
 def test_libretranslate_languages_detect_and_settings(served):
     from libretranslatepy import LibreTranslateAPI
 
@@ -118,9 +136,9 @@ def test_libretranslate_errors_are_its_own(served):
     assert status == 400 and "en->fr is not supported" in body["error"]
     status, body = lt_error(lambda: lt.translate("x" * (MAX_CHARS + 1), "en", "de"))
     assert status == 400 and f"limit {MAX_CHARS}" in body["error"]
-    form = {"q": "<b>Hi</b>", "source": "en", "target": "de", "format": "html", "api_key": keys["bob"]}
+    form = {"q": "Select <b>the cell</b>.", "source": "en", "target": "de", "format": "xml", "api_key": keys["bob"]}
     r = requests.post(served["lt"] + "/translate", data=form, timeout=30)
-    assert r.status_code == 400 and "format 'html' is not supported" in r.json()["error"]
+    assert r.status_code == 400 and "format" in r.json()["error"]  # LibreTranslate knows text and html only
     r = requests.post(served["lt"] + "/translate", data={"source": "en", "target": "de", "api_key": keys["bob"]},
                       timeout=30)
     assert r.status_code == 400 and r.json()["error"].startswith("q:")
@@ -187,7 +205,7 @@ def test_deepl_errors_are_its_own(served, no_deepl_retries):
         client.translate_text("Hallo.", source_lang="FR", target_lang="DE")
     assert raised.value.http_status_code == 400
     with pytest.raises(deepl.DeepLException, match="tag_handling") as raised:
-        client.translate_text("<p>Hi.</p>", target_lang="DE", tag_handling="xml")
+        client.translate_text("<p>Hi.</p>", target_lang="DE", tag_handling="sgml")
     assert raised.value.http_status_code == 400
     with pytest.raises(deepl.DeepLException, match="formality") as raised:
         client.translate_text("Hi.", target_lang="DE", formality="more")

@@ -100,10 +100,10 @@ def parse_body(body: bytes, media_type: str) -> dict:
 
 
 def translate_request(backend: Backend, texts: list[str], model_id: str, *, n_best: int = 1,
-                      split_sentences: bool = True) -> schemas.TranslateRequest:
-    """This service's request for ``texts`` on ``model_id``: the model's own decoding defaults, widened to a beam of
-    at least ``n_best`` when a dialect asks for alternatives."""
-    fields: dict = dict(text=texts, model=model_id, split_sentences=split_sentences)
+                      split_sentences: bool = True, format: str = "text") -> schemas.TranslateRequest:
+    """This service's request for ``texts`` on ``model_id`` (``format``: text, html or xml): the model's own
+    decoding defaults, widened to a beam of at least ``n_best`` when a dialect asks for alternatives."""
+    fields: dict = dict(text=texts, model=model_id, split_sentences=split_sentences, format=format)
     if n_best > 1:
         fields.update(n_best=n_best, return_scores=True,
                       beam_size=max(n_best, backend.default_options(model_id).beam_size))

@@ -5,9 +5,11 @@ POST /v2/translate, GET /v2/languages, GET /v2/usage.
 Bodies are JSON (what the deepl libraries send) or form-encoded (``text`` repeated). The key comes in
 ``Authorization: DeepL-Auth-Key <key>`` and is this service's API key. Errors are DeepL's: ``{"message": ...}`` with
 400 for a bad request, 403 for a bad key, 413 for a request over a limit, 429 past a key's per-minute or
-concurrency limit, 456 past its per-day characters (DeepL's "quota exceeded"). Not supported, each a 400 with its
-reason: ``tag_handling`` (until markup handling exists, issue #14), glossaries, and ``formality`` other than
-default/prefer_* (no served target has formality levels; prefer_* falls back to default as DeepL's does).
+concurrency limit, 456 past its per-day characters (DeepL's "quota exceeded"). ``tag_handling`` xml or html
+translates the text of the markup and keeps the markup (/translate's ``format``); DeepL's tag options
+(splitting_tags, ignore_tags, ...) are not read: inline and block elements are told apart by /translate's rules. Not
+supported, each a 400 with its reason: glossaries, and ``formality`` other than default/prefer_* (no served target
+has formality levels; prefer_* falls back to default as DeepL's does).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class TranslateRequest(BaseModel):
     target_lang: str = Field(description="DE, EN-GB, ... (a variant translates into its base language)")
     split_sentences: Literal["0", "1", "nonewlines"] = "1"
     preserve_formatting: bool = False
-    tag_handling: str | None = None
+    tag_handling: Literal["xml", "html"] | None = None
     formality: str | None = None
     glossary_id: str | None = None
     show_billed_characters: bool = False
@@ -69,9 +71,6 @@ def _check_supported(req: TranslateRequest) -> None:
     """Raises InvalidRequestError (400) for what this service does not do."""
     if not _texts(req):
         raise InvalidRequestError("Parameter 'text' not specified.")
-    if req.tag_handling is not None:
-        raise InvalidRequestError(f"tag_handling {req.tag_handling!r} is not supported yet by this service: send "
-                                  f"plain text without tag_handling")
     if req.glossary_id is not None:
         raise InvalidRequestError("glossaries are not supported by this service")
     if req.formality not in (None, "default", "prefer_more", "prefer_less"):
@@ -107,7 +106,8 @@ async def translate(backend: Backend, req: TranslateRequest) -> JSONResponse:
     out: list = [None] * len(texts)
     for model_id, indices in groups.items():
         translations = await backend.translate_texts(translate_request(
-            backend, [texts[i] for i in indices], model_id, split_sentences=req.split_sentences != "0"))
+            backend, [texts[i] for i in indices], model_id, split_sentences=req.split_sentences != "0",
+            format=req.tag_handling or "text"))
         for i, translation in zip(indices, translations):
             out[i] = translation
     return JSONResponse({"translations": [

@@ -3,8 +3,8 @@ is ``http://host:8000/libretranslate``: POST /translate, GET /languages, POST /d
 
 Bodies are form-encoded (what libretranslatepy and LibreTranslate's own page send) or JSON (where ``q`` may be a
 list). Errors are LibreTranslate's: ``{"error": message}`` with 400 for a bad request (our 413/415/422 included),
-403 for a bad API key, 429 past a key's limit; ours otherwise (503, 504). ``format: html`` is refused with a 400
-until markup handling exists (issue #14).
+403 for a bad API key, 429 past a key's limit; ours otherwise (503, 504). ``format: html`` translates the text of
+HTML and keeps its markup, as /translate's ``format`` does.
 """
 
 from __future__ import annotations
@@ -82,11 +82,8 @@ async def translate(backend: Backend, req: TranslateRequest) -> JSONResponse:
     """Translates ``q`` (one text or a list); ``alternatives`` asks for that many more hypotheses per text.
 
     Raises:
-        InvalidRequestError: format html, or a language pair no model serves (rendered as 400).
+        InvalidRequestError: a language pair no model serves (rendered as 400).
     """
-    if req.format != "text":
-        raise InvalidRequestError("format 'html' is not supported yet by this service: send plain text "
-                                  "(format 'text')")
     texts = [req.q] if isinstance(req.q, str) else list(req.q)
     table = backend.languages
     sources = [_source(table, req.source, t) for t in texts]
@@ -100,7 +97,7 @@ async def translate(backend: Backend, req: TranslateRequest) -> JSONResponse:
     out: list = [None] * len(texts)
     for model_id, indices in groups.items():
         translations = await backend.translate_texts(translate_request(
-            backend, [texts[i] for i in indices], model_id, n_best=req.alternatives + 1))
+            backend, [texts[i] for i in indices], model_id, n_best=req.alternatives + 1, format=req.format))
         for i, translation in zip(indices, translations):
             out[i] = translation
     body: dict = {"translatedText": [t.text for t in out]}

@@ -1,0 +1,199 @@
+"""HTML and XML in, translatable runs out, and back: a small document tree built from the standard library's
+parsers (html.parser for HTML, expat for XML, which reports where malformed XML breaks).
+
+A *run* is a stretch of inline content between block boundaries: its text is translated as sentences, and its
+inline elements (b, i, a, span, ...) become character spans of that text, put back around the target words they
+align to (service of engine/rich_text.py). What must not be translated is copied verbatim: block elements pre,
+script, style, textarea; inline code, kbd, samp, var; any element with translate="no" or class "notranslate"; and
+void elements (img, input) inside a run are kept as protected spans. Block boundaries (p, li, td, h1-h6, div, br,
+...) split runs, so each block is its own segment. Attributes are kept; the character references of the input
+(&nbsp;, &#169;, ...) come back in the same form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import html.parser
+import re
+import xml.parsers.expat
+
+from engine.errors import InvalidRequestError
+
+# HTML elements that are inline (phrasing content) and whose text is translated.
+INLINE = frozenset("a abbr b bdi bdo cite data dfn em font i ins del label mark q s small span strong sub sup "
+                   "time u big tt".split())
+# Inline elements copied verbatim (code and what a program prints or reads).
+INLINE_VERBATIM = frozenset("code kbd samp var".split())
+# Block elements copied verbatim.
+BLOCK_VERBATIM = frozenset("pre script style textarea template".split())
+VOID = frozenset("area base br col embed hr img input link meta param source track wbr".split())
+# Void elements that split a run (the rest, img, input..., stay in it as protected spans).
+BREAKING_VOID = frozenset("br hr area base col link meta param source track".split())
+
+
+@dataclasses.dataclass
+class Element:
+    name: str
+    start_tag: str  # as written (HTML) or rebuilt with its attributes (XML)
+    end_tag: str  # "" for void elements and self-closing XML tags
+    children: list = dataclasses.field(default_factory=list)  # Element | Text | Raw
+    verbatim: bool = False
+    inline: bool = False
+
+
+@dataclasses.dataclass
+class Text:
+    text: str  # decoded (entities resolved)
+
+
+@dataclasses.dataclass
+class Raw:
+    markup: str  # copied as is: comments, doctype, processing instructions, CDATA
+
+
+def _no_translate(attrs: list[tuple[str, str | None]]) -> bool:
+    for key, value in attrs:
+        if key == "translate" and (value or "").lower() == "no":
+            return True
+        if key == "class" and "notranslate" in (value or "").split():
+            return True
+    return False
+
+
+class _HtmlBuilder(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Element("#document", "", "")
+        self.stack = [self.root]
+        self.references: dict[str, str] = {}  # decoded character -> the reference the input wrote for it
+
+    def handle_starttag(self, tag, attrs):
+        raw = self.get_starttag_text() or f"<{tag}>"
+        parent = self.stack[-1]
+        verbatim = parent.verbatim or tag in BLOCK_VERBATIM or tag in INLINE_VERBATIM or _no_translate(attrs)
+        element = Element(tag, raw, "" if tag in VOID else f"</{tag}>", verbatim=verbatim,
+                          inline=tag in INLINE or tag in INLINE_VERBATIM or (tag in VOID and tag not in BREAKING_VOID))
+        parent.children.append(element)
+        if tag not in VOID:
+            self.stack.append(element)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:  # <span/>: an empty element
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].name == tag:
+                del self.stack[i:]  # closes what was left open inside it (lenient, as browsers are)
+                return
+        # A stray end tag: dropped, so that the output stays well-formed.
+
+    def handle_data(self, data):
+        self.stack[-1].children.append(Text(data))
+
+    def handle_comment(self, data):
+        self.stack[-1].children.append(Raw(f"<!--{data}-->"))
+
+    def handle_decl(self, decl):
+        self.stack[-1].children.append(Raw(f"<!{decl}>"))
+
+    def handle_pi(self, data):
+        self.stack[-1].children.append(Raw(f"<?{data}>"))
+
+    def unknown_decl(self, data):
+        self.stack[-1].children.append(Raw(f"<![{data}]>"))
+
+    def feed_source(self, source: str) -> None:
+        for m in re.finditer(r"&(#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);", source):
+            char = html.unescape(m.group())
+            if len(char) == 1 and char not in "&<>\"'" and (ord(char) > 127 or not char.isprintable()):
+                self.references.setdefault(char, m.group())
+        self.feed(source)
+        self.close()
+
+
+def parse_html(source: str) -> tuple[Element, dict[str, str]]:
+    """The document tree of ``source`` (lenient, as browsers are: unclosed elements close with their parent, stray
+    end tags are dropped) and the character references it used."""
+    builder = _HtmlBuilder()
+    builder.feed_source(source)
+    return builder.root, builder.references
+
+
+def parse_xml(source: str) -> tuple[Element, dict[str, str]]:
+    """The document tree of ``source``; an element is inline when its parent holds text of its own.
+
+    Raises:
+        InvalidRequestError: malformed XML, with the line and column where it breaks.
+    """
+    root = Element("#document", "", "")
+    stack = [root]
+    in_cdata = [False]
+    parser = xml.parsers.expat.ParserCreate()
+    parser.ordered_attributes = True
+
+    def start(name, attrs):
+        pairs = list(zip(attrs[::2], attrs[1::2]))
+        tag = "<" + name + "".join(f" {k}={_quote(v)}" for k, v in pairs) + ">"
+        element = Element(name, tag, f"</{name}>", verbatim=stack[-1].verbatim or _no_translate(pairs))
+        stack[-1].children.append(element)
+        stack.append(element)
+
+    def end(name):
+        element = stack.pop()
+        if not element.children:  # <x/> or <x></x>: written back self-closed
+            element.start_tag, element.end_tag = element.start_tag[:-1] + "/>", ""
+
+    def data(text):
+        stack[-1].children.append(Raw(text) if in_cdata[0] else Text(text))  # CDATA content stays as written
+
+    def default(markup):
+        stack[-1].children.append(Raw(markup))
+
+    parser.StartElementHandler, parser.EndElementHandler = start, end
+    parser.CharacterDataHandler, parser.DefaultHandler = data, default
+    def cdata(opening: bool) -> None:
+        in_cdata[0] = opening
+        stack[-1].children.append(Raw("<![CDATA[" if opening else "]]>"))
+
+    parser.StartCdataSectionHandler = lambda: cdata(True)
+    parser.EndCdataSectionHandler = lambda: cdata(False)
+    try:
+        parser.Parse(source, True)
+    except xml.parsers.expat.ExpatError as e:
+        raise InvalidRequestError(f"malformed XML at line {e.lineno}, column {e.offset + 1}: "
+                                  f"{xml.parsers.expat.ErrorString(e.code)}") from None
+    _mark_inline(root)
+    return root, {}
+
+
+def _quote(value: str) -> str:
+    return '"' + html.escape(value, quote=True).replace("&#x27;", "'") + '"'
+
+
+def _mark_inline(element: Element) -> None:
+    has_text = any(isinstance(c, Text) and c.text.strip() for c in element.children)
+    for child in element.children:
+        if isinstance(child, Element):
+            child.inline = has_text or child.inline
+            _mark_inline(child)
+
+
+def escape_text(text: str, references: dict[str, str]) -> str:
+    """Text content as markup: &, < and > escaped, and each character the input wrote as a reference written the
+    same way again."""
+    out = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char, reference in references.items():
+        out = out.replace(char, reference)
+    return out
+
+
+def serialize(node, references: dict[str, str]) -> str:
+    """The markup of a (sub)tree, unchanged."""
+    if isinstance(node, Text):
+        return escape_text(node.text, references)
+    if isinstance(node, Raw):
+        return node.markup
+    return node.start_tag + "".join(serialize(c, references) for c in node.children) + node.end_tag

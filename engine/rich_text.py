@@ -1,0 +1,367 @@
+"""Real-world text around the model: a text (plain, HTML or XML) -> the sentences the model translates, and the
+model's hypotheses -> the translated text with its markup, protected spans and casing restored.
+
+- Markup (engine/markup.py): only text is translated; each block's inline content is one *run*, split into
+  sentences; its inline elements are put back around the target tokens that attend to their source tokens (the
+  argmax of each target token's cross-attention row: the last decoder layer, mean over heads), hulled, then clamped
+  so that nesting and sibling order are the source's, which keeps the output well-formed.
+- Protected spans (engine/protect.py): masked before translation, each restored exactly once.
+- Casing (engine/casing.py): a sentence in all capitals is translated in sentence case and upper-cased back.
+
+Plain text with nothing to protect and no capitals takes exactly the path it took before (segmentation.split and
+the tokenizer's decode), so its output does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import numpy as np
+
+from engine import casing, markup, protect, segmentation
+from engine.search import Hypothesis
+
+Format = Literal["text", "html", "xml"]
+MARKUP_ITEM = "\ue000"  # stands for an element copied verbatim inside a run (private use: never in real text)
+_PUNCTUATION = ",.;:!?"
+
+
+@dataclasses.dataclass
+class InlineSpan:
+    """An inline element over run characters [start, end) (of the run's plain text), and those inside it."""
+
+    element: markup.Element
+    start: int
+    end: int
+    children: list["InlineSpan"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Sentence:
+    text: str  # masked, as in the run's masked text (its offset there: ``offset``)
+    offset: int
+    model_input: str  # what the model translates (sentence-cased when all capitals)
+    all_caps: bool
+    masks: list[tuple[str, tuple[int, int]]]  # the masks in this sentence and their ranges in the masked run
+
+
+@dataclasses.dataclass
+class _Run:
+    """One stretch of text translated as sentences: the whole text (format text) or a block's inline content."""
+
+    masked: str
+    layout: segmentation.Segmented
+    sentences: list[_Sentence]
+    originals: dict[str, str]  # mask -> what it stands for, escaped for the output format
+    spans: list[InlineSpan]
+    to_masked: list[int]  # plain-text offset -> masked-text offset (len(plain) + 1 entries)
+    plain_path: bool  # nothing masked, no capitals, no markup: rendered exactly as before
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A text ready to translate: ``sentences`` (the model's inputs, in order) and how to put the translations
+    back (:meth:`render`)."""
+
+    format: Format
+    parts: list  # str (markup copied as is) | _Run
+    references: dict[str, str]
+    needs_attention: bool
+
+    @property
+    def sentences(self) -> list[str]:
+        return [s.model_input for run in self.runs for s in run.sentences]
+
+    @property
+    def runs(self) -> list[_Run]:
+        return [p for p in self.parts if isinstance(p, _Run)]
+
+    def render(self, hyps: list[Hypothesis], tokenizer, unknowns: list[list[str] | None]) -> str:
+        """The translated text from one hypothesis per sentence (in :attr:`sentences` order); ``unknowns[j]``: the
+        source substrings the vocabulary lacks in sentence j (copied for unk tokens), or None."""
+        out, j = [], 0
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            n = len(part.sentences)
+            out.append(self._render_run(part, hyps[j:j + n], tokenizer, unknowns[j:j + n]))
+            j += n
+        return "".join(out)
+
+    def render_sentence(self, j: int, hyp: Hypothesis, tokenizer, unknowns: list[str] | None) -> str:
+        """Sentence j's translation as plain text (masks restored, no markup): a streamed sentence record."""
+        k = 0
+        for run in self.runs:
+            if j < k + len(run.sentences):
+                sentence = run.sentences[j - k]
+                target = self._target(run, sentence, hyp, tokenizer, unknowns)
+                return protect.unmask(target.text, {m: run.originals[m] for m, _ in sentence.masks})
+            k += len(run.sentences)
+        raise IndexError(j)
+
+    def _target(self, run: _Run, sentence: _Sentence, hyp: Hypothesis, tokenizer,
+                unknowns: list[str] | None) -> protect.Target:
+        queue = iter(unknowns or [])
+        pieces = [(next(queue, "⁇") if i == tokenizer.unk_id and unknowns is not None else p)
+                  for i, p in zip(hyp.tokens, tokenizer.target_pieces(hyp.tokens))]
+        target = protect.Target.from_pieces(pieces)
+        attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None
+        source_ranges = _source_ranges(sentence, tokenizer)
+        protect.restore_masks(sentence.masks, target, attention, source_ranges)
+        if sentence.all_caps:
+            _upper(target, run.originals)
+        return target
+
+    def _render_run(self, run: _Run, hyps: list[Hypothesis], tokenizer, unknowns: list) -> str:
+        if run.plain_path:
+            return run.layout.join([tokenizer.decode_target(h.tokens, u) for h, u in zip(hyps, unknowns)])
+        pieces, offsets, tokens = [], {}, []  # tokens: (start, end) in the run's output, aligned source range
+        position = 0
+        for part in run.layout.layout:
+            if isinstance(part, str):
+                pieces.append(part)
+                position += len(part)
+                continue
+            sentence, hyp = run.sentences[part], hyps[part]
+            target = self._target(run, sentence, hyp, tokenizer, unknowns[part])
+            attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None
+            source_ranges = _source_ranges(sentence, tokenizer)
+            for k, (start, end) in enumerate(target.token_ranges):
+                aligned = None
+                if attention is not None and k < len(attention) and source_ranges:
+                    aligned = source_ranges[int(np.argmax(attention[k, :len(source_ranges)]))]
+                tokens.append((position + start, position + end, aligned, attention[k] if aligned else None,
+                               source_ranges))
+            offsets[part] = position
+            pieces.append(target.text)
+            position += len(target.text)
+        text = "".join(pieces)
+        if self.format == "text":
+            return protect.unmask(text, run.originals)
+        spans = [_place(span, run, tokens, text, (0, len(text))) for span in run.spans]
+        _order(spans, (0, len(text)))
+        rendered = _emit(text, spans, 0, len(text), self.references)
+        return protect.unmask(rendered, run.originals)
+
+
+def _source_ranges(sentence: _Sentence, tokenizer) -> list[tuple[int, int]]:
+    """Character ranges, in the masked run, of the sentence's source pieces (eos excluded); [] when casing
+    changed the sentence's length (no alignment then)."""
+    if len(sentence.model_input) != len(sentence.text):
+        return []
+    return [(sentence.offset + s, sentence.offset + e) for s, e in tokenizer.source_char_spans(sentence.model_input)]
+
+
+def _upper(target: protect.Target, originals: dict[str, str]) -> None:
+    """Upper-cases a target token by token (keeping each token's range; ß -> SS changes lengths), masks kept."""
+    keep = re.compile("|".join(re.escape(m) for m in originals) + r"(?!\d)") if originals else None
+    text, ranges, cursor = "", [], 0
+    for start, end in target.token_ranges:
+        text += casing.to_upper(target.text[cursor:start], keep)
+        upper = casing.to_upper(target.text[start:end], keep)
+        ranges.append((len(text), len(text) + len(upper)))
+        text += upper
+        cursor = end
+    text += casing.to_upper(target.text[cursor:], keep)
+    target.text, target.token_ranges = text, ranges
+
+
+@dataclasses.dataclass
+class _Placed:
+    span: InlineSpan
+    start: int
+    end: int
+    children: list["_Placed"]
+
+
+def _place(span: InlineSpan, run: _Run, tokens: list, text: str, bounds: tuple[int, int]) -> _Placed:
+    """Where an inline element goes in the run's output: the hull of the target tokens aligned to its source
+    characters; else the token giving them the most attention; else an empty element at the end."""
+    a, b = run.to_masked[span.start], run.to_masked[span.end]
+    hits = [(s, e) for s, e, aligned, _, _ in tokens if aligned and a < b and aligned[0] < b and a < aligned[1]]
+    if not hits and a < b:
+        best, best_mass = None, 0.0
+        for s, e, aligned, row, ranges in tokens:
+            if row is None:
+                continue
+            mass = float(sum(row[j] for j, (rs, re_) in enumerate(ranges) if rs < b and a < re_))
+            if mass > best_mass:
+                best, best_mass = (s, e), mass
+        hits = [best] if best else []
+    if hits:
+        start, end = min(s for s, _ in hits), max(e for _, e in hits)
+    else:  # an empty element, or no attention: after the token aligned before it, else at the end
+        before = [e for s, e, aligned, _, _ in tokens if aligned and aligned[1] <= a]
+        start = end = max(before) if before else (0 if a == 0 else len(text))
+    while start < end and text[start].isspace():  # the tag hugs the words, not the space before them
+        start += 1
+    source = run.masked[a:b].rstrip()
+    while start < end and (text[end - 1].isspace() or (text[end - 1] in _PUNCTUATION and
+                                                       not source.endswith(tuple(_PUNCTUATION)))):
+        end -= 1  # nor the punctuation after them, unless the source element ends with some
+    return _Placed(span, start, end, [_place(c, run, tokens, text, bounds) for c in span.children])
+
+
+def _order(placed: list[_Placed], bounds: tuple[int, int]) -> None:
+    """Clamps elements into their parent and after their previous sibling (source order), recursively: the output
+    nests as the source does, so it is well-formed."""
+    lo, hi = bounds
+    cursor = lo
+    for p in placed:
+        p.start = min(max(p.start, cursor), hi)
+        p.end = min(max(p.end, p.start), hi)
+        cursor = p.end
+        _order(p.children, (p.start, p.end))
+
+
+def _emit(text: str, placed: list[_Placed], lo: int, hi: int, references: dict[str, str]) -> str:
+    out, cursor = [], lo
+    for p in placed:
+        out.append(markup.escape_text(text[cursor:p.start], references))
+        out.append(p.span.element.start_tag)
+        out.append(_emit(text, p.children, p.start, p.end, references))
+        out.append(p.span.element.end_tag)
+        cursor = p.end
+    out.append(markup.escape_text(text[cursor:hi], references))
+    return "".join(out)
+
+
+def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sentences: bool, terms: tuple[str, ...],
+              prefix: str, counter: list[int], escape) -> _Run:
+    """A run from its plain text (MARKUP_ITEM where ``items`` go, in order), inline spans over it, and masks
+    numbered from ``counter[0]`` (advanced)."""
+    found = protect.find_spans(plain, terms)
+    item_spans = [protect.Span(m.start(), m.end(), "markup") for m in re.finditer(MARKUP_ITEM, plain)]
+    spans_to_mask = sorted(item_spans + [s for s in found if MARKUP_ITEM not in s.text(plain)], key=lambda s: s.start)
+    masked = protect.mask(plain, spans_to_mask, prefix, counter[0])
+    counter[0] += len(spans_to_mask)
+    to_masked, cursor, shift = [], 0, 0
+    for span, (ms, me) in zip(spans_to_mask, masked.mask_offsets):
+        while cursor < span.start:
+            to_masked.append(cursor + shift)
+            cursor += 1
+        while cursor < span.end:  # inside a protected span: its mask's start
+            to_masked.append(ms)
+            cursor += 1
+        shift = me - span.end
+    while cursor <= len(plain):
+        to_masked.append(cursor + shift)
+        cursor += 1
+    items_iter = iter(items)
+    originals = {}
+    for i, span in enumerate(spans_to_mask):
+        originals[masked.mask(i)] = next(items_iter) if span.kind == "markup" else escape(span.text(plain))
+    layout = segmentation.split(masked.text, split_sentences)
+    keep = re.compile(re.escape(prefix) + r"\d+") if spans_to_mask else None
+    sentences, position = [], 0
+    for part in layout.layout:
+        if isinstance(part, str):
+            position += len(part)
+            continue
+        text = layout.sentences[part]
+        offset = masked.text.find(text, position)
+        offset = position if offset < 0 else offset
+        caps = casing.is_all_caps(text, keep)
+        masks = [(masked.mask(i), r) for i, r in enumerate(masked.mask_offsets)
+                 if offset <= r[0] and r[1] <= offset + len(text)]
+        sentences.append(_Sentence(text, offset, casing.to_sentence_case(text, keep) if caps else text, caps, masks))
+        position = offset + len(text)
+    plain_path = not spans_to_mask and not spans and not any(s.all_caps for s in sentences)
+    return _Run(masked.text, layout, sentences, originals, spans, to_masked, plain_path)
+
+
+def prepare(text: str, format: Format = "text", split_sentences: bool = True,
+            terms: tuple[str, ...] = ()) -> Prepared:
+    """Parses ``text`` as ``format`` and makes its runs.
+
+    Raises:
+        InvalidRequestError: malformed XML (format "xml"), with where it breaks.
+    """
+    text = segmentation.normalize(text)
+    prefix = protect.mask_prefix(text)
+    counter = [1]
+    if format == "text":
+        run = _make_run(text, [], [], split_sentences, terms, prefix, counter, lambda s: s)
+        return Prepared(format, [run], {}, not run.plain_path)
+    root, references = markup.parse_html(text) if format == "html" else markup.parse_xml(text)
+    parts: list = []
+
+    def escape(s: str) -> str:
+        return markup.escape_text(s, references)
+
+    def flush(nodes: list) -> None:
+        plain, items, spans = [], [], []
+
+        def flatten(node_list, into):
+            for node in node_list:
+                if isinstance(node, markup.Text):
+                    plain.append(node.text)
+                elif isinstance(node, markup.Raw) or node.verbatim or not node.children and node.end_tag == "":
+                    plain.append(MARKUP_ITEM)
+                    items.append(node.markup if isinstance(node, markup.Raw) else markup.serialize(node, references))
+                else:
+                    start = sum(len(p) for p in plain)
+                    span = InlineSpan(node, start, start)
+                    flatten(node.children, span.children)
+                    span.end = sum(len(p) for p in plain)
+                    into.append(span)
+
+        flatten(nodes, spans)
+        joined = "".join(plain)
+        if segmentation.is_blank(joined.replace(MARKUP_ITEM, "")):
+            parts.append("".join(markup.serialize(n, references) for n in nodes))
+        else:
+            parts.append(_make_run(joined, spans, items, True, terms, prefix, counter, escape))
+        nodes.clear()
+
+    def walk(element: markup.Element) -> None:
+        pending: list = []
+        for child in element.children:
+            if isinstance(child, markup.Text) or (isinstance(child, markup.Element) and child.inline):
+                pending.append(child)
+                continue
+            if pending:
+                flush(pending)
+            if isinstance(child, markup.Raw) or child.verbatim:
+                parts.append(markup.serialize(child, references))
+            else:
+                parts.append(child.start_tag)
+                walk(child)
+                parts.append(child.end_tag)
+        if pending:
+            flush(pending)
+
+    walk(root)
+    merged: list = []
+    for part in parts:  # adjacent literal markup as one string
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return Prepared(format, merged, references, True)
+
+
+def translate(translator, texts: list[str], options=None, format: Format = "text",
+              terms: tuple[str, ...] = ()) -> list[str]:
+    """Translates whole texts offline (no service): each parsed as ``format``, its sentences decoded together with
+    attention, put back by :meth:`Prepared.render`. ``translator``: engine.translator.Translator; ``options``: its
+    DecodingOptions (default: the model's).
+
+    Raises:
+        InvalidRequestError: malformed XML; InputTooLongError: an over-long sentence.
+    """
+    options = dataclasses.replace(options or translator.default_options, return_attention=True)
+    prepared = [prepare(t, format, True, terms) for t in texts]
+    sentences = [s for p in prepared for s in p.sentences]
+    hyps = translator.translate_ids([translator.tokenize(s) for s in sentences], options)
+    out, j = [], 0
+    for p in prepared:
+        n = len(p.sentences)
+        best = [h[0] if h else Hypothesis([], 0.0, 0.0, []) for h in hyps[j:j + n]]
+        unknowns = [translator.unknown_pieces(s) for s in p.sentences[:n]]
+        out.append(p.render(best, translator.tokenizer, unknowns))
+        j += n
+    return out

@@ -1,0 +1,164 @@
+"""Real-world text on the bundled model, offline (engine/rich_text.py): markup kept and well-formed, protected spans
+copied exactly once, capitals restored; plain text unchanged by the new path."""
+
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import protect, rich_text
+from engine.errors import InvalidRequestError
+
+from conftest import SENTENCES
+
+
+def translate(translator, text, format="text", terms=()):
+    return rich_text.translate(translator, [text], format=format, terms=terms)[0]
+
+
+def well_formed(markup: str) -> ET.Element:
+    return ET.fromstring(f"<root>{markup}</root>")
+
+
+def html_tags(markup: str) -> list[str]:
+    """The start tags of well-formed HTML, in order. Raises AssertionError for an end tag that closes anything but
+    the innermost open element, or an element left open (void elements excepted)."""
+    import html.parser
+
+    from engine.markup import VOID
+
+    opened, stack = [], []
+
+    class Checker(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            opened.append(tag)
+            if tag not in VOID:
+                stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert stack and stack[-1] == tag, f"</{tag}> closes {stack[-1:]} in {markup}"
+            stack.pop()
+
+    Checker().feed(markup)
+    assert not stack, f"left open: {stack} in {markup}"
+    return opened
+
+
+def test_plain_text_without_spans_is_translated_exactly_as_before(translator):
+    texts = SENTENCES[:4] + ["Select the cell. Click the button to save the document.\n\nThe printer is off."]
+    expected = [translator.translate([t])[0].text for t in SENTENCES[:4]]
+    got = rich_text.translate(translator, texts)
+    assert got[:4] == expected
+    assert got[4].count("\n\n") == 1
+
+
+def test_the_issues_examples_keep_tags_dates_urls_placeholders_and_capitals(translator):
+    out = translate(translator, "Press <b>Ctrl+S</b> to save the file.", "html")
+    assert out.count("<b>") == out.count("</b>") == 1 and re.search(r"<b>\S.*</b>", out), out
+    well_formed(out)
+    source = "Version 2.4.1 was released on 2024-05-01, see https://example.org/docs?id=7."
+    out = translate(translator, source)
+    for span in ("2.4.1", "2024-05-01", "https://example.org/docs?id=7"):
+        assert out.count(span) == 1, (span, out)
+    for source, spans in [("Deleted %(count)d files from {folder}.", ["%(count)d", "{folder}"]),
+                          ("Hello {{name}}, you have %1$d new messages.", ["{{name}}", "%1$d"]),
+                          ("Copy %s to %s and press %%.", ["%s", "%s", "%%"])]:
+        out = translate(translator, source)
+        for span in set(spans):
+            assert out.count(span) == spans.count(span), (span, out)
+    out = translate(translator, "THE FILE COULD NOT BE OPENED.")
+    assert out == out.upper() and out == translator.translate(["The file could not be opened."])[0].text.upper()
+
+
+def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
+    source = ('<p class="intro">Click <a href="save.html" title="a &amp; b">the <i>save</i> button</a> &amp; '
+              'wait&nbsp;a moment.</p><ul><li>Open the file.</li><li>Run <code>ls -l /tmp</code> to list files.</li>'
+              '</ul><p>Line one.<br>Line two &copy; 2024.<img src="x.png" alt="X"></p>'
+              '<pre>Do not translate this.</pre><p translate="no">Keep this sentence.</p>'
+              '<p><span class="notranslate">Product Name</span> is ready.</p><!-- a comment -->')
+    out = translate(translator, source, "html")
+    assert html_tags(out) == html_tags(source)
+    for verbatim in ('<code>ls -l /tmp</code>', '<pre>Do not translate this.</pre>',
+                     '<p translate="no">Keep this sentence.</p>', '<span class="notranslate">Product Name</span>',
+                     '<img src="x.png" alt="X">', '<a href="save.html" title="a &amp; b">', '<p class="intro">',
+                     '<!-- a comment -->', "&copy;", "<br>"):
+        assert out.count(verbatim) == 1, (verbatim, out)
+    assert "Open the file" not in out and "2024" in out  # translated, numbers kept
+
+
+def test_xml_inline_elements_and_malformed_xml(translator):
+    source = '<?xml version="1.0"?><doc><title>The printer</title><para>Select <emph>the cell</emph>.</para></doc>'
+    out = translate(translator, source, "xml")
+    assert out.startswith('<?xml version="1.0"?>') and well_formed(out.split("?>", 1)[1])
+    assert out.count("<emph>") == 1 and "<title>" in out
+    with pytest.raises(InvalidRequestError, match=r"malformed XML at line 2, column \d+: mismatched tag"):
+        rich_text.prepare("<doc>\n<para>Broken</doc>", "xml")
+
+
+def test_protected_terms_are_copied_exactly(translator):
+    out = translate(translator, "Open LibreOffice Writer and save the file.", terms=("LibreOffice Writer",))
+    assert out.count("LibreOffice Writer") == 1, out
+
+
+def test_a_mask_the_model_drops_goes_after_its_aligned_target_token():
+    # Source "Open X1 now": pieces "Open", " X1", " now"; the target dropped X1; its second token attends to X1.
+    target = protect.Target.from_pieces(["▁Öffnen", "▁Sie", "▁jetzt"])
+    attention = np.array([[0.9, 0.05, 0.05, 0.0], [0.1, 0.8, 0.1, 0.0], [0.0, 0.1, 0.9, 0.0]], dtype=np.float32)
+    protect.restore_masks([("X1", (5, 7))], target, attention, [(0, 4), (4, 7), (7, 11)])
+    assert target.text == "Öffnen Sie X1 jetzt"
+    assert [target.text[s:e] for s, e in target.token_ranges] == ["Öffnen", " Sie", " jetzt"]
+    twice = protect.Target.from_pieces(["▁X1", "▁und", "▁X1"])
+    protect.restore_masks([("X1", (0, 2))], twice, None, [(0, 2)])
+    assert twice.text == "X1 und"
+
+
+def test_spans_found_and_not_found():
+    text = ("See https://example.org/a?b=1, mail me@example.com, open /usr/share/doc or C:\\Temp\\x.txt, "
+            "$HOME and ${USER}, %5.2f %-10s %(n)d %1 {0} {{count}}, on 2024-05-01 at 10:30, v1.2.3, 42 and 3,5.")
+    found = [s.text(text) for s in protect.find_spans(text)]
+    assert found == ["https://example.org/a?b=1", "me@example.com", "/usr/share/doc", "C:\\Temp\\x.txt", "$HOME",
+                     "${USER}", "%5.2f", "%-10s", "%(n)d", "%1", "{0}", "{{count}}", "2024-05-01", "10:30", "v1.2.3",
+                     "42", "3,5"]
+    text = "I am 100% sure, and/or not."  # no "% s" placeholder, no "/or" path: only the number
+    assert [s.text(text) for s in protect.find_spans(text)] == ["100"]
+
+
+_INLINE = st.sampled_from(["b", "i", "a", "span", "em"])
+_PLACEHOLDERS = st.sampled_from(["%s", "%d", "%(name)s", "{0}", "{count}", "{{user}}", "%1$s", "42", "2024-05-01"])
+
+
+@st.composite
+def tagged_sentences(draw):
+    words = draw(st.sampled_from(SENTENCES[:4])).rstrip(".").split()
+    for _ in range(draw(st.integers(0, 3))):
+        words.insert(draw(st.integers(0, len(words))), draw(_PLACEHOLDERS))
+    out, i = [], 0
+    while i < len(words):
+        if draw(st.booleans()) and i + 1 < len(words):
+            n = draw(st.integers(1, min(3, len(words) - i)))
+            tag = draw(_INLINE)
+            inner = " ".join(words[i:i + n])
+            if n > 1 and draw(st.booleans()):
+                nested = draw(_INLINE)
+                inner = f"{words[i]} <{nested}>{' '.join(words[i + 1:i + n])}</{nested}>"
+            attributes = ' href="#"' if tag == "a" else ""
+            out.append(f"<{tag}{attributes}>{inner}</{tag}>")
+            i += n
+        else:
+            out.append(words[i])
+            i += 1
+    return " ".join(out) + "."
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(source=tagged_sentences())
+def test_random_tag_and_placeholder_nestings_stay_well_formed_with_every_placeholder(translator, source):
+    out = translate(translator, source, "html")
+    root, expected = well_formed(out), well_formed(source)
+    assert [e.tag for e in root.iter()] == [e.tag for e in expected.iter()], (source, out)
+    plain = "".join(expected.itertext())
+    for span in {s.text(plain) for s in protect.find_spans(plain)}:
+        assert "".join(root.itertext()).count(span) == plain.count(span), (span, source, out)
