@@ -217,6 +217,9 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                             provider=t.provider, max_src_tokens=t.max_src_tokens,
                             max_texts_per_request=self.args.max_texts_per_request,
                             max_chars_per_text=self.args.max_chars_per_text,
+                            max_chars_per_request=self.args.max_chars_per_request,
+                            max_sentences_per_request=self.args.max_sentences_per_request,
+                            request_timeout_s=self.args.request_timeout_s, formats=["text", "html", "xml"],
                             d_model=t.manifest.get("model_config", {}).get("d_model")))
         return {"models": out}
 
@@ -434,10 +437,11 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         options = req.decoding_options(translator.default_options)
         texts, prefixes = req.texts(), req.prefixes()
         if len(texts) > self.args.max_texts_per_request:
-            raise RequestTooLargeError(f"{len(texts)} texts > limit {self.args.max_texts_per_request} per request")
+            raise RequestTooLargeError(f"{len(texts)} texts > limit max_texts_per_request="
+                                       f"{self.args.max_texts_per_request}")
         for i, text in enumerate(texts):
             if len(text) > self.args.max_chars_per_text:
-                raise RequestTooLargeError(f"text[{i}] has {len(text)} characters > limit "
+                raise RequestTooLargeError(f"text[{i}] has {len(text)} characters > limit max_chars_per_text="
                                            f"{self.args.max_chars_per_text}")
         for i, prefix in enumerate(prefixes):
             if prefix is not None and len(prefix) > self.args.max_chars_per_text:
@@ -445,7 +449,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                                            f"{self.args.max_chars_per_text}")
         if sum(len(t) for t in texts) > self.args.max_chars_per_request:
             raise RequestTooLargeError(f"{sum(len(t) for t in texts)} characters in all texts > limit "
-                                       f"{self.args.max_chars_per_request} per request")
+                                       f"max_chars_per_request={self.args.max_chars_per_request}")
         # One deadline for the whole request: splitting, queueing and decoding share request_timeout_s.
         deadline = time.monotonic() + self.args.request_timeout_s
         # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
@@ -463,7 +467,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise RequestTimeoutError(f"splitting and tokenizing took longer than request_timeout_s="
                                       f"{self.args.request_timeout_s}") from None
         if len(sentences) > self.args.max_sentences_per_request:
-            raise RequestTooLargeError(f"{len(sentences)} sentences > limit {self.args.max_sentences_per_request} "
+            raise RequestTooLargeError(f"{len(sentences)} sentences > limit max_sentences_per_request="
+                                       f"{self.args.max_sentences_per_request} "
                                        f"per request")
         self._admit(model, sentences, options)
         if any(p.needs_attention for p in segmented) and not options.return_attention:

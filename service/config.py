@@ -29,12 +29,14 @@ class AppArgs(BaseModel):
     max_batch_rows: int = Field(512, ge=1, description="decoder rows per step (sentences x beams); user_config can "
                                                        "change it live")
     max_texts_per_request: int = Field(64, ge=1)
-    max_chars_per_text: int = Field(2000, ge=1)
-    max_chars_per_request: int = Field(50_000, ge=1, description="characters in all texts of one request")
+    max_chars_per_text: int = Field(100_000, ge=1, description="characters of one text: a document is one text, split "
+                                    "into paragraphs and sentences (413 beyond, naming this limit)")
+    max_chars_per_request: int = Field(100_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
-    max_sentences_per_request: int = Field(256, ge=1, description="sentences after splitting (413 beyond): bounds "
-                                           "how long one request can hold a replica")
+    max_sentences_per_request: int = Field(4096, ge=1, description="sentences after splitting (413 beyond); a "
+                                           "request's sentences share the engine fairly with other requests' "
+                                           "(engine/core.py), so this bounds work, not waiting")
     max_queued_work: int = Field(65536, ge=1, description="work queued or decoding in this replica (token-rows: "
                                  "beam_size x (source + expected target tokens), summed over sentences; "
                                  "engine.async_engine.AsyncEngine.work) beyond which a bulk request gets a JSON 503 "

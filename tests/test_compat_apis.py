@@ -135,7 +135,7 @@ def test_libretranslate_errors_are_its_own(served):
     status, body = lt_error(lambda: lt.translate("Hi.", "en", "fr"))
     assert status == 400 and "en->fr is not supported" in body["error"]
     status, body = lt_error(lambda: lt.translate("x" * (MAX_CHARS + 1), "en", "de"))
-    assert status == 400 and f"limit {MAX_CHARS}" in body["error"]
+    assert status == 400 and f"limit max_chars_per_text={MAX_CHARS}" in body["error"]
     form = {"q": "Select <b>the cell</b>.", "source": "en", "target": "de", "format": "xml", "api_key": keys["bob"]}
     r = requests.post(served["lt"] + "/translate", data=form, timeout=30)
     assert r.status_code == 400 and "format" in r.json()["error"]  # LibreTranslate knows text and html only
@@ -211,7 +211,7 @@ def test_deepl_errors_are_its_own(served, no_deepl_retries):
         client.translate_text("Hi.", target_lang="DE", formality="more")
     assert raised.value.http_status_code == 400
     assert client.translate_text("Hi.", target_lang="DE", formality="prefer_more").text  # falls back, as DeepL's
-    with pytest.raises(deepl.DeepLException, match=f"limit {MAX_CHARS}") as raised:
+    with pytest.raises(deepl.DeepLException, match=f"max_chars_per_text={MAX_CHARS}") as raised:
         client.translate_text("x" * (MAX_CHARS + 1), target_lang="DE")
     assert raised.value.http_status_code == 413
     dora = deepl.Translator(keys["dora"], server_url=served["deepl"])

@@ -212,7 +212,7 @@ def test_a_full_replica_queue_answers_our_json_503_with_retry_after(ops):
 def test_a_request_with_too_many_sentences_is_413_naming_the_limit(ops):
     r = post(ops["url"] + "/busy", {"text": " ".join([SENTENCES[3]] * 9)})
     assert r.status_code == 413, r.text
-    assert r.json()["error"]["type"] == "request_too_large" and "9 sentences > limit 8" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "request_too_large" and "9 sentences > limit max_sentences_per_request=8" in r.json()["error"]["message"]
 
 
 def test_timeout_is_504_and_its_work_is_dropped(ops):

@@ -343,3 +343,48 @@ def test_explain_gives_every_layer_and_head_matching_the_engine(service, transla
 def test_explain_refuses_bad_input_with_a_4xx(service, body, status, fragment):
     r = explain(service, body)
     assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+
+
+def test_markup_placeholders_and_capitals_over_http_as_offline(service, translator):
+    from engine import rich_text
+
+    cases = [({"text": "Press <b>Ctrl+S</b> to save the <i>file</i>.", "format": "html"}, "html"),
+             ({"text": "Deleted %(count)d files from {folder} on 2024-05-01."}, "text"),
+             ({"text": "<doc><para>Select <emph>the cell</emph>.</para></doc>", "format": "xml"}, "xml"),
+             ({"text": "THE PRINTER IS NOT AVAILABLE."}, "text"),
+             ({"text": "Open LibreOffice Writer now.", "protected_terms": ["LibreOffice Writer"]}, "text")]
+    for body, fmt in cases:
+        r = post(service, body)
+        assert r.status_code == 200, r.text
+        expected = rich_text.translate(translator, [body["text"]], format=fmt,
+                                       terms=tuple(body.get("protected_terms", ())))[0]
+        assert r.json()["translations"][0]["text"] == expected
+    streamed = requests.post(service["url"] + "/translate", json={"text": "Copy %s now. Delete {name} later.",
+                                                                  "stream": True}, timeout=60)
+    sentences = [json.loads(line) for line in streamed.text.splitlines() if '"sentence"' in line]
+    assert "%s" in sentences[0]["text"] and "{name}" in sentences[1]["text"]
+
+
+def test_bad_markup_and_options_are_4xx(service):
+    r = post(service, {"text": "<doc>\n<para>Broken</doc>", "format": "xml"})
+    assert r.status_code == 422 and "malformed XML at line 2, column" in r.json()["error"]["message"]
+    assert post(service, {"text": "x", "format": "markdown"}).status_code == 422
+    assert post(service, {"text": "x", "protected_terms": ["a"] * 101}).status_code == 422
+    assert post(service, {"text": "x", "protected_terms": [""]}).status_code == 422
+    soup = "<b><i>" * 40 + "Save the file." + "</b>" * 3 + "<span>&bogus; &#xZZ; <a href='x>y'>"
+    r = post(service, {"text": soup, "format": "html"})
+    assert r.status_code == 200, r.text  # lenient HTML: unclosed elements close with their parent
+
+
+def test_documents_keep_their_layout_and_the_limits_are_listed(service):
+    paragraphs = ["Select the cell. Click the button to save the document.", "The printer is not available.",
+                  "Do you want to delete the selected entries?"]
+    r = post(service, {"text": "\n\n".join(paragraphs * 4)})
+    assert r.status_code == 200, r.text
+    assert r.json()["translations"][0]["text"].count("\n\n") == 11
+    r = post(service, {"text": "x " * 800})
+    assert r.status_code == 413 and "max_chars_per_text=1500" in r.json()["error"]["message"]
+    [model] = [m for m in requests.get(service["url"] + "/v1/models", timeout=10).json()["models"]
+               if m["id"] == "en-de"]
+    assert (model["max_chars_per_text"], model["max_chars_per_request"]) == (1500, 10_000)
+    assert model["formats"] == ["text", "html", "xml"]
