@@ -34,6 +34,8 @@ class AsyncEngine:
     Attributes:
         queued_work: :meth:`work` summed over the sentences submitted and not yet finished (the admission measure
             of service/app.py).
+        interactive_work: the part of queued_work submitted as interactive (small requests), which service/app.py
+            admits against each other only, so that a document in the engine does not shut small requests out.
         work_per_s: the work the engine has been finishing per second while busy (an exponential moving average
             over steps, weight 0.05; 0 before the first sentence finishes): how fast a queue drains, for
             Retry-After.
@@ -46,6 +48,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self.queued_work = 0
+        self.interactive_work = 0
         self.work_per_s = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -59,8 +62,9 @@ class AsyncEngine:
         return options.beam_size * (len(src_ids) + max(len(src_ids), options.min_length))
 
     def submit(self, src_ids: list[int], options: DecodingOptions, *, target_prefix: list[int] | None = None,
-               group: object = None) -> asyncio.Future:
-        """Queues a sentence (arguments as :meth:`EngineCore.submit`; validate lengths before: the core's
+               group: object = None, interactive: bool = False) -> asyncio.Future:
+        """Queues a sentence (arguments as :meth:`EngineCore.submit`, ``interactive``: counted in interactive_work
+        too; validate lengths before: the core's
         InputTooLongError would come back as the future's exception). Call from the event loop that awaits it.
         Returns a future resolved with the sentence's :class:`Finished`.
 
@@ -72,9 +76,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         work = self.work(src_ids, options)
-        with self._lock:
-            self.queued_work += work
-        self._inbox.put(("submit", future, loop, work, (src_ids, options, target_prefix, group)))
+        self._count(work, interactive)
+        self._inbox.put(("submit", future, loop, (work, interactive), (src_ids, options, target_prefix, group)))
         self._wake.set()
         return future
 
@@ -117,9 +120,8 @@ class AsyncEngine:
                     continue
                 future, loop, work = entry
                 handles.pop(future, None)
-                done_work += work
-                with self._lock:
-                    self.queued_work -= work
+                done_work += work[0]
+                self._count(-work[0], work[1])
                 loop.call_soon_threadsafe(_resolve, future, done)
             elapsed = time.monotonic() - started
             if elapsed > 0 and (done_work or self.work_per_s):  # first estimate at the first finished sentence
@@ -148,18 +150,23 @@ class AsyncEngine:
                 continue
             _, future, loop, work, (src_ids, options, prefix, group) = message
             if future.done():  # cancelled before it reached the loop
-                with self._lock:
-                    self.queued_work -= work
+                self._count(-work[0], work[1])
                 continue
             try:
                 handle = self.core.submit(src_ids, options, target_prefix=prefix, group=group)
             except Exception as e:  # noqa: BLE001 - the caller's error, not the loop's
-                with self._lock:
-                    self.queued_work -= work
+                self._count(-work[0], work[1])
                 loop.call_soon_threadsafe(_fail, future, e)
                 continue
             futures[handle] = (future, loop, work)
             handles[future] = handle
+
+
+    def _count(self, work: int, interactive: bool) -> None:
+        with self._lock:
+            self.queued_work += work
+            if interactive:
+                self.interactive_work += work
 
 
 def _resolve(future: asyncio.Future, done: Finished) -> None:

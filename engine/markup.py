@@ -80,8 +80,8 @@ class _HtmlBuilder(html.parser.HTMLParser):
 
     def handle_startendtag(self, tag, attrs):
         self.handle_starttag(tag, attrs)
-        if tag not in VOID:  # <span/>: an empty element
-            self.stack.pop()
+        if tag not in VOID:  # <em/>: an empty element, written back as it came
+            self.stack.pop().end_tag = ""
 
     def handle_endtag(self, tag):
         for i in range(len(self.stack) - 1, 0, -1):

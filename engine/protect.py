@@ -35,6 +35,7 @@ PATTERNS: list[tuple[str, str]] = [
 ]
 _SPANS = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in PATTERNS))
 _MASK_PREFIXES = ("X", "Y", "Z", "Q", "XQ", "QX", "ZX", "XZ")
+_WORD_RUN = re.compile(r"\w*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,11 @@ def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
             if not any(m.start() < s.end and s.start < m.end() for s in taken):
                 taken.append(Span(m.start(), m.end(), "term"))
     for m in _SPANS.finditer(text):
-        if not any(m.start() < s.end and s.start < m.end() for s in taken):
-            taken.append(Span(m.start(), m.end(), m.lastgroup))
+        end = m.end()
+        if end < len(text) and text[end].isdigit():  # "%%0A": a digit after a mask would read as its number
+            end = _WORD_RUN.match(text, end).end()
+        if not any(m.start() < s.end and s.start < end for s in taken):
+            taken.append(Span(m.start(), end, m.lastgroup))
     return sorted(taken, key=lambda s: s.start)
 
 

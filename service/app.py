@@ -521,17 +521,18 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return segmented, sentences
 
     def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> None:
-        """Admission by work (token-rows, AsyncEngine.work): a bulk request is refused past max_queued_work, an
-        interactive one (at most interactive_max_sentences sentences) only past twice that, so that interactive
-        requests still get in while bulk ones wait their turn; an idle engine admits anything
+        """Admission by work (token-rows, AsyncEngine.work): a bulk request is refused past max_queued_work of all
+        queued work; an interactive one (at most interactive_max_sentences sentences) only past twice that of the
+        interactive work queued, so that interactive requests still get in while bulk ones (a document) fill the
+        queue, and then join the running decode first under the engine's fairness; an idle engine admits anything
         (max_sentences_per_request bounds a request).
 
         Raises:
             OverloadedError: the replica has too much work queued (HTTP 503 with Retry-After).
         """
-        queued = model.engine.queued_work
         work = sum(AsyncEngine.work(s.src_ids, options) for s in sentences)
-        interactive = len(sentences) <= self.args.interactive_max_sentences
+        interactive = self._interactive(sentences)
+        queued = model.engine.interactive_work if interactive else model.engine.queued_work
         limit = self.args.max_queued_work * (2 if interactive else 1)
         if queued and queued + work > limit:
             model.metrics.rejected.inc(1)
@@ -544,12 +545,16 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise OverloadedError(f"this replica has {queued} token-rows of work queued (limit {limit} for a request "
                                   f"of {len(sentences)} sentences); retry in {retry_after} s", retry_after)
 
-    @staticmethod
-    def _submit(model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> list[asyncio.Future]:
+    def _interactive(self, sentences: list[_Sentence]) -> bool:
+        return len(sentences) <= self.args.interactive_max_sentences
+
+    def _submit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> list[asyncio.Future]:
         group = object()  # the request: the engine's fairness unit
+        interactive = self._interactive(sentences)
         model.metrics.add_pending(len(sentences))
         model.metrics.count(model.metrics.source_tokens, sum(len(s.src_ids) for s in sentences))
-        futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group) for s in sentences]
+        futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group,
+                                       interactive=interactive) for s in sentences]
         for future in futures:
             future.add_done_callback(functools.partial(count_done, model.metrics))
         return futures

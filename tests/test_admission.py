@@ -148,6 +148,33 @@ def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_alway
     model.engine.close()
 
 
+def test_a_document_filling_the_queue_does_not_shut_interactive_requests_out(translator):
+    dep = replica(translator, max_queued_work=200, interactive_max_sentences=2)
+    model = dep.default
+    document = sentences(translator, SENTENCES * 3)  # 24 sentences, far past twice the limit
+
+    async def main():
+        dep._admit(model, document, DecodingOptions())  # an idle engine admits it
+        futures = dep._submit(model, document, DecodingOptions())
+        assert model.engine.queued_work > 2 * 200 and model.engine.interactive_work == 0
+        with pytest.raises(OverloadedError):  # bulk: past the limit of all queued work
+            dep._admit(model, sentences(translator, SENTENCES[:3]), DecodingOptions())
+        small = sentences(translator, SENTENCES[:2])
+        dep._admit(model, small, DecodingOptions())  # interactive: against interactive work only
+        probe = dep._submit(model, small, DecodingOptions())
+        assert model.engine.interactive_work == sum(AsyncEngine.work(s.src_ids, DecodingOptions()) for s in small)
+        await asyncio.wait(probe)
+        first_probe_done = sum(f.done() for f in futures)
+        await asyncio.wait(futures)
+        await settle(model.engine)
+        return first_probe_done
+
+    document_done_before_probe = asyncio.run(main())
+    assert document_done_before_probe < len(document)  # the probe did not wait for the whole document
+    assert (model.engine.queued_work, model.engine.interactive_work) == (0, 0)
+    model.engine.close()
+
+
 def test_an_invalid_live_reconfigure_keeps_the_replica_serving_with_its_settings(translator):
     dep = replica(translator)
     core = dep.default.engine.core
