@@ -18,15 +18,20 @@ def is_all_caps(text: str, keep: re.Pattern | None = None) -> bool:
     return len(words) >= 2 and any(c.isalpha() for c in text) and text == text.upper() and text != text.lower()
 
 
-def to_sentence_case(text: str, keep: re.Pattern | None = None) -> str:
-    """Lower case with the first letter capitalized; parts matching ``keep`` (masks) are left as they are."""
+def _outside(text: str, keep: re.Pattern | None, change) -> str:
+    """``change`` applied to the parts of ``text`` that ``keep`` (masks) does not match."""
     parts, cursor = [], 0
     for m in (keep.finditer(text) if keep is not None else ()):
-        parts.append(text[cursor:m.start()].lower())
+        parts.append(change(text[cursor:m.start()]))
         parts.append(m.group())
         cursor = m.end()
-    parts.append(text[cursor:].lower())
-    lowered = "".join(parts)
+    parts.append(change(text[cursor:]))
+    return "".join(parts)
+
+
+def to_sentence_case(text: str, keep: re.Pattern | None = None) -> str:
+    """Lower case with the first letter capitalized; parts matching ``keep`` (masks) are left as they are."""
+    lowered = _outside(text, keep, str.lower)
     first = re.search(r"[^\W\d_]", lowered)
     if first is None or (keep is not None and any(m.start() <= first.start() < m.end() for m in keep.finditer(lowered))):
         return lowered
@@ -35,10 +40,4 @@ def to_sentence_case(text: str, keep: re.Pattern | None = None) -> str:
 
 def to_upper(text: str, keep: re.Pattern | None = None) -> str:
     """Upper case, leaving parts matching ``keep`` (masks) as they are."""
-    parts, cursor = [], 0
-    for m in (keep.finditer(text) if keep is not None else ()):
-        parts.append(text[cursor:m.start()].upper())
-        parts.append(m.group())
-        cursor = m.end()
-    parts.append(text[cursor:].upper())
-    return "".join(parts)
+    return _outside(text, keep, str.upper)
