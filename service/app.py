@@ -450,7 +450,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         if sum(len(t) for t in texts) > self.args.max_chars_per_request:
             raise RequestTooLargeError(f"{sum(len(t) for t in texts)} characters in all texts > limit "
                                        f"max_chars_per_request={self.args.max_chars_per_request}")
-        # One deadline for the whole request: splitting, queueing and decoding share request_timeout_s.
+        # One deadline for the whole request: splitting, queueing and decoding share request_timeout_s (plus
+        # timeout_s_per_sentence for each of its sentences).
         deadline = time.monotonic() + self.args.request_timeout_s
         # Everything is split and tokenized before anything is queued: a bad sentence fails its request alone.
         # In a thread: up to max_texts_per_request x max_chars_per_text of sentence splitting must not stall
@@ -474,6 +475,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         if any(p.needs_attention for p in segmented) and not options.return_attention:
             # Markup, masks and casing are put back by alignment; the answer shows attention only when asked.
             options = dataclasses.replace(options, return_attention=True)
+        deadline += self.args.timeout_s_per_sentence * len(sentences)  # a document gets time for its size
         return options, segmented, sentences, deadline
 
     async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[rich_text.Prepared],

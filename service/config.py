@@ -34,6 +34,9 @@ class AppArgs(BaseModel):
     max_chars_per_request: int = Field(100_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
+    timeout_s_per_sentence: float = Field(0.0, ge=0, description="added to a request's deadline for each of its "
+                                          "sentences, so that a document of 1,000 sentences gets time for its size "
+                                          "(deploy/serve_config.yaml: 0.1)")
     max_sentences_per_request: int = Field(4096, ge=1, description="sentences after splitting (413 beyond); a "
                                            "request's sentences share the engine fairly with other requests' "
                                            "(engine/core.py), so this bounds work, not waiting")

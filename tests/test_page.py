@@ -69,8 +69,9 @@ def all_of(node, css):
     return node.find_elements(By.CSS_SELECTOR, css)
 
 
-def open_and_translate(driver, url, text, beam_size=4, n_best=1):
+def open_and_translate(driver, url, text, beam_size=4, n_best=1, format="text"):
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     driver.get(url + "/")
     wait(driver, lambda d: all_of(d, "#model option"))  # the models came from /v1/models
@@ -81,6 +82,7 @@ def open_and_translate(driver, url, text, beam_size=4, n_best=1):
         field = by_id(driver, element_id)
         field.clear()
         field.send_keys(str(value))
+    Select(by_id(driver, "format")).select_by_value(format)
     source.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard shortcut, not the button
 
 
@@ -187,6 +189,16 @@ def test_errors_show_the_service_message_and_n_best_shows_scores(served, browser
                                                    "n_best": 3, "return_scores": True}, timeout=60)
     items = [li.text for li in all_of(browser, "#n-best-list li")]
     assert items == [f"{h['text']} (score {h['score']:.3f})" for h in r.json()["translations"][0]["n_best"]]
+
+
+def test_markup_is_shown_as_text_with_its_tags(served, browser):
+    source = 'Press <b>Ctrl+S</b> to save the <img src=x onerror="document.title=1">file.'
+    open_and_translate(browser, served, source, format="html")
+    wait(browser, lambda d: by_id(d, "translation").text.strip())
+    r = requests.post(served + "/translate", json={"text": source, "model": "en-de", "beam_size": 4,
+                                                   "format": "html"}, timeout=60)
+    assert by_id(browser, "translation").text == r.json()["translations"][0]["text"]
+    assert not all_of(browser, "#translation *") and browser.title != "1"  # shown as text, never as markup
 
 
 def test_phone_width_labels_and_no_horizontal_scroll(served, browser):

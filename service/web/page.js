@@ -64,6 +64,7 @@ async function loadModels() {
 function requestBody() {
   const body = {text: $("source").value, return_attention: true};
   if ($("model").value) body.model = $("model").value;
+  if ($("format").value !== "text") body.format = $("format").value;
   const beam = $("beam-size").value.trim();
   const nBest = parseInt($("n-best").value, 10) || 1;
   if (beam) body.beam_size = Number(beam);
