@@ -141,7 +141,10 @@ class Prepared:
         text = "".join(pieces)
         if self.format == "text":
             return protect.unmask(text, run.originals)
-        spans = [_place(span, run, tokens, text, (0, len(text))) for span in run.spans]
+        masks = ([(m.start(), m.end()) for m in re.finditer(
+            "|".join(re.escape(k) for k in sorted(run.originals, key=len, reverse=True)) + r"(?!\d)", text)]
+            if run.originals else [])
+        spans = [_place(span, run, tokens, text, masks) for span in run.spans]
         _order(spans, (0, len(text)))
         rendered = _emit(text, spans, 0, len(text), self.references)
         return protect.unmask(rendered, run.originals)
@@ -177,9 +180,10 @@ class _Placed:
     children: list["_Placed"]
 
 
-def _place(span: InlineSpan, run: _Run, tokens: list, text: str, bounds: tuple[int, int]) -> _Placed:
+def _place(span: InlineSpan, run: _Run, tokens: list, text: str, masks: list[tuple[int, int]]) -> _Placed:
     """Where an inline element goes in the run's output: the hull of the target tokens aligned to its source
-    characters; else the token giving them the most attention; else an empty element at the end."""
+    characters; else the token giving them the most attention; else an empty element at the end. Never inside a
+    mask (``masks``: their ranges in ``text``), which a tag would split."""
     a, b = run.to_masked[span.start], run.to_masked[span.end]
     hits = [(s, e) for s, e, aligned, _, _ in tokens if aligned and a < b and aligned[0] < b and a < aligned[1]]
     if not hits and a < b:
@@ -202,7 +206,12 @@ def _place(span: InlineSpan, run: _Run, tokens: list, text: str, bounds: tuple[i
     while start < end and (text[end - 1].isspace() or (text[end - 1] in _PUNCTUATION and
                                                        not source.endswith(tuple(_PUNCTUATION)))):
         end -= 1  # nor the punctuation after them, unless the source element ends with some
-    return _Placed(span, start, end, [_place(c, run, tokens, text, bounds) for c in span.children])
+    for mask_start, mask_end in masks:
+        if mask_start < start < mask_end:
+            start = mask_start
+        if mask_start < end < mask_end:
+            end = mask_end
+    return _Placed(span, start, end, [_place(c, run, tokens, text, masks) for c in span.children])
 
 
 def _order(placed: list[_Placed], bounds: tuple[int, int]) -> None:
