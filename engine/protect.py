@@ -164,13 +164,19 @@ def aligned_token(attention: np.ndarray, source_ranges: list[tuple[int, int]], s
 
 
 def restore_masks(masks: list[tuple[str, tuple[int, int]]], target: Target, attention: np.ndarray | None,
-                  source_ranges: list[tuple[int, int]]) -> None:
-    """Makes every mask (its text, and its character range in the source the ``source_ranges`` refer to) occur
-    exactly once in ``target`` (edited in place): later copies are dropped, a missing mask is inserted after its
-    aligned target token (before the final punctuation without attention)."""
+                  source_ranges: list[tuple[int, int]], source: str = "") -> None:
+    """Makes every mask (its text, and its character range in ``source``, the text the ``source_ranges`` refer
+    to) occur exactly once in ``target`` (edited in place): later copies are dropped, a missing mask is inserted
+    after its aligned target token (before the final punctuation without attention). A mask the model joined to
+    the next word with a hyphen ("X1-Dateien", as German compounds a number) is separated again when the source
+    had a space there: "%d files" is "%d Dateien", not "%d-Dateien"."""
     for token, (start, end) in masks:
         pattern = re.compile(re.escape(token) + r"(?!\d)")
         found = list(pattern.finditer(target.text))
+        if found and source[end:end + 1].isspace():
+            joined = re.compile(re.escape(token) + r"-(?=[^\W\d_])").search(target.text)
+            if joined:
+                target.text = target.text[:joined.end() - 1] + " " + target.text[joined.end():]
         for m in reversed(found[1:]):
             cut = m.start() - (1 if m.start() > 0 and target.text[m.start() - 1] == " " else 0)
             target.delete(cut, m.end())

@@ -110,7 +110,7 @@ class Prepared:
         target = protect.Target.from_pieces(pieces)
         attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None
         source_ranges = _source_ranges(sentence, tokenizer)
-        protect.restore_masks(sentence.masks, target, attention, source_ranges)
+        protect.restore_masks(sentence.masks, target, attention, source_ranges, run.masked)
         if sentence.all_caps:
             _upper(target, run.originals)
         return target

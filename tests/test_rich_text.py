@@ -117,6 +117,9 @@ def test_a_mask_the_model_drops_goes_after_its_aligned_target_token():
     twice = protect.Target.from_pieces(["▁X1", "▁und", "▁X1"])
     protect.restore_masks([("X1", (0, 2))], twice, None, [(0, 2)])
     assert twice.text == "X1 und"
+    joined = protect.Target.from_pieces(["▁X", "1", "-", "Datei", "en", "▁und", "▁X", "2", "-", "Datei"])
+    protect.restore_masks([("X1", (0, 2)), ("X2", (9, 11))], joined, None, [], "X1 files, X2-file")
+    assert joined.text == "X1 Dateien und X2-Datei"  # the source had a space after X1, a hyphen after X2
 
 
 def test_spans_found_and_not_found():
