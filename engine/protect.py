@@ -51,17 +51,19 @@ class Span:
 def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
     """Non-overlapping protected spans of ``text``, in order: the client's ``terms`` (exact, case-sensitive, longest
     first), then PATTERNS."""
-    taken: list[Span] = []
+    term_spans: list[Span] = []
     for term in sorted({t for t in terms if t.strip()}, key=len, reverse=True):
         for m in re.finditer(re.escape(term), text):
-            if not any(m.start() < s.end and s.start < m.end() for s in taken):
-                taken.append(Span(m.start(), m.end(), "term"))
-    for m in _SPANS.finditer(text):
-        end = m.end()
+            if not any(m.start() < s.end and s.start < m.end() for s in term_spans):
+                term_spans.append(Span(m.start(), m.end(), "term"))
+    taken, last_end = list(term_spans), 0
+    for m in _SPANS.finditer(text):  # in order and apart from each other: only terms and a widened span can clash
+        start, end = m.start(), m.end()
         if end < len(text) and text[end].isdigit():  # "%%0A": a digit after a mask would read as its number
             end = _WORD_RUN.match(text, end).end()
-        if not any(m.start() < s.end and s.start < end for s in taken):
-            taken.append(Span(m.start(), end, m.lastgroup))
+        if start >= last_end and not any(start < s.end and s.start < end for s in term_spans):
+            taken.append(Span(start, end, m.lastgroup))
+            last_end = end
     return sorted(taken, key=lambda s: s.start)
 
 

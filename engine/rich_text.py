@@ -265,7 +265,7 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
         originals[masked.mask(i)] = next(items_iter) if span.kind == "markup" else escape(span.text(plain))
     layout = segmentation.split(masked.text, split_sentences)
     keep = re.compile(re.escape(prefix) + r"\d+") if spans_to_mask else None
-    sentences, position = [], 0
+    sentences, position, next_mask = [], 0, 0
     for part in layout.layout:
         if isinstance(part, str):
             position += len(part)
@@ -274,8 +274,12 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
         offset = masked.text.find(text, position)
         offset = position if offset < 0 else offset
         caps = casing.is_all_caps(text, keep)
-        masks = [(masked.mask(i), r) for i, r in enumerate(masked.mask_offsets)
-                 if offset <= r[0] and r[1] <= offset + len(text)]
+        masks = []  # masks and sentences are both in text order: one pass over the masks
+        while next_mask < len(masked.mask_offsets) and masked.mask_offsets[next_mask][1] <= offset + len(text):
+            r = masked.mask_offsets[next_mask]
+            if r[0] >= offset:
+                masks.append((masked.mask(next_mask), r))
+            next_mask += 1
         sentences.append(_Sentence(text, offset, casing.to_sentence_case(text, keep) if caps else text, caps, masks))
         position = offset + len(text)
     plain_path = not spans_to_mask and not spans and not any(s.all_caps for s in sentences)
