@@ -28,6 +28,8 @@ INLINE_VERBATIM = frozenset("code kbd samp var".split())
 # Block elements copied verbatim.
 BLOCK_VERBATIM = frozenset("pre script style textarea template".split())
 VOID = frozenset("area base br col embed hr img input link meta param source track wbr".split())
+# Deeper markup is refused (422): the tree is walked recursively, and no real document nests this deep.
+MAX_DEPTH = 200
 # Void elements that split a run (the rest, img, input..., stay in it as protected spans).
 BREAKING_VOID = frozenset("br hr area base col link meta param source track".split())
 
@@ -77,6 +79,7 @@ class _HtmlBuilder(html.parser.HTMLParser):
         parent.children.append(element)
         if tag not in VOID:
             self.stack.append(element)
+            _check_depth(len(self.stack) - 1)
 
     def handle_startendtag(self, tag, attrs):
         self.handle_starttag(tag, attrs)
@@ -140,6 +143,7 @@ def parse_xml(source: str) -> tuple[Element, dict[str, str]]:
         element = Element(name, tag, f"</{name}>", verbatim=stack[-1].verbatim or _no_translate(pairs))
         stack[-1].children.append(element)
         stack.append(element)
+        _check_depth(len(stack) - 1)
 
     def end(name):
         element = stack.pop()
@@ -167,6 +171,11 @@ def parse_xml(source: str) -> tuple[Element, dict[str, str]]:
                                   f"{xml.parsers.expat.ErrorString(e.code)}") from None
     _mark_inline(root)
     return root, {}
+
+
+def _check_depth(depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidRequestError(f"markup nested {depth} elements deep > limit {MAX_DEPTH}")
 
 
 def _quote(value: str) -> str:

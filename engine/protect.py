@@ -13,9 +13,13 @@ Hanneman & Dinu, WMT 2020, applied to placeholders).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
+import string
 
 import numpy as np
+
+from engine.errors import InvalidRequestError
 
 # Kinds of span, most specific first: an earlier kind wins where two overlap.
 PATTERNS: list[tuple[str, str]] = [
@@ -36,6 +40,7 @@ PATTERNS: list[tuple[str, str]] = [
 _SPANS = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in PATTERNS))
 _MASK_PREFIXES = ("X", "Y", "Z", "Q", "XQ", "QX", "ZX", "XZ")
 _WORD_RUN = re.compile(r"\w*")
+_CAPITALS = string.ascii_uppercase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +73,18 @@ def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
 
 
 def mask_prefix(text: str) -> str:
-    """A mask prefix P such that no "P<digit>" occurs in ``text``."""
-    for prefix in _MASK_PREFIXES:
-        if not re.search(re.escape(prefix) + r"\d", text):
+    """A mask prefix P such that no "P<digit>" occurs in ``text``: the short ones the model copies best first,
+    then any two or three capitals.
+
+    Raises:
+        InvalidRequestError: a text holding every such prefix followed by a digit (tens of thousands of them).
+    """
+    used = set(re.findall(r"([A-Z]{1,3})(?=\d)", text))
+    for prefix in itertools.chain(_MASK_PREFIXES, (a + b for a in _CAPITALS for b in _CAPITALS),
+                                  (a + b + c for a in _CAPITALS for b in _CAPITALS for c in _CAPITALS)):
+        if prefix not in used and not any(u.endswith(prefix) for u in used):
             return prefix
-    raise ValueError("no free mask prefix")  # only for texts that contain every prefix followed by a digit
+    raise InvalidRequestError("the text uses every mask prefix (capitals followed by a digit) this service has")
 
 
 @dataclasses.dataclass

@@ -21,10 +21,12 @@ from typing import Literal
 import numpy as np
 
 from engine import casing, markup, protect, segmentation
+from engine.errors import InvalidRequestError
 from engine.search import Hypothesis
 
 Format = Literal["text", "html", "xml"]
-MARKUP_ITEM = "\ue000"  # stands for an element copied verbatim inside a run (private use: never in real text)
+# An element copied verbatim inside a run stands in its text as one private-use character that the text lacks.
+_ITEM_CHARS = range(0xE000, 0xF900)
 _PUNCTUATION = ",.;:!?"
 
 
@@ -239,12 +241,14 @@ def _emit(text: str, placed: list[_Placed], lo: int, hi: int, references: dict[s
 
 
 def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sentences: bool, terms: tuple[str, ...],
-              prefix: str, counter: list[int], escape) -> _Run:
-    """A run from its plain text (MARKUP_ITEM where ``items`` go, in order), inline spans over it, and masks
+              prefix: str, counter: list[int], escape, item_char: str | None = None) -> _Run:
+    """A run from its plain text (``item_char`` where ``items`` go, in order), inline spans over it, and masks
     numbered from ``counter[0]`` (advanced)."""
     found = protect.find_spans(plain, terms)
-    item_spans = [protect.Span(m.start(), m.end(), "markup") for m in re.finditer(MARKUP_ITEM, plain)]
-    spans_to_mask = sorted(item_spans + [s for s in found if MARKUP_ITEM not in s.text(plain)], key=lambda s: s.start)
+    item_spans = ([protect.Span(m.start(), m.end(), "markup") for m in re.finditer(item_char, plain)]
+                  if item_char else [])
+    spans_to_mask = sorted(item_spans + [s for s in found if not item_char or item_char not in s.text(plain)],
+                           key=lambda s: s.start)
     masked = protect.mask(plain, spans_to_mask, prefix, counter[0])
     counter[0] += len(spans_to_mask)
     to_masked, cursor, shift = [], 0, 0
@@ -301,6 +305,10 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
         return Prepared(format, [run], {}, not run.plain_path)
     root, references = markup.parse_html(text) if format == "html" else markup.parse_xml(text)
     parts: list = []
+    item_char = next((chr(c) for c in _ITEM_CHARS if chr(c) not in text), None)
+    if item_char is None:
+        raise InvalidRequestError("the text uses every private-use character from U+E000 to U+F8FF; this service "
+                                  "needs one of them free to mark verbatim elements")
 
     def escape(s: str) -> str:
         return markup.escape_text(s, references)
@@ -313,7 +321,7 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
                 if isinstance(node, markup.Text):
                     plain.append(node.text)
                 elif isinstance(node, markup.Raw) or node.verbatim or not node.children and node.end_tag == "":
-                    plain.append(MARKUP_ITEM)
+                    plain.append(item_char)
                     items.append(node.markup if isinstance(node, markup.Raw) else markup.serialize(node, references))
                 else:
                     start = sum(len(p) for p in plain)
@@ -324,10 +332,10 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
 
         flatten(nodes, spans)
         joined = "".join(plain)
-        if segmentation.is_blank(joined.replace(MARKUP_ITEM, "")):
+        if segmentation.is_blank(joined.replace(item_char, "")):
             parts.append("".join(markup.serialize(n, references) for n in nodes))
         else:
-            parts.append(_make_run(joined, spans, items, True, terms, prefix, counter, escape))
+            parts.append(_make_run(joined, spans, items, True, terms, prefix, counter, escape, item_char))
         nodes.clear()
 
     def walk(element: markup.Element) -> None:

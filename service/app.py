@@ -650,9 +650,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 return_scores: bool) -> schemas.Translation:
         """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
         (its last one if it has fewer); its score is the sum over sentences."""
-        if not seg.sentences:
-            return schemas.Translation(text="", score=0.0 if return_scores else None,
-                                       n_best=[schemas.Hypothesis(text="", score=0.0)] if return_scores else None)
+        if not seg.sentences:  # nothing to translate: "" for blank text, the markup as it was for markup
+            text = seg.render([], translator.tokenizer, []) if seg.format != "text" else ""
+            return schemas.Translation(text=text, score=0.0 if return_scores else None,
+                                       n_best=[schemas.Hypothesis(text=text, score=0.0)] if return_scores else None)
         n = max(len(h) for h in hyps) if return_scores else 1
         joined = []
         for k in range(n):

@@ -374,6 +374,20 @@ def test_bad_markup_and_options_are_4xx(service):
     soup = "<b><i>" * 40 + "Save the file." + "</b>" * 3 + "<span>&bogus; &#xZZ; <a href='x>y'>"
     r = post(service, {"text": soup, "format": "html"})
     assert r.status_code == 200, r.text  # lenient HTML: unclosed elements close with their parent
+    # Found by a break-it run (each was a 500): nesting past the recursion limit, every short mask prefix taken by
+    # the text, the private-use character that marked verbatim elements in the text itself.
+    for fmt, open_, close in (("html", "<b>", "</b>"), ("xml", "<a>", "</a>")):
+        r = post(service, {"text": open_ * 210 + "Save." + close * 210, "format": fmt})  # under 1,500 characters
+        assert r.status_code == 422 and "nested 201 elements deep > limit 200" in r.json()["error"]["message"]
+    r = post(service, {"text": "Press X1, Y1, Z1, Q1, XQ1, QX1, ZX1 and XZ1 for %s."})
+    assert r.status_code == 200 and r.json()["translations"][0]["text"].count("%s") == 1, r.text
+    r = post(service, {"text": "Open \ue000 the <code>ls</code> file <b>now</b>.", "format": "html"})
+    assert r.status_code == 200 and "<code>ls</code>" in r.json()["translations"][0]["text"], r.text
+    # Markup without text comes back as it was; entities are never expanded (no "billion laughs", no file read).
+    for text in ("<p><br><img src=x></p>", '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aa"><!ENTITY b "&a;&a;">'
+                 ']><l>&b;</l>', '<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><x>&e;</x>'):
+        r = post(service, {"text": text, "format": "html" if text.startswith("<p>") else "xml"})
+        assert r.status_code == 200 and r.json()["translations"][0]["text"] == text, r.text
 
 
 def test_documents_keep_their_layout_and_the_limits_are_listed(service):
