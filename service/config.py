@@ -45,8 +45,9 @@ class AppArgs(BaseModel):
                                  "engine.async_engine.AsyncEngine.work) beyond which a bulk request gets a JSON 503 "
                                  "with Retry-After (admission control)")
     interactive_max_sentences: int = Field(4, ge=0, description="requests of at most this many sentences are "
-                                           "interactive: admitted until twice max_queued_work, so that they still "
-                                           "get in while bulk requests wait their turn")
+                                           "interactive: admitted until the interactive work queued reaches twice "
+                                           "max_queued_work, so that they still get in while bulk requests (a "
+                                           "document) fill the queue")
     retry_after_s: int = Field(1, ge=0, description="the least Retry-After of that 503, seconds (it grows with the "
                                                     "queued work over the engine's recent rate, up to 60 s)")
     api_keys_file: str | None = Field(
