@@ -3,6 +3,8 @@
     .venv/bin/python -m loadtests.eval_real_text --artifact artifacts/en-de            # prints the figures
     pip download --no-deps -d /tmp/wheels django sphinx ckan indico
     .venv/bin/python -m loadtests.eval_real_text --build --wheels /tmp/wheels           # remakes the set
+    pip download --no-deps -d /tmp/wheels2 wagtail weblate
+    .venv/bin/python -m loadtests.eval_real_text --build --unseen --wheels /tmp/wheels2 # and the unseen one
 
 The set (loadtests/data/real_text_eval.tsv, committed) is made by ``--build`` from the German gettext catalogs of
 the programs installed on this machine (/usr/share/locale/de/LC_MESSAGES/*.mo, the ``sys_mo`` source of the corpus)
@@ -40,6 +42,8 @@ import zipfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "real_text_eval.tsv"
+# Catalogs the corpus does not hold (wagtail, weblate): the fair measure of what masking costs.
+DATA_UNSEEN = Path(__file__).resolve().parent / "data" / "real_text_eval_unseen.tsv"
 CATALOGS = "/usr/share/locale/de/LC_MESSAGES/*.mo"
 PLACEHOLDER = re.compile(r"%\(\w+\)[sd]|%(?:\d+\$)?[-#0]*\d*(?:\.\d+)?(?:hh|h|ll|l|L|q|j|z|t)?[sdiuxXf]"
                          r"|\{\{?\w*\}?\}")
@@ -47,9 +51,10 @@ TAG = re.compile(r"</?(?:b|i|u|a|span|tt|small|big|sub|sup|em|strong)\b[^<>]*>")
 ACCELERATOR = re.compile(r"_(?=\w)|&(?=[A-Za-z])(?!amp;|lt;|gt;|quot;|apos;|#)")
 
 
-def _catalogs(wheels: Path | None):
-    """(name, {msgid: msgstr}) of every German catalog: the system's, then those inside the wheels."""
-    for path in sorted(glob.glob(CATALOGS)):
+def _catalogs(wheels: Path | None, system: bool = True):
+    """(name, .mo bytes) of every German catalog: the system's (unless ``system`` is false), then those inside the
+    wheels."""
+    for path in sorted(glob.glob(CATALOGS)) if system else ():
         if "/iso_" not in path:  # ISO code lists: names, no sentences
             yield Path(path).stem, open(path, "rb").read()
     for wheel in sorted(wheels.glob("*.whl")) if wheels else ():
@@ -59,11 +64,12 @@ def _catalogs(wheels: Path | None):
                     yield f"{wheel.name.split('-')[0]}:{Path(name).stem}", z.read(name)
 
 
-def build(wheels: Path | None, n_placeholders: int = 300, n_markup: int = 150, seed: int = 14) -> None:
+def build(wheels: Path | None, out: Path = DATA, system: bool = True, n_placeholders: int = 300,
+          n_markup: int = 150, seed: int = 14) -> None:
     """Writes the set: msgids of 12-200 characters on one line with placeholders (and, separately, with inline
     tags), their msgstr, accelerators (_File, &File) removed from both sides, deduplicated, sampled with ``seed``."""
     placeholder_rows, markup_rows, seen = [], [], set()
-    for name, data in _catalogs(wheels):
+    for name, data in _catalogs(wheels, system):
         try:
             catalog = gettext.GNUTranslations(io.BytesIO(data))._catalog
         except (OSError, UnicodeDecodeError):
@@ -85,17 +91,17 @@ def build(wheels: Path | None, n_placeholders: int = 300, n_markup: int = 150, s
     rng = random.Random(seed)
     rows = ([("placeholders", *r) for r in rng.sample(placeholder_rows, min(n_placeholders, len(placeholder_rows)))] +
             [("markup", *r) for r in rng.sample(markup_rows, min(n_markup, len(markup_rows)))])
-    DATA.parent.mkdir(parents=True, exist_ok=True)
-    with DATA.open("w", newline="", encoding="utf-8") as f:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         writer.writerow(["kind", "catalog", "en", "de"])
         writer.writerows(rows)
-    print(f"wrote {DATA}: {len(rows)} strings ({len(placeholder_rows)} with placeholders and {len(markup_rows)} "
+    print(f"wrote {out}: {len(rows)} strings ({len(placeholder_rows)} with placeholders and {len(markup_rows)} "
           f"with markup available)")
 
 
-def load() -> list[dict]:
-    with DATA.open(encoding="utf-8", newline="") as f:
+def load(path: Path = DATA) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -165,6 +171,34 @@ def evaluate(artifact: str, corpus: Path, threads: int) -> dict:
     def plain(texts):
         return [t.text for t in translator.translate(texts)]
 
+    out.update(_catalog_figures(translator, rows, corpus, plain))
+    if DATA_UNSEEN.exists():
+        unseen_rows = load(DATA_UNSEEN)
+        out["unseen_catalogs"] = {"strings": len(unseen_rows),
+                                  **_catalog_figures(translator, unseen_rows, corpus, plain)}
+    test = _read_split(corpus, "test")
+    upper_src, upper_ref = [en.upper() for en, _ in test], [de.upper() for _, de in test]
+    out["capitals"] = {"sentences": len(test),
+                       "before": _bleu(score(plain(upper_src), upper_ref)),
+                       "after": _bleu(score(rich_text.translate(translator, upper_src), upper_ref)),
+                       "mixed_case_reference": _bleu(score(plain([en for en, _ in test]), [de for _, de in test]))}
+    numeric = [en for en, _ in test + _read_split(corpus, "dev") if re.search(r"\d", en)]
+    spans = [[s for s in _spans(en)] for en in numeric]
+    out["numbers"] = {"sentences": len(numeric), "spans": sum(map(len, spans)),
+                      "exact_copy_before": _share([_kept(en, o, s) for en, o, s in zip(numeric, plain(numeric), spans)]),
+                      "exact_copy_after": _share([_kept(en, o, s) for en, o, s
+                                                  in zip(numeric, rich_text.translate(translator, numeric), spans)])}
+    out["document"] = document(translator, corpus)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def _catalog_figures(translator, rows: list[dict], corpus: Path, plain) -> dict:
+    """Placeholders kept, markup well-formed, and quality through masking vs bare, for one set of strings."""
+    from engine import rich_text
+    from nmt.evaluate import score
+
+    out: dict = {}
     ph = [r for r in rows if r["kind"] == "placeholders"]
     before, after = plain([r["en"] for r in ph]), rich_text.translate(translator, [r["en"] for r in ph])
     out["placeholders"] = {"strings": len(ph), "spans": sum(len(_spans(r["en"])) for r in ph),
@@ -198,20 +232,6 @@ def evaluate(artifact: str, corpus: Path, threads: int) -> dict:
             "strings": len(unseen), "through_masking": _bleu(score([masked[i] for i in unseen],
                                                                    [references[i] for i in unseen])),
             "bare": _bleu(score([bare[i] for i in unseen], [references[i] for i in unseen]))}}
-    test = _read_split(corpus, "test")
-    upper_src, upper_ref = [en.upper() for en, _ in test], [de.upper() for _, de in test]
-    out["capitals"] = {"sentences": len(test),
-                       "before": _bleu(score(plain(upper_src), upper_ref)),
-                       "after": _bleu(score(rich_text.translate(translator, upper_src), upper_ref)),
-                       "mixed_case_reference": _bleu(score(plain([en for en, _ in test]), [de for _, de in test]))}
-    numeric = [en for en, _ in test + _read_split(corpus, "dev") if re.search(r"\d", en)]
-    spans = [[s for s in _spans(en)] for en in numeric]
-    out["numbers"] = {"sentences": len(numeric), "spans": sum(map(len, spans)),
-                      "exact_copy_before": _share([_kept(en, o, s) for en, o, s in zip(numeric, plain(numeric), spans)]),
-                      "exact_copy_after": _share([_kept(en, o, s) for en, o, s
-                                                  in zip(numeric, rich_text.translate(translator, numeric), spans)])}
-    out["document"] = document(translator, corpus)
-    out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
 
@@ -260,12 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--build", action="store_true", help="remake the set from this machine's catalogs, then stop")
     p.add_argument("--wheels", type=Path, help="with --build: a folder of the wheels whose catalogs to read too")
+    p.add_argument("--unseen", action="store_true", help="with --build: make the set of catalogs the corpus lacks "
+                                                          "(only the wheels', e.g. wagtail and weblate)")
     p.add_argument("--artifact", default="artifacts/en-de")
     p.add_argument("--corpus", default="../shared/corpus")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.build:
-        build(args.wheels)
+        build(args.wheels, DATA_UNSEEN if args.unseen else DATA, system=not args.unseen)
         return
     print(json.dumps(evaluate(args.artifact, Path(args.corpus), args.threads), ensure_ascii=False))
 
