@@ -37,6 +37,7 @@ make_python_base() {
   install -D -m 644 "$(host_pip_cert)" "$root/usr/local/share/ca-certificates-pip/bundle.crt"
   printf '[global]\ncert = /usr/local/share/ca-certificates-pip/bundle.crt\n' > "$root/etc/pip.conf"
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  chmod 755 "$root"  # mktemp made it 0700: the image's / would shut out every user but root
   tar -C "$root" -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8' \
     --change 'CMD ["python3"]' - "$PY_LOCAL" >/dev/null

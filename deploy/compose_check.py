@@ -178,14 +178,21 @@ def check_prometheus(n_nodes: int) -> None:
     for _ in range(20):
         http(f"{API}/translate", BODY)
 
+    nodes = sorted(placement()["nodes"])
+    if len(nodes) != n_nodes:
+        raise CheckFailed(f"Prometheus: {len(nodes)} alive Ray nodes, expected {n_nodes}")
+
     def targets_up():
+        # Ray's service-discovery file lists each node's metrics agent (port 8080 here) and, on the head, the
+        # dashboard's and autoscaler's own ports: every one must be up, and every node's 8080 among them.
         status, body = http(f"{PROMETHEUS}/api/v1/targets")
         active = [t for t in json.loads(body)["data"]["activeTargets"] if t["labels"]["job"] == "ray"]
-        up = [t["labels"]["instance"] for t in active if t["health"] == "up"]
-        return up if len(active) == n_nodes and len(up) == n_nodes else None
+        up = {t["labels"]["instance"] for t in active if t["health"] == "up"}
+        return sorted(up) if len(up) == len(active) and {f"{ip}:8080" for ip in nodes} <= up else None
 
-    up = wait_for(f"Prometheus: {n_nodes} Ray node targets, all up", targets_up, 180)
-    log(f"2. Prometheus targets of job ray (Ray's service-discovery file), all up: {sorted(up)}")
+    up = wait_for(f"Prometheus: every one of {n_nodes} Ray nodes' targets up", targets_up, 180)
+    log(f"2. Prometheus, job ray (Ray's service-discovery file): {n_nodes} nodes {nodes}; all {len(up)} targets "
+        f"up: {up}")
 
     def nmt_series():
         status, body = http(f"{PROMETHEUS}/api/v1/query?query=sum(ray_nmt_requests_total)")
