@@ -201,7 +201,16 @@ def restore_masks(masks: list[tuple[str, tuple[int, int]]], target: Target, atte
             at = len(target.text.rstrip(".!?:;"))
         else:
             at = target.token_ranges[k][1]
+        for m in re.finditer(re.escape(token.rstrip("0123456789")) + r"\d+", target.text):
+            if m.start() < at < m.end():  # not inside another mask ("X" of "X2" aligned)
+                at = m.end()
         target.insert(at, (" " if at > 0 and target.text[at - 1] != " " else "") + token)
+    if masks:  # what the model made up in the masks' shape ("X777", another sentence's mask) goes
+        prefix = masks[0][0].rstrip("0123456789")
+        mine = {token for token, _ in masks}
+        for m in reversed(list(re.finditer(r"(?<![A-Za-z])" + re.escape(prefix) + r"\d+", target.text))):
+            if m.group() not in mine:
+                target.delete(m.start() - (1 if m.start() > 0 and target.text[m.start() - 1] == " " else 0), m.end())
 
 
 def unmask(text: str, originals: dict[str, str]) -> str:
@@ -209,5 +218,5 @@ def unmask(text: str, originals: dict[str, str]) -> str:
     whole input (one prefix per text, numbered through it), so a plain replacement is exact."""
     if not originals:
         return text
-    pattern = re.compile("|".join(re.escape(m) for m in sorted(originals, key=len, reverse=True)) + r"(?!\d)")
+    pattern = re.compile("(?:" + "|".join(re.escape(m) for m in sorted(originals, key=len, reverse=True)) + r")(?!\d)")
     return pattern.sub(lambda m: originals[m.group()], text)

@@ -144,7 +144,7 @@ class Prepared:
         if self.format == "text":
             return protect.unmask(text, run.originals)
         masks = ([(m.start(), m.end()) for m in re.finditer(
-            "|".join(re.escape(k) for k in sorted(run.originals, key=len, reverse=True)) + r"(?!\d)", text)]
+            "(?:" + "|".join(re.escape(k) for k in sorted(run.originals, key=len, reverse=True)) + r")(?!\d)", text)]
             if run.originals else [])
         spans = [_place(span, run, tokens, text, masks) for span in run.spans]
         _order(spans, (0, len(text)))
@@ -162,7 +162,7 @@ def _source_ranges(sentence: _Sentence, tokenizer) -> list[tuple[int, int]]:
 
 def _upper(target: protect.Target, originals: dict[str, str]) -> None:
     """Upper-cases a target token by token (keeping each token's range; ß -> SS changes lengths), masks kept."""
-    keep = re.compile("|".join(re.escape(m) for m in originals) + r"(?!\d)") if originals else None
+    keep = re.compile("(?:" + "|".join(re.escape(m) for m in originals) + r")(?!\d)") if originals else None
     text, ranges, cursor = "", [], 0
     for start, end in target.token_ranges:
         text += casing.to_upper(target.text[cursor:start], keep)

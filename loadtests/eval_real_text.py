@@ -67,7 +67,8 @@ def _catalogs(wheels: Path | None, system: bool = True):
 def build(wheels: Path | None, out: Path = DATA, system: bool = True, n_placeholders: int = 300,
           n_markup: int = 150, seed: int = 14) -> None:
     """Writes the set: msgids of 12-200 characters on one line with placeholders (and, separately, with inline
-    tags), their msgstr, accelerators (_File, &File) removed from both sides, deduplicated, sampled with ``seed``."""
+    tags), their msgstr (not a copy of the msgid), accelerators (_File, &File) removed from both sides,
+    deduplicated, sampled with ``seed``."""
     placeholder_rows, markup_rows, seen = [], [], set()
     for name, data in _catalogs(wheels, system):
         try:
@@ -75,7 +76,8 @@ def build(wheels: Path | None, out: Path = DATA, system: bool = True, n_placehol
         except (OSError, UnicodeDecodeError):
             continue
         for msgid, msgstr in sorted((k, v) for k, v in catalog.items() if isinstance(k, str)):
-            if not msgid or not msgstr or "\n" in msgid or "\n" in msgstr or not 12 <= len(msgid) <= 200:
+            if not msgid or not msgstr or msgstr == msgid or "\n" in msgid or "\n" in msgstr or \
+                    not 12 <= len(msgid) <= 200:  # msgstr == msgid: left untranslated
                 continue
             if not re.match(r"[A-Za-z<%{]", msgid) or len(re.findall(r"[A-Za-z]{2,}", msgid)) < 2:
                 continue

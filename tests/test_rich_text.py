@@ -120,6 +120,11 @@ def test_a_mask_the_model_drops_goes_after_its_aligned_target_token():
     joined = protect.Target.from_pieces(["▁X", "1", "-", "Datei", "en", "▁und", "▁X", "2", "-", "Datei"])
     protect.restore_masks([("X1", (0, 2)), ("X2", (9, 11))], joined, None, [], "X1 files, X2-file")
     assert joined.text == "X1 Dateien und X2-Datei"  # the source had a space after X1, a hyphen after X2
+    # Made-up masks go ("X57" is no X5, "X777" no mask at all); the missing ones are put back (evaluation set).
+    made_up = protect.Target.from_pieces(["▁X", "6", "▁X", "5", "7", "▁X", "777", "▁und"])
+    protect.restore_masks([("X5", (0, 2)), ("X6", (3, 5)), ("X7", (6, 8))], made_up, None, [], "X5 X6 X7")
+    assert sorted(made_up.text.split()) == ["X5", "X6", "X7", "und"]
+    assert protect.unmask("X57 X5 X7.", {"X5": "%s", "X7": "%X"}) == "X57 %s %X."
 
 
 def test_spans_found_and_not_found():
