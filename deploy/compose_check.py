@@ -208,8 +208,11 @@ def check_prometheus(n_nodes: int) -> None:
 
 
 def wait_nodes(n_nodes: int) -> dict:
-    return wait_for(f"{n_nodes} alive Ray nodes", lambda: (p := placement()) if len(p["nodes"]) == n_nodes
-                    else None, 300, every_s=5)
+    def alive():
+        p = placement()
+        return p if len(p["nodes"]) == n_nodes else None
+
+    return wait_for(f"{n_nodes} alive Ray nodes", alive, 300, every_s=5)
 
 
 def check_scale_out() -> None:
