@@ -220,6 +220,11 @@ def check_scale_out() -> None:
     compose("up", "-d", "--no-build", "--scale", "ray-worker=3", *SERVICES)
     wait_nodes(4)
     log(f"3. scaled to 3 workers: 4 alive Ray nodes after {time.monotonic() - started:.0f} s")
+    workers = containers("ray-worker")
+    wait_for("every worker container's HEALTHCHECK reports healthy", lambda: all(subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Health.Status}}", c], capture_output=True, text=True
+    ).stdout.strip() == "healthy" for c in workers), 240, every_s=5)
+    log(f"3. HEALTHCHECK of the {len(workers)} worker containers: healthy")
     check_prometheus(4)
     load = Load(concurrency=48, seconds=120).start()
     seen: dict[str, int] = {}

@@ -10,8 +10,9 @@ from engine.runtime import EngineConfig
 from engine.translator import Translator
 from export.quantize import quantize_artifact
 from loadtests.baselines.ctranslate2_model import CT2Translator, convert
+from loadtests.baselines.hf_generate import HFGenerate
 from loadtests.baselines.torch_eager import torch_translator
-from loadtests.benchmark import CT2System, EngineSystem
+from loadtests.benchmark import CT2System, EngineSystem, HFSystem
 from loadtests.flops import flops_per_target_token
 from nmt.config import ModelConfig
 from tests.conftest import CHECKPOINT, PARITY_SENTENCES
@@ -41,11 +42,27 @@ def test_pytorch_eager_baseline_is_the_same_model_and_search(artifact, translato
         [t.text for t in translator.translate(PARITY_SENTENCES, options)]
 
 
-def test_fixed_length_workload_is_the_same_work_for_engine_and_ctranslate2(ct2, translator):
+@pytest.fixture(scope="module")
+def hf():
+    return HFGenerate(CHECKPOINT, threads=1, max_batch_tokens=1024)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_transformers_generate_on_our_weights_translates_exactly_like_the_engine(hf, translator, beam_size):
+    # Our checkpoint renamed into a MarianMTModel: same model, and generate()'s search (length_penalty 0) must
+    # pick the same tokens as ours, so the benchmark's speed ratio compares equal work.
+    sources = [translator.tokenize(s) for s in PARITY_SENTENCES]
+    ours = translator.translate_ids(sources, DecodingOptions(beam_size=beam_size, length_penalty=0.0,
+                                                              max_length=64, max_length_a=1000.0))
+    assert hf.generate(sources, beam_size, max_length=64) == [h[0].tokens for h in ours]
+
+
+def test_fixed_length_workload_is_the_same_work_for_engine_and_ctranslate2(ct2, translator, hf):
     for beam_size in (1, 4):
         engine = EngineSystem("engine", translator).fixed(PARITY_SENTENCES[:5], beam_size, length=12)
         theirs = CT2System("ct2", ct2, 8192).fixed(PARITY_SENTENCES[:5], beam_size, length=12)
-        assert engine == theirs == 5 * 12
+        transformers = HFSystem("hf", hf, translator).fixed(PARITY_SENTENCES[:5], beam_size, length=12)
+        assert engine == theirs == transformers == 5 * 12
 
 
 def test_int8_artifact_is_quantized_smaller_and_mostly_agrees_with_float32(artifact, tmp_path):
