@@ -195,3 +195,49 @@ def test_empty_source_finishes_without_decoding(translator):
     handle = core.submit([], DecodingOptions())
     (done,) = core.step()
     assert done.handle == handle and done.hypotheses == [] and core.stats.steps == 0
+
+
+def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
+    # Rounds of mixed options, staggered arrivals and aborts (running and waiting) through one core: after the
+    # first round warms the allocator, neither Python/numpy memory (tracemalloc, exact) nor the process's RSS may
+    # grow from round to round, and the core holds no sentence, row or handle between rounds.
+    import os
+    import random
+    import tracemalloc
+
+    core, rng = translator.new_core(), random.Random(0)
+    sources = [translator.tokenize(s) for s in SENTENCES]
+
+    def one_round():
+        handles, results = [], {}
+        for step in range(60):
+            if step < 30 and step % 3 == 0:
+                for _ in range(3):
+                    handles.append(core.submit(rng.choice(sources), rng.choice(OPTIONS), group=rng.randrange(4)))
+            if step % 7 == 6 and handles:
+                core.abort(rng.choice(handles))
+            for done in core.step():
+                assert done.error is None, done.error
+                results[done.handle] = done
+        while core.has_work:
+            for done in core.step():
+                results[done.handle] = done
+        assert set(results) == set(handles)
+        assert core.live_rows == 0 and core.waiting == 0 and not core._by_handle and not core._waiting
+
+    def rss_bytes() -> int:  # resident pages of this process (Linux)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    tracemalloc.start()
+    try:
+        one_round()
+        traced, rss = [], []
+        for _ in range(5):
+            one_round()
+            traced.append(tracemalloc.get_traced_memory()[0])
+            rss.append(rss_bytes())
+    finally:
+        tracemalloc.stop()
+    assert max(traced) - traced[0] < 256 * 1024, f"Python/numpy memory grew over rounds: {traced}"
+    assert max(rss) - rss[0] < 32 * 2**20, f"RSS grew over rounds: {rss}"
