@@ -39,19 +39,18 @@ class _Timed:
     def __getattr__(self, name):
         return getattr(self.session, name)
 
-    def run(self, *args, **kwargs):
+    def _timed(self, method: str, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return self.session.run(*args, **kwargs)
+            return getattr(self.session, method)(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - started
 
+    def run(self, *args, **kwargs):
+        return self._timed("run", *args, **kwargs)
+
     def run_with_iobinding(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
+        return self._timed("run_with_iobinding", *args, **kwargs)
 
 
 def kernel_shares(profile_file: str) -> dict[str, float]:
