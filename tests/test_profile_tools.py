@@ -1,0 +1,39 @@
+"""The issue-12 measuring tools compute what they claim: the attention levers equal today's attention, and the step
+profile's shares cover the step."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from loadtests.bench_attention import bench_cross, bench_self
+from loadtests.profile_step import profile
+from tests.conftest import SENTENCES
+
+
+@pytest.fixture(scope="module")
+def options():
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.log_severity_level = 3
+    return o
+
+
+@pytest.mark.parametrize("rows,past", [(1, 0), (3, 5), (8, 17)])
+def test_group_query_attention_in_place_equals_concat_attention_and_writes_the_cache(options, rows, past):
+    r = bench_self(options, rows, past, capacity=32)
+    assert r["max_abs_diff"] < 1e-5 and r["written_in_place"]
+
+
+@pytest.mark.parametrize("sentences,beam,src_len", [(1, 4, 3), (5, 2, 11)])
+def test_cross_attention_per_sentence_equals_per_beam_row(options, sentences, beam, src_len):
+    assert bench_cross(options, sentences, beam, src_len)["max_abs_diff"] < 1e-5
+
+
+def test_step_profile_accounts_for_the_whole_step(artifact):
+    r = profile(artifact, SENTENCES, batch=2, beam_size=4, threads=1, target_steps=20)
+    assert r["steps"] >= 20 and r["rows_per_step"] > 1
+    shares = r["share"]
+    assert all(0 <= v <= 1 for v in shares.values()) and abs(sum(shares.values()) - 1) < 0.01
+    assert shares["decoder"] > 0.3 and shares["top_k"] > 0  # beam 4 reads each row's top-k from the TopK graph
+    assert "MatMul" in r["decoder_kernels"] and abs(sum(r["decoder_kernels"].values())) <= 1.0001
