@@ -90,6 +90,34 @@ class MultiHeadAttention(nn.Module):
         out = self.out_proj(context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head))
         return out, weights
 
+    # ---- one decoding step: a single query per row, kept 2-D --------------------------------------------------
+    # With one query per row the hidden states stay [rows, d_model]: heads are a reshape, not a transpose, and each
+    # projection exports as a 2-D MatMul + Add, which ONNX Runtime fuses into one Gemm (on [rows, 1, d_model] it
+    # could not, and every bias was an Add kernel of its own). Same math as attend(); inference only (no dropout).
+
+    def step_qkv(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y [rows, d_model] -> q, k, v, each [rows, n_heads, 1, d_head], through one fused projection (one GEMM
+        of [d_model, 3 d_model] instead of three)."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = y @ weight.t() + bias
+        return tuple(self._heads(t) for t in qkv.split(self.n_heads * self.d_head, dim=-1))
+
+    def step_q(self, y: Tensor) -> Tensor:
+        """y [rows, d_model] -> queries [rows, n_heads, 1, d_head]."""
+        return self._heads(y @ self.q_proj.weight.t() + self.q_proj.bias)
+
+    def step_attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """q [rows, n_heads, 1, d_head] over k, v [rows, n_heads, k_len, d_head]; bias broadcastable to [rows,
+        n_heads, 1, k_len]. Returns the output [rows, d_model] and the weights [rows, n_heads, 1, k_len]."""
+        weights = torch.softmax((q * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
+        context = (weights @ v).reshape(q.shape[0], self.n_heads * self.d_head)
+        return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[rows, d_model] -> [rows, n_heads, 1, d_head] (a reshape: one query per row)."""
+        return x.view(x.shape[0], self.n_heads, 1, self.d_head)
+
 
 _ACTIVATIONS = {"relu": torch.relu, "swish": nn.functional.silu, "gelu": nn.functional.gelu}
 
@@ -105,6 +133,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+    def step(self, y: Tensor) -> Tensor:
+        """[rows, d_model] -> [rows, d_model], as 2-D MatMul + Add (one Gemm each in ONNX Runtime, the first fused
+        with the ReLU); inference only."""
+        return self.activation(y @ self.fc1.weight.t() + self.fc1.bias) @ self.fc2.weight.t() + self.fc2.bias
 
 
 class EncoderLayer(nn.Module):
@@ -151,6 +184,24 @@ class DecoderLayer(nn.Module):
         y = self.cross_attn_norm(y + self.dropout(attended))
         return self.ffn_norm(y + self.dropout(self.ffn(y))), self_weights, cross_weights
 
+    def step(self, y: Tensor, past_k: Tensor, past_v: Tensor, self_bias: Tensor, cross_k: Tensor, cross_v: Tensor,
+             cross_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One incremental step of :meth:`forward` for one query per row, inference only.
+
+        y: [rows, d_model]; past_k/v: [rows, n_heads, past_len, d_head]; self_bias broadcastable to [rows, n_heads,
+        1, past_len + 1]; cross_k/v: [rows, n_heads, src_len, d_head]; cross_bias to [rows, n_heads, 1, src_len].
+        Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
+        position's appended last) and the cross-attention weights [rows, n_heads, 1, src_len].
+        """
+        q, k, v = self.self_attn.step_qkv(y)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        attended, _ = self.self_attn.step_attend(q, k, v, self_bias)
+        y = self.self_attn_norm(y + attended)
+        attended, cross_weights = self.cross_attn.step_attend(self.cross_attn.step_q(y), cross_k, cross_v,
+                                                              cross_bias)
+        y = self.cross_attn_norm(y + attended)
+        return self.ffn_norm(y + self.ffn.step(y)), k, v, cross_weights
+
 
 class Transformer(nn.Module):
     """Encoder-decoder Transformer with tied embeddings and incremental decoding.
@@ -172,8 +223,8 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids int64 [batch, len], positions int64 [len] or [batch, len] -> [batch, len, d_model] (paper sections
-        3.4, 3.5)."""
+        """ids int64 [batch, len], positions int64 [len] or [batch, len] -> [batch, len, d_model]; or ids and
+        positions [rows] -> [rows, d_model] (one token per row: a decoding step). Paper sections 3.4, 3.5."""
         scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
         x = self.embed(ids) * scale + sinusoidal_positions(positions, self.cfg.d_model)
         return self.dropout(x)
@@ -267,7 +318,7 @@ class Transformer(nn.Module):
         rows, past_len = tokens.shape[0], self_k[0].shape[2]
         if positions is None:
             positions = torch.full((rows,), past_len, dtype=torch.int64, device=tokens.device)
-        y = self.embed_tokens(tokens, positions[:, None])  # [rows, 1, d_model]
+        y = self.embed_tokens(tokens[:, 0], positions)  # [rows, d_model]: one query per row, kept 2-D
         cross_bias = padding_bias(src_mask)
         if past_mask is None:  # the single query sees every cached position and itself
             self_bias = torch.zeros(1, device=tokens.device)
@@ -275,12 +326,11 @@ class Transformer(nn.Module):
             self_bias = padding_bias(torch.cat([past_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1))
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder_layers):
-            k, v = layer.self_attn.project_kv(y)  # [rows, n_heads, 1, d_head]
-            k, v = torch.cat([self_k[i], k], dim=2), torch.cat([self_v[i], v], dim=2)
+            y, k, v, cross_weights = layer.step(y, self_k[i], self_v[i], self_bias, cross_k[i], cross_v[i],
+                                                cross_bias)
             new_k.append(k)
             new_v.append(v)
-            y, _, cross_weights = layer(y, k, v, self_bias, cross_k[i], cross_v[i], cross_bias)
-        log_probs = torch.log_softmax(self.output_logits(y[:, 0]), dim=-1)
+        log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
         return log_probs, new_k, new_v, cross_weights[:, :, 0].mean(dim=1)
 
     def empty_cache(self, rows: int) -> tuple[list[Tensor], list[Tensor]]:

@@ -1,8 +1,11 @@
 """ONNX export: parity with PyTorch (figures in the manifest), dynamic shapes, loud failure."""
 
+import collections
 import json
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -52,6 +55,27 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
     for ort_x, x in zip(ort_nk + ort_nv, nk + nv):
         np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
+
+
+def test_decoder_step_linear_layers_run_as_one_gemm_each_with_q_k_v_fused(artifact, torch_model, tmp_path):
+    # The step keeps its one query per row 2-D, so ONNX Runtime fuses each projection's MatMul and bias Add into a
+    # Gemm (the FFN's first with its ReLU); on [rows, 1, d_model] it could not, and every bias was a kernel of its
+    # own. Per decoder layer: q|k|v (one [d_model, 3 d_model] weight), the self-attention output, the cross-attention
+    # query and output, the FFN's two; then the output projection. Any MatMul left with a weight would be a
+    # projection that regressed to the unfused path.
+    cfg = torch_model.cfg
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(artifact / contract.DECODER_STEP_FILE), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    weights = {w.name: tuple(w.dims) for w in graph.initializer}
+    with_weight = [(node.op_type, weights[node.input[1]]) for node in graph.node if node.input[1:2]
+                   and node.input[1] in weights and node.op_type in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul")]
+    d, n = cfg.d_model, cfg.n_decoder_layers
+    assert collections.Counter(with_weight) == collections.Counter(
+        {("Gemm", (d, 3 * d)): n, ("Gemm", (d, d)): 3 * n, ("FusedGemm", (d, cfg.d_ff)): n,
+         ("Gemm", (cfg.d_ff, d)): n, ("Gemm", (d, cfg.vocab_size)): 1})
 
 
 def test_export_fails_loudly_when_parity_fails(tmp_path):
