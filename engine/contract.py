@@ -5,12 +5,14 @@ Two graphs (DESIGN.md section 4), no If-merged decoder. The key/value cache is o
 Concat of every output each step, which ONNX Runtime's profile showed as 44% of the step (format_version 1).
 
 encoder.onnx
-    src_ids  int64 [batch, src_len], src_mask bool [batch, src_len] (True = real token)
-    -> cross_k_i, cross_v_i float32 [batch, n_heads, src_len, d_head]
+    src_ids  int64 [sentences, src_len], src_mask bool [sentences, src_len] (True = real token)
+    -> cross_k_i, cross_v_i float32 [sentences, n_heads, src_len, d_head]
 decoder_step.onnx
     tokens int64 [rows, 1]; positions int64 [rows] (each row's own position); past_mask bool [rows, past_len]
-    (True = the cached position belongs to the row); src_mask bool [rows, src_len]; self_k_i, self_v_i float32
-    [rows, n_heads, past_len, d_head] (past_len may be 0); cross_k_i, cross_v_i as above with rows
+    (True = the cached position belongs to the row); src_mask bool [sentences, src_len]; slot_rows int64
+    [sentences, slots] and row_slot int64 [rows] (which rows are each sentence's: engine.runtime.cross_slots);
+    self_k_i, self_v_i float32 [rows, n_heads, past_len, d_head] (past_len may be 0); cross_k_i, cross_v_i as the
+    encoder's, once per sentence
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
     mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
@@ -23,9 +25,12 @@ explain.onnx (optional: serving never runs it; engine/explain.py does, when a cl
 
 Format 3 added positions and past_mask: rows that joined a running batch at different steps (continuous batching,
 engine/core.py) share one cache padded per row, each row with its own position and its own cached positions.
+Format 4 keeps the cross K/V once per sentence instead of once per row (beam): a sentence's beams attend to its
+memory as one block of queries (slot_rows, row_slot), so a beam-4 step reads a quarter of the cross K/V, and
+beams that reorder or sentences that leave move a quarter as much of it.
 """
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -36,7 +41,7 @@ EXPLAIN_INPUTS = ("src_ids", "src_mask", "tgt_in")
 EXPLAIN_OUTPUTS = ("encoder_self_attention", "decoder_self_attention", "cross_attention")
 
 ENCODER_INPUTS = ("src_ids", "src_mask")
-DECODER_STEP_INPUTS = ("tokens", "positions", "past_mask", "src_mask")
+DECODER_STEP_INPUTS = ("tokens", "positions", "past_mask", "src_mask", "slot_rows", "row_slot")
 
 
 def check_format(manifest: dict, folder: object) -> None:
@@ -57,8 +62,8 @@ def encoder_outputs(n_layers: int) -> tuple[str, ...]:
 
 
 def decoder_inputs(n_layers: int) -> tuple[str, ...]:
-    """tokens, positions, past_mask, src_mask, then self_k_*, self_v_*, cross_k_*, cross_v_* (each n_layers
-    names)."""
+    """tokens, positions, past_mask, src_mask, slot_rows, row_slot, then self_k_*, self_v_*, cross_k_*,
+    cross_v_* (each n_layers names)."""
     return (DECODER_STEP_INPUTS + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
             + encoder_outputs(n_layers))
 
@@ -69,17 +74,20 @@ def decoder_outputs(n_layers: int) -> tuple[str, ...]:
 
 
 def dynamic_axes(name: str) -> dict[int, str]:
-    """Named dynamic axes of an input; axes not named are fixed by the model config."""
+    """Named dynamic axes of an input; axes not named are fixed by the model config. Sentences and decoder rows
+    are separate axes (a sentence has beam_size rows)."""
     if name in ("src_ids", "src_mask"):
-        return {0: "batch", 1: "src_len"}
+        return {0: "sentences", 1: "src_len"}
     if name == "tgt_in":
-        return {0: "batch", 1: "tgt_len"}
-    if name in ("tokens", "positions"):
-        return {0: "batch"}
+        return {0: "sentences", 1: "tgt_len"}
+    if name in ("tokens", "positions", "row_slot"):
+        return {0: "rows"}
+    if name == "slot_rows":
+        return {0: "sentences", 1: "slots"}
     if name == "past_mask":
-        return {0: "batch", 1: "past_len"}
+        return {0: "rows", 1: "past_len"}
     if name.startswith("self_"):
-        return {0: "batch", 2: "past_len"}
+        return {0: "rows", 2: "past_len"}
     if name.startswith("cross_"):
-        return {0: "batch", 2: "src_len"}
+        return {0: "sentences", 2: "src_len"}
     return {}

@@ -12,8 +12,9 @@ carries its own state and options (engine/search.py), so a greedy sentence, a be
 sampled one share every step. Rows that joined at different steps share one self-attention cache, padded per row:
 each row has its own position and a mask of the cached positions that are its own (engine/contract.py, format 3);
 a row's own positions are always a suffix of the cache (the step appends each new key/value last), so the shared
-left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are padded to the longest source of
-the live rows, with the source mask.
+left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are kept once per sentence (not per
+beam: format 4), padded to the longest source of the live sentences, with the source mask; beams that reorder leave
+them as they are.
 
 Scheduling policy, decided at the start of every step:
 1. Aborted sentences leave before the step computes them; their results are reported as aborted.
@@ -316,9 +317,9 @@ class EngineCore:
 
     def _reset_state(self) -> None:
         self._self = None  # self-attention K then V, per decoder layer: [rows, n_heads, width, d_head]
-        self._cross = None  # cross-attention K then V, per decoder layer: [rows, n_heads, src_width, d_head]
+        self._cross = None  # cross-attention K then V, per decoder layer: [sentences, n_heads, src_width, d_head]
         self._past_mask = np.zeros((0, 0), dtype=bool)  # [rows, width]: True = the row's own cached position
-        self._src_mask = np.zeros((0, 0), dtype=bool)  # [rows, src_width]
+        self._src_mask = np.zeros((0, 0), dtype=bool)  # [sentences, src_width], one per live sentence, in order
 
     def _join(self, joining: list[_Sentence]) -> None:
         """Encodes the joiners in one call and appends one row each (a beam search widens after its first step)."""
@@ -352,15 +353,18 @@ class EngineCore:
         for s in joining:
             s.joined_at = now
 
-    def _select(self, keep: list[_Sentence], parent_rows: np.ndarray | None = None,
-                same_sentences: bool = False) -> None:
-        """Keeps the rows of ``keep`` (their parent rows, int64 [new_rows], when a step reordered them), and trims
-        the cache positions and source columns no kept row uses. ``same_sentences``: every row stays with its
-        sentence and no sentence left (a beam reorder), so the cross K/V and source mask stay as they are."""
+    def _select(self, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
+        """Keeps the sentences of ``keep`` (in the live order) and their rows (their parent rows, int64 [new_rows],
+        when a step reordered them), and trims the cache positions and source columns no kept row uses. The cross
+        K/V (one per sentence) move only when sentences left."""
         if parent_rows is None and keep:  # rows of whole sentences, as laid out before
             starts = np.cumsum([0] + [s.search.n_rows for s in self._live])
             row_of = {id(s): int(r) for s, r in zip(self._live, starts)}
             parent_rows = np.concatenate([np.arange(row_of[id(s)], row_of[id(s)] + s.search.n_rows) for s in keep])
+        same_sentences = len(keep) == len(self._live)
+        if not same_sentences and keep:
+            index_of = {id(s): i for i, s in enumerate(self._live)}
+            kept = np.asarray([index_of[id(s)] for s in keep], dtype=np.int64)
         self._live = keep
         if not keep:
             self._reset_state()
@@ -371,8 +375,8 @@ class EngineCore:
         self._self = self.ops.take(self._self, parent_rows, start)
         if not same_sentences:
             src_width = max(len(s.src_ids) for s in keep)
-            self._src_mask = np.ascontiguousarray(self._src_mask[parent_rows, :src_width])
-            self._cross = self.ops.take(self._cross, parent_rows, 0, src_width)
+            self._src_mask = np.ascontiguousarray(self._src_mask[kept, :src_width])
+            self._cross = self.ops.take(self._cross, kept, 0, src_width)
 
     # ---- one decoder step --------------------------------------------------------------------------------------
 
@@ -393,7 +397,7 @@ class EngineCore:
         scores, self_k, self_v, attention = self.model.step(
             tokens, self._self[:n_layers], self._self[n_layers:], self._cross[:n_layers], self._cross[n_layers:],
             self._src_mask, k if device_top else None, positions=positions, past_mask=self._past_mask,
-            check_nan=False)
+            row_sentence=np.repeat(np.arange(len(live)), n_rows), check_nan=False)
         self._self = list(self_k) + list(self_v)
         self._past_mask = np.concatenate([self._past_mask, np.ones((len(tokens), 1), dtype=bool)], axis=1)
         self.stats.steps += 1
@@ -454,8 +458,5 @@ class EngineCore:
             parents.append(r0 + local)
         parent_rows = np.concatenate(parents) if parents else np.zeros(0, dtype=np.int64)
         if len(parent_rows) != len(tokens) or not np.array_equal(parent_rows, np.arange(len(tokens))):
-            # Beams reordered within their sentences only: the cross K/V rows (one per sentence, repeated) stay.
-            row_sentence = np.repeat(np.arange(len(live)), n_rows)
-            same_sentences = len(keep) == len(live) and np.array_equal(row_sentence[parent_rows], row_sentence)
-            self._select(keep, parent_rows, same_sentences)
+            self._select(keep, parent_rows)
         return out

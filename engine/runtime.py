@@ -81,6 +81,25 @@ def _providers(cfg: EngineConfig) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def cross_slots(row_sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder step's layout of rows over cross K/V kept once per sentence (engine/contract.py, format 4).
+
+    row_sentence: int [rows], each row's sentence 0 .. sentences - 1; every sentence has a row, a sentence's rows
+    are consecutive and sentences ascend. Returns slot_rows int64 [sentences, slots] (slots = the most rows of one
+    sentence): sentence s's rows in its first slots, row 0 as filler after them; and row_slot int64 [rows]: row r's
+    index in slot_rows.reshape(-1). A sentence's beams are thus one block of queries over its own memory.
+    """
+    row_sentence = np.asarray(row_sentence, dtype=np.int64)
+    counts = np.bincount(row_sentence)
+    slots = int(counts.max()) if len(counts) else 1
+    first = np.cumsum(counts) - counts
+    rows = np.arange(len(row_sentence), dtype=np.int64)
+    row_slot = row_sentence * slots + rows - first[row_sentence]
+    slot_rows = np.zeros(len(counts) * slots, dtype=np.int64)
+    slot_rows[row_slot] = rows
+    return slot_rows.reshape(len(counts), slots), row_slot
+
+
 class OnnxModel:
     """The encoder and decoder-step sessions of one artifact folder.
 
@@ -143,12 +162,15 @@ class OnnxModel:
         return outputs[:self.n_layers], outputs[self.n_layers:]
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
-             positions: np.ndarray | None = None, past_mask: np.ndarray | None = None, check_nan: bool = True):
+             positions: np.ndarray | None = None, past_mask: np.ndarray | None = None,
+             row_sentence: np.ndarray | None = None, check_nan: bool = True):
         """One decoder step; per-layer lists of state tensors (as :meth:`encode` returns them), shapes in
-        engine/contract.py; tokens int64 [rows, 1] and src_mask bool [rows, src_len] are numpy. State tensors
+        engine/contract.py; tokens int64 [rows, 1] and src_mask bool [sentences, src_len] are numpy. State tensors
         may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
         positions int64 [rows] and past_mask bool [rows, past_len] (numpy) default to past_len and all True: every
         row started at the same step (engine/core.py passes them for rows that joined a running batch later).
+        cross_k, cross_v and src_mask are once per sentence; row_sentence int64 [rows] says whose each row is
+        (:func:`cross_slots`), by default one row per sentence.
 
         Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
         with ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding
@@ -165,7 +187,8 @@ class OnnxModel:
             positions = np.full(rows, past_len, dtype=np.int64)
         if past_mask is None:
             past_mask = np.ones((rows, past_len), dtype=bool)
-        inputs = (tokens, positions, past_mask, src_mask, *self_k, *self_v, *cross_k, *cross_v)
+        slot_rows, row_slot = cross_slots(np.arange(rows) if row_sentence is None else row_sentence)
+        inputs = (tokens, positions, past_mask, src_mask, slot_rows, row_slot, *self_k, *self_v, *cross_k, *cross_v)
         if not self.io_binding:
             log_probs, attention, *caches = self.decoder.run(self.decoder_outputs,
                                                              dict(zip(self.decoder_inputs, inputs)))

@@ -19,10 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from engine import contract
+from engine.runtime import cross_slots
 from engine.tokenizer import TOKENIZER_FILES
 from nmt.config import ModelConfig
 from nmt.model import Transformer
@@ -66,11 +68,12 @@ class _DecoderStepGraph(torch.nn.Module):
         self.model = model
         self.n_layers = model.cfg.n_decoder_layers
 
-    def forward(self, tokens, positions, past_mask, src_mask, *caches):
+    def forward(self, tokens, positions, past_mask, src_mask, slot_rows, row_slot, *caches):
         n = self.n_layers
         self_k, self_v, cross_k, cross_v = (list(caches[i * n:(i + 1) * n]) for i in range(4))
         log_probs, new_k, new_v, attention = self.model.decode_step(tokens, self_k, self_v, cross_k, cross_v,
-                                                                    src_mask, positions, past_mask)
+                                                                    src_mask, positions, past_mask, slot_rows,
+                                                                    row_slot)
         return (log_probs, attention, *new_k, *new_v)
 
 
@@ -103,23 +106,27 @@ def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: 
     program.save(str(path))
 
 
-def sample_inputs(model: Transformer, batch: int = 3, src_len: int = 7, past_len: int = 4):
-    """Example tensors for tracing; sizes > 1 and distinct so that no axis is specialized."""
+def sample_inputs(model: Transformer, src_len: int = 7, past_len: int = 6):
+    """Example tensors for tracing: 3 sentences with 2, 1 and 2 decoder rows; sizes > 1 and distinct (from each
+    other and from the model's fixed sizes) so that no axis is specialized."""
     cfg = model.cfg
-    src_ids = torch.randint(4, cfg.vocab_size, (batch, src_len))
-    src_mask = torch.ones(batch, src_len, dtype=torch.bool)
+    row_sentence = np.array([0, 0, 1, 2, 2])
+    sentences, rows = 3, len(row_sentence)
+    src_ids = torch.randint(4, cfg.vocab_size, (sentences, src_len))
+    src_mask = torch.ones(sentences, src_len, dtype=torch.bool)
     src_mask[0, -2:] = False
     with torch.no_grad():
         cross_k, cross_v = model.cross_kv(model.encode(src_ids, src_mask))
-    shape = (batch, cfg.n_heads, past_len, cfg.d_head)
+    shape = (rows, cfg.n_heads, past_len, cfg.d_head)
     self_k = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
     self_v = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
-    positions = torch.tensor([past_len, past_len - 1, 1])[:batch]
-    past_mask = torch.ones(batch, past_len, dtype=torch.bool)
-    past_mask[1, 0] = False  # rows that joined later see only their own cached positions
-    past_mask[2, :past_len - 1] = False
-    step = (torch.randint(4, cfg.vocab_size, (batch, 1)), positions, past_mask, src_mask, *self_k, *self_v,
-            *cross_k, *cross_v)
+    positions = torch.tensor([past_len, past_len, past_len - 1, 1, 1])
+    past_mask = torch.ones(rows, past_len, dtype=torch.bool)
+    past_mask[2, 0] = False  # rows that joined later see only their own cached positions
+    past_mask[3:, :past_len - 1] = False
+    slot_rows, row_slot = map(torch.from_numpy, cross_slots(row_sentence))
+    step = (torch.randint(4, cfg.vocab_size, (rows, 1)), positions, past_mask, src_mask, slot_rows, row_slot,
+            *self_k, *self_v, *cross_k, *cross_v)
     return (src_ids, src_mask), step
 
 

@@ -6,8 +6,9 @@ For each batch of 1, 4 and 32 test sentences (decoded together) and beam 1 and 4
 run about 300 decoder steps, then prints one table row: ms per decoder step (wall), the share of the step spent
 in the decoder graph, the encoder graph, the TopK graph, and on the host (everything else: the search, the beam
 reorder of the cache in numpy, joins), and the decoder graph's five largest kernels by op type (from ONNX
-Runtime's own profiler: ``SessionOptions.enable_profiling``; a Gemm there is the output projection, MatMulAddFusion
-of the final linear layer). Run it on a quiet machine: shares hold up under load better than times, but neither
+Runtime's own profiler: ``SessionOptions.enable_profiling``; Gemm there is every linear layer and the output
+projection, FusedGemm the FFN's first layer with its ReLU, FusedMatMul and MatMul attention's per-head products).
+Run it on a quiet machine: shares hold up under load better than times, but neither
 is exact then (DESIGN.md section 8).
 """
 

@@ -8,9 +8,9 @@ an additive bias (0 visible, ``NEG_INF`` hidden) so that padding never reaches a
 
 Incremental decoding (:meth:`Transformer.decode_step`) carries one self-attention key/value cache per decoder layer
 ([rows, n_heads, past_len, d_head]); the cross-attention keys/values are computed once from the encoder output
-(:meth:`Transformer.cross_kv`) and passed in every step, never recomputed. For continuous batching a step also takes
-each row's own position and a mask of which cached positions are its own, so that rows which joined a running
-batch at different steps share one padded cache.
+(:meth:`Transformer.cross_kv`), kept once per sentence however many beams it has, and passed in every step, never
+recomputed. For continuous batching a step also takes each row's own position and a mask of which cached positions
+are its own, so that rows which joined a running batch at different steps share one padded cache.
 """
 
 from __future__ import annotations
@@ -114,6 +114,25 @@ class MultiHeadAttention(nn.Module):
         context = (weights @ v).reshape(q.shape[0], self.n_heads * self.d_head)
         return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
 
+    def step_attend_slots(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slot_rows: Tensor,
+                          row_slot: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder-decoder attention with keys/values once per sentence: a sentence's rows (its beams) are one
+        query block over its own memory, as CTranslate2 folds beams into the query, so a step reads each
+        sentence's cross K/V once instead of once per beam.
+
+        q: [rows, n_heads, 1, d_head]; k, v: [sentences, n_heads, src_len, d_head]; bias broadcastable to
+        [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each sentence's slot (its
+        first rows; unused slots repeat any row, their results are dropped); row_slot int64 [rows]: each row's slot
+        in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both). Returns the output
+        [rows, d_model] and the weights [rows, n_heads, src_len].
+        """
+        sentences, slots = slot_rows.shape
+        grouped = q[:, :, 0][slot_rows.reshape(-1)].view(sentences, slots, self.n_heads, self.d_head)
+        weights = torch.softmax((grouped.transpose(1, 2) * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
+        context = (weights @ v).transpose(1, 2).reshape(sentences * slots, self.n_heads * self.d_head)[row_slot]
+        weights = weights.transpose(1, 2).reshape(sentences * slots, self.n_heads, -1)[row_slot]
+        return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
+
     def _heads(self, x: Tensor) -> Tensor:
         """[rows, d_model] -> [rows, n_heads, 1, d_head] (a reshape: one query per row)."""
         return x.view(x.shape[0], self.n_heads, 1, self.d_head)
@@ -185,20 +204,21 @@ class DecoderLayer(nn.Module):
         return self.ffn_norm(y + self.dropout(self.ffn(y))), self_weights, cross_weights
 
     def step(self, y: Tensor, past_k: Tensor, past_v: Tensor, self_bias: Tensor, cross_k: Tensor, cross_v: Tensor,
-             cross_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One incremental step of :meth:`forward` for one query per row, inference only.
 
         y: [rows, d_model]; past_k/v: [rows, n_heads, past_len, d_head]; self_bias broadcastable to [rows, n_heads,
-        1, past_len + 1]; cross_k/v: [rows, n_heads, src_len, d_head]; cross_bias to [rows, n_heads, 1, src_len].
+        1, past_len + 1]; cross_k/v: [sentences, n_heads, src_len, d_head], once per sentence; cross_bias to
+        [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose (:meth:`MultiHeadAttention.step_attend_slots`).
         Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
-        position's appended last) and the cross-attention weights [rows, n_heads, 1, src_len].
+        position's appended last) and the cross-attention weights [rows, n_heads, src_len].
         """
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         attended, _ = self.self_attn.step_attend(q, k, v, self_bias)
         y = self.self_attn_norm(y + attended)
-        attended, cross_weights = self.cross_attn.step_attend(self.cross_attn.step_q(y), cross_k, cross_v,
-                                                              cross_bias)
+        attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
+                                                                    cross_bias, slot_rows, row_slot)
         y = self.cross_attn_norm(y + attended)
         return self.ffn_norm(y + self.ffn.step(y)), k, v, cross_weights
 
@@ -296,19 +316,24 @@ class Transformer(nn.Module):
 
     def decode_step(self, tokens: Tensor, self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
                     cross_v: list[Tensor], src_mask: Tensor, positions: Tensor | None = None,
-                    past_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+                    past_mask: Tensor | None = None, slot_rows: Tensor | None = None,
+                    row_slot: Tensor | None = None) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         """One incremental decoding step with a key/value cache.
 
         Args:
             tokens: int64 [rows, 1], the last token of each row (bos at the first step).
             self_k, self_v: per decoder layer, float32 [rows, n_heads, past_len, d_head], the cache; past_len may
                 be 0.
-            cross_k, cross_v: per decoder layer, float32 [rows, n_heads, src_len, d_head], from :meth:`cross_kv`.
-            src_mask: bool [rows, src_len].
+            cross_k, cross_v: per decoder layer, float32 [sentences, n_heads, src_len, d_head], from
+                :meth:`cross_kv`: once per sentence, however many rows (beams) it has.
+            src_mask: bool [sentences, src_len].
             positions: int64 [rows], each row's position (its number of earlier target tokens, bos included);
                 None = past_len for every row.
             past_mask: bool [rows, past_len], True where a cached position belongs to the row (rows that joined a
                 running batch later have padding there); None = all True. The new token always sees itself.
+            slot_rows: int64 [sentences, slots] and row_slot int64 [rows], which rows belong to which sentence
+                (:meth:`MultiHeadAttention.step_attend_slots`; engine.runtime.cross_slots makes them); None = one
+                row per sentence, in order.
         Returns:
             log_probs float32 [rows, vocab]; new self_k and self_v per layer [rows, n_heads, past_len + 1, d_head]
             (the new token's keys/values appended last); attention float32 [rows, src_len], the last decoder
@@ -320,6 +345,9 @@ class Transformer(nn.Module):
             positions = torch.full((rows,), past_len, dtype=torch.int64, device=tokens.device)
         y = self.embed_tokens(tokens[:, 0], positions)  # [rows, d_model]: one query per row, kept 2-D
         cross_bias = padding_bias(src_mask)
+        if slot_rows is None:  # one row per sentence
+            row_slot = torch.arange(rows, device=tokens.device)
+            slot_rows = row_slot[:, None]
         if past_mask is None:  # the single query sees every cached position and itself
             self_bias = torch.zeros(1, device=tokens.device)
         else:
@@ -327,11 +355,11 @@ class Transformer(nn.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder_layers):
             y, k, v, cross_weights = layer.step(y, self_k[i], self_v[i], self_bias, cross_k[i], cross_v[i],
-                                                cross_bias)
+                                                cross_bias, slot_rows, row_slot)
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
-        return log_probs, new_k, new_v, cross_weights[:, :, 0].mean(dim=1)
+        return log_probs, new_k, new_v, cross_weights.mean(dim=1)
 
     def empty_cache(self, rows: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zero-length self-attention cache: per decoder layer, float32 [rows, n_heads, 0, d_head] keys and values."""

@@ -28,10 +28,13 @@ def test_manifest_records_parity_within_tolerance(exported):
     assert on_disk["opset"] == contract.OPSET
 
 
-@pytest.mark.parametrize("batch,src_len,past_len", [(1, 1, 0), (5, 41, 0), (2, 13, 17), (7, 3, 1)])
+@pytest.mark.parametrize("src_len,past_len,beams", [(1, 0, [1]), (41, 0, [1, 4, 1, 2, 3]), (13, 17, [4, 4]),
+                                                     (3, 1, [1] * 7)])
 @torch.no_grad()
-def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, batch, src_len, past_len):
+def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, src_len, past_len, beams):
+    # The ONNX step gets each sentence's cross K/V once (format 4); PyTorch gets them repeated per row (beam).
     cfg = torch_model.cfg
+    batch = len(beams)
     gen = torch.Generator().manual_seed(batch * 100 + src_len)
     src = torch.randint(4, cfg.vocab_size, (batch, src_len), generator=gen)
     mask = torch.ones(batch, src_len, dtype=torch.bool)
@@ -40,18 +43,22 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, b
     ort_ck, ort_cv = map(translator.ops.to_numpy, translator.model.encode(src.numpy(), mask.numpy()))
     for ort_x, x in zip(ort_ck + ort_cv, ck + cv):
         np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
-    shape = (batch, cfg.n_heads, past_len, cfg.d_head)
+    row_sentence = np.repeat(np.arange(batch), beams)
+    rows = len(row_sentence)
+    shape = (rows, cfg.n_heads, past_len, cfg.d_head)
     k = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
     v = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
-    tokens = torch.randint(4, cfg.vocab_size, (batch, 1), generator=gen)
-    lp, nk, nv, attention = torch_model.decode_step(tokens, k, v, ck, cv, mask)
+    tokens = torch.randint(4, cfg.vocab_size, (rows, 1), generator=gen)
+    per_row = torch.from_numpy(row_sentence)
+    lp, nk, nv, attention = torch_model.decode_step(tokens, k, v, [x[per_row] for x in ck],
+                                                    [x[per_row] for x in cv], mask[per_row])
     numpy = lambda xs: [x.numpy() for x in xs]  # noqa: E731
     ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), numpy(k), numpy(v), ort_ck,
-                                                                  ort_cv, mask.numpy())
+                                                                  ort_cv, mask.numpy(), row_sentence=row_sentence)
     ort_nk, ort_nv = translator.ops.to_numpy(ort_nk), translator.ops.to_numpy(ort_nv)
     np.testing.assert_allclose(ort_attention, attention.numpy(), atol=1e-5)
     assert len(ort_nk) == cfg.n_decoder_layers
-    assert all(x.shape == (batch, cfg.n_heads, past_len + 1, cfg.d_head) for x in ort_nk + ort_nv)
+    assert all(x.shape == (rows, cfg.n_heads, past_len + 1, cfg.d_head) for x in ort_nk + ort_nv)
     np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
     for ort_x, x in zip(ort_nk + ort_nv, nk + nv):
         np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)

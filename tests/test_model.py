@@ -67,6 +67,32 @@ def test_a_row_that_joined_later_decodes_as_alone_over_a_padded_cache(torch_mode
 
 
 @torch.no_grad()
+def test_cross_attention_once_per_sentence_equals_once_per_row(torch_model, batch):
+    """Format 4: sentences with 1, 4 and 2 rows (beams) attend to one copy of their memory each; every row's
+    log-probs, cache and alignment equal those of the same step with the memory repeated per row (format 3)."""
+    from engine.runtime import cross_slots
+
+    src, mask, tgt = batch
+    beams = torch.tensor([1, 4, 2])
+    row_sentence = torch.repeat_interleave(torch.arange(3), beams)
+    rows = len(row_sentence)
+    ck, cv = torch_model.cross_kv(torch_model.encode(src[:3], mask[:3]))
+    shape = (rows, torch_model.cfg.n_heads, 5, torch_model.cfg.d_head)
+    gen = torch.Generator().manual_seed(0)
+    k = [torch.randn(shape, generator=gen) for _ in ck]
+    v = [torch.randn(shape, generator=gen) for _ in ck]
+    tokens = tgt[row_sentence, 4:5] + torch.arange(rows)[:, None]  # beams of one sentence hold other tokens
+    slot_rows, row_slot = map(torch.from_numpy, cross_slots(row_sentence.numpy()))
+    got = torch_model.decode_step(tokens, k, v, ck, cv, mask[:3], slot_rows=slot_rows, row_slot=row_slot)
+    want = torch_model.decode_step(tokens, k, v, [x[row_sentence] for x in ck], [x[row_sentence] for x in cv],
+                                   mask[row_sentence])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3], want[3], atol=1e-6, rtol=1e-5)
+    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_padding_does_not_change_encoder_output(torch_model, batch):
     src, mask, _ = batch
     alone = torch_model.encode(src[2:3, : int(mask[2].sum())], mask[2:3, : int(mask[2].sum())])

@@ -36,4 +36,6 @@ def test_step_profile_accounts_for_the_whole_step(artifact):
     shares = r["share"]
     assert all(0 <= v <= 1 for v in shares.values()) and abs(sum(shares.values()) - 1) < 0.01
     assert shares["decoder"] > 0.3 and shares["top_k"] > 0  # beam 4 reads each row's top-k from the TopK graph
-    assert "MatMul" in r["decoder_kernels"] and abs(sum(r["decoder_kernels"].values())) <= 1.0001
+    # The linear layers and the output projection run as Gemm kernels (the step is 2-D): the largest share.
+    assert max(r["decoder_kernels"], key=r["decoder_kernels"].get) == "Gemm"
+    assert abs(sum(r["decoder_kernels"].values())) <= 1.0001

@@ -53,11 +53,14 @@ class ScriptedModel:
         return cross, cross
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, past_mask,
-             check_nan=True):
+             row_sentence, check_nan=True):
         self.calls += 1
         assert past_mask.shape == (tokens.shape[0], self_k[0].shape[2])
+        # Cross K/V and the source mask once per sentence, every row assigned to one of them (format 4).
+        assert row_sentence.shape == (tokens.shape[0],) and np.all(np.diff(row_sentence) >= 0)
+        assert cross_k[0].shape[0] == src_mask.shape[0] == row_sentence[-1] + 1 == len(np.unique(row_sentence))
         return (self.fn(tokens[:, 0], positions), grown(self_k), grown(self_v),
-                np.zeros(src_mask.shape, dtype=np.float32))
+                np.zeros((tokens.shape[0], src_mask.shape[1]), dtype=np.float32))
 
 
 class ScriptedTopKModel(ScriptedModel):

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto
 
 from engine.options import DecodingOptions
-from engine.runtime import EngineConfig
+from engine.runtime import EngineConfig, cross_slots
 from engine.state_ops import NumpyOps, OrtValueOps
 from engine.translator import Translator
 
@@ -66,3 +66,14 @@ def test_io_binding_translates_exactly_like_the_numpy_path(artifact, beam_size):
     for got, want in zip(bound.translate_ids(src, options), plain.translate_ids(src, options)):
         assert [h.tokens for h in got] == [h.tokens for h in want]
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_sentence", [[1], [3], [1, 4, 2], [2, 2, 2, 2], [16, 1, 1, 5]])
+def test_cross_slots_give_every_row_its_own_slot_in_its_sentence_block(rows_per_sentence):
+    row_sentence = np.repeat(np.arange(len(rows_per_sentence)), rows_per_sentence)
+    slot_rows, row_slot = cross_slots(row_sentence)
+    assert slot_rows.shape == (len(rows_per_sentence), max(rows_per_sentence)) and slot_rows.dtype == np.int64
+    assert row_slot.shape == (len(row_sentence),) and len(set(row_slot.tolist())) == len(row_sentence)
+    # Each row sits in its own sentence's block, in order, and the block reads it back.
+    assert np.array_equal(row_slot // slot_rows.shape[1], row_sentence)
+    assert np.array_equal(slot_rows.reshape(-1)[row_slot], np.arange(len(row_sentence)))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.runtime import EngineConfig
+from engine.runtime import EngineConfig, cross_slots
 from engine.translator import Translator
 from export.onnx_export import load_checkpoint
 from nmt.model import Transformer
@@ -70,12 +70,14 @@ class TorchStepModel:
 
     @torch.inference_mode()
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions=None,
-             past_mask=None, check_nan=True):
+             past_mask=None, row_sentence=None, check_nan=True):
         """One decoder step, shapes as OnnxModel.step; full log-probs only (``top_k`` must be None)."""
         assert top_k is None, "the PyTorch baseline returns full log-probs"
+        slot_rows, row_slot = cross_slots(np.arange(len(tokens)) if row_sentence is None else row_sentence)
         log_probs, new_k, new_v, attention = self.model.decode_step(
             self._in(tokens), self_k, self_v, cross_k, cross_v, self._in(src_mask),
-            None if positions is None else self._in(positions), None if past_mask is None else self._in(past_mask))
+            None if positions is None else self._in(positions), None if past_mask is None else self._in(past_mask),
+            self._in(slot_rows), self._in(row_slot))
         return log_probs.cpu().numpy(), new_k, new_v, attention.cpu().numpy()
 
 
