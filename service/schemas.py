@@ -16,7 +16,9 @@ _DEFAULTS = DecodingOptions()
 class TranslateRequest(BaseModel):
     """POST /translate body. ``text`` is one text or a list of texts; each is translated as one sentence."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+    # allow_inf_nan=False: NaN passes no range check of its own, so without it a NaN option was refused with a
+    # misleading "less than or equal to" message.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra={"examples": [
         {"text": ["The file could not be opened.", "Click the button to save the document."], "beam_size": 4}]})
 
     text: str | list[str] = Field(description="one text or a list of texts (limits in GET /health)")

@@ -246,6 +246,8 @@ def test_unknown_characters_over_http(service):
     ({"text": "x", "sampling_topp": 1.5}, "sampling_topp"),
     ({"text": "x", "beam_size": 1, "sampling_topk": 2, "sampling_temperature": 1e-40}, "sampling_temperature"),
     ({"text": "x", "target_prefix": "Ja " * 300}, "target_prefix[0] has"),
+    ({"text": "x", "length_penalty": float("nan")}, "length_penalty: Input should be a finite number"),
+    ({"text": "x", "max_length_a": float("inf")}, "max_length_a: Input should be a finite number"),
 ])
 def test_option_errors_are_422_naming_the_option(service, body, fragment):
     r = post(service, body)
