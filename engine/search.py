@@ -12,6 +12,13 @@ Semantics are those of the PyTorch reference (nmt/search.py), which is the oracl
   ranked among the best beam_size become finished hypotheses (lower-ranked ones are dropped), the others fill
   beam_size live beams; a sentence stops with beam_size finished hypotheses (fairseq's and Hugging Face's
   early-stopping rule) or at its length limit, where the live beams are finalized as they are.
+- A sentence also stops as soon as that rule can no longer change its n_best result (:meth:`BeamSearch.settled`):
+  every token's log-prob is <= 0, so a live beam's score only falls as it grows, and with alpha >= 0 the best ranking
+  any of its descendants can reach is its score / lp(length limit). Once the n_best-th finished hypothesis ranks at
+  least that for every live beam, the hypotheses returned (and their order: ties go to the earlier-finished) are
+  the full rule's. The reference runs the full rule, so the parity tests check this. It is how CTranslate2's beam
+  search ends a sentence when its top beam finishes, and saves the steps the full rule spends on beams that cannot
+  win (on the test split at beam 4 and length_penalty 0, the rows of README.md's Performance section).
 - greedy search is beam search with one beam, written apart because it is the common case.
 
 With :attr:`top_k` set, a strategy reads each row's k best tokens (:class:`TopCandidates`; the ONNX engine computes
@@ -212,6 +219,19 @@ class BeamSearch(SentenceSearch):
         self.done, self.n_rows = True, 0
         return np.zeros(0, dtype=np.int64)
 
+    def settled(self, live_scores: list) -> bool:
+        """True when no descendant of the live beams (summed log-probs ``live_scores``, float32) can rank above the
+        n_best-th finished hypothesis, so that stopping now returns what the full rule would (module docstring).
+        False while any live score is > 0 (log-probs that are not log-probabilities: the bound would not hold)."""
+        if len(self.finished) < self.n_best or not live_scores:
+            return False
+        best_live = float(max(live_scores))
+        if not best_live <= 0.0:  # also False for NaN
+            return False
+        bound = best_live / gnmt_length_penalty(self.limit, self.length_penalty)
+        nth = sorted((h.ranking_score for h in self.finished), reverse=True)[self.n_best - 1]
+        return nth >= bound
+
     @staticmethod
     def batch_candidates(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates,
                          top_row: dict[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
@@ -268,6 +288,8 @@ class BeamSearch(SentenceSearch):
             penalty = gnmt_length_penalty(step + 1, self.length_penalty)
             return self._finish([Hypothesis(t, float(s), float(s) / penalty, a) for t, s, a in zip(
                 new_tokens, new_scores, new_attention or [None] * len(new_tokens))])
+        if self.settled(new_scores):
+            return self._finish([])
         self.live_tokens, self.live_attention = new_tokens, new_attention
         self.live_scores = np.asarray(new_scores, dtype=np.float32)
         self.n_rows = len(parents)

@@ -74,6 +74,22 @@ def test_batch_invariance(translator, beam_size):
             assert hr.score == pytest.approx(ha.score, abs=1e-4)
 
 
+@pytest.mark.parametrize("length_penalty, n_best", [(0.0, 1), (0.6, 2)])
+def test_beam_search_stops_early_only_where_that_changes_nothing(translator, monkeypatch, length_penalty, n_best):
+    """engine/search.py's settled stop against the full rule (beam_size finished hypotheses or the limit) on real
+    sentences: the same hypotheses in the same order, in fewer decoder rows."""
+    options = DecodingOptions(beam_size=4, length_penalty=length_penalty, n_best=n_best)
+    src = [translator.tokenize(s) for s in SENTENCES]
+    early, full = CoreStats(), CoreStats()
+    got = translator.translate_ids(src, options, early)
+    monkeypatch.setattr(BeamSearch, "settled", lambda self, live_scores: False)
+    want = translator.translate_ids(src, options, full)
+    for g, w in zip(got, want):
+        assert [h.tokens for h in g] == [h.tokens for h in w]
+        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4)  # batches differ as rows leave
+    assert early.rows < full.rows
+
+
 def test_batch_invariance_across_token_budget_chunks(artifact):
     """A tiny max_batch_tokens cuts the batch into many chunks; outputs must not change."""
     from engine.runtime import EngineConfig

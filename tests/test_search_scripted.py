@@ -9,7 +9,7 @@ from engine.core import EngineCore
 from engine.options import DecodingOptions
 from engine.rules import Rules, Sampling
 from engine.candidates import TopCandidates
-from engine.search import gnmt_length_penalty, top_k_for
+from engine.search import BeamSearch, Hypothesis, gnmt_length_penalty, top_k_for
 from engine.state_ops import NumpyOps
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
@@ -162,6 +162,51 @@ def test_eos_ranked_below_beam_size_is_not_finalized():
     assert [h.tokens for h in hyps] == [[A], [B]]
 
 
+def full_rule(monkeypatch):
+    """Beam search without the settled stop (engine/search.py): only the beam_size-finished rule and the limit."""
+    monkeypatch.setattr(BeamSearch, "settled", lambda self, live_scores: False)
+
+
+def test_a_sentence_stops_once_no_live_beam_can_outrank_its_best(monkeypatch):
+    # Step 2 finishes "b" (.36) while the best live beam "a b" has .3: with alpha 0 no descendant of it can reach
+    # .36, so the sentence stops there; the full rule spends step 3 finishing "a b" (.27) and returns the same "b".
+    early, full = [], []
+    want = decode(ScriptedModel(scripted_step), options(beam_size=2), stats=early)
+    full_rule(monkeypatch)
+    assert decode(ScriptedModel(scripted_step), options(beam_size=2), stats=full) == want
+    assert [h.tokens for h in want[0]] == [[B]]
+    assert (early[0].steps, full[0].steps) == (2, 3)
+
+
+def test_a_live_beam_that_can_still_win_keeps_the_sentence_going():
+    # Step 2 finishes "b" (.5 x .8 = .40) while "a c" (.45 x .99 = .4455) lives on and then ends with p 1: the
+    # sentence must not stop at step 2, and returns "a c".
+    table = {BOS: {B: 0.5, A: 0.45, C: 0.05}, B: {EOS: 0.8, A: 0.2}, A: {C: 0.99, B: 0.01}, C: {EOS: 1.0}}
+
+    def step(tokens, positions):
+        log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
+        for r, last in enumerate(tokens):
+            for tok, p in table[int(last)].items():
+                log_probs[r, tok] = np.log(p)
+        return log_probs
+
+    ((hyp,),) = decode(ScriptedModel(step), options(beam_size=2))
+    assert hyp.tokens == [A, C] and math.isclose(hyp.score, math.log(0.4455), rel_tol=1e-5)
+
+
+def test_the_settled_stop_bounds_live_beams_by_the_length_penalty_at_the_limit():
+    # alpha 1, limit 10: "a b" (.3) could still rank log(.3) / lp(10) = -0.48 > "b"'s log(.36) / lp(2) = -0.88.
+    stats = []
+    (hyps,) = decode(ScriptedModel(scripted_step), options(beam_size=2, length_penalty=1.0), stats=stats)
+    assert stats[0].steps == 3
+    search = BeamSearch(10, BOS, EOS, beam_size=2, length_penalty=1.0)
+    search.finished = [Hypothesis([B], math.log(0.36), math.log(0.36) / gnmt_length_penalty(2, 1.0))]
+    assert not search.settled([math.log(0.3)])
+    assert search.settled([math.log(0.3) * 4])  # a live score this low cannot catch up even at the limit
+    assert not search.settled([0.5])  # scores above 0 are not summed log-probs: no bound, no stop
+    assert not search.settled([float("nan")])
+
+
 def _random_step(vocab: int, seed: int, levels: int = 6):
     """A step whose log-probs depend on (last token, position) through a fixed random table with few distinct
     values, so that ties are common."""
@@ -181,6 +226,23 @@ def test_top_k_steps_give_exactly_the_full_vocabulary_result(seed, beam_size, ba
                          length_penalty=0.6) for limit in (3, 9, 6)]
     want = decode(ScriptedModel(step), *sentences, banned=banned)
     assert decode(ScriptedTopKModel(step), *sentences, banned=banned) == want
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("beam_size, n_best", [(2, 1), (4, 1), (4, 3), (5, 5)])
+@pytest.mark.parametrize("length_penalty", [0.0, 0.6, 2.0])
+def test_the_settled_stop_returns_exactly_the_full_rules_hypotheses(monkeypatch, seed, beam_size, n_best,
+                                                                      length_penalty):
+    """Random tables with frequent ties, three sentences of different limits: the same hypotheses, scores and
+    order as the full rule, in no more decoder rows."""
+    step = _random_step(vocab=12, seed=seed)
+    sentences = [options(beam_size=beam_size, n_best=n_best, limit=limit, length_penalty=length_penalty)
+                 for limit in (3, 12, 7)]
+    early, full = [], []
+    got = decode(ScriptedTopKModel(step), *sentences, stats=early)
+    full_rule(monkeypatch)
+    assert got == decode(ScriptedTopKModel(step), *sentences, stats=full)
+    assert early[0].rows <= full[0].rows
 
 
 def test_top_k_is_not_used_when_a_rule_needs_the_whole_row():
