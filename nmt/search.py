@@ -13,7 +13,9 @@ invariance. Semantics shared with the engine (engine/search.py):
 - Each step takes the best 2 * beam_size candidates in score order (ties: lower flat index first); eos candidates
   ranked among the best beam_size become finished hypotheses (lower-ranked ones are dropped), the others fill the
   beam_size live beams. A sentence stops when it has beam_size finished hypotheses (fairseq's and Hugging Face's
-  early-stopping rule) or at max_length, where the live beams are finalized as they are.
+  early-stopping rule) or at max_length, where the live beams are finalized as they are. (The engine stops a
+  sentence sooner when this rule can no longer change its result, engine/search.py; this oracle runs the full rule,
+  so the parity tests check that the two agree.)
 """
 
 from __future__ import annotations
