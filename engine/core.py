@@ -31,8 +31,17 @@ Scheduling policy, decided at the start of every step:
    refill the batch only once a quarter of a budget is free.
    Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
    batch then decodes to completion before the next forms.
-3. One decoder step runs over every live row; each sentence's strategy reads its rows' scores and picks its next
-   tokens. A sentence whose scores hold NaN, or whose strategy raises, fails alone; the others go on.
+3. Joiners go into the youngest running batch when it is at most JOIN_WIDTH steps old, so that they are padded by
+   a few positions at most; otherwise they start a batch of their own beside it, up to ``max_batches`` (2), and
+   past that they join the youngest anyway. Without this, a sentence that joins rows 200 steps into their decode
+   carries, and copies at every step, a cache 200 positions wide, and so pays for the old rows' length.
+4. One decoder step runs over every row of one batch: the batch that has had the least decoder time (a new batch
+   starts level with the least of the others). Batches thus share the processor's time equally, as CFS shares it
+   between processes: a short request that starts beside long ones runs its cheap steps several times for each of
+   their expensive ones instead of waiting on every one of them (a 1-sentence request beside three beam-16
+   sentences 40 steps into 200: 0.11-0.38 s alone in their batch, 0.05-0.17 s in its own). Each sentence's
+   strategy reads its rows' scores and picks its next tokens. A sentence whose scores hold NaN, or whose strategy
+   raises, fails alone; the others go on.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,6 +65,8 @@ from engine.state_ops import NumpyOps
 log = logging.getLogger(__name__)
 
 POLICIES = ("continuous", "static")
+MAX_BATCHES = 2  # batches decoding side by side (module docstring)
+JOIN_WIDTH = 8  # a batch at most this many steps old takes joiners; an older one makes them start a new batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +109,26 @@ class _Sentence:
     joined_at: float | None = None
 
 
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """Sentences that decode together in one decoder call per step, with their shared state (the rows of ``live``
+    in order; shapes in engine/contract.py)."""
+
+    live: list[_Sentence] = dataclasses.field(default_factory=list)
+    self_: list | None = None  # self-attention K then V, per decoder layer: [rows, n_heads, width, d_head]
+    cross: list | None = None  # cross-attention K then V, per decoder layer: [sentences, n_heads, src_width, d_head]
+    past_mask: np.ndarray = dataclasses.field(  # [rows, width]: True = the row's own cached position
+        default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    src_mask: np.ndarray = dataclasses.field(  # [sentences, src_width], one per live sentence, in order
+        default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    seconds: float = 0.0  # decoder time this batch has had (EngineCore.clock), for the choice of the next batch
+
+    @property
+    def width(self) -> int:
+        """Cached positions per row (the age of its oldest live row, in steps)."""
+        return self.past_mask.shape[1]
+
+
 class EngineCore:
     """Step-able decoding of sentences that join and leave between steps (policy in the module docstring).
 
@@ -107,8 +139,11 @@ class EngineCore:
             k)`` and ``io_binding`` (engine/runtime.py's OnnxModel has all of these).
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
-        policy: "continuous" or "static"; max_batch_rows: decoder rows per step; max_batch_tokens: live sentences x
-            longest live source.
+        policy: "continuous" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
+            sentences x longest live source.
+        max_batches: batches that decode side by side under "continuous" (module docstring); 1 = every sentence
+            joins the one running batch.
+        clock: seconds, for the batches' shares of decoder time (tests pass a scripted one).
 
     Raises:
         ValueError: an unknown policy or a budget < 1.
@@ -116,15 +151,18 @@ class EngineCore:
 
     def __init__(self, model, *, bos_id: int, eos_id: int, pad_id: int, max_positions: int,
                  policy: str = "continuous", max_batch_rows: int = 512, max_batch_tokens: int = 1024,
-                 banned_ids: tuple[int, ...] | None = None) -> None:
+                 banned_ids: tuple[int, ...] | None = None, max_batches: int = MAX_BATCHES,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if max_batch_rows < 1 or max_batch_tokens < 1:
-            raise ValueError(f"max_batch_rows and max_batch_tokens must be >= 1, got {max_batch_rows}, "
-                             f"{max_batch_tokens}")
+        if max_batch_rows < 1 or max_batch_tokens < 1 or max_batches < 1:
+            raise ValueError(f"max_batch_rows, max_batch_tokens and max_batches must be >= 1, got {max_batch_rows}, "
+                             f"{max_batch_tokens}, {max_batches}")
         self.model, self.ops = model, getattr(model, "ops", NumpyOps())
         self.bos_id, self.eos_id, self.pad_id, self.max_positions = bos_id, eos_id, pad_id, max_positions
         self.policy, self.max_batch_rows, self.max_batch_tokens = policy, max_batch_rows, max_batch_tokens
+        self.max_batches = max_batches if policy == "continuous" else 1
+        self.clock = clock
         self.banned_ids = banned_ids if banned_ids is not None else (pad_id,)
         # Top-k where the log-probs are (engine/top_k.py): beam search always gains; greedy search only when the
         # log-probs would otherwise cross from a device (on the CPU an argmax is cheaper than TopK).
@@ -135,8 +173,7 @@ class EngineCore:
         self._waiting: dict[object, collections.deque[_Sentence]] = {}  # group -> its sentences, groups by arrival
         self._by_handle: dict[int, _Sentence] = {}
         self._done_early: list[Finished] = []  # empty sources and aborted waiting sentences, reported next step
-        self._live: list[_Sentence] = []  # in row-block order
-        self._reset_state()
+        self._batches: list[_Batch] = []  # oldest first
 
     # ---- the protocol ------------------------------------------------------------------------------------------
 
@@ -169,13 +206,17 @@ class EngineCore:
             sentence.aborted = True
 
     @property
+    def _live(self) -> list[_Sentence]:
+        return [s for b in self._batches for s in b.live]
+
+    @property
     def live_rows(self) -> int:
-        """Decoder rows of the running batch."""
-        return self._past_mask.shape[0]
+        """Decoder rows of the running batches."""
+        return sum(b.past_mask.shape[0] for b in self._batches)
 
     @property
     def live_sentences(self) -> int:
-        return len(self._live)
+        return sum(len(b.live) for b in self._batches)
 
     @property
     def waiting(self) -> int:
@@ -184,34 +225,40 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._live or self._waiting or self._done_early)
+        return bool(self._batches or self._waiting or self._done_early)
 
     def step(self) -> list[Finished]:
-        """Schedules (aborts, joins), runs one decoder step over every live row and returns the sentences that
-        left: finished, failed alone, or aborted. Returns [] when there is nothing to do.
+        """Schedules (aborts, joins), runs one decoder step over every row of one batch (the one that has had the
+        least decoder time) and returns the sentences that left: finished, failed alone, or aborted. Returns []
+        when there is nothing to do.
 
         Raises:
-            Exception: what the model raised for the whole step (e.g. ONNX Runtime failing); every live sentence
-                is then failed and reported at the next call, so the core stays usable.
+            Exception: what the model raised for the whole step (e.g. ONNX Runtime failing); every sentence of the
+                batch is then failed and reported at the next call, so the core stays usable.
         """
         out, self._done_early = self._done_early, []
         out += self._drop_aborted()
         joining = self._schedule()
-        try:
-            self._join(joining)
-        except Exception as e:  # noqa: BLE001 - the encoder failed for the joiners: fail them, not the batch
-            log.exception("encoder failed for %d joining sentences", len(joining))
-            out += [self._leave(s, error=e) for s in joining]
-            self._live = [s for s in self._live if s not in joining]
-        if not self._live:
+        if joining:
+            batch = self._batch_for_joiners()
+            try:
+                self._join(batch, joining)
+            except Exception as e:  # noqa: BLE001 - the encoder failed for the joiners: fail them, not the batch
+                log.exception("encoder failed for %d joining sentences", len(joining))
+                out += [self._leave(s, error=e) for s in joining]
+                self._batches = [b for b in self._batches if b.live]
+        if not self._batches:
             return out
+        batch = min(reversed(self._batches), key=lambda b: b.seconds)  # ties: the youngest
+        started = self.clock()
         try:
-            out += self._decode_step()
+            out += self._decode_step(batch)
         except Exception as e:  # noqa: BLE001 - the whole step failed: fail its sentences, keep the core usable
-            log.exception("decoder step failed for %d sentences", len(self._live))
-            out += [self._leave(s, error=e) for s in self._live]
-            self._live = []
-            self._reset_state()
+            log.exception("decoder step failed for %d sentences", len(batch.live))
+            out += [self._leave(s, error=e) for s in batch.live]
+            batch.live = []
+        batch.seconds += self.clock() - started
+        self._batches = [b for b in self._batches if b.live]
         return out
 
     def fail_all(self, error: Exception) -> list[Finished]:
@@ -220,8 +267,7 @@ class EngineCore:
         out, self._done_early = self._done_early, []
         everyone = [s for queue in self._waiting.values() for s in queue] + self._live
         out += [self._leave(s, error=error) for s in everyone]
-        self._waiting, self._live = {}, []
-        self._reset_state()
+        self._waiting, self._batches = {}, []
         return out
 
     # ---- sentences ---------------------------------------------------------------------------------------------
@@ -263,10 +309,11 @@ class EngineCore:
                 self._waiting[group] = queue
             if not queue:
                 del self._waiting[group]
-        if any(s.aborted for s in self._live):
-            keep = [s for s in self._live if not s.aborted]
-            out += [self._leave(s, aborted=True) for s in self._live if s.aborted]
-            self._select(keep)
+        for batch in self._batches:
+            if any(s.aborted for s in batch.live):
+                out += [self._leave(s, aborted=True) for s in batch.live if s.aborted]
+                self._select(batch, [s for s in batch.live if not s.aborted])
+        self._batches = [b for b in self._batches if b.live]
         return out
 
     # ---- scheduling --------------------------------------------------------------------------------------------
@@ -315,16 +362,20 @@ class EngineCore:
 
     # ---- the batch's state -------------------------------------------------------------------------------------
 
-    def _reset_state(self) -> None:
-        self._self = None  # self-attention K then V, per decoder layer: [rows, n_heads, width, d_head]
-        self._cross = None  # cross-attention K then V, per decoder layer: [sentences, n_heads, src_width, d_head]
-        self._past_mask = np.zeros((0, 0), dtype=bool)  # [rows, width]: True = the row's own cached position
-        self._src_mask = np.zeros((0, 0), dtype=bool)  # [sentences, src_width], one per live sentence, in order
+    def _batch_for_joiners(self) -> _Batch:
+        """The batch this step's joiners go into: the youngest if it is at most ``JOIN_WIDTH`` steps old (little
+        padding) or no other batch may start; else a new one, whose decoder time starts level with the least of
+        the others (so it neither waits for them nor shuts them out)."""
+        youngest = self._batches[-1] if self._batches else None
+        if youngest is not None and (youngest.width <= JOIN_WIDTH or len(self._batches) >= self.max_batches):
+            return youngest
+        batch = _Batch(seconds=min((b.seconds for b in self._batches), default=0.0))
+        self._batches.append(batch)
+        return batch
 
-    def _join(self, joining: list[_Sentence]) -> None:
-        """Encodes the joiners in one call and appends one row each (a beam search widens after its first step)."""
-        if not joining:
-            return
+    def _join(self, batch: _Batch, joining: list[_Sentence]) -> None:
+        """Encodes the joiners in one call and appends one row each to ``batch`` (a beam search widens after its
+        first step)."""
         src_width = max(len(s.src_ids) for s in joining)
         src_ids = np.full((len(joining), src_width), self.pad_id, dtype=np.int64)
         src_mask = np.zeros((len(joining), src_width), dtype=bool)
@@ -334,72 +385,72 @@ class EngineCore:
         cross_k, cross_v = self.model.encode(src_ids, src_mask)
         cross = list(cross_k) + list(cross_v)
         n_layers = len(cross_k)
-        if self._cross is None:
-            self._cross, self._src_mask = cross, src_mask
-            self._self = [self.ops.empty(cross[0], len(joining))] * (2 * n_layers)
-            self._past_mask = np.zeros((len(joining), 0), dtype=bool)
+        if batch.cross is None:
+            batch.cross, batch.src_mask = cross, src_mask
+            batch.self_ = [self.ops.empty(cross[0], len(joining))] * (2 * n_layers)
+            batch.past_mask = np.zeros((len(joining), 0), dtype=bool)
         else:
-            width = max(self._src_mask.shape[1], src_width)
-            self._cross = self.ops.concat_rows(self._cross, cross, width)
-            self._src_mask = np.concatenate([np.pad(self._src_mask, ((0, 0), (0, width - self._src_mask.shape[1]))),
+            width = max(batch.src_mask.shape[1], src_width)
+            batch.cross = self.ops.concat_rows(batch.cross, cross, width)
+            batch.src_mask = np.concatenate([np.pad(batch.src_mask, ((0, 0), (0, width - batch.src_mask.shape[1]))),
                                              np.pad(src_mask, ((0, 0), (0, width - src_width)))])
-            past = self._past_mask.shape[1]
-            self._self = self.ops.concat_rows(self._self, [self.ops.empty(cross[0], len(joining))] * (2 * n_layers),
-                                              past)
-            self._past_mask = np.concatenate([self._past_mask, np.zeros((len(joining), past), dtype=bool)])
-        self._live += joining
+            past = batch.width
+            batch.self_ = self.ops.concat_rows(batch.self_, [self.ops.empty(cross[0], len(joining))] * (2 * n_layers),
+                                               past)
+            batch.past_mask = np.concatenate([batch.past_mask, np.zeros((len(joining), past), dtype=bool)])
+        batch.live += joining
         self.stats.joined += len(joining)
         now = time.monotonic()
         for s in joining:
             s.joined_at = now
 
-    def _select(self, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
-        """Keeps the sentences of ``keep`` (in the live order) and their rows (their parent rows, int64 [new_rows],
+    def _select(self, batch: _Batch, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
+        """Keeps the sentences of ``keep`` (in the batch's order) and their rows (their parent rows, int64 [new_rows],
         when a step reordered them), and trims the cache positions and source columns no kept row uses. The cross
         K/V (one per sentence) move only when sentences left."""
         if parent_rows is None and keep:  # rows of whole sentences, as laid out before
-            starts = np.cumsum([0] + [s.search.n_rows for s in self._live])
-            row_of = {id(s): int(r) for s, r in zip(self._live, starts)}
+            starts = np.cumsum([0] + [s.search.n_rows for s in batch.live])
+            row_of = {id(s): int(r) for s, r in zip(batch.live, starts)}
             parent_rows = np.concatenate([np.arange(row_of[id(s)], row_of[id(s)] + s.search.n_rows) for s in keep])
-        same_sentences = len(keep) == len(self._live)
+        same_sentences = len(keep) == len(batch.live)
         if not same_sentences and keep:
-            index_of = {id(s): i for i, s in enumerate(self._live)}
+            index_of = {id(s): i for i, s in enumerate(batch.live)}
             kept = np.asarray([index_of[id(s)] for s in keep], dtype=np.int64)
-        self._live = keep
-        if not keep:
-            self._reset_state()
+        batch.live = keep
+        if not keep:  # the batch is dropped by the caller
+            batch.self_ = batch.cross = None
             return
-        past_mask = self._past_mask[parent_rows]
+        past_mask = batch.past_mask[parent_rows]
         start = past_mask.shape[1] - int(past_mask.sum(axis=1).max())  # own positions are a suffix of each row
-        self._past_mask = np.ascontiguousarray(past_mask[:, start:])
-        self._self = self.ops.take(self._self, parent_rows, start)
+        batch.past_mask = np.ascontiguousarray(past_mask[:, start:])
+        batch.self_ = self.ops.take(batch.self_, parent_rows, start)
         if not same_sentences:
             src_width = max(len(s.src_ids) for s in keep)
-            self._src_mask = np.ascontiguousarray(self._src_mask[kept, :src_width])
-            self._cross = self.ops.take(self._cross, kept, 0, src_width)
+            batch.src_mask = np.ascontiguousarray(batch.src_mask[kept, :src_width])
+            batch.cross = self.ops.take(batch.cross, kept, 0, src_width)
 
     # ---- one decoder step --------------------------------------------------------------------------------------
 
     def _wants_top(self, search: SentenceSearch) -> bool:
         return self.has_top_k and search.top_k is not None and (self.device_top_k or search.max_rows > 1)
 
-    def _decode_step(self) -> list[Finished]:
-        live = self._live
+    def _decode_step(self, batch: _Batch) -> list[Finished]:
+        live = batch.live
         n_rows = [s.search.n_rows for s in live]
         starts = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)
         tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
         positions = np.repeat(np.asarray([s.step for s in live], dtype=np.int64), n_rows)
         wants_top = [self._wants_top(s.search) for s in live]
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
-        n_layers = len(self._self) // 2
+        n_layers = len(batch.self_) // 2
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.
         device_top = k is not None and self.device_top_k and all(wants_top)
         scores, self_k, self_v, attention = self.model.step(
-            tokens, self._self[:n_layers], self._self[n_layers:], self._cross[:n_layers], self._cross[n_layers:],
-            self._src_mask, k if device_top else None, positions=positions, past_mask=self._past_mask,
+            tokens, batch.self_[:n_layers], batch.self_[n_layers:], batch.cross[:n_layers], batch.cross[n_layers:],
+            batch.src_mask, k if device_top else None, positions=positions, past_mask=batch.past_mask,
             row_sentence=np.repeat(np.arange(len(live)), n_rows), check_nan=False)
-        self._self = list(self_k) + list(self_v)
-        self._past_mask = np.concatenate([self._past_mask, np.ones((len(tokens), 1), dtype=bool)], axis=1)
+        batch.self_ = list(self_k) + list(self_v)
+        batch.past_mask = np.concatenate([batch.past_mask, np.ones((len(tokens), 1), dtype=bool)], axis=1)
         self.stats.steps += 1
         self.stats.rows += len(tokens)
         top, top_row = None, {}
@@ -458,5 +509,5 @@ class EngineCore:
             parents.append(r0 + local)
         parent_rows = np.concatenate(parents) if parents else np.zeros(0, dtype=np.int64)
         if len(parent_rows) != len(tokens) or not np.array_equal(parent_rows, np.arange(len(tokens))):
-            self._select(keep, parent_rows)
+            self._select(batch, keep, parent_rows)
         return out

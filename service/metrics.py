@@ -35,7 +35,8 @@ class ServiceMetrics:
                                             "(/ nmt_decode_steps_total = mean rows per step)", tag_keys=tags)
         self.step_rows = metrics.Histogram("nmt_step_rows", "decoder rows (sentences x live beams) per step",
                                            boundaries=_ROWS, tag_keys=tags)
-        self.step_sentences = metrics.Histogram("nmt_step_sentences", "sentences decoding together per step",
+        self.step_sentences = metrics.Histogram("nmt_step_sentences",
+                                                "live sentences (of every running batch) at a step",
                                                 boundaries=_ROWS, tag_keys=tags)
         self.joined = metrics.Counter("nmt_joined_sentences_total", "sentences that joined the running decode",
                                       tag_keys=tags)

@@ -63,14 +63,16 @@ def alone(translator):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrivals=st.lists(st.tuples(st.integers(0, 14), st.integers(0, len(SENTENCES) - 1),
                                    st.integers(0, len(OPTIONS) - 1)), min_size=1, max_size=7),
-       policy=st.sampled_from(["continuous", "static"]), max_batch_rows=st.sampled_from([16, 512]))
+       policy=st.sampled_from(["continuous", "static"]), max_batch_rows=st.sampled_from([16, 512]),
+       max_batches=st.sampled_from([1, 2, 3]))
 def test_a_sentence_decodes_the_same_whenever_it_joins_and_beside_whatever(translator, alone, arrivals, policy,
-                                                                           max_batch_rows):
+                                                                           max_batch_rows, max_batches):
     """Property: token-identical output and equal scores (float32, 1e-4) for every sentence, whether decoded
-    alone or joining a running batch at any step beside any mix of other sentences and options."""
+    alone or joining a running batch at any step (or starting a batch beside it) beside any mix of other
+    sentences and options."""
     core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
                       pad_id=translator.pad_id, max_positions=translator.max_positions, policy=policy,
-                      max_batch_rows=max_batch_rows)
+                      max_batch_rows=max_batch_rows, max_batches=max_batches)
     got = run(core, [(step, translator.tokenize(SENTENCES[s]), OPTIONS[o], i) for i, (step, s, o) in
                      enumerate(arrivals)])
     for (_, s, o), hyps in zip(arrivals, got):

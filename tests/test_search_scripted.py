@@ -147,6 +147,80 @@ def test_aborted_sentences_leave_the_batch_and_others_are_unharmed(beam_size):
     assert stats[0].rows == 2 + (stats[0].steps - 1) * beam_size
 
 
+def endless_step(tokens, positions):
+    """Always C, never eos: a sentence runs to its length limit."""
+    log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
+    log_probs[:, C] = 0.0
+    return log_probs
+
+
+class CostedModel(ScriptedModel):
+    """ScriptedModel whose step costs rows x (width + 1) units of a scripted clock (the cache a step reads and
+    copies), and that records (rows, width) per call."""
+
+    def __init__(self, fn) -> None:
+        super().__init__(fn)
+        self.now, self.log = 0.0, []
+
+    def step(self, tokens, self_k, *args, **kwargs):
+        rows, width = tokens.shape[0], self_k[0].shape[2]
+        self.now += rows * (width + 1)
+        self.log.append((rows, width))
+        return super().step(tokens, self_k, *args, **kwargs)
+
+
+def costed_core(model, **kwargs):
+    return EngineCore(model, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_positions=64, clock=lambda: model.now,
+                      **kwargs)
+
+
+def test_a_late_sentence_starts_its_own_batch_and_takes_its_share_of_time():
+    model = CostedModel(endless_step)
+    core = costed_core(model)
+    old = core.submit([A, EOS], options(limit=40))
+    for _ in range(12):
+        core.step()
+    late = core.submit([A, EOS], options(limit=5))
+    finished, calls = {}, len(model.log)
+    while late not in finished:
+        finished.update({d.handle: d for d in core.step()})
+    mine = model.log[calls:]
+    # Its own batch: one row, its own cache width (0..4), never padded to the old sentence's 12+ positions; and
+    # equal shares of decoder time: its five cheap steps (1+2+3+4+5 units) run beside one old step (13 units).
+    assert [w for r, w in mine if w < 12] == [0, 1, 2, 3, 4] and all(r == 1 for r, _ in mine)
+    assert len([w for _, w in mine if w >= 12]) == 1
+    assert [h.tokens for h in finished[late].hypotheses] == [[C] * 5]
+    while core.has_work:
+        finished.update({d.handle: d for d in core.step()})
+    assert [h.tokens for h in finished[old].hypotheses] == [[C] * 40]
+
+
+def test_a_sentence_joins_a_young_batch_and_with_max_batches_1_any_batch():
+    for max_batches, late_step, want_rows in ((2, 8, 2), (2, 9, 1), (1, 20, 2)):
+        model = CostedModel(endless_step)
+        core = costed_core(model, max_batches=max_batches)
+        core.submit([A, EOS], options(limit=30))
+        for _ in range(late_step):
+            core.step()
+        core.submit([A, EOS], options(limit=30))
+        core.step()
+        assert model.log[-1][0] == want_rows, (max_batches, late_step)
+        while core.has_work:
+            core.step()
+        assert core.live_rows == 0
+
+
+def test_a_third_batch_is_not_started_past_max_batches():
+    model = CostedModel(endless_step)
+    core = costed_core(model, max_batches=2)
+    for arrival in range(3):  # arrivals 20 steps apart: the third joins the youngest of the two batches
+        core.submit([A, EOS], options(limit=60))
+        for _ in range(20):
+            core.step()
+    assert sorted({rows for rows, _ in model.log[-4:]}) == [1, 2]
+    assert len(core._batches) == 2
+
+
 def test_eos_ranked_below_beam_size_is_not_finalized():
     # After bos: a .5, b .3, eos .2 -> with beam 2 the eos candidate ranks 3rd (>= beam_size): dropped, not finished.
     table = {BOS: {A: 0.5, B: 0.3, EOS: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}}
