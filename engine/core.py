@@ -31,10 +31,13 @@ Scheduling policy, decided at the start of every step:
    refill the batch only once a quarter of a budget is free.
    Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
    batch then decodes to completion before the next forms.
-3. Joiners go into the youngest running batch when it is at most JOIN_WIDTH steps old, so that they are padded by
-   a few positions at most; otherwise they start a batch of their own beside it, up to ``max_batches`` (2), and
-   past that they join the youngest anyway. Without this, a sentence that joins rows 200 steps into their decode
-   carries, and copies at every step, a cache 200 positions wide, and so pays for the old rows' length.
+3. Joiners go into the youngest running batch of their kind when it is at most JOIN_WIDTH steps old, so that they
+   are padded by a few positions at most; otherwise they start a batch of their own beside it, up to
+   ``max_batches`` (2) of their kind, and past that they join the youngest anyway. Without this, a sentence that
+   joins rows 200 steps into their decode carries, and copies at every step, a cache 200 positions wide, and so
+   pays for the old rows' length. The two kinds: sentences of small requests (at most SMALL_REQUEST sentences, an
+   interactive user's) and of larger ones (bulk), so that a bulk request's sentences, always waiting for room,
+   never fill the batch that a small request decodes in.
 4. One decoder step runs over every row of one batch: the batch that has had the least decoder time (a new batch
    starts level with the least of the others). Batches thus share the processor's time equally, as CFS shares it
    between processes: a short request that starts beside long ones runs its cheap steps several times for each of
@@ -67,6 +70,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("continuous", "static")
 MAX_BATCHES = 2  # batches decoding side by side (module docstring)
 JOIN_WIDTH = 8  # a batch at most this many steps old takes joiners; an older one makes them start a new batch
+SMALL_REQUEST = 4  # sentences: a request of at most this many decodes in batches apart from larger ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,7 @@ class _Sentence:
     return_attention: bool
     step: int = 0
     aborted: bool = False
+    small: bool = False  # of a request of at most SMALL_REQUEST sentences (set when it joins)
     submitted_at: float = dataclasses.field(default_factory=time.monotonic)
     joined_at: float | None = None
 
@@ -121,6 +126,7 @@ class _Batch:
         default_factory=lambda: np.zeros((0, 0), dtype=bool))
     src_mask: np.ndarray = dataclasses.field(  # [sentences, src_width], one per live sentence, in order
         default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    small: bool = False  # a batch of small requests' sentences (module docstring)
     seconds: float = 0.0  # decoder time this batch has had (EngineCore.clock), for the choice of the next batch
 
     @property
@@ -141,8 +147,8 @@ class EngineCore:
         max_positions: the model's position table; bounds source and target lengths.
         policy: "continuous" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
             sentences x longest live source.
-        max_batches: batches that decode side by side under "continuous" (module docstring); 1 = every sentence
-            joins the one running batch.
+        max_batches: batches of each kind (small requests' and larger ones') that decode side by side under
+            "continuous" (module docstring); 1 = one batch, every sentence joins it.
         clock: seconds, for the batches' shares of decoder time (tests pass a scripted one).
 
     Raises:
@@ -239,13 +245,16 @@ class EngineCore:
         out, self._done_early = self._done_early, []
         out += self._drop_aborted()
         joining = self._schedule()
-        if joining:
-            batch = self._batch_for_joiners()
+        for small in (True, False):
+            members = [s for s in joining if s.small == small]
+            if not members:
+                continue
+            batch = self._batch_for_joiners(small)
             try:
-                self._join(batch, joining)
+                self._join(batch, members)
             except Exception as e:  # noqa: BLE001 - the encoder failed for the joiners: fail them, not the batch
-                log.exception("encoder failed for %d joining sentences", len(joining))
-                out += [self._leave(s, error=e) for s in joining]
+                log.exception("encoder failed for %d joining sentences", len(members))
+                out += [self._leave(s, error=e) for s in members]
                 self._batches = [b for b in self._batches if b.live]
         if not self._batches:
             return out
@@ -326,8 +335,10 @@ class EngineCore:
         n_sentences = len(self._live)
         longest = max((len(s.src_ids) for s in self._live), default=0)
         rows_of_group: dict[object, int] = collections.Counter()
+        sentences_of_group: dict[object, int] = collections.Counter()
         for s in self._live:
             rows_of_group[s.group] += s.search.max_rows
+            sentences_of_group[s.group] += 1
         # Each join copies the whole cache once (concat_rows): a request already running refills the batch only
         # when a quarter of a budget is free, so that its sentences join in groups rather than one per step (300
         # test sentences, beam 4: joins at 148 of 155 steps cost 15% of the time). A request with nothing running
@@ -351,6 +362,9 @@ class EngineCore:
                        and (n_sentences + 1) * new_longest <= 2 * self.max_batch_tokens)
             if not (fits or starved) and (n_sentences or joining):
                 break
+            sentence.small = (self.max_batches > 1
+                              and sentences_of_group[group] + len(self._waiting[group]) <= SMALL_REQUEST)
+            sentences_of_group[group] += 1
             self._waiting[group].popleft()
             if not self._waiting[group]:
                 del self._waiting[group]
@@ -362,14 +376,16 @@ class EngineCore:
 
     # ---- the batch's state -------------------------------------------------------------------------------------
 
-    def _batch_for_joiners(self) -> _Batch:
-        """The batch this step's joiners go into: the youngest if it is at most ``JOIN_WIDTH`` steps old (little
-        padding) or no other batch may start; else a new one, whose decoder time starts level with the least of
-        the others (so it neither waits for them nor shuts them out)."""
-        youngest = self._batches[-1] if self._batches else None
-        if youngest is not None and (youngest.width <= JOIN_WIDTH or len(self._batches) >= self.max_batches):
+    def _batch_for_joiners(self, small: bool) -> _Batch:
+        """The batch this step's joiners of small requests (``small``) or of larger ones go into: the youngest
+        batch of their kind if it is at most ``JOIN_WIDTH`` steps old (little padding) or no other batch of their
+        kind may start; else a new one, whose decoder time starts level with the least of the others (so it
+        neither waits for them nor shuts them out)."""
+        kind = [b for b in self._batches if b.small == small]
+        youngest = kind[-1] if kind else None
+        if youngest is not None and (youngest.width <= JOIN_WIDTH or len(kind) >= self.max_batches):
             return youngest
-        batch = _Batch(seconds=min((b.seconds for b in self._batches), default=0.0))
+        batch = _Batch(small=small, seconds=min((b.seconds for b in self._batches), default=0.0))
         self._batches.append(batch)
         return batch
 

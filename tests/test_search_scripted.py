@@ -221,6 +221,28 @@ def test_a_third_batch_is_not_started_past_max_batches():
     assert len(core._batches) == 2
 
 
+def test_a_small_request_decodes_apart_from_bulk_batches_however_many_run():
+    model = CostedModel(endless_step)
+    core = costed_core(model, max_batches=2)
+    for bulk in range(2):  # two bulk requests 20 steps apart: two batches of 6 rows
+        for _ in range(6):
+            core.submit([A, EOS], options(limit=60), group=f"bulk {bulk}")
+        for _ in range(20):
+            core.step()
+    probe = core.submit([A, EOS], options(limit=5), group="probe")
+    core.step()
+    for _ in range(6):  # a third bulk request arrives with the probe's batch young: it joins a bulk batch
+        core.submit([A, EOS], options(limit=60), group="bulk 2")
+    finished, calls = set(), len(model.log)
+    while probe not in finished:
+        finished.update(d.handle for d in core.step())
+    assert {rows for rows, width in model.log[calls:] if width < 5} == {1}  # the probe's own batch, alone
+    assert len([1 for _, width in model.log[calls:] if width >= 5]) <= 2  # beside at most one step of each
+    while core.has_work:
+        core.step()
+    assert core.live_rows == 0
+
+
 def test_eos_ranked_below_beam_size_is_not_finalized():
     # After bos: a .5, b .3, eos .2 -> with beam 2 the eos candidate ranks 3rd (>= beam_size): dropped, not finished.
     table = {BOS: {A: 0.5, B: 0.3, EOS: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}}
