@@ -81,3 +81,24 @@ def test_table_side_by_side():
     assert line.split()[-2:] == ["1.000", "0.400"]
     assert "NOT MET" not in text
     assert "NOT MET" in format_report(results, evaluate_targets(_results(hol=0.5)))
+
+
+def test_engine_open_loop_serves_every_request_under_each_policy(artifact):
+    """loadtests/open_loop_engine.py end to end on the bundled model, a short window: every arrival gets its
+    sentence back under every policy, and the schedule is the same for each."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from loadtests.open_loop_engine import POLICIES, arrivals, run
+
+    from conftest import SENTENCES
+
+    translator = Translator(artifact, EngineConfig(device="cpu"))
+    requests = arrivals([translator.tokenize(s) for s in SENTENCES], rate=20.0, seconds=0.5, seed=1)
+    assert requests == arrivals([translator.tokenize(s) for s in SENTENCES], rate=20.0, seconds=0.5, seed=1)
+    assert requests and {beam for _, _, beam in requests} <= {1, 4, 16}
+    for _, policy, max_batches in POLICIES:
+        core = translator.new_core(policy=policy)
+        core.max_batches = max_batches
+        figures = run(core, requests)
+        assert figures["requests"] == len(requests) and 0 < figures["latency_p50_s"] <= figures["latency_max_s"]
+        assert core.live_rows == 0 and core.waiting == 0

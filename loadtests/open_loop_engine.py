@@ -1,0 +1,84 @@
+"""The engine core alone under an open loop: Poisson arrivals of one-sentence requests, scheduling policies compared.
+
+    .venv/bin/python -m loadtests.open_loop_engine --rate 45 --seconds 12     # about 1 minute on 2 cores
+
+No HTTP, no Ray: one process submits each request to an EngineCore (engine/core.py) when its arrival time has come
+and steps the core in between, as the service's engine loop does, so what the figures show is the scheduling
+policy and the decoder, not the web stack. Requests are test sentences with beam_size drawn per request (50% beam 4,
+40% greedy, 10% beam 16, as loadtests/bench_scheduling.py's open loop), arrivals and draws from a fixed seed, the
+same for every policy. For each policy prints one JSON line: requests, latency p50 / p99 / max (seconds from
+arrival to the sentence leaving the core) and wall seconds. Policies: "static" (a batch decodes to completion),
+"continuous" with one batch (every sentence joins the running batch, the engine before batches of its own) and
+with the core's default batches (engine/core.py's module docstring). A run under other load is noisy: the p99 of a
+12-second window rests on a handful of requests, so compare policies within one run, and several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.core import MAX_BATCHES, EngineCore
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig
+from engine.translator import Translator
+from loadtests.bench_scheduling import beam_sizes, poisson_arrivals
+from nmt.data import read_pairs
+
+POLICIES = (("static", "static", 1), ("continuous, 1 batch", "continuous", 1),
+            (f"continuous, {MAX_BATCHES} batches of each kind", "continuous", MAX_BATCHES))
+
+
+def arrivals(sources: list[list[int]], rate: float, seconds: float, seed: int = 0):
+    """[(arrival time s, src ids, beam_size)]: a Poisson process of ``rate`` requests/s over ``seconds``, each a
+    source drawn from ``sources`` with a beam_size drawn from bench_scheduling's mix; the same seed, the same list."""
+    times = poisson_arrivals(rate, seconds, seed)
+    rng = random.Random(seed)
+    return [(t, rng.choice(sources), beam) for t, beam in zip(times, beam_sizes(len(times), seed))]
+
+
+def run(core: EngineCore, requests) -> dict:
+    """Feeds ``requests`` to ``core`` at their arrival times (wall clock) and steps it; returns the figures."""
+    started, submitted, latency, i = time.perf_counter(), {}, [], 0
+    while i < len(requests) or core.has_work:
+        now = time.perf_counter() - started
+        while i < len(requests) and requests[i][0] <= now:
+            arrival, src_ids, beam = requests[i]
+            submitted[core.submit(src_ids, DecodingOptions(beam_size=beam), group=i)] = arrival
+            i += 1
+        if not core.has_work:  # idle until the next arrival, as the service's loop waits
+            time.sleep(max(0.0, requests[i][0] - now))
+            continue
+        for done in core.step():
+            latency.append(time.perf_counter() - started - submitted[done.handle])
+    latency = np.asarray(latency)
+    return dict(requests=len(latency), latency_p50_s=round(float(np.percentile(latency, 50)), 3),
+                latency_p99_s=round(float(np.percentile(latency, 99)), 3), latency_max_s=round(float(latency.max()), 3),
+                wall_s=round(time.perf_counter() - started, 1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", default="artifacts/en-de")
+    p.add_argument("--corpus", default="../shared/corpus")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--rate", type=float, default=45.0, help="requests (sentences) per second")
+    p.add_argument("--seconds", type=float, default=12.0, help="arrivals over this many seconds")
+    args = p.parse_args(argv)
+    translator = Translator(args.artifact, EngineConfig(device="cpu", intra_op_threads=args.threads))
+    sources = [translator.tokenize(en) for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")]
+    requests = arrivals(sources, args.rate, args.seconds)
+    for name, policy, max_batches in POLICIES:
+        core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                          pad_id=translator.pad_id, max_positions=translator.max_positions, policy=policy,
+                          max_batches=max_batches)
+        print(json.dumps(dict(policy=name, rate_per_s=args.rate, **run(core, requests))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
