@@ -18,7 +18,7 @@ them as they are.
 
 Scheduling policy, decided at the start of every step:
 1. Aborted sentences leave before the step computes them; their results are reported as aborted.
-2. Waiting sentences join while the running batch has room. A sentence reserves its most rows (beam_size) against
+2. Waiting sentences join while the running batches have room. A sentence reserves its most rows (beam_size) against
    ``max_batch_rows`` and its source against ``max_batch_tokens`` (live sentences x longest live source: the padded
    cross-attention memory, as the encoder's chunks were bounded before). Which sentence joins next: the first
    waiting one of the group (a request) that holds the fewest rows now, ties to the group that arrived first; so a
@@ -42,7 +42,9 @@ Scheduling policy, decided at the start of every step:
    starts level with the least of the others). Batches thus share the processor's time equally, as CFS shares it
    between processes: a short request that starts beside long ones runs its cheap steps several times for each of
    their expensive ones instead of waiting on every one of them (a 1-sentence request beside three beam-16
-   sentences 40 steps into 200: 0.11-0.38 s alone in their batch, 0.05-0.17 s in its own). Each sentence's
+   sentences 40 steps into 200, engine alone: 0.10-0.32 s in their batch, 0.05-0.14 s in its own). The price: a
+   batch draining its last few rows gets an equal share too, and steps of few rows use the processor less well
+   (README.md, Continuous batching, gives both sides measured). Each sentence's
    strategy reads its rows' scores and picks its next tokens. A sentence whose scores hold NaN, or whose strategy
    raises, fails alone; the others go on.
 """
