@@ -243,6 +243,45 @@ def test_a_small_request_decodes_apart_from_bulk_batches_however_many_run():
     assert core.live_rows == 0
 
 
+def test_a_step_that_fails_fails_its_own_batch_only():
+    class FailsOnItsOwnBatch(CostedModel):
+        def step(self, tokens, self_k, *args, **kwargs):
+            if self_k[0].shape[2] == 2 and tokens.shape[0] == 1 and len(self.log) > 20:  # the late batch's 3rd step
+                raise RuntimeError("device lost")
+            return super().step(tokens, self_k, *args, **kwargs)
+
+    model = FailsOnItsOwnBatch(endless_step)
+    core = costed_core(model)
+    old = core.submit([A, EOS], options(limit=40), group="old")
+    for _ in range(20):
+        core.step()
+    late = core.submit([A, EOS], options(limit=10), group="late")
+    finished = {}
+    while core.has_work:
+        finished.update({d.handle: d for d in core.step()})
+    assert "device lost" in str(finished[late].error) and finished[late].hypotheses == []
+    assert finished[old].error is None and [h.tokens for h in finished[old].hypotheses] == [[C] * 40]
+    assert core.live_rows == 0
+
+
+def test_aborts_leave_whichever_batch_they_are_in():
+    model = CostedModel(endless_step)
+    core = costed_core(model)
+    handles = []
+    for arrival in range(3):  # three batches' worth of arrivals (two of each kind at most)
+        handles.append(core.submit([A, EOS], options(limit=50), group=arrival))
+        for _ in range(12):
+            core.step()
+    for h in handles[:2]:
+        core.abort(h)
+    finished = {}
+    while core.has_work:
+        finished.update({d.handle: d for d in core.step()})
+    assert [finished[h].aborted for h in handles] == [True, True, False]
+    assert [h.tokens for h in finished[handles[2]].hypotheses] == [[C] * 50]
+    assert core.live_rows == 0 and core.live_sentences == 0 and not core._batches
+
+
 def test_eos_ranked_below_beam_size_is_not_finalized():
     # After bos: a .5, b .3, eos .2 -> with beam 2 the eos candidate ranks 3rd (>= beam_size): dropped, not finished.
     table = {BOS: {A: 0.5, B: 0.3, EOS: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}}
