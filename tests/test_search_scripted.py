@@ -24,13 +24,19 @@ TABLE = {
 }
 
 
-def scripted_step(tokens, positions):
-    """log_probs [rows, VOCAB] from TABLE: P(next | last token)."""
-    log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
-    for r, last in enumerate(tokens):
-        for tok, p in TABLE.get(int(last), {EOS: 1.0}).items():
-            log_probs[r, tok] = np.log(p)
-    return log_probs
+def table_step(table):
+    """A step function: log_probs [rows, VOCAB] from ``table`` {last token: {next token: P}} (eos after a token the
+    table does not name)."""
+    def step(tokens, positions):
+        log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
+        for r, last in enumerate(tokens):
+            for tok, p in table.get(int(last), {EOS: 1.0}).items():
+                log_probs[r, tok] = np.log(p)
+        return log_probs
+    return step
+
+
+scripted_step = table_step(TABLE)
 
 
 def grown(cache):
@@ -286,12 +292,7 @@ def test_eos_ranked_below_beam_size_is_not_finalized():
     # After bos: a .5, b .3, eos .2 -> with beam 2 the eos candidate ranks 3rd (>= beam_size): dropped, not finished.
     table = {BOS: {A: 0.5, B: 0.3, EOS: 0.2}, A: {EOS: 1.0}, B: {EOS: 1.0}}
 
-    def step(tokens, positions):
-        log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
-        for r, last in enumerate(tokens):
-            for tok, p in table[int(last)].items():
-                log_probs[r, tok] = np.log(p)
-        return log_probs
+    step = table_step(table)
 
     (hyps,) = decode(ScriptedModel(step), options(beam_size=2, n_best=2))
     assert [h.tokens for h in hyps] == [[A], [B]]
@@ -318,12 +319,7 @@ def test_a_live_beam_that_can_still_win_keeps_the_sentence_going():
     # sentence must not stop at step 2, and returns "a c".
     table = {BOS: {B: 0.5, A: 0.45, C: 0.05}, B: {EOS: 0.8, A: 0.2}, A: {C: 0.99, B: 0.01}, C: {EOS: 1.0}}
 
-    def step(tokens, positions):
-        log_probs = np.full((tokens.shape[0], VOCAB), np.log(1e-12), dtype=np.float32)
-        for r, last in enumerate(tokens):
-            for tok, p in table[int(last)].items():
-                log_probs[r, tok] = np.log(p)
-        return log_probs
+    step = table_step(table)
 
     ((hyp,),) = decode(ScriptedModel(step), options(beam_size=2))
     assert hyp.tokens == [A, C] and math.isclose(hyp.score, math.log(0.4455), rel_tol=1e-5)
