@@ -9,12 +9,12 @@
 Sentences join a running decode between any two decoder steps and leave it as soon as they finish (Orca, OSDI 2022;
 for beam search, Yang et al. EMNLP 2020, "A Streaming Approach For Efficient Batched Beam Search"). Each sentence
 carries its own state and options (engine/search.py), so a greedy sentence, a beam-4 one, a beam-16 one and a
-sampled one share every step. Rows that joined at different steps share one self-attention cache, padded per row:
-each row has its own position and a mask of the cached positions that are its own (engine/contract.py, format 3);
-a row's own positions are always a suffix of the cache (the step appends each new key/value last), so the shared
-left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are kept once per sentence (not per
-beam: format 4), padded to the longest source of the live sentences, with the source mask; beams that reorder leave
-them as they are.
+sampled one can share a step. Rows of one batch that joined at different steps share its self-attention cache,
+padded per row: each row has its own position and a mask of the cached positions that are its own
+(engine/contract.py, format 3); a row's own positions are always a suffix of the cache (the step appends each new
+key/value last), so the shared left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are
+kept once per sentence (not per beam: format 4), padded to the batch's longest source, with the source mask; beams
+that reorder leave them as they are.
 
 Scheduling policy, decided at the start of every step:
 1. Aborted sentences leave before the step computes them; their results are reported as aborted.
@@ -44,9 +44,9 @@ Scheduling policy, decided at the start of every step:
    their expensive ones instead of waiting on every one of them (a 1-sentence request beside three beam-16
    sentences 40 steps into 200, engine alone: 0.10-0.32 s in their batch, 0.05-0.14 s in its own). The price: a
    batch draining its last few rows gets an equal share too, and steps of few rows use the processor less well
-   (README.md, Continuous batching, gives both sides measured). Each sentence's
-   strategy reads its rows' scores and picks its next tokens. A sentence whose scores hold NaN, or whose strategy
-   raises, fails alone; the others go on.
+   (README.md, Continuous batching, gives both sides measured). Each sentence's strategy reads its rows' scores
+   and picks its next tokens. A sentence whose scores hold NaN, or whose strategy raises, fails alone; the others
+   go on.
 """
 
 from __future__ import annotations
