@@ -67,7 +67,9 @@ def kernel_shares(profile_file: str) -> dict[str, float]:
 def profile(artifact: Path, sources: list[str], batch: int, beam_size: int, threads: int,
             target_steps: int = 300) -> dict:
     """One row of the table: ``batch`` sentences decoded together, batches repeated until ``target_steps``."""
-    config = EngineConfig(intra_op_threads=threads)
+    # The CPU throughout: the profiled decoder session below is a CPU one, and the encoder and TopK graphs must run
+    # where it does (on a CUDA machine "auto" would have put them on the GPU).
+    config = EngineConfig(device="cpu", intra_op_threads=threads)
     translator = Translator(artifact, config)
     model = translator.model
     options = _session_options(config)
