@@ -11,6 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from engine import contract
+from engine.core import MAX_BATCHES
 from engine.errors import EngineUnavailableError, NumericalError
 from engine.top_k import TopK
 from engine.state_ops import NumpyOps, OrtValueOps
@@ -36,6 +37,9 @@ class EngineConfig:
             beam_size).
         scheduling: "continuous" (sentences join a running decode between steps) or "static" (a batch decodes to
             completion before the next forms; the former behaviour, kept to measure against). engine/core.py.
+        max_batches: under "continuous", batches of each kind (small requests' and larger ones') that decode side
+            by side, each step running the one that has had the least decoder time (engine/core.py); 1 = one
+            batch that every sentence joins (the behaviour before batches of their own).
         io_binding: keep the KV cache and cross K/V as OrtValues on the session's device between steps (ONNX
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
             attention come to the host. False: numpy arrays round-trip through the host every step. None (default):
@@ -51,6 +55,7 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     max_batch_rows: int = 512
     scheduling: str = "continuous"
+    max_batches: int = MAX_BATCHES
     io_binding: bool | None = None
 
     def __post_init__(self) -> None:
@@ -58,8 +63,8 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
-        if self.intra_op_threads < 0 or self.max_batch_tokens < 1 or self.max_batch_rows < 1:
-            raise ValueError("intra_op_threads must be >= 0, max_batch_tokens and max_batch_rows >= 1")
+        if self.intra_op_threads < 0 or self.max_batch_tokens < 1 or self.max_batch_rows < 1 or self.max_batches < 1:
+            raise ValueError("intra_op_threads must be >= 0, max_batch_tokens, max_batch_rows and max_batches >= 1")
 
 
 def _session_options(cfg: EngineConfig) -> ort.SessionOptions:

@@ -128,7 +128,8 @@ class Translator:
         policy and budgets (``policy`` overrides the config's)."""
         return EngineCore(self.model, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
                           max_positions=self.max_positions, policy=policy or self.config.scheduling,
-                          max_batch_rows=self.config.max_batch_rows, max_batch_tokens=self.config.max_batch_tokens)
+                          max_batch_rows=self.config.max_batch_rows, max_batch_tokens=self.config.max_batch_tokens,
+                          max_batches=self.config.max_batches)
 
     def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: CoreStats | None = None,
                       is_cancelled: Callable[[int], bool] | None = None,

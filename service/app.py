@@ -126,7 +126,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                                     serve.get_replica_context().app_name)
         engine_config = EngineConfig(device=self.args.device, intra_op_threads=self.args.intra_op_threads,
                                      max_batch_tokens=self.args.max_batch_tokens,
-                                     max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling)
+                                     max_batch_rows=self.args.max_batch_rows, scheduling=self.args.scheduling,
+                                     max_batches=self.args.max_batches)
         self.models: dict[str, _Model] = {}
         for model_id, folder in self.args.artifact_paths().items():
             translator = Translator(folder, engine_config)

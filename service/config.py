@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.core import MAX_BATCHES
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,9 @@ class AppArgs(BaseModel):
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="continuous: sentences join a running decode between steps; static: a batch "
                                   "decodes to completion before the next forms (kept to measure against)")
+    max_batches: int = Field(MAX_BATCHES, ge=1, le=16, description="continuous: batches of small requests and of "
+                             "larger ones that decode side by side, sharing decoder time (engine/core.py); 1: one "
+                             "batch for every sentence")
     max_batch_tokens: int = Field(1024, ge=1, description="padded source tokens decoding together (sentences x "
                                                           "longest source); user_config can change it live")
     max_batch_rows: int = Field(512, ge=1, description="decoder rows per step (sentences x beams); user_config can "

@@ -101,6 +101,23 @@ def test_batch_invariance_across_token_budget_chunks(artifact):
     assert [t.text for t in small.translate(SENTENCES, options)] == [t.text for t in big.translate(SENTENCES, options)]
 
 
+def test_max_batches_reaches_the_core_from_the_config_and_the_service_args(artifact):
+    import pydantic
+
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from service.config import AppArgs
+
+    one = Translator(artifact, EngineConfig(device="cpu", max_batches=1))
+    assert one.new_core().max_batches == 1 and one.new_core(policy="static").max_batches == 1
+    assert Translator(artifact, EngineConfig(device="cpu", max_batches=3)).new_core().max_batches == 3
+    assert AppArgs(max_batches=3).max_batches == 3
+    with pytest.raises(ValueError, match="max_batches"):
+        EngineConfig(max_batches=0)
+    with pytest.raises(pydantic.ValidationError, match="max_batches"):
+        AppArgs(max_batches=0)
+
+
 def test_empty_and_whitespace_input_translate_to_empty_without_decoding(translator):
     stats = CoreStats()
     out = translator.translate(["", "   \n\t", "\u200b\u200b\ufeff "], DecodingOptions(), stats=stats)
