@@ -100,5 +100,7 @@ def test_engine_open_loop_serves_every_request_under_each_policy(artifact):
         core = translator.new_core(policy=policy)
         core.max_batches = max_batches
         figures = run(core, requests)
-        assert figures["requests"] == len(requests) and 0 < figures["latency_p50_s"] <= figures["latency_max_s"]
-        assert core.live_rows == 0 and core.waiting == 0
+        # Latencies are measured from each arrival: none can exceed the run's wall time, nor be 0.
+        assert figures["requests"] == len(requests) and 0 < figures["latency_p50_s"]
+        assert figures["latency_max_s"] <= figures["wall_s"] + 0.05
+        assert core.stats.left == core.stats.joined == len(requests)

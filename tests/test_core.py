@@ -77,7 +77,7 @@ def test_a_sentence_decodes_the_same_whenever_it_joins_and_beside_whatever(trans
                      enumerate(arrivals)])
     for (_, s, o), hyps in zip(arrivals, got):
         assert_same(hyps, alone(s, o))
-    assert core.live_rows == 0 and core.waiting == 0 and core.live_sentences == 0
+    assert core.stats.left == core.stats.joined == len(arrivals)
     assert not core._by_handle and not core._waiting  # nothing of a finished sentence is kept
 
 
@@ -93,7 +93,7 @@ def test_sentences_really_join_a_running_batch(translator):
     assert core.live_rows == 5 and core.stats.joined == 2
     while core.has_work:
         results.update({d.handle: d.hypotheses for d in core.step()})
-    assert core.live_rows == 0
+    assert core.stats.left == core.stats.joined == 2 and not core._by_handle
     for handle, sentence, beam_size in ((first, SENTENCES[3], 4), (second, SENTENCES[0], 1)):
         assert_same(results[handle], translator.translate_ids([translator.tokenize(sentence)],
                                                               DecodingOptions(beam_size=beam_size))[0])
@@ -225,7 +225,7 @@ def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
             for done in core.step():
                 results[done.handle] = done
         assert set(results) == set(handles)
-        assert core.live_rows == 0 and core.waiting == 0 and not core._by_handle and not core._waiting
+        assert core.stats.left == core.stats.joined and not core._by_handle and not core._waiting
 
     def rss_bytes() -> int:  # resident pages of this process (Linux)
         with open("/proc/self/statm") as f:

@@ -1,6 +1,7 @@
 """The ONNX Runtime engine on the bundled model: greedy == beam 1, batch invariance, input rules, options."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,9 @@ def test_device_cuda_without_a_working_cuda_provider_is_a_clear_error(artifact):
     from engine.translator import Translator
 
     auto = Translator(artifact, EngineConfig(device="auto"))
-    assert auto.provider == auto.model.decoder.get_providers()[0]
+    probe = ort.InferenceSession(str(Path(artifact) / "decoder_step.onnx"),
+                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert auto.provider == probe.get_providers()[0]
     assert "CUDAExecutionProvider" in ort.get_available_providers()  # the GPU build is what the project installs
     if auto.provider == "CUDAExecutionProvider":  # a machine where CUDA works: "cuda" gets it
         assert Translator(artifact, EngineConfig(device="cuda")).provider == "CUDAExecutionProvider"

@@ -213,7 +213,7 @@ def test_a_sentence_joins_a_young_batch_and_with_max_batches_1_any_batch():
         assert model.log[-1][0] == want_rows, (max_batches, late_step)
         while core.has_work:
             core.step()
-        assert core.live_rows == 0
+        assert core.stats.left == core.stats.joined == 2 and not core._by_handle
 
 
 def test_a_third_batch_is_not_started_past_max_batches():
@@ -246,7 +246,7 @@ def test_a_small_request_decodes_apart_from_bulk_batches_however_many_run():
     assert len([1 for _, width in model.log[calls:] if width >= 5]) <= 2  # beside at most one step of each
     while core.has_work:
         core.step()
-    assert core.live_rows == 0
+    assert core.stats.left == core.stats.joined and not core._by_handle
 
 
 def test_a_step_that_fails_fails_its_own_batch_only():
@@ -267,7 +267,7 @@ def test_a_step_that_fails_fails_its_own_batch_only():
         finished.update({d.handle: d for d in core.step()})
     assert "device lost" in str(finished[late].error) and finished[late].hypotheses == []
     assert finished[old].error is None and [h.tokens for h in finished[old].hypotheses] == [[C] * 40]
-    assert core.live_rows == 0
+    assert core.stats.left == core.stats.joined and not core._by_handle
 
 
 def test_aborts_leave_whichever_batch_they_are_in():
@@ -285,7 +285,7 @@ def test_aborts_leave_whichever_batch_they_are_in():
         finished.update({d.handle: d for d in core.step()})
     assert [finished[h].aborted for h in handles] == [True, True, False]
     assert [h.tokens for h in finished[handles[2]].hypotheses] == [[C] * 50]
-    assert core.live_rows == 0 and core.live_sentences == 0 and not core._batches
+    assert core.stats.left == core.stats.joined == 3 and not core._by_handle
 
 
 def test_eos_ranked_below_beam_size_is_not_finalized():
