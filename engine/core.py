@@ -331,14 +331,17 @@ class EngineCore:
 
     def _schedule(self) -> list[_Sentence]:
         """The waiting sentences that join at this step (policy in the module docstring), removed from the queue."""
-        if not self._waiting or (self.policy == "static" and self._live):
+        if not self._waiting:
             return []
-        rows = sum(s.search.max_rows for s in self._live)
-        n_sentences = len(self._live)
-        longest = max((len(s.src_ids) for s in self._live), default=0)
+        live = self._live  # every batch's sentences, gathered once
+        if self.policy == "static" and live:
+            return []
+        rows = sum(s.search.max_rows for s in live)
+        n_sentences = len(live)
+        longest = max((len(s.src_ids) for s in live), default=0)
         rows_of_group: dict[object, int] = collections.Counter()
         sentences_of_group: dict[object, int] = collections.Counter()
-        for s in self._live:
+        for s in live:
             rows_of_group[s.group] += s.search.max_rows
             sentences_of_group[s.group] += 1
         # Each join copies the whole cache once (concat_rows): a request already running refills the batch only
@@ -347,7 +350,7 @@ class EngineCore:
         # joins at once.
         room = (self.max_batch_rows - rows >= self.max_batch_rows / 4
                 and self.max_batch_tokens - n_sentences * longest >= self.max_batch_tokens / 4)
-        if self._live and not room and all(rows_of_group[g] for g in self._waiting):
+        if live and not room and all(rows_of_group[g] for g in self._waiting):
             return []
         arrival = {group: i for i, group in enumerate(self._waiting)}
         joining = []
