@@ -8,13 +8,15 @@ encoder.onnx
     src_ids  int64 [sentences, src_len], src_mask bool [sentences, src_len] (True = real token)
     -> cross_k_i, cross_v_i float32 [sentences, n_heads, src_len, d_head]
 decoder_step.onnx
-    tokens int64 [rows, 1]; positions int64 [rows] (each row's own position); past_mask bool [rows, past_len]
-    (True = the cached position belongs to the row); src_mask bool [sentences, src_len]; slot_rows int64
-    [sentences, slots] and row_slot int64 [rows] (which rows are each sentence's: engine.runtime.cross_slots);
-    self_k_i, self_v_i float32 [rows, n_heads, past_len, d_head] (past_len may be 0); cross_k_i, cross_v_i as the
-    encoder's, once per sentence
+    tokens int64 [rows, 1]; positions int64 [rows] (each row's own position = the number of keys/values it has
+    cached); src_mask bool [sentences, src_len]; slot_rows int64 [sentences, slots] and row_slot int64 [rows] (which
+    rows are each sentence's: engine.runtime.cross_slots); self_k_i, self_v_i float32 [rows, n_heads, capacity,
+    d_head] (capacity > every position; row r's keys/values at 0 .. positions[r] - 1, what follows them unread);
+    cross_k_i, cross_v_i as the encoder's, once per sentence
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,
-    mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, past_len + 1, d_head]
+    mean over heads); new_self_k_i, new_self_v_i [rows, n_heads, capacity, d_head]: the caches with this step's
+    key/value at positions[r]. Bound to the same buffers as self_k_i, self_v_i (I/O binding), the step writes
+    one position per row in place (engine/runtime.py does so).
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
 explain.onnx (optional: serving never runs it; engine/explain.py does, when a client asks)
     src_ids, src_mask as above; tgt_in int64 [batch, tgt_len] (bos, then the target tokens)
@@ -23,14 +25,20 @@ explain.onnx (optional: serving never runs it; engine/explain.py does, when a cl
     cross_attention [batch, n_decoder_layers, n_heads, tgt_len, src_len]: every layer's and head's weights
     (nmt.model.Transformer.attention_maps), kept out of the serving graphs so that they cost serving nothing.
 
-Format 3 added positions and past_mask: rows that joined a running batch at different steps (continuous batching,
-engine/core.py) share one cache padded per row, each row with its own position and its own cached positions.
-Format 4 keeps the cross K/V once per sentence instead of once per row (beam): a sentence's beams attend to its
-memory as one block of queries (slot_rows, row_slot), so a beam-4 step reads a quarter of the cross K/V, and
-beams that reorder or sentences that leave move a quarter as much of it.
+Format 3 added positions and a mask of each row's cached positions, so that rows which joined a running batch at
+different steps (continuous batching, engine/core.py) share one cache. Format 4 keeps the cross K/V once per
+sentence instead of once per row (beam): a sentence's beams attend to its memory as one block of queries
+(slot_rows, row_slot), so a beam-4 step reads a quarter of the cross K/V, and beams that reorder or sentences that
+leave move a quarter as much of it. Format 5 preallocates the self-attention cache: each row's keys/values start at
+position 0 of its own row (no mask: a row's length is its position) and the step writes the new ones in place,
+through com.microsoft.GroupQueryAttention (``self_attention`` "gqa" in the manifest; its CPU kernel takes per-row
+lengths) or, for providers without that kernel in float32 (ONNX Runtime's CUDA one takes float16 only), the same
+math in standard ONNX ops (``self_attention`` "standard"); the engine runs both alike. Format 4 and earlier
+concatenated the cache every step, a copy of all of it.
 """
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
+SELF_ATTENTION = ("gqa", "standard")  # how a decoder step computes its self-attention (format 5)
 OPSET = 18
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -41,7 +49,7 @@ EXPLAIN_INPUTS = ("src_ids", "src_mask", "tgt_in")
 EXPLAIN_OUTPUTS = ("encoder_self_attention", "decoder_self_attention", "cross_attention")
 
 ENCODER_INPUTS = ("src_ids", "src_mask")
-DECODER_STEP_INPUTS = ("tokens", "positions", "past_mask", "src_mask", "slot_rows", "row_slot")
+DECODER_STEP_INPUTS = ("tokens", "positions", "src_mask", "slot_rows", "row_slot")
 
 
 def check_format(manifest: dict, folder: object) -> None:
@@ -62,7 +70,7 @@ def encoder_outputs(n_layers: int) -> tuple[str, ...]:
 
 
 def decoder_inputs(n_layers: int) -> tuple[str, ...]:
-    """tokens, positions, past_mask, src_mask, slot_rows, row_slot, then self_k_*, self_v_*, cross_k_*,
+    """tokens, positions, src_mask, slot_rows, row_slot, then self_k_*, self_v_*, cross_k_*,
     cross_v_* (each n_layers names)."""
     return (DECODER_STEP_INPUTS + _per_layer("self_k", n_layers) + _per_layer("self_v", n_layers)
             + encoder_outputs(n_layers))
@@ -84,10 +92,8 @@ def dynamic_axes(name: str) -> dict[int, str]:
         return {0: "rows"}
     if name == "slot_rows":
         return {0: "sentences", 1: "slots"}
-    if name == "past_mask":
-        return {0: "rows", 1: "past_len"}
     if name.startswith("self_"):
-        return {0: "rows", 2: "past_len"}
+        return {0: "rows", 2: "capacity"}
     if name.startswith("cross_"):
         return {0: "sentences", 2: "src_len"}
     return {}

@@ -9,10 +9,10 @@
 Sentences join a running decode between any two decoder steps and leave it as soon as they finish (Orca, OSDI 2022;
 for beam search, Yang et al. EMNLP 2020, "A Streaming Approach For Efficient Batched Beam Search"). Each sentence
 carries its own state and options (engine/search.py), so a greedy sentence, a beam-4 one, a beam-16 one and a
-sampled one can share a step. Rows of one batch that joined at different steps share its self-attention cache,
-padded per row: each row has its own position and a mask of the cached positions that are its own
-(engine/contract.py, format 3); a row's own positions are always a suffix of the cache (the step appends each new
-key/value last), so the shared left part no live row uses is trimmed whenever rows leave. Cross-attention K/V are
+sampled one can share a step. Rows of one batch that joined at different steps share its self-attention cache, a
+preallocated buffer [rows, n_heads, capacity, d_head] in which each row's keys/values start at position 0 and the
+step writes the next one at the row's own position, in place (engine/contract.py, format 5); the capacity grows by
+CACHE_GROWTH positions when the oldest row needs it and shrinks when long rows leave. Cross-attention K/V are
 kept once per sentence (not per beam: format 4), padded to the batch's longest source, with the source mask; beams
 that reorder leave them as they are.
 
@@ -73,6 +73,9 @@ POLICIES = ("continuous", "static")
 MAX_BATCHES = 2  # batches decoding side by side (module docstring)
 JOIN_WIDTH = 8  # a batch at most this many steps old takes joiners; an older one makes them start a new batch
 SMALL_REQUEST = 4  # sentences: a request of at most this many decodes in batches apart from larger ones
+# Positions added to a batch's cache when a row reaches its end: growing copies the cache, so not every step, and
+# a beam reorder copies the unused capacity too, so not far ahead.
+CACHE_GROWTH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +125,9 @@ class _Batch:
     in order; shapes in engine/contract.py)."""
 
     live: list[_Sentence] = dataclasses.field(default_factory=list)
-    self_: list | None = None  # self-attention K then V, per decoder layer: [rows, n_heads, width, d_head]
+    self_: list | None = None  # self-attention K then V, per decoder layer: [rows, n_heads, capacity, d_head]
     cross: list | None = None  # cross-attention K then V, per decoder layer: [sentences, n_heads, src_width, d_head]
-    past_mask: np.ndarray = dataclasses.field(  # [rows, width]: True = the row's own cached position
-        default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    rows: int = 0  # decoder rows of ``live``
     src_mask: np.ndarray = dataclasses.field(  # [sentences, src_width], one per live sentence, in order
         default_factory=lambda: np.zeros((0, 0), dtype=bool))
     small: bool = False  # a batch of small requests' sentences (module docstring)
@@ -133,8 +135,13 @@ class _Batch:
 
     @property
     def width(self) -> int:
-        """Cached positions per row (the age of its oldest live row, in steps)."""
-        return self.past_mask.shape[1]
+        """The age of its oldest live row, in steps (= that row's cached positions)."""
+        return max((s.step for s in self.live), default=0)
+
+
+def _capacity(positions: int) -> int:
+    """Cache capacity for ``positions`` cached keys/values plus the one a step writes: a multiple of CACHE_GROWTH."""
+    return (positions // CACHE_GROWTH + 1) * CACHE_GROWTH
 
 
 class EngineCore:
@@ -142,9 +149,10 @@ class EngineCore:
 
     Args:
         model: encode(src_ids, src_mask) -> (cross_k, cross_v); step(tokens, self_k, self_v, cross_k, cross_v,
-            src_mask, top_k, positions=, past_mask=, check_nan=False) -> (log_probs or TopCandidates, self_k,
-            self_v, attention); ``ops`` (engine/state_ops.py) for its state tensors; optionally ``top_k(log_probs,
-            k)`` and ``io_binding`` (engine/runtime.py's OnnxModel has all of these).
+            src_mask, top_k, positions=, row_sentence=, check_nan=False) -> (log_probs or TopCandidates, self_k,
+            self_v, attention), writing the caches in place or returning new ones; ``ops`` (engine/state_ops.py)
+            for its state tensors; optionally ``top_k(log_probs, k)`` and ``io_binding`` (engine/runtime.py's
+            OnnxModel has all of these).
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
         policy: "continuous" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
@@ -220,7 +228,7 @@ class EngineCore:
     @property
     def live_rows(self) -> int:
         """Decoder rows of the running batches."""
-        return sum(b.past_mask.shape[0] for b in self._batches)
+        return sum(b.rows for b in self._batches)
 
     @property
     def live_sentences(self) -> int:
@@ -408,17 +416,18 @@ class EngineCore:
         n_layers = len(cross_k)
         if batch.cross is None:
             batch.cross, batch.src_mask = cross, src_mask
-            batch.self_ = [self.ops.empty(cross[0], len(joining))] * (2 * n_layers)
-            batch.past_mask = np.zeros((len(joining), 0), dtype=bool)
+            # One buffer per tensor: the step writes into each.
+            batch.self_ = [self.ops.empty(cross[0], len(joining), CACHE_GROWTH) for _ in range(2 * n_layers)]
         else:
             width = max(batch.src_mask.shape[1], src_width)
             batch.cross = self.ops.concat_rows(batch.cross, cross, width)
             batch.src_mask = np.concatenate([np.pad(batch.src_mask, ((0, 0), (0, width - batch.src_mask.shape[1]))),
                                              np.pad(src_mask, ((0, 0), (0, width - src_width)))])
-            past = batch.width
-            batch.self_ = self.ops.concat_rows(batch.self_, [self.ops.empty(cross[0], len(joining))] * (2 * n_layers),
-                                               past)
-            batch.past_mask = np.concatenate([batch.past_mask, np.zeros((len(joining), past), dtype=bool)])
+            # The joiners' rows are empty: their first key/value go to position 0.
+            empty = self.ops.empty(cross[0], len(joining))
+            batch.self_ = self.ops.concat_rows(batch.self_, [empty] * (2 * n_layers),
+                                               self.ops.shape(batch.self_[0])[2])
+        batch.rows += len(joining)
         batch.live += joining
         self.stats.joined += len(joining)
         now = time.monotonic()
@@ -427,7 +436,7 @@ class EngineCore:
 
     def _select(self, batch: _Batch, keep: list[_Sentence], parent_rows: np.ndarray | None = None) -> None:
         """Keeps the sentences of ``keep`` (in the batch's order) and their rows (their parent rows, int64 [new_rows],
-        when a step reordered them), and trims the cache positions and source columns no kept row uses. The cross
+        when a step reordered them), and trims the cache capacity and source columns no kept row uses. The cross
         K/V (one per sentence) move only when sentences left."""
         if parent_rows is None and keep:  # rows of whole sentences, as laid out before
             starts = np.cumsum([0] + [s.search.n_rows for s in batch.live])
@@ -441,10 +450,10 @@ class EngineCore:
         if not keep:  # the batch is dropped by the caller
             batch.self_ = batch.cross = None
             return
-        past_mask = batch.past_mask[parent_rows]
-        start = past_mask.shape[1] - int(past_mask.sum(axis=1).max())  # own positions are a suffix of each row
-        batch.past_mask = np.ascontiguousarray(past_mask[:, start:])
-        batch.self_ = self.ops.take(batch.self_, parent_rows, start)
+        batch.rows = len(parent_rows)
+        capacity = _capacity(batch.width)  # the unused end is cut, once long rows left
+        batch.self_ = self.ops.take(batch.self_, parent_rows, 0,
+                                    capacity if capacity < self.ops.shape(batch.self_[0])[2] else None)
         if not same_sentences:
             src_width = max(len(s.src_ids) for s in keep)
             batch.src_mask = np.ascontiguousarray(batch.src_mask[kept, :src_width])
@@ -464,14 +473,16 @@ class EngineCore:
         wants_top = [self._wants_top(s.search) for s in live]
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
         n_layers = len(batch.self_) // 2
+        if batch.width >= self.ops.shape(batch.self_[0])[2]:  # the oldest row's next key/value would not fit
+            empty = self.ops.empty(batch.self_[0], 0)
+            batch.self_ = self.ops.concat_rows(batch.self_, [empty] * len(batch.self_), _capacity(batch.width))
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.
         device_top = k is not None and self.device_top_k and all(wants_top)
         scores, self_k, self_v, attention = self.model.step(
             tokens, batch.self_[:n_layers], batch.self_[n_layers:], batch.cross[:n_layers], batch.cross[n_layers:],
-            batch.src_mask, k if device_top else None, positions=positions, past_mask=batch.past_mask,
+            batch.src_mask, k if device_top else None, positions=positions,
             row_sentence=np.repeat(np.arange(len(live)), n_rows), check_nan=False)
-        batch.self_ = list(self_k) + list(self_v)
-        batch.past_mask = np.concatenate([batch.past_mask, np.ones((len(tokens), 1), dtype=bool)], axis=1)
+        batch.self_ = list(self_k) + list(self_v)  # the same buffers, written in place (a scripted model may not)
         self.stats.steps += 1
         self.stats.rows += len(tokens)
         top, top_row = None, {}

@@ -144,6 +144,11 @@ class OnnxModel:
         cache_type = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16}[
             next(i.type for i in self.decoder.get_inputs() if i.name == "self_k_0")]
         self.float16 = cache_type == TensorProto.FLOAT16
+        self.cache_dtype = np.dtype(np.float16 if self.float16 else np.float32)
+        first_cache = len(contract.DECODER_STEP_INPUTS)
+        self.cache_inputs = self.decoder_inputs[first_cache:first_cache + 2 * n_layers]
+        self.other_inputs = self.decoder_inputs[:first_cache] + self.decoder_inputs[first_cache + 2 * n_layers:]
+        self.vocab_size = self.decoder.get_outputs()[0].shape[1]
         self.io_binding = cfg.io_binding if cfg.io_binding is not None else self.device_type == "cuda"
         # Row operations on the state the search keeps between steps (engine/search.py passes them on).
         self.ops = (OrtValueOps(2 * n_layers, cache_type, providers, options, self.device_type)
@@ -166,57 +171,78 @@ class OnnxModel:
             outputs = binding.get_outputs()
         return outputs[:self.n_layers], outputs[self.n_layers:]
 
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
-             positions: np.ndarray | None = None, past_mask: np.ndarray | None = None,
-             row_sentence: np.ndarray | None = None, check_nan: bool = True):
-        """One decoder step; per-layer lists of state tensors (as :meth:`encode` returns them), shapes in
-        engine/contract.py; tokens int64 [rows, 1] and src_mask bool [sentences, src_len] are numpy. State tensors
-        may also be numpy arrays with I/O binding (tools that build their own; ``self.ops.to_numpy`` reads ours).
-        positions int64 [rows] and past_mask bool [rows, past_len] (numpy) default to past_len and all True: every
-        row started at the same step (engine/core.py passes them for rows that joined a running batch later).
-        cross_k, cross_v and src_mask are once per sentence; row_sentence int64 [rows] says whose each row is
-        (:func:`cross_slots`), by default one row per sentence.
+    def empty_cache(self, like, rows: int, capacity: int) -> tuple[list, list]:
+        """A zeroed self-attention cache for ``rows`` rows: per decoder layer, keys and values [rows, n_heads,
+        capacity, d_head] of ``like``'s kind, float type and device (``like``: a cross K/V tensor of
+        :meth:`encode`). Each tensor is its own buffer: :meth:`step` writes into them."""
+        n = self.n_layers
+        caches = [self.ops.empty(like, rows, capacity) for _ in range(2 * n)]
+        return caches[:n], caches[n:]
 
-        Returns (scores, new self_k, new self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or
-        with ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding
-        the full log-probs then never leave the device); the caches are lists of the same kind as the inputs;
-        attention float32 [rows, src_len] (numpy).
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
+             positions: np.ndarray, row_sentence: np.ndarray | None = None, check_nan: bool = True):
+        """One decoder step (engine/contract.py, format 5); per-layer lists of state tensors (as :meth:`encode` and
+        :meth:`empty_cache` make them); tokens int64 [rows, 1], positions int64 [rows] (each row's cached length)
+        and src_mask bool [sentences, src_len] are numpy. The self-attention caches self_k, self_v [rows, n_heads,
+        capacity, d_head] (capacity > every position) are bound as both input and output of the graph, so this
+        step's keys/values are written into them in place: numpy arrays (C-contiguous, the graph's float type) or,
+        with I/O binding, OrtValues on the session's device. cross_k, cross_v and src_mask are once per sentence;
+        row_sentence int64 [rows] says whose each row is (:func:`cross_slots`), by default one row per sentence.
+
+        Returns (scores, self_k, self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or with
+        ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding the
+        full log-probs then never leave the device); self_k, self_v the lists given, written; attention float32
+        [rows, src_len] (numpy).
 
         Raises:
+            ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
+                place (not C-contiguous, another dtype).
             NumericalError: with ``check_nan``, NaN among the scores the search reads (each row's top k; all
                 log-probs of a float16 graph). The engine core checks per sentence itself (check_nan=False).
         """
-        n = self.n_layers
-        rows, past_len = tokens.shape[0], self.ops.shape(self_k[0])[2]
-        if positions is None:
-            positions = np.full(rows, past_len, dtype=np.int64)
-        if past_mask is None:
-            past_mask = np.ones((rows, past_len), dtype=bool)
+        rows, capacity = tokens.shape[0], self.ops.shape(self_k[0])[2]
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        if rows and int(positions.max()) >= capacity:
+            raise ValueError(f"position {int(positions.max())} does not fit a cache of capacity {capacity}")
         slot_rows, row_slot = cross_slots(np.arange(rows) if row_sentence is None else row_sentence)
-        inputs = (tokens, positions, past_mask, src_mask, slot_rows, row_slot, *self_k, *self_v, *cross_k, *cross_v)
-        if not self.io_binding:
-            log_probs, attention, *caches = self.decoder.run(self.decoder_outputs,
-                                                             dict(zip(self.decoder_inputs, inputs)))
+        binding = self.decoder.io_binding()
+        for name, value in zip(self.other_inputs, (tokens, positions, src_mask, slot_rows, row_slot, *cross_k,
+                                                    *cross_v)):
+            _bind_input(binding, name, value)
+        on_device = self.io_binding and top_k  # bound first: get_outputs() lists in binding order
+        if on_device:  # only the top-k leave the device
+            binding.bind_output("log_probs", self.device_type)
         else:
-            binding = self.decoder.io_binding()
-            for name, value in zip(self.decoder_inputs, inputs):
-                if isinstance(value, np.ndarray):  # tokens, masks; or a caller's own state (parity tools, tests)
-                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
-                else:
-                    binding.bind_ortvalue_input(name, value)
-            # The grown cache stays on the device; so do the log-probs when only their top-k is read.
-            binding.bind_output("log_probs", self.device_type if top_k else "cpu")
-            binding.bind_output("attention", "cpu")
-            for name in self.decoder_outputs[2:]:
-                binding.bind_output(name, self.device_type)
-            self.decoder.run_with_iobinding(binding)
-            log_probs, attention, *caches = binding.get_outputs()
-            attention = attention.numpy()
-            log_probs = log_probs if top_k else log_probs.numpy()
+            log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)
+            binding.bind_output("log_probs", "cpu", 0, np.float32, log_probs.shape, log_probs.ctypes.data)
+        attention = np.empty((rows, src_mask.shape[1]), dtype=np.float32)
+        binding.bind_output("attention", "cpu", 0, np.float32, attention.shape, attention.ctypes.data)
+        # Past and present are one buffer: GroupQueryAttention then writes one position per row instead of
+        # copying the cache (contract, format 5).
+        for name, out_name, cache in zip(self.cache_inputs, self.decoder_outputs[2:], (*self_k, *self_v)):
+            if isinstance(cache, np.ndarray):
+                if not cache.flags.c_contiguous or not cache.flags.writeable or cache.dtype != self.cache_dtype:
+                    raise ValueError(f"{name} must be a writable C-contiguous {self.cache_dtype} array")
+                binding.bind_input(name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
+                binding.bind_output(out_name, "cpu", 0, cache.dtype, cache.shape, cache.ctypes.data)
+            else:
+                binding.bind_ortvalue_input(name, cache)
+                binding.bind_ortvalue_output(out_name, cache)
+        self.decoder.run_with_iobinding(binding)
+        if on_device:
+            log_probs = binding.get_outputs()[0]
         scores = self.top_k(log_probs, top_k) if top_k else log_probs
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
         # [rows, k] costs nothing to check; full float32 rows are checked for float16 graphs only (a pass over
         # [rows, vocab] is 1-3% of a greedy step, for an overflow float32 graphs do not have).
         if check_nan and (top_k or self.float16) and np.isnan((scores.log_probs if top_k else scores).max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
-        return scores, caches[:n], caches[n:], attention
+        return scores, self_k, self_v, attention
+
+
+def _bind_input(binding: ort.IOBinding, name: str, value) -> None:
+    """A numpy array (made contiguous) or an OrtValue as a graph input."""
+    if isinstance(value, np.ndarray):
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    else:
+        binding.bind_ortvalue_input(name, value)

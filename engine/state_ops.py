@@ -7,9 +7,9 @@ the device (ONNX Runtime I/O binding) and the reorder runs there as a Gather gra
 per tensor. That is what the GPU needs (CTranslate2 and FasterTransformer keep the cache on the device for the same
 reason); on the CPU it saves the copy of every step's outputs into fresh numpy arrays.
 
-Both classes share one interface: ``shape(x)``, ``empty(like, rows)``, ``take(xs, rows, start, end)`` (rows kept
-or reordered, positions of axis 2 trimmed), ``concat_rows(xs, ys, length)`` (sentences joining a running batch,
-engine/core.py), and ``to_numpy(xs)`` for tools and tests that read the state.
+Both classes share one interface: ``shape(x)``, ``empty(like, rows, capacity)``, ``take(xs, rows, start, end)``
+(rows kept or reordered, positions of axis 2 trimmed), ``concat_rows(xs, ys, length)`` (sentences joining a running
+batch, and a cache growing: engine/core.py), and ``to_numpy(xs)`` for tools and tests that read the state.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ class NumpyOps:
         return list(xs)
 
     @staticmethod
-    def empty(like: np.ndarray, rows: int | None = None) -> np.ndarray:
-        """A zero-length self cache [rows, n_heads, 0, d_head] with ``like``'s heads, d_head and dtype (rows
+    def empty(like: np.ndarray, rows: int | None = None, capacity: int = 0) -> np.ndarray:
+        """A zeroed self cache [rows, n_heads, capacity, d_head] with ``like``'s heads, d_head and dtype (rows
         defaults to like's)."""
         batch, n_heads, _, d_head = like.shape
-        return np.zeros((batch if rows is None else rows, n_heads, 0, d_head), dtype=like.dtype)
+        return np.zeros((batch if rows is None else rows, n_heads, capacity, d_head), dtype=like.dtype)
 
     @staticmethod
     def take(xs: list[np.ndarray], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[np.ndarray]:
@@ -135,10 +135,11 @@ class OrtValueOps:
         """Host copies of the tensors."""
         return [x.numpy() for x in xs]
 
-    def empty(self, like: ort.OrtValue, rows: int | None = None) -> ort.OrtValue:
+    def empty(self, like: ort.OrtValue, rows: int | None = None, capacity: int = 0) -> ort.OrtValue:
+        """As :meth:`NumpyOps.empty`, on the device."""
         batch, n_heads, _, d_head = like.shape()
         return ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((batch if rows is None else rows, n_heads, 0, d_head), dtype=self.dtype),
+            np.zeros((batch if rows is None else rows, n_heads, capacity, d_head), dtype=self.dtype),
             self.device_type, self.device_id)
 
     def _check(self, xs: list) -> None:

@@ -34,13 +34,13 @@ def greedy_path_diff(reference: Translator, other: Translator, text: str, max_le
     states = []
     for engine in (reference, other):
         ck, cv = engine.model.encode(src, mask)
-        empty = engine.ops.empty(ck[0])
-        states.append([[empty] * len(ck), [empty] * len(ck), ck, cv])
+        states.append([*engine.model.empty_cache(ck[0], 1, max_length), ck, cv])
     token, diff = reference.bos_id, 0.0
-    for _ in range(max_length):
+    for t in range(max_length):
         outputs = []
         for state, engine in zip(states, (reference, other)):
-            log_probs, state[0], state[1], _ = engine.model.step(np.asarray([[token]]), *state, mask)
+            log_probs, state[0], state[1], _ = engine.model.step(np.asarray([[token]]), *state, mask,
+                                                                 positions=np.asarray([t]))
             outputs.append(log_probs[0])
         diff = max(diff, float(np.abs(outputs[0] - outputs[1]).max()))
         token = int(outputs[0].argmax())

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from safetensors.torch import load_file
 
@@ -61,20 +62,58 @@ class _EncoderGraph(torch.nn.Module):
 
 
 class _DecoderStepGraph(torch.nn.Module):
-    """Flat per-layer inputs and outputs in contract.decoder_inputs / decoder_outputs order."""
+    """Flat per-layer inputs and outputs in contract.decoder_inputs / decoder_outputs order (format 5)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, self_attention: str = "gqa") -> None:
         super().__init__()
         self.model = model
         self.n_layers = model.cfg.n_decoder_layers
+        self.custom_op = self_attention == "gqa"
 
-    def forward(self, tokens, positions, past_mask, src_mask, slot_rows, row_slot, *caches):
+    def forward(self, tokens, positions, src_mask, slot_rows, row_slot, *caches):
         n = self.n_layers
         self_k, self_v, cross_k, cross_v = (list(caches[i * n:(i + 1) * n]) for i in range(4))
-        log_probs, new_k, new_v, attention = self.model.decode_step(tokens, self_k, self_v, cross_k, cross_v,
-                                                                    src_mask, positions, past_mask, slot_rows,
-                                                                    row_slot)
+        log_probs, new_k, new_v, attention = self.model.decode_step_cached(
+            tokens, positions, self_k, self_v, cross_k, cross_v, src_mask, slot_rows, row_slot, self.custom_op)
         return (log_probs, attention, *new_k, *new_v)
+
+
+def _register_gqa_schema() -> None:
+    """Declares com.microsoft GroupQueryAttention (ONNX Runtime's contrib op, not in the onnx package) so that
+    onnxscript can emit it; only the inputs and attributes the decoder step uses."""
+    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    onnx.defs.register_schema(onnx.defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[param("query", "T"), param("key", "T", param_option=optional),
+                param("value", "T", param_option=optional), param("past_key", "T"), param("past_value", "T"),
+                param("seqlens_k", "M"), param("total_sequence_length", "M")],
+        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
+                    onnx.defs.OpSchema.Attribute("kv_num_heads", onnx.defs.OpSchema.AttrType.INT, "")]))
+
+
+def _gqa_translation():
+    """nmt::cached_self_attention -> one GroupQueryAttention node: packed QKV [rows, 1, 3 d_model], per-row
+    seqlens_k = positions (the cached length before this step), total_sequence_length = max + 1."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    _register_gqa_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def cached_self_attention(qkv, past_k, past_v, positions, n_heads: int):
+        seqlens = op.Cast(positions, to=onnx.TensorProto.INT32)
+        total = op.Add(op.ReduceMax(seqlens, keepdims=0), op.Constant(value=onnx.helper.make_tensor(
+            "one", onnx.TensorProto.INT32, [], [1])))
+        context, present_k, present_v = msft.GroupQueryAttention(
+            op.Unsqueeze(qkv, op.Constant(value_ints=[1])), None, None, past_k, past_v, seqlens, total,
+            num_heads=n_heads, kv_num_heads=n_heads)
+        return op.Squeeze(context, op.Constant(value_ints=[1])), present_k, present_v
+
+    return {torch.ops.nmt.cached_self_attention.default: cached_self_attention}
 
 
 class _ExplainGraph(torch.nn.Module):
@@ -88,7 +127,8 @@ class _ExplainGraph(torch.nn.Module):
         return self.model.attention_maps(src_ids, src_mask, tgt_in)
 
 
-def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: int) -> None:
+def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: int,
+            translations: dict | None = None) -> None:
     """torch.export-based ONNX export with every axis in contract.dynamic_axes kept dynamic.
 
     The module's forward takes ``n_named_args`` tensors, then the rest as *args (the per-layer caches); torch.export
@@ -102,13 +142,15 @@ def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: 
         dynamic_shapes += (tuple(shapes[n_named_args:]),)
     program = torch.onnx.export(module, args, dynamo=True, input_names=list(names_in),
                                 output_names=list(names_out), dynamic_shapes=dynamic_shapes,
-                                opset_version=contract.OPSET, optimize=True, verbose=False)
+                                opset_version=contract.OPSET, optimize=True, verbose=False,
+                                custom_translation_table=translations)
     program.save(str(path))
 
 
-def sample_inputs(model: Transformer, src_len: int = 7, past_len: int = 6):
-    """Example tensors for tracing: 3 sentences with 2, 1 and 2 decoder rows; sizes > 1 and distinct (from each
-    other and from the model's fixed sizes) so that no axis is specialized."""
+def sample_inputs(model: Transformer, src_len: int = 7, capacity: int = 9):
+    """Example tensors for tracing: 3 sentences with 2, 1 and 2 decoder rows at positions 6, 6, 5, 1, 1 (rows that
+    joined a running batch later have fewer cached keys); sizes > 1 and distinct (from each other and from the
+    model's fixed sizes) so that no axis is specialized."""
     cfg = model.cfg
     row_sentence = np.array([0, 0, 1, 2, 2])
     sentences, rows = 3, len(row_sentence)
@@ -117,21 +159,25 @@ def sample_inputs(model: Transformer, src_len: int = 7, past_len: int = 6):
     src_mask[0, -2:] = False
     with torch.no_grad():
         cross_k, cross_v = model.cross_kv(model.encode(src_ids, src_mask))
-    shape = (rows, cfg.n_heads, past_len, cfg.d_head)
+    shape = (rows, cfg.n_heads, capacity, cfg.d_head)
     self_k = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
     self_v = [torch.randn(shape) for _ in range(cfg.n_decoder_layers)]
-    positions = torch.tensor([past_len, past_len, past_len - 1, 1, 1])
-    past_mask = torch.ones(rows, past_len, dtype=torch.bool)
-    past_mask[2, 0] = False  # rows that joined later see only their own cached positions
-    past_mask[3:, :past_len - 1] = False
+    positions = torch.tensor([6, 6, 5, 1, 1])
     slot_rows, row_slot = map(torch.from_numpy, cross_slots(row_sentence))
-    step = (torch.randint(4, cfg.vocab_size, (rows, 1)), positions, past_mask, src_mask, slot_rows, row_slot,
+    step = (torch.randint(4, cfg.vocab_size, (rows, 1)), positions, src_mask, slot_rows, row_slot,
             *self_k, *self_v, *cross_k, *cross_v)
     return (src_ids, src_mask), step
 
 
-def export_graphs(model: Transformer, out: Path) -> None:
-    """Writes encoder.onnx, decoder_step.onnx and explain.onnx into ``out``."""
+def export_graphs(model: Transformer, out: Path, self_attention: str = "gqa") -> None:
+    """Writes encoder.onnx, decoder_step.onnx and explain.onnx into ``out``; ``self_attention`` is one of
+    contract.SELF_ATTENTION (the decoder step's kernel; engine/contract.py, format 5).
+
+    Raises:
+        ValueError: an unknown ``self_attention``.
+    """
+    if self_attention not in contract.SELF_ATTENTION:
+        raise ValueError(f"self_attention must be one of {contract.SELF_ATTENTION}, got {self_attention!r}")
     enc_args, step_args = sample_inputs(model)
     tgt_in = torch.randint(4, model.cfg.vocab_size, (enc_args[0].shape[0], 5))
     _export(_ExplainGraph(model).eval(), (*enc_args, tgt_in), contract.EXPLAIN_INPUTS, contract.EXPLAIN_OUTPUTS,
@@ -139,8 +185,10 @@ def export_graphs(model: Transformer, out: Path) -> None:
     n = model.cfg.n_decoder_layers
     _export(_EncoderGraph(model).eval(), enc_args, contract.ENCODER_INPUTS, contract.encoder_outputs(n),
             out / contract.ENCODER_FILE, n_named_args=2)
-    _export(_DecoderStepGraph(model).eval(), step_args, contract.decoder_inputs(n), contract.decoder_outputs(n),
-            out / contract.DECODER_STEP_FILE, n_named_args=len(contract.DECODER_STEP_INPUTS))
+    _export(_DecoderStepGraph(model, self_attention).eval(), step_args, contract.decoder_inputs(n),
+            contract.decoder_outputs(n), out / contract.DECODER_STEP_FILE,
+            n_named_args=len(contract.DECODER_STEP_INPUTS),
+            translations=_gqa_translation() if self_attention == "gqa" else None)
 
 
 def sha256(path: Path) -> str:
@@ -148,11 +196,15 @@ def sha256(path: Path) -> str:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences: list[str], atol: float = 1e-3,
-                      beam_size: int = 4, max_length: int = 64, languages: tuple[str, str] = ("en", "de")) -> dict:
-    """Exports, verifies parity and writes the manifest; returns the manifest dict.
+                      beam_size: int = 4, max_length: int = 64, languages: tuple[str, str] = ("en", "de"),
+                      self_attention: str = "gqa") -> dict:
+    """Exports, verifies parity and writes the manifest; returns the manifest dict. ``self_attention``: "gqa"
+    (ONNX Runtime's GroupQueryAttention: its CPU kernel, and its CUDA one in float16) or "standard" (plain ONNX
+    ops, for float32 on CUDA); engine/contract.py, format 5.
 
     Raises:
         ParityError: max abs log-prob difference > atol, or a greedy/beam output differs from PyTorch.
+        ValueError: an unknown ``self_attention``.
     """
     from export.parity import measure_parity  # local: pulls in the engine, only needed here
 
@@ -160,7 +212,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
     model = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp_name:
         tmp = Path(tmp_name)
-        export_graphs(model, tmp)
+        export_graphs(model, tmp, self_attention)
         for name in TOKENIZER_FILES[model.cfg.tokenizer]:
             shutil.copy(checkpoint / name, tmp / name)
         shutil.copy(checkpoint / contract.CONFIG_FILE, tmp / contract.CONFIG_FILE)
@@ -168,7 +220,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
         manifest = dict(
             format_version=contract.FORMAT_VERSION, model_config=json.loads((tmp / contract.CONFIG_FILE).read_text()),
             languages={"source": languages[0], "target": languages[1]}, precision="float32",
-            opset=contract.OPSET, torch_version=torch.__version__,
+            self_attention=self_attention, opset=contract.OPSET, torch_version=torch.__version__,
             graphs={contract.ENCODER_FILE: dict(inputs=contract.ENCODER_INPUTS,
                                                 outputs=contract.encoder_outputs(model.cfg.n_decoder_layers)),
                     contract.DECODER_STEP_FILE: dict(inputs=contract.decoder_inputs(model.cfg.n_decoder_layers),
@@ -199,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="real sentences, one a line, decoded by both PyTorch and ONNX Runtime")
     p.add_argument("--atol", type=float, default=1e-3, help="max abs log-prob difference allowed")
     p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--self-attention", choices=contract.SELF_ATTENTION, default="gqa",
+                   help="the decoder step's self-attention: ONNX Runtime's GroupQueryAttention (CPU; float16 on "
+                        "CUDA) or standard ONNX ops (float32 on CUDA, whose GroupQueryAttention takes float16 only)")
     p.add_argument("--source-language", default="en")
     p.add_argument("--target-language", default="de")
     args = p.parse_args(argv)
@@ -206,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     sentences = [s for s in Path(args.parity_sentences).read_text().splitlines() if s.strip()]
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, sentences, atol=args.atol, beam_size=args.beam_size,
-                                     languages=(args.source_language, args.target_language))
+                                     languages=(args.source_language, args.target_language),
+                                     self_attention=args.self_attention)
     except ParityError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1

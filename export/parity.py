@@ -39,12 +39,13 @@ def _max_step_diff(model: Transformer, translator: Translator, src_ids: list[int
     ort_ck, ort_cv = map(translator.ops.to_numpy, translator.model.encode(src.numpy(), mask.numpy()))
     diff = max(float(np.abs(o - t.numpy()).max()) for o, t in zip(ort_ck + ort_cv, ck + cv))
     k, v = model.empty_cache(1)
-    ort_k, ort_v = [x.numpy() for x in k], [x.numpy() for x in v]
+    ort_k, ort_v = translator.model.empty_cache(ort_ck[0], 1, max_length)
     token = model.cfg.bos_id
-    for _ in range(max_length):
+    for t in range(max_length):
         tokens = torch.tensor([[token]])
         log_probs, k, v, _ = model.decode_step(tokens, k, v, ck, cv, mask)
-        ort_lp, ort_k, ort_v, _ = translator.model.step(tokens.numpy(), ort_k, ort_v, ort_ck, ort_cv, mask.numpy())
+        ort_lp, ort_k, ort_v, _ = translator.model.step(tokens.numpy(), ort_k, ort_v, ort_ck, ort_cv, mask.numpy(),
+                                                        positions=np.asarray([t]))
         diff = max(diff, float(np.abs(ort_lp - log_probs.numpy()).max()))
         token = int(log_probs[0].argmax())
         if token == model.cfg.eos_id:

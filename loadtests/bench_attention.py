@@ -1,12 +1,13 @@
-"""Attention layouts for the next decoder-step format, measured alone on ONNX Runtime's CPU kernels.
+"""The attention layouts of artifact formats 4 and 5 against those before them, measured alone on ONNX Runtime's
+CPU kernels (engine/contract.py: both are now what the decoder step runs).
 
     .venv/bin/python -m loadtests.bench_attention --threads 1      # about 20 s
 
-Two levers of issue 12, each timed against what the decoder step does today (one layer, d_model 256, 4 heads):
-1. Self-attention: today's Concat of the cache (a copy of the whole cache every step) then masked
+Two levers of issue 12, each timed against the layout before it (one layer, d_model 256, 4 heads):
+1. Self-attention: format 4's Concat of the cache (a copy of the whole cache every step) then masked
    MatMul/Softmax/MatMul, against com.microsoft.GroupQueryAttention writing the new key/value in place into a
    preallocated cache (past and present bound to one buffer through I/O binding, per-row ``seqlens_k``).
-2. Cross-attention: K/V repeated per beam row (today) against K/V once per sentence with the beams folded into the
+2. Cross-attention: K/V repeated per beam row (format 3) against K/V once per sentence with the beams folded into the
    query (CTranslate2's layout): MatMul [rows, heads, 1, d_head] x [rows, heads, d_head, src_len] against
    [sentences, heads, beam, d_head] x [sentences, heads, d_head, src_len].
 Each pair is also checked to compute the same values (max abs difference printed). Prints ms per call, best of 5

@@ -137,6 +137,9 @@ def prepare(args) -> list[Model]:
         if stale(m.artifact):
             print(f"exporting {m.name} ...", flush=True)
             export_checkpoint(m.checkpoint, m.artifact, sentences[:4] if not m.trained else sentences)
+        if stale(standard_artifact(m, args)) and args.device == "cuda":
+            # ONNX Runtime's CUDA GroupQueryAttention takes float16 only: float32 on CUDA runs the standard-ops step.
+            export_checkpoint(m.checkpoint, standard_artifact(m, args), sentences[:4], self_attention="standard")
         if stale(int8_artifact(m, args)) and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
         if stale(fp16_artifact_dir(m, args)):
@@ -166,6 +169,10 @@ def int8_artifact(m: Model, args) -> Path:
     return Path(args.work) / f"{m.name}-int8"
 
 
+def standard_artifact(m: Model, args) -> Path:
+    return Path(args.work) / f"{m.name}-standard"
+
+
 def fp16_artifact_dir(m: Model, args) -> Path:
     return Path(args.work) / f"{m.name}-fp16"
 
@@ -173,7 +180,7 @@ def fp16_artifact_dir(m: Model, args) -> Path:
 def systems_for(m: Model, args) -> list:
     engine = EngineConfig(device=args.device, intra_op_threads=args.threads, max_batch_tokens=args.max_batch_tokens)
     if args.device == "cuda":
-        return [EngineSystem("engine-fp32", Translator(m.artifact, engine)),
+        return [EngineSystem("engine-fp32", Translator(standard_artifact(m, args), engine)),
                 EngineSystem("engine-fp16", Translator(fp16_artifact_dir(m, args), engine)),
                 EngineSystem("torch-eager", torch_translator(m.artifact, m.checkpoint, args.threads, "cuda",
                                                                args.max_batch_tokens))]

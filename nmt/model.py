@@ -11,6 +11,10 @@ Incremental decoding (:meth:`Transformer.decode_step`) carries one self-attentio
 (:meth:`Transformer.cross_kv`), kept once per sentence however many beams it has, and passed in every step, never
 recomputed. For continuous batching a step also takes each row's own position and a mask of which cached positions
 are its own, so that rows which joined a running batch at different steps share one padded cache.
+
+:meth:`Transformer.decode_step_cached` is the same step over a preallocated cache [rows, n_heads, capacity, d_head]
+in which each row's keys/values start at position 0 and the step writes the next one at the row's own position
+(:func:`cached_self_attention`): what the exported decoder step computes (engine/contract.py, format 5).
 """
 
 from __future__ import annotations
@@ -103,6 +107,17 @@ class MultiHeadAttention(nn.Module):
         qkv = y @ weight.t() + bias
         return tuple(self._heads(t) for t in qkv.split(self.n_heads * self.d_head, dim=-1))
 
+    def step_cached(self, y: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
+                    custom_op: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention of y [rows, d_model] over a preallocated cache (:func:`cached_self_attention`; the plain
+        PyTorch version when ``custom_op`` is False). Returns the output [rows, d_model] and the caches with this
+        step's key/value written at ``positions``."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        attend = cached_self_attention if custom_op else _cached_self_attention
+        context, k, v = attend(y @ weight.t() + bias, past_k, past_v, positions, self.n_heads)
+        return context @ self.out_proj.weight.t() + self.out_proj.bias, k, v
+
     def step_q(self, y: Tensor) -> Tensor:
         """y [rows, d_model] -> queries [rows, n_heads, 1, d_head]."""
         return self._heads(y @ self.q_proj.weight.t() + self.q_proj.bias)
@@ -136,6 +151,44 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         """[rows, d_model] -> [rows, n_heads, 1, d_head] (a reshape: one query per row)."""
         return x.view(x.shape[0], self.n_heads, 1, self.d_head)
+
+
+def _cached_self_attention(qkv: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
+                           n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`cached_self_attention` in plain PyTorch ops (also what the graph holds when exported
+    without com.microsoft ops)."""
+    rows, _, capacity, d_head = past_k.shape
+    q, k, v = qkv.view(rows, 3, n_heads, d_head).unbind(1)  # each [rows, n_heads, d_head]
+    at = torch.arange(rows, device=qkv.device)
+    present_k, present_v = past_k.clone(), past_v.clone()
+    present_k[at, :, positions] = k
+    present_v[at, :, positions] = v
+    visible = torch.arange(capacity, device=qkv.device)[None, :] <= positions[:, None]  # [rows, capacity]
+    scores = (q[:, :, None, :] * d_head ** -0.5) @ present_k.transpose(-1, -2) + padding_bias(visible)
+    context = torch.softmax(scores, dim=-1) @ present_v  # [rows, n_heads, 1, d_head]
+    return context.reshape(rows, n_heads * d_head), present_k, present_v
+
+
+@torch.library.custom_op("nmt::cached_self_attention", mutates_args=())
+def cached_self_attention(qkv: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
+                          n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked self-attention of one new query per row over a preallocated key/value cache (paper section 3.2.3,
+    incrementally), with the new key and value written at each row's own position.
+
+    qkv: [rows, 3 d_model], the row's query, key and value projections side by side; past_k, past_v: [rows,
+    n_heads, capacity, d_head], row r's earlier keys/values at positions 0 .. positions[r] - 1 (what lies past
+    them is never read); positions: int64 [rows], each row's cached length, < capacity. Returns the attention
+    context [rows, d_model] (before the output projection) and present_k, present_v: the caches with this step's
+    key/value at positions[r]. A custom op so that the ONNX export emits one com.microsoft.GroupQueryAttention
+    node (export/onnx_export.py), whose CPU kernel writes the new key/value in place when past and present are one
+    buffer (engine/runtime.py binds them so), instead of a Concat that copies the whole cache every step.
+    """
+    return _cached_self_attention(qkv, past_k, past_v, positions, n_heads)
+
+
+@cached_self_attention.register_fake
+def _(qkv, past_k, past_v, positions, n_heads):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
 _ACTIVATIONS = {"relu": torch.relu, "swish": nn.functional.silu, "gelu": nn.functional.gelu}
@@ -216,6 +269,20 @@ class DecoderLayer(nn.Module):
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         attended, _ = self.self_attn.step_attend(q, k, v, self_bias)
+        y = self.self_attn_norm(y + attended)
+        attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
+                                                                    cross_bias, slot_rows, row_slot)
+        y = self.cross_attn_norm(y + attended)
+        return self.ffn_norm(y + self.ffn.step(y)), k, v, cross_weights
+
+
+    def step_cached(self, y: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor, cross_k: Tensor,
+                    cross_v: Tensor, cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor,
+                    custom_op: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`step` over a preallocated cache: past_k/v [rows, n_heads, capacity, d_head] with each row's keys
+        at 0 .. positions[r] - 1; this position's key/value are written at positions[r] instead of appended.
+        Returns the output [rows, d_model], the caches (same shape) and the cross-attention weights."""
+        attended, k, v = self.self_attn.step_cached(y, past_k, past_v, positions, custom_op)
         y = self.self_attn_norm(y + attended)
         attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
                                                                     cross_bias, slot_rows, row_slot)
@@ -356,6 +423,35 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.decoder_layers):
             y, k, v, cross_weights = layer.step(y, self_k[i], self_v[i], self_bias, cross_k[i], cross_v[i],
                                                 cross_bias, slot_rows, row_slot)
+            new_k.append(k)
+            new_v.append(v)
+        log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
+        return log_probs, new_k, new_v, cross_weights.mean(dim=1)
+
+    def decode_step_cached(self, tokens: Tensor, positions: Tensor, self_k: list[Tensor], self_v: list[Tensor],
+                           cross_k: list[Tensor], cross_v: list[Tensor], src_mask: Tensor, slot_rows: Tensor,
+                           row_slot: Tensor, custom_op: bool = True
+                           ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """:meth:`decode_step` over a preallocated cache, what the exported decoder step computes (engine/contract.py,
+        format 5).
+
+        Args:
+            tokens: int64 [rows, 1]; positions: int64 [rows], each row's position = its cached length.
+            self_k, self_v: per decoder layer, float32 [rows, n_heads, capacity, d_head], capacity > every position;
+                row r's own keys/values at 0 .. positions[r] - 1, whatever follows them unread.
+            cross_k, cross_v, src_mask, slot_rows, row_slot: as :meth:`decode_step`.
+            custom_op: self-attention through :func:`cached_self_attention` (exports as GroupQueryAttention), else
+                plain PyTorch ops (exports as ScatterND + MatMul, for providers without that kernel).
+        Returns:
+            log_probs float32 [rows, vocab]; the caches, same shapes, with this step's keys/values at positions;
+            attention float32 [rows, src_len] as :meth:`decode_step`.
+        """
+        y = self.embed_tokens(tokens[:, 0], positions)
+        cross_bias = padding_bias(src_mask)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            y, k, v, cross_weights = layer.step_cached(y, self_k[i], self_v[i], positions, cross_k[i], cross_v[i],
+                                                       cross_bias, slot_rows, row_slot, custom_op)
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)

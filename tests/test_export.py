@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine import contract
-from export.onnx_export import ParityError, export_checkpoint
+from engine.runtime import cross_slots
+from export.onnx_export import ParityError, export_checkpoint, export_graphs, sample_inputs
 
 from conftest import CHECKPOINT, PARITY_SENTENCES
 
@@ -33,6 +34,8 @@ def test_manifest_records_parity_within_tolerance(exported):
 @torch.no_grad()
 def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, src_len, past_len, beams):
     # The ONNX step gets each sentence's cross K/V once (format 4); PyTorch gets them repeated per row (beam).
+    # Format 5: rows at their own positions (every other row one shorter, as rows that joined later) in a cache
+    # with spare capacity; what lies past a row's position is junk that must not matter.
     cfg = torch_model.cfg
     batch = len(beams)
     gen = torch.Generator().manual_seed(batch * 100 + src_len)
@@ -45,23 +48,67 @@ def test_graphs_run_at_other_shapes_and_match_pytorch(torch_model, translator, s
         np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
     row_sentence = np.repeat(np.arange(batch), beams)
     rows = len(row_sentence)
-    shape = (rows, cfg.n_heads, past_len, cfg.d_head)
+    positions = torch.tensor([max(past_len - r % 2, 0) for r in range(rows)])
+    shape = (rows, cfg.n_heads, past_len + 3, cfg.d_head)
     k = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
     v = [torch.randn(shape, generator=gen) for _ in range(cfg.n_decoder_layers)]
     tokens = torch.randint(4, cfg.vocab_size, (rows, 1), generator=gen)
     per_row = torch.from_numpy(row_sentence)
-    lp, nk, nv, attention = torch_model.decode_step(tokens, k, v, [x[per_row] for x in ck],
-                                                    [x[per_row] for x in cv], mask[per_row])
-    numpy = lambda xs: [x.numpy() for x in xs]  # noqa: E731
-    ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), numpy(k), numpy(v), ort_ck,
-                                                                  ort_cv, mask.numpy(), row_sentence=row_sentence)
-    ort_nk, ort_nv = translator.ops.to_numpy(ort_nk), translator.ops.to_numpy(ort_nv)
+    slot_rows, row_slot = map(torch.from_numpy, cross_slots(np.arange(rows)))
+    lp, nk, nv, attention = torch_model.decode_step_cached(tokens, positions, k, v, [x[per_row] for x in ck],
+                                                           [x[per_row] for x in cv], mask[per_row], slot_rows,
+                                                           row_slot, custom_op=False)
+    ort_k, ort_v = [x.numpy().copy() for x in k], [x.numpy().copy() for x in v]
+    ort_lp, ort_nk, ort_nv, ort_attention = translator.model.step(tokens.numpy(), ort_k, ort_v, ort_ck, ort_cv,
+                                                                  mask.numpy(), positions=positions.numpy(),
+                                                                  row_sentence=row_sentence)
+    assert all(a is b for a, b in zip(ort_nk + ort_nv, ort_k + ort_v))  # written in place, no new arrays
     np.testing.assert_allclose(ort_attention, attention.numpy(), atol=1e-5)
     assert len(ort_nk) == cfg.n_decoder_layers
-    assert all(x.shape == (rows, cfg.n_heads, past_len + 1, cfg.d_head) for x in ort_nk + ort_nv)
     np.testing.assert_allclose(ort_lp, lp.numpy(), atol=LOG_PROB_ATOL)
-    for ort_x, x in zip(ort_nk + ort_nv, nk + nv):
-        np.testing.assert_allclose(ort_x, x.numpy(), atol=1e-4)
+    for ort_x, x, old in zip(ort_nk + ort_nv, nk + nv, k + v):
+        for r, p in enumerate(positions.tolist()):  # this step's key/value at p, the row's earlier ones kept
+            np.testing.assert_allclose(ort_x[r, :, :p + 1], x[r, :, :p + 1].numpy(), atol=1e-4)
+            np.testing.assert_array_equal(ort_x[r, :, :p], old[r, :, :p].numpy())
+
+
+def test_a_position_past_the_capacity_is_refused(translator):
+    src = np.asarray([[5, 6, 3]])
+    mask = np.ones_like(src, dtype=bool)
+    ck, cv = translator.model.encode(src, mask)
+    k, v = translator.model.empty_cache(ck[0], 1, 4)
+    with pytest.raises(ValueError, match="capacity 4"):
+        translator.model.step(np.asarray([[2]]), k, v, ck, cv, mask, positions=np.asarray([4]))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        translator.model.step(np.asarray([[2]]), [x[:, :, ::2] for x in k], v, ck, cv, mask,
+                              positions=np.asarray([1]))
+
+
+def test_the_decoder_step_writes_its_cache_through_group_query_attention(exported, torch_model):
+    artifact, manifest = exported
+    graph = onnx.load(str(artifact / contract.DECODER_STEP_FILE)).graph
+    assert [n.op_type for n in graph.node].count("GroupQueryAttention") == torch_model.cfg.n_decoder_layers
+    assert manifest["self_attention"] == "gqa" and manifest["format_version"] == 5
+
+
+@torch.no_grad()
+def test_the_standard_ops_step_computes_what_the_group_query_attention_one_does(torch_model, artifact, tmp_path):
+    # For providers without GroupQueryAttention in float32 (CUDA): same inputs, same outputs, no contrib op.
+    export_graphs(torch_model, tmp_path, "standard")
+    graph = onnx.load(str(tmp_path / contract.DECODER_STEP_FILE)).graph
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node)
+    _, step = sample_inputs(torch_model)
+    feeds = dict(zip(contract.decoder_inputs(torch_model.cfg.n_decoder_layers), (x.numpy() for x in step)))
+    got, want = (ort.InferenceSession(str(folder / contract.DECODER_STEP_FILE), providers=["CPUExecutionProvider"])
+                 .run(None, feeds) for folder in (tmp_path, artifact))
+    positions = feeds["positions"]
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    for g, w in zip(got[2:], want[2:]):
+        for r, p in enumerate(positions):
+            np.testing.assert_allclose(g[r, :, :p + 1], w[r, :, :p + 1], atol=1e-5)
+    with pytest.raises(ValueError, match="self_attention"):
+        export_graphs(torch_model, tmp_path, "flash")
 
 
 def test_decoder_step_linear_layers_run_as_one_gemm_each_with_q_k_v_fused(artifact, torch_model, tmp_path):

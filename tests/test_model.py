@@ -66,6 +66,36 @@ def test_a_row_that_joined_later_decodes_as_alone_over_a_padded_cache(torch_mode
         past_mask = torch.cat([past_mask, own[:, None]], dim=1)
 
 
+@pytest.mark.parametrize("custom_op", [True, False])
+@torch.no_grad()
+def test_a_row_that_joined_later_decodes_as_alone_in_a_preallocated_cache(torch_model, batch, custom_op):
+    """Format 5 (what the exported step computes): row 1 joins 3 steps after row 0 at position 0 of its own row of
+    the buffer; whatever lies past a row's position is junk that must not matter. Both rows' log-probs equal
+    those of :meth:`decode_step` decoding each alone, with the custom op and with plain PyTorch ops."""
+    src, mask, tgt = batch
+    ck, cv = torch_model.cross_kv(torch_model.encode(src[:2], mask[:2]))
+    shape = (2, torch_model.cfg.n_heads, 12, torch_model.cfg.d_head)
+    k = [torch.randn(shape) for _ in range(torch_model.cfg.n_decoder_layers)]
+    v = [torch.randn(shape) for _ in range(torch_model.cfg.n_decoder_layers)]
+    alone = [torch_model.empty_cache(1) for _ in range(2)]
+    slot_rows, row_slot = torch.tensor([[0], [1]]), torch.tensor([0, 1])
+    for t in range(8):
+        joined = t >= 3
+        tokens = torch.stack([tgt[0, t], tgt[1, t - 3] if joined else torch.tensor(4)])[:, None]
+        positions = torch.tensor([t, t - 3 if joined else 0])
+        step, k, v, _ = torch_model.decode_step_cached(tokens, positions, k, v, ck, cv, mask[:2], slot_rows,
+                                                       row_slot, custom_op)
+        for row in (0, 1) if joined else (0,):
+            ak, av = alone[row]
+            want, ak, av, _ = torch_model.decode_step(tokens[row:row + 1], ak, av, [x[row:row + 1] for x in ck],
+                                                      [x[row:row + 1] for x in cv], mask[row:row + 1])
+            alone[row] = (ak, av)
+            torch.testing.assert_close(step[row], want[0], atol=1e-5, rtol=1e-5)
+        if not joined:  # the row that has not joined yet: its junk is not kept
+            k = [torch.cat([x[:1], torch.randn_like(x[1:])]) for x in k]
+            v = [torch.cat([x[:1], torch.randn_like(x[1:])]) for x in v]
+
+
 @torch.no_grad()
 def test_cross_attention_once_per_sentence_equals_once_per_row(torch_model, batch):
     """Format 4: sentences with 1, 4 and 2 rows (beams) attend to one copy of their memory each; every row's

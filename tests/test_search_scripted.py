@@ -39,12 +39,6 @@ def table_step(table):
 scripted_step = table_step(TABLE)
 
 
-def grown(cache):
-    """A per-layer cache [rows, heads, past_len, d_head] one position longer, as a real decoder step returns."""
-    return [np.concatenate([c, np.zeros(c.shape[:2] + (1,) + c.shape[3:], dtype=np.float32)], axis=2)
-            for c in cache]
-
-
 class ScriptedModel:
     """The engine core's model interface over ``fn(last tokens int64 [rows], positions int64 [rows]) -> log_probs
     [rows, vocab]``: one layer, one head, d_head 2; full log-probs only (no top_k)."""
@@ -58,14 +52,17 @@ class ScriptedModel:
         cross = [np.zeros((src_ids.shape[0], 1, src_ids.shape[1], 2), dtype=np.float32)]
         return cross, cross
 
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, past_mask,
-             row_sentence, check_nan=True):
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, row_sentence,
+             check_nan=True):
         self.calls += 1
-        assert past_mask.shape == (tokens.shape[0], self_k[0].shape[2])
+        # Format 5: a preallocated cache, one buffer per tensor, with room for every row's next key/value.
+        assert all(c.shape[0] == tokens.shape[0] for c in self_k + self_v)
+        assert positions.shape == (tokens.shape[0],) and positions.max() < self_k[0].shape[2]
+        assert len({id(c) for c in self_k + self_v}) == len(self_k + self_v)
         # Cross K/V and the source mask once per sentence, every row assigned to one of them (format 4).
         assert row_sentence.shape == (tokens.shape[0],) and np.all(np.diff(row_sentence) >= 0)
         assert cross_k[0].shape[0] == src_mask.shape[0] == row_sentence[-1] + 1 == len(np.unique(row_sentence))
-        return (self.fn(tokens[:, 0], positions), grown(self_k), grown(self_v),
+        return (self.fn(tokens[:, 0], positions), self_k, self_v,
                 np.zeros((tokens.shape[0], src_mask.shape[1]), dtype=np.float32))
 
 
@@ -161,15 +158,15 @@ def endless_step(tokens, positions):
 
 
 class CostedModel(ScriptedModel):
-    """ScriptedModel whose step costs rows x (width + 1) units of a scripted clock (the cache a step reads and
-    copies), and that records (rows, width) per call."""
+    """ScriptedModel whose step costs rows x (width + 1) units of a scripted clock (width: the oldest row's cached
+    positions; the cache a step reads), and that records (rows, width) per call."""
 
     def __init__(self, fn) -> None:
         super().__init__(fn)
         self.now, self.log = 0.0, []
 
     def step(self, tokens, self_k, *args, **kwargs):
-        rows, width = tokens.shape[0], self_k[0].shape[2]
+        rows, width = tokens.shape[0], int(kwargs["positions"].max())
         self.now += rows * (width + 1)
         self.log.append((rows, width))
         return super().step(tokens, self_k, *args, **kwargs)
@@ -252,7 +249,8 @@ def test_a_small_request_decodes_apart_from_bulk_batches_however_many_run():
 def test_a_step_that_fails_fails_its_own_batch_only():
     class FailsOnItsOwnBatch(CostedModel):
         def step(self, tokens, self_k, *args, **kwargs):
-            if self_k[0].shape[2] == 2 and tokens.shape[0] == 1 and len(self.log) > 20:  # the late batch's 3rd step
+            # The late batch's 3rd step.
+            if kwargs["positions"].max() == 2 and tokens.shape[0] == 1 and len(self.log) > 20:
                 raise RuntimeError("device lost")
             return super().step(tokens, self_k, *args, **kwargs)
 

@@ -30,8 +30,8 @@ class TorchOps:
         return [x.cpu().numpy() for x in xs]
 
     @staticmethod
-    def empty(like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        return like.new_zeros((like.shape[0] if rows is None else rows, like.shape[1], 0, like.shape[3]))
+    def empty(like: torch.Tensor, rows: int | None = None, capacity: int = 0) -> torch.Tensor:
+        return like.new_zeros((like.shape[0] if rows is None else rows, like.shape[1], capacity, like.shape[3]))
 
     @staticmethod
     def take(xs: list[torch.Tensor], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[torch.Tensor]:
@@ -69,15 +69,15 @@ class TorchStepModel:
         return self.model.cross_kv(memory)
 
     @torch.inference_mode()
-    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions=None,
-             past_mask=None, row_sentence=None, check_nan=True):
-        """One decoder step, shapes as OnnxModel.step; full log-probs only (``top_k`` must be None)."""
+    def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, row_sentence=None,
+             check_nan=True):
+        """One decoder step, shapes as OnnxModel.step (format 5); full log-probs only (``top_k`` must be None).
+        The caches come back as new tensors (``Transformer.decode_step_cached`` in plain PyTorch ops)."""
         assert top_k is None, "the PyTorch baseline returns full log-probs"
         slot_rows, row_slot = cross_slots(np.arange(len(tokens)) if row_sentence is None else row_sentence)
-        log_probs, new_k, new_v, attention = self.model.decode_step(
-            self._in(tokens), self_k, self_v, cross_k, cross_v, self._in(src_mask),
-            None if positions is None else self._in(positions), None if past_mask is None else self._in(past_mask),
-            self._in(slot_rows), self._in(row_slot))
+        log_probs, new_k, new_v, attention = self.model.decode_step_cached(
+            self._in(tokens), self._in(positions), self_k, self_v, cross_k, cross_v, self._in(src_mask),
+            self._in(slot_rows), self._in(row_slot), custom_op=False)
         return log_probs.cpu().numpy(), new_k, new_v, attention.cpu().numpy()
 
 

@@ -12,8 +12,9 @@ from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
 from export.fp16 import fp16_artifact
+from export.onnx_export import export_checkpoint
 
-from conftest import PARITY_SENTENCES, SENTENCES
+from conftest import CHECKPOINT, PARITY_SENTENCES, SENTENCES
 
 pytestmark = pytest.mark.gpu
 
@@ -47,6 +48,18 @@ def test_cuda_float32_translates_like_the_cpu(cuda, cpu, beam_size):
     for g, w, s in zip(got, want, same):
         if s:
             assert g[0].score == pytest.approx(w[0].score, abs=1e-3)
+
+
+def test_the_standard_ops_step_runs_on_cuda_in_float32_and_translates_like_the_cpu(cpu, tmp_path):
+    """ONNX Runtime's CUDA GroupQueryAttention takes float16 only (in float32 that node would run on the CPU, the
+    cache crossing every step): float32 on CUDA uses the artifact exported with --self-attention standard."""
+    export_checkpoint(CHECKPOINT, tmp_path / "standard", PARITY_SENTENCES[:4], self_attention="standard")
+    standard = Translator(tmp_path / "standard", EngineConfig(device="cuda"))
+    assert standard.provider == "CUDAExecutionProvider"
+    options = DecodingOptions(beam_size=4)
+    src = [cpu.tokenize(s) for s in PARITY_SENTENCES]
+    got, want = standard.translate_ids(src, options), cpu.translate_ids(src, options)
+    assert sum(g[0].tokens == w[0].tokens for g, w in zip(got, want)) >= len(src) - 1
 
 
 def test_cuda_batch_invariance(cuda):
