@@ -19,7 +19,8 @@ loadtests/bench_http.py. Prints a table with every target ratio of issue 4 and w
 
     .venv/bin/python -m loadtests.benchmark --device cuda --skip-http   # the GPU run (scripts/gpu/check.sh)
 
-On CUDA: engine-fp32 and engine-fp16 with the state on the GPU (I/O binding) and torch-eager on the GPU; no
+On CUDA: engine-fp32 (from a copy exported with --self-attention standard: ONNX Runtime's CUDA GroupQueryAttention
+takes float16 only) and engine-fp16 with the state on the GPU (I/O binding) and torch-eager on the GPU; no
 CTranslate2 (its pip wheel is a CUDA 12 build) and no int8 (ONNX Runtime's dynamic int8 is a CPU kernel).
 """
 
