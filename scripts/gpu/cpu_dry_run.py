@@ -2,8 +2,11 @@
 code path (I/O binding: decoder state as OrtValues, row gather/concat graphs, top-k where the log-probs are), so
 a change to the graphs or the artifact format can be checked before a GPU is lent.
 
-    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the two provider assertions must fail
+    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the three provider assertions must fail
     .venv/bin/python scripts/gpu/cpu_dry_run.py benchmark --quick --skip-base --artifact artifacts/en-de
+
+The benchmark's figures go to .gpu/dry_run/ unless --out says otherwise, never over loadtests/results/ (the CPU
+benchmark's, which the README quotes).
 
 What it cannot check: CUDA kernels, float16 numerics on a GPU, timings.
 """
@@ -39,4 +42,6 @@ benchmark.EngineConfig = runtime.EngineConfig
 benchmark.cuda_gemm_flops = lambda: flops.gemm_flops(1)
 benchmark.torch_translator = lambda artifact, checkpoint, threads, device="cpu", *rest: torch_eager.torch_translator(
     artifact, checkpoint, threads, "cpu", *rest)
-benchmark.main(["--device", "cuda", *sys.argv[2:]])
+out = [] if "--out" in sys.argv else ["--out", ".gpu/dry_run/benchmark"]
+Path(".gpu/dry_run").mkdir(parents=True, exist_ok=True)
+benchmark.main(["--device", "cuda", *out, *sys.argv[2:]])
