@@ -42,9 +42,10 @@ class EngineConfig:
             batch that every sentence joins (the behaviour before batches of their own).
         io_binding: keep the KV cache and cross K/V as OrtValues on the session's device between steps (ONNX
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
-            attention come to the host. False: numpy arrays round-trip through the host every step. None (default):
-            on with CUDA, off on the CPU, where it measured slower (500 test sentences, 1 thread: greedy 2.60 vs
-            2.45 s, beam 4 7.7 vs 6.9 s: ONNX Runtime's Gather costs more than numpy's take).
+            attention come to the host. False: the state is numpy arrays, which the step writes in place (bound by
+            pointer) and numpy reorders. None (default): on with CUDA, off on the CPU, where it measured slower
+            (format 4, 500 test sentences, 1 thread: greedy 2.60 vs 2.45 s, beam 4 7.7 vs 6.9 s: ONNX Runtime's
+            Gather costs more than numpy's take).
 
     Raises:
         ValueError: an unknown device or a negative count.
