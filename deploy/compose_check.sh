@@ -73,16 +73,22 @@ export PROMETHEUS_IMAGE
 say "base images: python $PYTHON_IMAGE, GPU $GPU_BASE_IMAGE, prometheus $PROMETHEUS_IMAGE"
 
 # --- 2. artifact, secrets, images --------------------------------------------------------------------------------
-current_format() {
+current_format() {  # current_format DIR: an artifact there of the format this engine reads
   .venv/bin/python -c 'import json, sys; from engine import contract
-try: m = json.load(open("artifacts/en-de/manifest.json")); sys.exit(m["format_version"] != contract.FORMAT_VERSION
-                                                            or contract.EXPLAIN_FILE not in m["files"])
-except (OSError, KeyError, ValueError): sys.exit(1)'
+try: m = json.load(open(sys.argv[1] + "/manifest.json")); sys.exit(m["format_version"] != contract.FORMAT_VERSION
+                                                         or contract.EXPLAIN_FILE not in m["files"])
+except (OSError, KeyError, ValueError): sys.exit(1)' "$1"
 }
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-if ! current_format; then
+if ! current_format artifacts/en-de; then
   say "exporting the bundled model to artifacts/en-de"
   nice .venv/bin/python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de >/dev/null
+fi
+# The GPU image's copy: float32 on CUDA wants the standard-ops step (deploy/Dockerfile.gpu).
+if [ "$GPU_IMAGE" = 1 ] && ! current_format artifacts/en-de-cuda; then
+  say "exporting the bundled model to artifacts/en-de-cuda (standard-ops self-attention)"
+  nice .venv/bin/python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de-cuda \
+    --self-attention standard >/dev/null
 fi
 bash deploy/make_secrets.sh >/dev/null
 build() {  # build TAG DOCKERFILE BUILD-ARG

@@ -96,10 +96,12 @@ def test_dockerfiles_copy_files_that_exist_and_run_as_non_root(dockerfile):
     # git-ignored, made on the host before the build (the image carries no torch): the Dockerfile names the command.
     copies = re.findall(r"^COPY\s+(?!--from=)(.+?)\s+\S+$", text, flags=re.M)
     assert copies and re.search(r"^COPY --from=\w+ ", text, flags=re.M)  # multi-stage
+    exported = set(re.findall(r"export\.onnx_export --checkpoint models/en-de --out (\S+)", text))
+    assert exported <= {"artifacts/en-de", "artifacts/en-de-cuda"} and exported
     for sources in copies:
         for source in sources.split():
-            assert source == "artifacts/en-de" or (ROOT / source).exists(), f"{dockerfile} copies missing {source}"
-    assert "artifacts/en-de" in text and "export.onnx_export --checkpoint models/en-de --out artifacts/en-de" in text
+            assert source in exported or (ROOT / source).exists(), f"{dockerfile} copies missing {source}"
+    assert {s for sources in copies for s in sources.split()} >= exported  # what it says to export, it copies
     assert "torch" not in re.sub(r"#.*", "", text)  # not installed in any stage
     assert re.search(r"^USER\s+(?!root)\S+", text, flags=re.M)
     assert "HEALTHCHECK" in text
