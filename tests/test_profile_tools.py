@@ -34,8 +34,10 @@ def test_step_profile_accounts_for_the_whole_step(artifact):
     r = profile(artifact, SENTENCES, batch=2, beam_size=4, threads=1, target_steps=20)
     assert r["steps"] >= 20 and r["rows_per_step"] > 1
     shares = r["share"]
-    assert all(0 <= v <= 1 for v in shares.values()) and abs(sum(shares.values()) - 1) < 0.01
+    # host is the rest of the wall time: >= 0 only if the graph timers do not overlap or count outside the wall.
+    assert shares["host"] >= 0 and all(0 < shares[g] < 1 for g in ("decoder", "encoder"))
     assert shares["decoder"] > 0.3 and shares["top_k"] > 0  # beam 4 reads each row's top-k from the TopK graph
-    # The linear layers and the output projection run as Gemm kernels (the step is 2-D): the largest share.
+    # The linear layers and the output projection run as Gemm kernels (the step is 2-D): the largest share, and
+    # most of the decoder's kernel time.
     assert max(r["decoder_kernels"], key=r["decoder_kernels"].get) == "Gemm"
-    assert abs(sum(r["decoder_kernels"].values())) <= 1.0001
+    assert r["decoder_kernels"]["Gemm"] > 0.3
