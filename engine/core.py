@@ -473,9 +473,10 @@ class EngineCore:
         wants_top = [self._wants_top(s.search) for s in live]
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
         n_layers = len(batch.self_) // 2
-        if batch.width >= self.ops.shape(batch.self_[0])[2]:  # the oldest row's next key/value would not fit
-            empty = self.ops.empty(batch.self_[0], 0)
-            batch.self_ = self.ops.concat_rows(batch.self_, [empty] * len(batch.self_), _capacity(batch.width))
+        oldest = int(positions.max())
+        if oldest >= self.ops.shape(batch.self_[0])[2]:  # the oldest row's next key/value would not fit
+            empty = self.ops.empty(batch.self_[0], 0)  # padding by a join of no rows
+            batch.self_ = self.ops.concat_rows(batch.self_, [empty] * len(batch.self_), _capacity(oldest))
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.
         device_top = k is not None and self.device_top_k and all(wants_top)
         scores, self_k, self_v, attention = self.model.step(

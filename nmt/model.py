@@ -102,20 +102,21 @@ class MultiHeadAttention(nn.Module):
     def step_qkv(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y [rows, d_model] -> q, k, v, each [rows, n_heads, 1, d_head], through one fused projection (one GEMM
         of [d_model, 3 d_model] instead of three)."""
+        return tuple(self._heads(t) for t in self._step_qkv_packed(y).split(self.n_heads * self.d_head, dim=-1))
+
+    def _step_qkv_packed(self, y: Tensor) -> Tensor:
+        """y [rows, d_model] -> [rows, 3 d_model]: q, k, v side by side, through one [d_model, 3 d_model] GEMM."""
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = y @ weight.t() + bias
-        return tuple(self._heads(t) for t in qkv.split(self.n_heads * self.d_head, dim=-1))
+        return y @ weight.t() + bias
 
     def step_cached(self, y: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
                     custom_op: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention of y [rows, d_model] over a preallocated cache (:func:`cached_self_attention`; the plain
         PyTorch version when ``custom_op`` is False). Returns the output [rows, d_model] and the caches with this
         step's key/value written at ``positions``."""
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         attend = cached_self_attention if custom_op else _cached_self_attention
-        context, k, v = attend(y @ weight.t() + bias, past_k, past_v, positions, self.n_heads)
+        context, k, v = attend(self._step_qkv_packed(y), past_k, past_v, positions, self.n_heads)
         return context @ self.out_proj.weight.t() + self.out_proj.bias, k, v
 
     def step_q(self, y: Tensor) -> Tensor:
@@ -269,12 +270,9 @@ class DecoderLayer(nn.Module):
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         attended, _ = self.self_attn.step_attend(q, k, v, self_bias)
-        y = self.self_attn_norm(y + attended)
-        attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
-                                                                    cross_bias, slot_rows, row_slot)
-        y = self.cross_attn_norm(y + attended)
-        return self.ffn_norm(y + self.ffn.step(y)), k, v, cross_weights
-
+        y, cross_weights = self._step_after_self_attention(y, attended, cross_k, cross_v, cross_bias, slot_rows,
+                                                           row_slot)
+        return y, k, v, cross_weights
 
     def step_cached(self, y: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor, cross_k: Tensor,
                     cross_v: Tensor, cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor,
@@ -283,11 +281,20 @@ class DecoderLayer(nn.Module):
         at 0 .. positions[r] - 1; this position's key/value are written at positions[r] instead of appended.
         Returns the output [rows, d_model], the caches (same shape) and the cross-attention weights."""
         attended, k, v = self.self_attn.step_cached(y, past_k, past_v, positions, custom_op)
+        y, cross_weights = self._step_after_self_attention(y, attended, cross_k, cross_v, cross_bias, slot_rows,
+                                                           row_slot)
+        return y, k, v, cross_weights
+
+    def _step_after_self_attention(self, y: Tensor, attended: Tensor, cross_k: Tensor, cross_v: Tensor,
+                                   cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor) -> tuple[Tensor, Tensor]:
+        """The rest of a step once self-attention gave ``attended`` [rows, d_model]: its residual and norm, then
+        encoder-decoder attention and the FFN. Returns the output [rows, d_model] and the cross-attention weights
+        [rows, n_heads, src_len]."""
         y = self.self_attn_norm(y + attended)
         attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
                                                                     cross_bias, slot_rows, row_slot)
         y = self.cross_attn_norm(y + attended)
-        return self.ffn_norm(y + self.ffn.step(y)), k, v, cross_weights
+        return self.ffn_norm(y + self.ffn.step(y)), cross_weights
 
 
 class Transformer(nn.Module):
