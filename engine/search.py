@@ -37,7 +37,7 @@ import numpy as np
 
 from engine.candidates import TopCandidates
 from engine.errors import NumericalError
-from engine.rules import Rules, Sampling, apply_rules
+from engine.rules import NEG_INF, Rules, Sampling, apply_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +128,8 @@ class SentenceSearch:
                 attention: np.ndarray | None, candidates=None) -> np.ndarray:
         """Consumes step ``step``'s scores of this sentence's rows: log_probs float32 [n_rows, vocab] (may be
         edited in place) or, when :attr:`top_k` is set, ``top`` restricted to its rows; attention float32
-        [n_rows, src_len] when return_attention; ``candidates``: what :meth:`BeamSearch.batch_candidates` computed
-        for it, if it did. Returns the parents: int64 [new n_rows], the rows that continue, in the order of the new
+        [n_rows, src_len] when return_attention; ``candidates``: what :meth:`BeamSearch.batch_candidates` or
+        :meth:`GreedySearch.batch_choose` computed for it, if one did. Returns the parents: int64 [new n_rows], the rows that continue, in the order of the new
         rows (empty when done)."""
         raise NotImplementedError
 
@@ -153,8 +153,41 @@ class GreedySearch(SentenceSearch):
         self.n_rows, self.last_tokens = 1, np.asarray([bos_id], dtype=np.int64)
         self.hypotheses = []
 
+    @property
+    def plain(self) -> bool:
+        """No sampling and no rule but bans and min_length: its choice is the argmax of its banned row, which
+        :meth:`batch_choose` makes for many sentences at once."""
+        return self.sampling is None and self.top_k is not None
+
+    @staticmethod
+    def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],
+                     log_probs: np.ndarray) -> dict[int, tuple[int, np.float32]]:
+        """The next token of many :attr:`plain` greedy searches at once (per sentence, numpy calls were most of a
+        greedy step's host time): ``searches`` holds (key, search, step, row) with ``row`` the search's row of
+        log_probs float32 [rows, vocab] (edited in place: the bans). Returns {key: (token, its log-prob)}, what
+        :meth:`advance` would pick from the row (the first of equal maxima, as argmax)."""
+        if not searches:
+            return {}
+        rows = np.asarray([row for _, _, _, row in searches], dtype=np.int64)
+        # One row per search in row order is every row when all of the step's sentences are plain greedy ones:
+        # then no copy of [rows, vocab].
+        whole = len(rows) == log_probs.shape[0] and bool((rows == np.arange(len(rows))).all())
+        scores = log_probs if whole else log_probs[rows]
+        for banned in {search.rules.banned_ids for _, search, _, _ in searches}:
+            if banned:
+                mine = [i for i, (_, search, _, _) in enumerate(searches) if search.rules.banned_ids == banned]
+                scores[np.ix_(mine, banned)] = NEG_INF
+        for i, (_, search, step, _) in enumerate(searches):
+            if step < search.rules.min_length:
+                scores[i, search.eos_id] = NEG_INF
+        tokens = scores.argmax(axis=1)
+        values = scores[np.arange(len(rows)), tokens]
+        return {key: (int(token), value) for (key, _, _, _), token, value in zip(searches, tokens, values)}
+
     def advance(self, step, log_probs, top, attention, candidates=None):
-        if top is not None:  # best first with ties by lower id, so argmax picks what argmax over the vocabulary would
+        if candidates is not None:  # chosen by batch_choose
+            token, token_log_prob = candidates
+        elif top is not None:  # best first with ties by lower id, so argmax picks what argmax over the vocabulary would
             values = _banned_values(top, self.rules, step, self.eos_id)[0]
             best = int(values.argmax())
             token, token_log_prob = int(top.ids[0, best]), values[best]

@@ -9,7 +9,7 @@ from engine.core import EngineCore
 from engine.options import DecodingOptions
 from engine.rules import Rules, Sampling
 from engine.candidates import TopCandidates
-from engine.search import BeamSearch, Hypothesis, gnmt_length_penalty, top_k_for
+from engine.search import BeamSearch, GreedySearch, Hypothesis, gnmt_length_penalty, top_k_for
 from engine.state_ops import NumpyOps
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
@@ -401,3 +401,23 @@ def test_top_k_breaks_ties_made_by_float32_rounding_like_the_full_search():
     want = decode(ScriptedModel(step), options(beam_size=2, n_best=2))
     assert want[0][0].tokens == [4]  # eos won the rounding tie
     assert decode(ScriptedTopKModel(step), options(beam_size=2, n_best=2)) == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("banned", [(), (PAD,), (PAD, UNK)])
+def test_greedy_choices_made_for_the_whole_step_are_each_sentences_own(monkeypatch, seed, banned):
+    """GreedySearch.batch_choose (one argmax over the plain greedy sentences' rows) against each sentence's own
+    advance: the same tokens and scores on a table with frequent ties, for plain sentences of different limits and
+    min_length beside ones it must leave alone (sampling, a repetition penalty) and a beam search, in one batch."""
+    step = _random_step(vocab=12, seed=seed)
+    sentences = [options(limit=9), options(limit=4, min_length=3), options(limit=7, min_length=6),
+                 options(limit=8, sampling_topk=4, seed=seed), options(limit=6, repetition_penalty=1.3),
+                 options(beam_size=2, limit=5), options(limit=9, min_length=2)]
+    chosen = []
+    batch_choose = GreedySearch.batch_choose
+    monkeypatch.setattr(GreedySearch, "batch_choose", staticmethod(
+        lambda searches, log_probs: chosen.append(len(searches)) or batch_choose(searches, log_probs)))
+    got = decode(ScriptedModel(step), *sentences, banned=banned)
+    assert max(chosen) == 4  # the four plain greedy sentences, chosen together
+    monkeypatch.setattr(GreedySearch, "batch_choose", staticmethod(lambda searches, log_probs: {}))
+    assert got == decode(ScriptedModel(step), *sentences, banned=banned)
