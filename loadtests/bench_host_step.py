@@ -65,8 +65,8 @@ class InstantModel:
 
 
 def host_us_per_step(model: InstantModel, sentences: int, beam_size: int, length: int = 30) -> float:
-    """Microseconds of the core's step() per decoder step, less the model's own time, for ``sentences`` sentences of 20 source tokens, each
-    decoding ``length`` steps."""
+    """Microseconds of the core's step() per decoder step, less the model's own time, for ``sentences``
+    sentences of 20 source tokens, each decoding ``length`` steps."""
     core = EngineCore(model, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_positions=256, policy="static")
     options = DecodingOptions(beam_size=beam_size, max_length=length, max_length_a=0.0, max_length_b=length)
     for _ in range(sentences):
