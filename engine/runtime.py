@@ -236,7 +236,8 @@ class OnnxModel:
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
         # [rows, k] costs nothing to check; full float32 rows are checked for float16 graphs only (a pass over
         # [rows, vocab] is 1-3% of a greedy step, for an overflow float32 graphs do not have).
-        if check_nan and (top_k or self.float16) and np.isnan((scores.log_probs if top_k else scores).max(axis=1)).any():
+        checked = scores.log_probs if top_k else scores
+        if check_nan and (top_k or self.float16) and np.isnan(checked.max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, self_k, self_v, attention
 
