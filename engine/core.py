@@ -29,8 +29,9 @@ Scheduling policy, decided at the start of every step:
    large one fills the batch. The joiners are encoded in one encoder call. Each join copies the cache once, so
    joins are batched where that costs no latency: the remaining sentences of a request that is already running
    refill the batch only once a quarter of a budget is free.
-   Policy "static" (the former behaviour, kept to measure against) lets sentences join only an empty batch: each
-   batch then decodes to completion before the next forms.
+   Policy "static" (the former behaviour) lets sentences join only an empty batch: each batch then decodes to
+   completion before the next forms. The service keeps it to measure against; one caller's offline list
+   (engine/translator.py, translate_ids) decodes so by default, its faster policy here.
 3. Joiners go into the youngest running batch of their kind when it is at most JOIN_WIDTH steps old, so that they
    are padded by a few positions at most; otherwise they start a batch of their own beside it, up to
    ``max_batches`` (2) of their kind, and past that they join the youngest anyway. Without this, a sentence that
