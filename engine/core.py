@@ -517,8 +517,7 @@ class EngineCore:
         if log_probs is not None:
             candidates.update(GreedySearch.batch_choose(
                 [(i, s.search, s.step, int(starts[i])) for i, s in enumerate(live) if i not in top_row
-                 and isinstance(s.search, GreedySearch) and s.search.plain
-                 and not (nan_full is not None and nan_full[starts[i]])], log_probs))
+                 and isinstance(s.search, GreedySearch) and s.search.plain], log_probs))
         out, keep, parents = [], [], []
         for i, s in enumerate(live):
             r0, n = int(starts[i]), n_rows[i]

@@ -44,8 +44,7 @@ class EngineConfig:
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
             attention come to the host. False: the state is numpy arrays, which the step writes in place (bound by
             pointer) and numpy reorders. None (default): on with CUDA, off on the CPU, where it measured slower
-            (format 4, 500 test sentences, 1 thread: greedy 2.60 vs 2.45 s, beam 4 7.7 vs 6.9 s: ONNX Runtime's
-            Gather costs more than numpy's take).
+            (ONNX Runtime's Gather costs more than numpy's take; README.md, Performance).
 
     Raises:
         ValueError: an unknown device or a negative count.

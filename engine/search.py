@@ -157,7 +157,7 @@ class GreedySearch(SentenceSearch):
     def plain(self) -> bool:
         """No sampling and no rule but bans and min_length: its choice is the argmax of its banned row, which
         :meth:`batch_choose` makes for many sentences at once."""
-        return self.sampling is None and self.top_k is not None
+        return self.top_k is not None  # what top_k_for gives such a search, and only such a one
 
     @staticmethod
     def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],

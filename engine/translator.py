@@ -142,10 +142,9 @@ class Translator:
         Sentences are submitted shortest first, so that the sentences decoding together have similar lengths.
         ``policy`` is the core's scheduling (engine/core.py). "static" by default: one caller's list is one job,
         whose time is that of its last sentence, so the continuous policy's latency goals buy it nothing, and its
-        joins cost throughput here (a joiner's rows carry the batch's oldest width in every cache copy, and two
-        batches halve the rows of a step): 500 test sentences, 1 thread, best of 2 in two rounds, int8 beam 4
-        2.93 / 2.79 s static vs 3.37 / 3.34 continuous, float32 greedy 2.44 / 2.56 vs 2.74 / 2.86. The service
-        decodes with the config's policy (:meth:`new_core`).
+        joins cost throughput (a joiner's rows carry the batch's oldest width in every cache copy, and two batches
+        halve the rows of a step; README.md, Performance, has the measurements). The service decodes with the
+        config's policy (:meth:`new_core`).
         ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence leaves and returns [].
         ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).
         ``stats`` (if given) receives the core's counters.
