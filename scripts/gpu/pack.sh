@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Packs what the GPU check (scripts/gpu/check.sh) needs on a machine with no network, under .gpu/ (git-ignored):
-#   .gpu/parts/ort.tar.xz.partNN  ONNX Runtime's CUDA build (onnxruntime-gpu, for that machine's Python 3.12) as an
-#                                 xz tarball cut into parts small enough to travel one per device call
+#   .gpu/parts/ort.tar.xz.partNN  ONNX Runtime's CUDA build (onnxruntime-gpu, for that machine's Python 3.12) and
+#                                 pysbd (the engine's sentence splitter, which the GPU image lacks) as an xz tarball
+#                                 cut into parts small enough to travel one per device call
 #   .gpu/parts/SHA256SUMS         their checksums (check.sh refuses to start until every part has arrived)
 #   .gpu/corpus/test.tsv.gz       the test split (../shared/ does not travel)
-# The CUDA provider library alone is 284 MB (186 MB xz) and a device call carries 64 MiB including the 31 MiB
+# The CUDA provider library alone is 284 MB (186 MB xz) and a device call carries 64 MiB including the 30.7 MiB
 # tracked tree, hence the parts. Prints the device calls to make.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORT_VERSION=1.31.1   # links CUDA 13 (libcublas.so.13), as the GPU image's torch 2.11+cu130 does
-PART_MB=${PART_MB:-30}
+PYSBD_VERSION=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pysbd"))')
+PART_MB=${PART_MB:-33}   # with the 30.7 MiB tracked tree, just under a call's 64 MiB
 rm -rf .gpu/parts .gpu/tmp && mkdir -p .gpu/parts .gpu/corpus .gpu/tmp/site
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     -d .gpu/tmp "onnxruntime-gpu==$ORT_VERSION"
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .gpu/tmp "pysbd==$PYSBD_VERSION"
 # The package and its metadata; not the TensorRT provider (no TensorRT there).
 (cd .gpu/tmp/site && unzip -q ../onnxruntime_gpu-*.whl 'onnxruntime/*' 'onnxruntime_gpu-*.dist-info/*' \
-    -x 'onnxruntime/capi/libonnxruntime_providers_tensorrt.so')
+    -x 'onnxruntime/capi/libonnxruntime_providers_tensorrt.so' && unzip -q ../pysbd-*.whl 'pysbd/*' 'pysbd-*.dist-info/*')
 tar -C .gpu/tmp/site -cf - . | xz -T0 -6 > .gpu/tmp/ort.tar.xz
 split -b "${PART_MB}M" -d -a 2 .gpu/tmp/ort.tar.xz .gpu/parts/ort.tar.xz.part
 (cd .gpu/parts && sha256sum ort.tar.xz.part* > SHA256SUMS)
