@@ -118,7 +118,7 @@ class OrtValueOps:
         device_type, device_id: where outputs are kept ("cpu"/"cuda", 0).
     """
 
-    def __init__(self, n_tensors: int, elem_type: int, providers: list[str], options: ort.SessionOptions,
+    def __init__(self, n_tensors: int, elem_type: int, providers: list, options: ort.SessionOptions,
                  device_type: str, device_id: int = 0) -> None:
         self.n_tensors = n_tensors
         self.dtype = helper.tensor_dtype_to_np_dtype(elem_type)

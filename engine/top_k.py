@@ -39,7 +39,7 @@ class TopK:
         providers, options: those of the decoder session, so the top-k runs where the log-probs are.
     """
 
-    def __init__(self, providers: list[str], options: ort.SessionOptions) -> None:
+    def __init__(self, providers: list, options: ort.SessionOptions) -> None:
         self.session = ort.InferenceSession(_top_k_graph(), options, providers=providers)
 
     def __call__(self, log_probs: np.ndarray | ort.OrtValue, k: int) -> TopCandidates:
