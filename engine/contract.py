@@ -60,6 +60,22 @@ def check_format(manifest: dict, folder: object) -> None:
                          f"with `python -m export.onnx_export`")
 
 
+def check_provider(manifest: dict, provider: str, float16: bool, folder: object) -> None:
+    """Raises ValueError for a decoder step that ``provider`` ("CUDAExecutionProvider", ...) is known to run wrongly.
+
+    A float16 step with com.microsoft.GroupQueryAttention (manifest ``self_attention`` "gqa") on CUDA: on an H200
+    with onnxruntime-gpu 1.31.1 it agreed with float32 on 0 of 24 parity sentences (test-split BLEU 5.0 instead of
+    27.3) with each of the kernels ONNX Runtime picks from (flash attention with and without its decode path,
+    memory-efficient attention), while the same copy of the standard-ops step agreed on 24 of 24
+    (scripts/gpu/fp16_paths.py, 2026-12-04). ``float16``: the step's state is float16 (OnnxModel.float16; the
+    manifest of a copy being converted still says float32).
+    """
+    if provider == "CUDAExecutionProvider" and float16 and manifest.get("self_attention") == "gqa":
+        raise ValueError(f"{folder}: a float16 decoder step with GroupQueryAttention translates wrongly on ONNX "
+                         f"Runtime's CUDA provider: make the float16 copy from an artifact exported with "
+                         f"`python -m export.onnx_export --self-attention standard`")
+
+
 def _per_layer(prefix: str, n_layers: int) -> tuple[str, ...]:
     return tuple(f"{prefix}_{i}" for i in range(n_layers))
 

@@ -55,7 +55,8 @@ class Translator:
 
     Raises:
         FileNotFoundError: the artifact is incomplete.
-        ValueError: the artifact was written in another format version (engine/contract.py).
+        ValueError: the artifact was written in another format version, or is one its provider runs wrongly
+            (engine/contract.py).
     """
 
     def __init__(self, artifact_dir: str | Path, config: EngineConfig | None = None, model=None) -> None:
@@ -77,6 +78,7 @@ class Translator:
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
+        contract.check_provider(self.manifest, self.provider, getattr(self.model, "float16", False), self.artifact_dir)
         self.ops = self.model.ops
         self.load_seconds = time.perf_counter() - started
 

@@ -1,6 +1,10 @@
 """float16 copy of an exported artifact, for the CUDA provider, with its agreement with float32 recorded.
 
-    .venv/bin/python -m export.fp16 --artifact artifacts/en-de --out artifacts/en-de-fp16 [--device cuda]
+    .venv/bin/python -m export.fp16 --artifact artifacts/en-de --out artifacts/en-de-fp16
+    .venv/bin/python -m export.fp16 --artifact artifacts/en-de-cuda --out artifacts/en-de-cuda-fp16 --device cuda
+
+For CUDA, copy an artifact exported with ``--self-attention standard``: ONNX Runtime's CUDA GroupQueryAttention
+translated wrongly in float16 (engine/contract.py, check_provider), and is refused there.
 
 Weights, activations and the KV cache become float16 (half the memory traffic per step, tensor cores on the GPU).
 What float16 gets wrong stays float32 ("safe LayerNorm/softmax"):
@@ -22,6 +26,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from engine import contract
 from export.lossy_copy import PARITY_SENTENCES, read_sentences, write_lossy_copy
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean"]
@@ -88,7 +93,12 @@ def fp16_artifact(artifact: str | Path, out: str | Path, sentences: list[str], d
     Raises:
         FileNotFoundError: the source artifact is incomplete.
         EngineUnavailableError: device "cuda" without a working CUDA provider.
+        ValueError: device "cuda" and a source whose step uses GroupQueryAttention, which CUDA runs wrongly in
+            float16 (engine/contract.py, check_provider): copy an artifact exported with --self-attention standard.
     """
+    if device == "cuda":
+        manifest = json.loads((Path(artifact) / contract.MANIFEST).read_text())
+        contract.check_provider(manifest, "CUDAExecutionProvider", True, artifact)
     return write_lossy_copy(artifact, out, fp16_graph, "float16", METHOD, sentences, device)
 
 
@@ -99,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--parity-sentences", default=str(PARITY_SENTENCES))
     args = p.parse_args(argv)
-    manifest = fp16_artifact(args.artifact, args.out, read_sentences(args.parity_sentences), args.device)
+    try:
+        manifest = fp16_artifact(args.artifact, args.out, read_sentences(args.parity_sentences), args.device)
+    except ValueError as e:
+        p.error(str(e))
     print(json.dumps(dict(precision=manifest["precision"], parity=manifest["parity"]), indent=2))
 
 

@@ -143,17 +143,26 @@ def prepare(args) -> list[Model]:
             export_checkpoint(m.checkpoint, standard_artifact(m, args), sentences[:4], self_attention="standard")
         if stale(int8_artifact(m, args)) and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
-        if stale(fp16_artifact_dir(m, args)):
-            fp16_artifact(m.artifact, fp16_artifact_dir(m, args), sentences[:4], args.device)
+        # On CUDA the float16 copy is of the standard-ops step (engine/contract.py, check_provider).
+        fp16_source = standard_artifact(m, args) if args.device == "cuda" else m.artifact
+        if stale(fp16_artifact_dir(m, args), fp16_source):
+            fp16_artifact(fp16_source, fp16_artifact_dir(m, args), sentences[:4], args.device)
         if args.device == "cpu":
             prepare_ct2(m, work)
     return models
 
 
-def stale(artifact: Path) -> bool:
-    """No artifact there yet, or one of another format than this engine reads (engine/contract.py)."""
+def stale(artifact: Path, source: Path | None = None) -> bool:
+    """No artifact there yet, one of another format than this engine reads (engine/contract.py), or a copy of
+    another kind of decoder step than ``source``'s (its manifest's self_attention)."""
     manifest = artifact / contract.MANIFEST
-    return not manifest.exists() or json.loads(manifest.read_text()).get("format_version") != contract.FORMAT_VERSION
+    if not manifest.exists():
+        return True
+    found = json.loads(manifest.read_text())
+    if found.get("format_version") != contract.FORMAT_VERSION:
+        return True
+    return source is not None and found.get("self_attention") != json.loads(
+        (source / contract.MANIFEST).read_text()).get("self_attention")
 
 
 def prepare_ct2(m: Model, work: Path) -> None:

@@ -4,11 +4,15 @@ It runs on the CPU here (ONNX Runtime has float16 CPU kernels), so the conversio
 CUDA is the GPU script's business (scripts/gpu/check.sh).
 """
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, shape_inference
 
+from engine import contract
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
@@ -70,7 +74,6 @@ def test_float16_translates_close_to_float32(artifact, fp16):
 def test_a_float16_overflow_is_an_error_not_a_translation(fp16, tmp_path):
     """DESIGN.md section 4: float16 must be checked for NaN/inf. Weights scaled past float16's range make the
     decoder overflow; the engine must raise NumericalError instead of decoding garbage."""
-    import shutil
 
     from onnx import numpy_helper
 
@@ -86,3 +89,39 @@ def test_a_float16_overflow_is_an_error_not_a_translation(fp16, tmp_path):
     translator = Translator(broken, EngineConfig(device="cpu"))
     with pytest.raises(NumericalError, match="NaN"):
         translator.translate(["The file could not be opened."])
+
+
+class _StepOn:
+    """Stands in for OnnxModel where only the provider matters: Translator checks the provider it reports."""
+
+    def __init__(self, provider: str, float16: bool) -> None:
+        self.provider, self.float16, self.ops = provider, float16, None
+
+
+@pytest.mark.parametrize("provider, float16, refused", [
+    ("CUDAExecutionProvider", True, True),     # GroupQueryAttention in float16 on CUDA: measured wrong on an H200
+    ("CUDAExecutionProvider", False, False),   # float32: the node runs on the CPU there, and translates right
+    ("CPUExecutionProvider", True, False),     # the CPU kernel in float16: 24 of 24 parity sentences
+])
+def test_cuda_refuses_a_float16_step_with_group_query_attention(fp16, provider, float16, refused):
+    folder, manifest = fp16
+    assert manifest["self_attention"] == "gqa"
+    if refused:
+        with pytest.raises(ValueError, match="--self-attention standard"):
+            Translator(folder, model=_StepOn(provider, float16))
+    else:
+        assert Translator(folder, model=_StepOn(provider, float16)).provider == provider
+
+
+def test_a_float16_copy_of_the_standard_ops_step_is_accepted_on_cuda(fp16, tmp_path):
+    folder, manifest = fp16
+    standard = tmp_path / "standard"
+    shutil.copytree(folder, standard)
+    (standard / contract.MANIFEST).write_text(json.dumps({**manifest, "self_attention": "standard"}))
+    assert Translator(standard, model=_StepOn("CUDAExecutionProvider", True)).provider == "CUDAExecutionProvider"
+
+
+def test_the_float16_copy_for_cuda_refuses_a_group_query_attention_source_before_converting(artifact, tmp_path):
+    with pytest.raises(ValueError, match="--self-attention standard"):
+        fp16_artifact(artifact, tmp_path / "fp16", PARITY_SENTENCES, device="cuda")
+    assert not (tmp_path / "fp16").exists()

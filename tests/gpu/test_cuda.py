@@ -50,15 +50,22 @@ def test_cuda_float32_translates_like_the_cpu(cuda, cpu, beam_size):
             assert g[0].score == pytest.approx(w[0].score, abs=1e-3)
 
 
-def test_the_standard_ops_step_runs_on_cuda_in_float32_and_translates_like_the_cpu(cpu, tmp_path):
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory):
+    """The bundled checkpoint exported with the standard-ops decoder step (what CUDA serves, in both precisions)."""
+    out = tmp_path_factory.mktemp("standard") / "en-de"
+    export_checkpoint(CHECKPOINT, out, PARITY_SENTENCES[:4], self_attention="standard")
+    return out
+
+
+def test_the_standard_ops_step_runs_on_cuda_in_float32_and_translates_like_the_cpu(cpu, standard):
     """ONNX Runtime's CUDA GroupQueryAttention takes float16 only (in float32 that node would run on the CPU, the
     cache crossing every step): float32 on CUDA uses the artifact exported with --self-attention standard."""
-    export_checkpoint(CHECKPOINT, tmp_path / "standard", PARITY_SENTENCES[:4], self_attention="standard")
-    standard = Translator(tmp_path / "standard", EngineConfig(device="cuda"))
-    assert standard.provider == "CUDAExecutionProvider"
+    on_cuda = Translator(standard, EngineConfig(device="cuda"))
+    assert on_cuda.provider == "CUDAExecutionProvider"
     options = DecodingOptions(beam_size=4)
     src = [cpu.tokenize(s) for s in PARITY_SENTENCES]
-    got, want = standard.translate_ids(src, options), cpu.translate_ids(src, options)
+    got, want = on_cuda.translate_ids(src, options), cpu.translate_ids(src, options)
     assert sum(g[0].tokens == w[0].tokens for g, w in zip(got, want)) >= len(src) - 1
 
 
@@ -71,11 +78,22 @@ def test_cuda_batch_invariance(cuda):
         assert alone[0].tokens == hyps[0].tokens
 
 
-def test_float16_on_cuda_agrees_with_float32(artifact, cpu, tmp_path):
-    manifest = fp16_artifact(artifact, tmp_path / "fp16", PARITY_SENTENCES, device="cuda")
+def test_float16_on_cuda_agrees_with_float32(standard, cpu, tmp_path):
+    """The float16 copy of the standard-ops step (on an H200, 2026-12-04, the same check in
+    scripts/gpu/fp16_paths.py: 24 of 24 parity sentences identical under greedy search)."""
+    manifest = fp16_artifact(standard, tmp_path / "fp16", PARITY_SENTENCES, device="cuda")
     assert manifest["parity"]["measured_on"] == "CUDAExecutionProvider"
     assert manifest["parity"]["greedy_identical_to_float32"] >= len(PARITY_SENTENCES) - 2
     half = Translator(tmp_path / "fp16", EngineConfig(device="cuda"))
     options = DecodingOptions(beam_size=4)
     for a, b in zip(half.translate(PARITY_SENTENCES, options), cpu.translate(PARITY_SENTENCES, options)):
         assert np.isfinite(a.score) and abs(a.score - b.score) < 0.2
+
+
+def test_cuda_refuses_a_float16_step_with_group_query_attention(artifact, tmp_path):
+    """Measured on an H200 (onnxruntime-gpu 1.31.1): that step agreed with float32 on 0 of 24 parity sentences with
+    each of ONNX Runtime's attention kernels; the engine refuses it there instead of translating garbage."""
+    half = fp16_artifact(artifact, tmp_path / "fp16", PARITY_SENTENCES)  # made and measured on the CPU
+    assert half["self_attention"] == "gqa"
+    with pytest.raises(ValueError, match="--self-attention standard"):
+        Translator(tmp_path / "fp16", EngineConfig(device="cuda"))
