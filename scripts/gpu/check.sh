@@ -10,16 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT"
-(cd .gpu/parts && sha256sum --quiet -c SHA256SUMS) || { echo "parts missing or broken: see scripts/gpu/pack.sh"; exit 3; }
-if [ ! -d .gpu/site/onnxruntime ]; then
-    # Python's tarfile rather than the xz tool, which an image may lack.
-    cat .gpu/parts/ort.tar.xz.part* | python3 -c 'import sys, tarfile
-tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(".gpu/site")' || exit 3
-fi
-# Ours first, so the image's CPU-only onnxruntime is shadowed; the CUDA 13 libraries of the nvidia-* packages.
-export PYTHONPATH="$PWD/.gpu/site:$PWD" PYTHONUNBUFFERED=1
-nvidia_libs=$(python3 -c 'import glob, site; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))')
-export LD_LIBRARY_PATH="$nvidia_libs:${LD_LIBRARY_PATH:-}"
+source scripts/gpu/env.sh || exit 3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__, torch.cuda.is_available())' | tee -a "$OUT/gpu.txt"
 started=$SECONDS

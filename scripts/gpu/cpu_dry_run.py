@@ -2,7 +2,7 @@
 code path (I/O binding: decoder state as OrtValues, row gather/concat graphs, top-k where the log-probs are), so
 a change to the graphs or the artifact format can be checked before a GPU is lent.
 
-    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the three provider assertions must fail
+    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the four that need CUDA itself must fail
     .venv/bin/python scripts/gpu/cpu_dry_run.py benchmark --quick --skip-base --artifact artifacts/en-de
 
 The benchmark's figures go to .gpu/dry_run/ unless --out says otherwise, never over loadtests/results/ (the CPU
