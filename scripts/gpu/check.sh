@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one go, on a machine with an NVIDIA GPU and no network: the GPU-only tests (tests/gpu, marker
 # gpu) and the GPU benchmark (engine float32 and float16 on CUDA with the state on the device, PyTorch eager on
-# CUDA). Figures and logs go to $OUT (the device tool's output folder), else .gpu/out.
+# CUDA), then scripts/gpu/fp16_paths.py (SKIP_FP16_PATHS=1 skips it). Figures and logs go to $OUT (the device
+# tool's output folder), else .gpu/out. On the H200, 2026-12-04: tests 85 s, benchmark about 4 min, fp16_paths 2 min.
 #
 # Made for the device tool's H200 image: its python3 (3.12) has torch 2.11+cu130 with the CUDA 13 libraries as
 # nvidia-* packages, onnx, onnxscript, sentencepiece, safetensors, sacrebleu, matplotlib and pytest; ONNX Runtime's
@@ -20,5 +21,8 @@ echo "gpu tests: exit $tests_rc after $((SECONDS - started)) s"
 python3 -m loadtests.benchmark --device cuda --corpus .gpu/corpus --work .gpu/bench --out "$OUT/benchmark_gpu" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/benchmark_gpu.log"
 bench_rc=${PIPESTATUS[0]}
+# Last, as it is a diagnosis rather than a check: which float16 attention path agrees with float32 (1.5-2 min).
+[ -n "${SKIP_FP16_PATHS:-}" ] || python3 scripts/gpu/fp16_paths.py --out "$OUT/fp16_paths.json" 2>&1 \
+    | grep -v "Warning\|rename_mapping" | tee "$OUT/fp16_paths.log"
 echo "gpu tests exit $tests_rc, benchmark exit $bench_rc, $((SECONDS - started)) s in all"
 exit $((tests_rc || bench_rc))
