@@ -103,7 +103,7 @@ class _StepOn:
     ("CUDAExecutionProvider", False, False),   # float32: the node runs on the CPU there, and translates right
     ("CPUExecutionProvider", True, False),     # the CPU kernel in float16: 24 of 24 parity sentences
 ])
-def test_cuda_refuses_a_float16_step_with_group_query_attention(fp16, provider, float16, refused):
+def test_cuda_refuses_a_float16_step_with_group_query_attention(fp16, provider, float16, refused, caplog):
     folder, manifest = fp16
     assert manifest["self_attention"] == "gqa"
     if refused:
@@ -111,6 +111,9 @@ def test_cuda_refuses_a_float16_step_with_group_query_attention(fp16, provider, 
             Translator(folder, model=_StepOn(provider, float16))
     else:
         assert Translator(folder, model=_StepOn(provider, float16)).provider == provider
+        # Accepted in float32 on CUDA, with a warning that the node runs on the CPU there.
+        warned = [r for r in caplog.records if "runs on the CPU under CUDA" in r.getMessage()]
+        assert len(warned) == (provider == "CUDAExecutionProvider")
 
 
 def test_a_float16_copy_of_the_standard_ops_step_is_accepted_on_cuda(fp16, tmp_path):
