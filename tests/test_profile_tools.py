@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from loadtests.bench_attention import bench_cross, bench_self
+from loadtests.bench_int8_gemm import matmul_graph, quantize_int8
 from loadtests.profile_step import profile
 from tests.conftest import SENTENCES
 
@@ -42,3 +43,25 @@ def test_step_profile_accounts_for_the_whole_step(artifact):
     # most of the decoder's kernel time.
     assert max(r["decoder_kernels"], key=r["decoder_kernels"].get) == "Gemm"
     assert r["decoder_kernels"]["Gemm"] > 0.3
+
+
+def test_the_int8_gemm_benchmark_times_the_kernel_of_the_int8_copy(artifact, tmp_path):
+    """Its int8 graph, once ONNX Runtime has optimized it, runs DynamicQuantizeMatMul, as the int8 artifact does."""
+    import onnx
+
+    from export.quantize import quantize_artifact
+
+    matmul_graph(tmp_path / "mm.onnx", 256, 512)
+    quantize_int8(tmp_path / "mm.onnx", tmp_path / "mm8.onnx")
+    quantize_artifact(artifact, tmp_path / "int8", ["The file could not be opened."])
+
+    def kernels(path):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+    bench = kernels(tmp_path / "mm8.onnx")
+    assert bench == {"DynamicQuantizeMatMul"}
+    assert bench <= kernels(tmp_path / "int8" / "decoder_step.onnx")
