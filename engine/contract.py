@@ -60,20 +60,26 @@ def check_format(manifest: dict, folder: object) -> None:
                          f"with `python -m export.onnx_export`")
 
 
-def check_provider(manifest: dict, provider: str, float16: bool, folder: object) -> None:
-    """Raises ValueError for a decoder step that ``provider`` ("CUDAExecutionProvider", ...) is known to run wrongly.
+def check_provider(manifest: dict, provider: str, float16: bool, folder: object) -> str | None:
+    """What is known of a decoder step (its manifest's ``self_attention``) on ``provider`` ("CUDAExecutionProvider",
+    ...): raises ValueError for a step the provider runs wrongly, returns a warning for one it runs slowly, else None.
 
-    A float16 step with com.microsoft.GroupQueryAttention (manifest ``self_attention`` "gqa") on CUDA: on an H200
-    with onnxruntime-gpu 1.31.1 it agreed with float32 on 0 of 24 parity sentences (test-split BLEU 5.0 instead of
-    27.3) with each of the kernels ONNX Runtime picks from (flash attention with and without its decode path,
+    Both concern com.microsoft.GroupQueryAttention (``self_attention`` "gqa") on CUDA. In float16 it is wrong: on an
+    H200 with onnxruntime-gpu 1.31.1 it agreed with float32 on 0 of 24 parity sentences (test-split BLEU 5.0 instead
+    of 27.3) with each of the kernels ONNX Runtime picks from (flash attention with and without its decode path,
     memory-efficient attention), while the same copy of the standard-ops step agreed on 24 of 24
-    (scripts/gpu/fp16_paths.py, 2026-12-04). ``float16``: the step's state is float16 (OnnxModel.float16; the
-    manifest of a copy being converted still says float32).
+    (scripts/gpu/fp16_paths.py, 2026-12-04). In float32 it is right but slow: ONNX Runtime has no float32 CUDA kernel
+    for it, so the node runs on the CPU and the cache crosses to it every step. ``float16``: the step's state is
+    float16 (OnnxModel.float16; the manifest of a copy being converted still says float32).
     """
-    if provider == "CUDAExecutionProvider" and float16 and manifest.get("self_attention") == "gqa":
+    if provider != "CUDAExecutionProvider" or manifest.get("self_attention") != "gqa":
+        return None
+    if float16:
         raise ValueError(f"{folder}: a float16 decoder step with GroupQueryAttention translates wrongly on ONNX "
                          f"Runtime's CUDA provider: make the float16 copy from an artifact exported with "
                          f"`python -m export.onnx_export --self-attention standard`")
+    return (f"{folder}: the decoder step's GroupQueryAttention runs on the CPU under CUDA, the cache crossing to it "
+            f"every step: export with --self-attention standard for CUDA")
 
 
 def _per_layer(prefix: str, n_layers: int) -> tuple[str, ...]:

@@ -165,8 +165,8 @@ class GreedySearch(SentenceSearch):
         """The next token of many :attr:`plain` greedy searches at once: ``searches`` holds (key, search, step, row)
         with ``row`` the search's row of log_probs float32 [rows, vocab] (edited in place: the bans). Returns {key:
         (token, its log-prob)}, what :meth:`advance` would pick from the row (the first of equal maxima, as argmax).
-        Choosing per sentence, a numpy call and a rules pass each, cost 666 instead of 578 us of host time in a
-        40-sentence step (loadtests/bench_host_step.py)."""
+        One argmax instead of a numpy call and a rules pass per sentence (host time per step: README.md,
+        Performance, loadtests/bench_host_step.py)."""
         if not searches:
             return {}
         rows = np.asarray([row for _, _, _, row in searches], dtype=np.int64)

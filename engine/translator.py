@@ -78,11 +78,10 @@ class Translator:
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
                                                                model_config["n_decoder_layers"])
         self.provider = self.model.provider
-        contract.check_provider(self.manifest, self.provider, getattr(self.model, "float16", False), self.artifact_dir)
-        if self.provider == "CUDAExecutionProvider" and self.manifest.get("self_attention") == "gqa":
-            # float32 (float16 was refused above): ONNX Runtime has no CUDA kernel for it, so the node runs on the CPU.
-            log.warning("%s: the decoder step's GroupQueryAttention runs on the CPU under CUDA, the cache crossing to "
-                        "it every step: export with --self-attention standard for CUDA", self.artifact_dir)
+        warning = contract.check_provider(self.manifest, self.provider, getattr(self.model, "float16", False),
+                                          self.artifact_dir)
+        if warning:
+            log.warning(warning)
         self.ops = self.model.ops
         self.load_seconds = time.perf_counter() - started
 
