@@ -92,10 +92,21 @@ if [ "$GPU_IMAGE" = 1 ] && ! current_format artifacts/en-de-cuda; then
 fi
 bash deploy/make_secrets.sh >/dev/null
 build() {  # build TAG DOCKERFILE BUILD-ARG
-  local started=$SECONDS
+  local started=$SECONDS before
+  before=$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)
   nice docker build -q --network host --build-arg "$3" -f "$2" -t "$1" . >/dev/null
   say "built $1 in $((SECONDS - started)) s: $(docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1/1e6}')"
+  # The image the tag named before, now untagged: removed with its layers, or every run leaves one more behind
+  # (under vfs, a whole filesystem copy per layer; they once filled the disk).
+  if [ -n "$before" ] && [ "$before" != "$(docker image inspect -f '{{.Id}}' "$1")" ]; then
+    docker rmi "$before" >/dev/null 2>&1 && say "removed the image $1 named before (${before:7:12})" || true
+  fi
 }
+# vfs keeps a whole filesystem copy per layer: a build and the three containers take several GB.
+root_dir=$(docker info -f '{{.DockerRootDir}}')
+free_gb=$(df -Pk "$root_dir" | awk 'NR == 2 {printf "%d", $4 / 1048576}')
+say "$free_gb GB free under $root_dir"
+[ "$free_gb" -ge 8 ] || { echo "under 8 GB free under $root_dir: free some (docker image prune) and rerun" >&2; exit 1; }
 build nmt-serve:cpu deploy/Dockerfile.cpu "PYTHON_IMAGE=$PYTHON_IMAGE"
 [ "$GPU_IMAGE" = 0 ] || build nmt-serve:gpu deploy/Dockerfile.gpu "GPU_BASE_IMAGE=$GPU_BASE_IMAGE"
 docker run --rm --entrypoint sh nmt-serve:cpu -c \
