@@ -31,9 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from nmt.data import read_pairs
 
 # Before Ray starts: no usage stats; token authentication on, as everywhere (a local ray.init makes the token,
-# ~/.ray/auth_token, when none is given).
+# ~/.ray/auth_token, when none is given); HTTP through HAProxy to the replicas, as scripts/serve.sh and the images
+# serve it (RAY_SERVE_ENABLE_HA_PROXY=0 in the environment measures Serve's Python proxy instead).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 
 # Mean batch = delta(decoder rows) / delta(decoder steps), both counters. Not a histogram's _sum / _count: Ray
 # exports _sum rebuilt from bucket midpoints (10 steps of 1 row export _sum 5.0), so only its _count is exact.

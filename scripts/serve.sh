@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
+# HTTP enters through HAProxy (ray[serve] ships its binary) straight to the replicas instead of through Serve's
+# Python proxy, a Ray actor call and a second one for the body (README, Deploy); RAY_SERVE_ENABLE_HA_PROXY=0 for the
+# Python proxy.
+export RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}
 source scripts/ray_auth.sh
 METRICS_PORT=${METRICS_PORT:-8080}
 current_format() {

@@ -13,6 +13,8 @@ import pytest
 # neither need nor touch the quick start's ~/.ray/auth_token. Every Ray process of the tests inherits it.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# HTTP through HAProxy to the replicas, as scripts/serve.sh and the images serve it.
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
                                                    or os.environ.get("RAY_AUTH_TOKEN_PATH")):
     import atexit

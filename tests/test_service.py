@@ -83,6 +83,19 @@ def test_health_reports_model_and_provider(service):
     assert r.json()["provider"] == "CPUExecutionProvider" and r.json()["model"] == "en-de"
 
 
+def test_http_enters_through_haproxy_not_serves_python_proxy(service):
+    # The service's port is HAProxy's (conftest turns on RAY_SERVE_ENABLE_HA_PROXY, as scripts/serve.sh and the
+    # images do): requests go from it straight to a replica's own HTTP server, without the Python proxy's actor hop.
+    import subprocess
+    from urllib.parse import urlparse
+
+    port = urlparse(service["url"]).port
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    owners = [line for line in listening if line.split()[3].endswith(f":{port}")]
+    assert owners and all('"haproxy"' in line for line in owners), owners
+    assert requests.get(service["url"] + "/-/routes", timeout=10).json() == {"/": "translation"}
+
+
 def test_translates_a_real_sentence_like_the_engine(service, translator):
     r = post(service, {"text": SENTENCES[0], "beam_size": 4, "return_scores": True})
     assert r.status_code == 200, r.text
