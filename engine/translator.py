@@ -184,11 +184,13 @@ class Translator:
         return results
 
     def warmup(self, lengths: tuple[int, ...] = (4, 16, 64)) -> float:
-        """Runs one greedy and one beam decode per source length so first requests don't pay for lazy init.
+        """Runs one greedy and one beam decode per source length, and the sentence splitter once
+        (segmentation.warmup), so first requests don't pay for lazy init.
 
         Returns the warm-up time in seconds.
         """
         started = time.perf_counter()
+        segmentation.warmup()
         for n in lengths:
             ids = [[4 + (i % 50) for i in range(min(n, self.max_src_tokens) - 1)] + [self.eos_id]]
             for beam_size in (1, 4):

@@ -1,0 +1,52 @@
+"""The sentence splitter's cost on long texts: pysbd's compiled patterns stay cached within a text, and the
+replica's warm-up compiles its fixed ones before the first request."""
+
+from __future__ import annotations
+
+import re
+import re._compiler
+
+import pytest
+
+from engine import segmentation
+
+from conftest import SENTENCES
+
+# 400 distinct lines: pysbd compiles a pattern per sentence it finds, more than re's default cache of 512 holds
+# beside its fixed patterns.
+LONG_TEXT = " ".join(f"{SENTENCES[i % len(SENTENCES)]} See item {i}." for i in range(400))
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """Counts regular expressions compiled (re's cache misses) from a purged cache."""
+    count = [0]
+    compile_ = re._compiler.compile
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(re._compiler, "compile", counting)
+    re.purge()
+    yield count
+    re.purge()
+
+
+def test_splitting_a_long_text_again_compiles_nothing(compiles):
+    assert re._MAXCACHE >= segmentation.REGEX_CACHE  # set when engine.segmentation is imported
+    first = segmentation.split(LONG_TEXT)
+    assert len(first.sentences) > 700 and compiles[0] > 512
+    compiles[0] = 0
+    assert segmentation.split(LONG_TEXT) == first and compiles[0] == 0
+
+
+def test_the_warm_up_compiles_most_patterns_a_first_text_needs(compiles):
+    text = " ".join(SENTENCES * 3)
+    segmentation.split(text)
+    cold = compiles[0]
+    re.purge()
+    segmentation.warmup()
+    compiles[0] = 0
+    segmentation.split(text)
+    assert cold > 100 and compiles[0] < cold / 2
