@@ -4,7 +4,7 @@ no model."""
 import statistics
 
 from loadtests.bench_scheduling import (BEAM_MIX, beam_sizes, comparison_rows, evaluate_targets, format_report,
-                                        joined_texts, poisson_arrivals)
+                                        joined_texts, poisson_arrivals, stream_summary)
 
 
 def test_poisson_arrivals_rate_order_and_seed():
@@ -104,3 +104,22 @@ def test_engine_open_loop_serves_every_request_under_each_policy(artifact):
         assert figures["requests"] == len(requests) and 0 < figures["latency_p50_s"]
         assert figures["latency_max_s"] <= figures["wall_s"] + 0.05
         assert core.stats.left == core.stats.joined == len(requests)
+
+
+def _stream(first, status=200, last="done", error=None, total=1.5, records=100):
+    return dict(status=status, first_sentence_s=first, total_s=total, sentence_records=records, last_record=last,
+                error=error)
+
+
+def test_the_stream_figure_is_the_median_of_its_texts_with_each_kept():
+    summary = stream_summary([_stream(0.09), _stream(0.04), _stream(0.05, total=1.4)], 100, 0.025)
+    assert summary["first_sentence_s"] == 0.05 and summary["first_sentence_each_s"] == [0.09, 0.04, 0.05]
+    assert summary["ratio"] == 2.0 and summary["total_s"] == 1.5 and summary["status"] == 200
+    assert summary["error"] is None and summary["last_record"] == "done"
+
+
+def test_a_broken_stream_shows_and_leaves_no_median():
+    summary = stream_summary([_stream(0.04), _stream(None, status=200, last="error", error={"type": "x"},
+                                                     records=0)], 100, 0.025)
+    assert summary["first_sentence_s"] is None and summary["ratio"] is None
+    assert summary["last_record"] == "error" and summary["error"] == {"type": "x"} and summary["sentence_records"] == 0
