@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 import unicodedata
 from functools import lru_cache
 
@@ -83,13 +82,11 @@ _WARMUP_TEXT = (
     "Select Format > Cells... and choose a style. Don't stop; it's fine. Q&A: Who? When? Where?")
 
 
-def warmup() -> float:
+def warmup() -> None:
     """Splits a built-in paragraph, so that a replica's first long text does not pay for compiling pysbd's fixed
-    patterns (the first 100-sentence text of the test split took 38 ms cold and 31 ms after this here; 18 ms once its own
-    patterns are cached). Returns the seconds it took."""
-    started = time.perf_counter()
+    patterns (the first 100-sentence text of the test split took 38 ms cold and 31 ms after this here; 18 ms once
+    its own patterns are cached)."""
     split(_WARMUP_TEXT)
-    return time.perf_counter() - started
 
 
 @dataclasses.dataclass(frozen=True)

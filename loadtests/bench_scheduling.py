@@ -379,9 +379,9 @@ def stream_summary(streams: list[dict], lines: int, http_p50: float | None) -> d
     firsts = [s["first_sentence_s"] for s in streams]
     measured = [f for f in firsts if f is not None]
     bad = next((s for s in streams if s["status"] != 200 or s["last_record"] != "done" or s["error"]), streams[0])
-    median = round(float(np.median(measured)), 4) if len(measured) == len(firsts) else None
+    median = _quantile(measured, 50) if len(measured) == len(firsts) else None
     return dict(lines=lines, requests=len(streams), first_sentence_s=median, first_sentence_each_s=firsts,
-                total_s=round(float(np.median([s["total_s"] for s in streams])), 4),
+                total_s=_quantile([s["total_s"] for s in streams], 50),
                 sentence_records=min(s["sentence_records"] for s in streams), status=bad["status"],
                 last_record=bad["last_record"], error=bad["error"], ratio=_ratio(median, http_p50))
 
