@@ -94,18 +94,21 @@ def _providers(cfg: EngineConfig) -> list:
 
 def cross_slots(row_sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The decoder step's layout of rows over cross K/V kept once per sentence (engine/contract.py, format 4).
-
-    row_sentence: int [rows], each row's sentence 0 .. sentences - 1; every sentence has a row, a sentence's rows
-    are consecutive and sentences ascend. Returns slot_rows int64 [sentences, slots] (slots = the most rows of one
-    sentence): sentence s's rows in its first slots, row 0 as filler after them; and row_slot int64 [rows]: row r's
-    index in slot_rows.reshape(-1). A sentence's beams are thus one block of queries over its own memory.
+    row_sentence: int [rows], each row's sentence 0 .. sentences - 1, every sentence with a row; a sentence's rows
+    may be anywhere (the engine core keeps rows where they are between steps). Returns slot_rows int64
+    [sentences, slots] (slots = the most rows of one sentence): sentence s's rows in its first slots, ascending,
+    row 0 as filler after them; and row_slot int64 [rows]: row r's index in slot_rows.reshape(-1). A sentence's
+    beams are thus one block of queries over its own memory.
     """
     row_sentence = np.asarray(row_sentence, dtype=np.int64)
     counts = np.bincount(row_sentence)
     slots = int(counts.max()) if len(counts) else 1
     first = np.cumsum(counts) - counts
     rows = np.arange(len(row_sentence), dtype=np.int64)
-    row_slot = row_sentence * slots + rows - first[row_sentence]
+    order = np.argsort(row_sentence, kind="stable")  # rows grouped by sentence, ascending within each
+    rank = np.empty_like(rows)
+    rank[order] = rows - first[row_sentence[order]]
+    row_slot = row_sentence * slots + rank
     slot_rows = np.zeros(len(counts) * slots, dtype=np.int64)
     slot_rows[row_slot] = rows
     return slot_rows.reshape(len(counts), slots), row_slot

@@ -163,26 +163,28 @@ class GreedySearch(SentenceSearch):
     def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],
                      log_probs: np.ndarray) -> dict[int, tuple[int, np.float32]]:
         """The next token of many :attr:`plain` greedy searches at once: ``searches`` holds (key, search, step, row)
-        with ``row`` the search's row of log_probs float32 [rows, vocab] (edited in place: the bans). Returns {key:
+        with ``row`` the search's row of log_probs float32 [rows, vocab] (edited in place: the bans; the searches' rows are
+        distinct, in any order). Returns {key:
         (token, its log-prob)}, what :meth:`advance` would pick from the row (the first of equal maxima, as argmax).
         One argmax instead of a numpy call and a rules pass per sentence (host time per step: README.md,
         Performance, loadtests/bench_host_step.py)."""
         if not searches:
             return {}
         rows = np.asarray([row for _, _, _, row in searches], dtype=np.int64)
-        # One row per search in row order is every row when all of the step's sentences are plain greedy ones:
-        # then no copy of [rows, vocab].
-        whole = len(rows) == log_probs.shape[0] and bool((rows == np.arange(len(rows))).all())
+        # Searches' rows are distinct, so as many as log_probs has are all of them, in some order (every sentence
+        # of the step a plain greedy one): then they are read where they are, without a copy of [rows, vocab].
+        whole = len(rows) == log_probs.shape[0]
         scores = log_probs if whole else log_probs[rows]
+        at = rows if whole else np.arange(len(rows))  # each search's row of ``scores``
         for banned in {search.rules.banned_ids for _, search, _, _ in searches}:
             if banned:
                 mine = [i for i, (_, search, _, _) in enumerate(searches) if search.rules.banned_ids == banned]
-                scores[np.ix_(mine, banned)] = NEG_INF
+                scores[np.ix_(at[mine], banned)] = NEG_INF
         for i, (_, search, step, _) in enumerate(searches):
             if step < search.rules.min_length:
-                scores[i, search.eos_id] = NEG_INF
-        tokens = scores.argmax(axis=1)
-        values = scores[np.arange(len(rows)), tokens]
+                scores[at[i], search.eos_id] = NEG_INF
+        tokens = scores.argmax(axis=1)[at]
+        values = scores[at, tokens]
         return {key: (int(token), value) for (key, _, _, _), token, value in zip(searches, tokens, values)}
 
     def advance(self, step, log_probs, top, attention, candidates=None):

@@ -7,9 +7,14 @@ the device (ONNX Runtime I/O binding) and the reorder runs there as a Gather gra
 per tensor. That is what the GPU needs (CTranslate2 and FasterTransformer keep the cache on the device for the same
 reason); on the CPU it saves the copy of every step's outputs into fresh numpy arrays.
 
-Both classes share one interface: ``shape(x)``, ``empty(like, rows, capacity)``, ``take(xs, rows, start, end)``
-(rows kept or reordered, positions of axis 2 trimmed), ``concat_rows(xs, ys, length)`` (sentences joining a running
-batch, and a cache growing: engine/core.py), and ``to_numpy(xs)`` for tools and tests that read the state.
+Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
+rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity)`` (a bigger or smaller
+buffer holding the used rows), ``move_rows(xs, dst, src, length, rows)`` (beams that reorder, rows that fill the
+holes left by finished sentences), ``write_rows(xs, start, ys)`` (joining sentences' cross K/V), ``view(x, rows)``
+(the used rows, for a step) and ``to_numpy(xs)`` for tools and tests that read the state. NumpyOps works in place
+(``in_place``): its buffers keep spare rows and positions, a move copies only the moved rows' first ``length``
+positions, and nothing else is copied. OrtValueOps cannot write into an OrtValue, so each of its calls makes
+buffers of exactly the rows asked for (a Gather or Pad graph on the device), as the engine did before.
 """
 
 from __future__ import annotations
@@ -39,6 +44,53 @@ class NumpyOps:
         defaults to like's)."""
         batch, n_heads, _, d_head = like.shape
         return np.zeros((batch if rows is None else rows, n_heads, capacity, d_head), dtype=like.dtype)
+
+    in_place = True  # buffers keep spare rows and positions: moves and writes go into them (module docstring)
+
+    @staticmethod
+    def view(x: np.ndarray, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of a buffer: a C-contiguous view that a step writes into."""
+        return x[:rows]
+
+    @staticmethod
+    def resize(xs: list[np.ndarray], used: int, rows: int, capacity: int) -> list[np.ndarray]:
+        """Per tensor: a zeroed [rows, n_heads, capacity, d_head] holding x's first ``used`` rows (their first
+        min(capacity, x's) positions); ``xs`` itself when it has that shape already."""
+        if NumpyOps.shape(xs[0])[0] == rows and NumpyOps.shape(xs[0])[2] == capacity:
+            return xs
+        out = []
+        for x in xs:
+            z = np.zeros((rows, x.shape[1], capacity, x.shape[3]), dtype=x.dtype)
+            keep = min(capacity, x.shape[2])
+            z[:used, :, :keep] = x[:used, :, :keep]
+            out.append(z)
+        return out
+
+    @staticmethod
+    def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length: int,
+                  rows: int | None = None) -> list[np.ndarray]:
+        """In place, per tensor: rows ``dst`` (int64 [k]) get the first ``length`` positions of rows ``src``, all
+        read before any is written (so a row may be both). ``rows`` (the rows in use after) is not needed here.
+        Returns ``xs``."""
+        if len(dst):
+            for x in xs:
+                n, h, c, d = x.shape
+                if length >= c:
+                    x[dst] = x[src]
+                else:  # [n, h, c * d]: each (row, head) block's first length * d values are contiguous
+                    flat = x.reshape(n, h, c * d)
+                    flat[dst, :, :length * d] = flat[src, :, :length * d]
+        return xs
+
+    @staticmethod
+    def write_rows(xs: list[np.ndarray], start: int, ys: list[np.ndarray]) -> list[np.ndarray]:
+        """In place, per pair: rows start .. start + len(y) - 1 of x [>= start + len(y), n_heads, c, d_head] become
+        y [len(y), n_heads, <= c, d_head], zero-padded on axis 2. Returns ``xs``."""
+        for x, y in zip(xs, ys):
+            end = start + y.shape[0]
+            x[start:end, :, :y.shape[2]] = y
+            x[start:end, :, y.shape[2]:] = 0
+        return xs
 
     @staticmethod
     def take(xs: list[np.ndarray], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[np.ndarray]:
@@ -164,6 +216,46 @@ class OrtValueOps:
             binding.bind_output(f"y_{i}", self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    in_place = False  # every call makes buffers of exactly the rows asked for
+
+    @staticmethod
+    def view(x: ort.OrtValue, rows: int) -> ort.OrtValue:
+        """The buffer itself, which holds exactly ``rows`` rows here.
+
+        Raises:
+            ValueError: it holds another number.
+        """
+        if x.shape()[0] != rows:
+            raise ValueError(f"an OrtValue buffer of {x.shape()[0]} rows, {rows} in use")
+        return x
+
+    def resize(self, xs: list[ort.OrtValue], used: int, rows: int, capacity: int) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.resize`, on the device."""
+        shape = self.shape(xs[0])
+        if shape[0] == rows and shape[2] == capacity:
+            return xs
+        kept = self.take(xs, np.arange(used, dtype=np.int64), 0, capacity)
+        if rows == used and self.shape(kept[0])[2] == capacity:
+            return kept
+        return self.concat_rows(kept, [self.empty(xs[0], rows - used, 0)] * len(xs), capacity)
+
+    def move_rows(self, xs: list[ort.OrtValue], dst: np.ndarray, src: np.ndarray, length: int,
+                  rows: int) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.move_rows`, into new buffers of exactly ``rows`` rows (row r < rows is old row r
+        unless moved; every position is copied): one Gather on the device."""
+        if not len(dst) and self.shape(xs[0])[0] == rows:
+            return xs
+        index = np.arange(rows, dtype=np.int64)
+        index[dst] = src
+        return self.take(xs, index)
+
+    def write_rows(self, xs: list[ort.OrtValue], start: int, ys: list[ort.OrtValue]) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.write_rows`, into new buffers of exactly start + len(y) rows."""
+        capacity = self.shape(xs[0])[2]
+        if self.shape(xs[0])[0] != start:
+            xs = self.take(xs, np.arange(start, dtype=np.int64))
+        return self.concat_rows(xs, ys, capacity)
 
     def concat_rows(self, xs: list[ort.OrtValue], ys: list[ort.OrtValue], length: int) -> list[ort.OrtValue]:
         """As :meth:`NumpyOps.concat_rows`, on the device.

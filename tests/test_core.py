@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.core import EngineCore
+from engine.core import EngineCore, _Batch, _Sentence
 from engine.errors import NumericalError
 from engine.options import DecodingOptions
+from engine.state_ops import NumpyOps
 
 from conftest import SENTENCES, NaNAfterToken
 
@@ -243,3 +244,101 @@ def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
         tracemalloc.stop()
     assert max(traced) - traced[0] < 256 * 1024, f"Python/numpy memory grew over rounds: {traced}"
     assert max(rss) - rss[0] < 32 * 2**20, f"RSS grew over rounds: {rss}"
+
+
+class CountingOps(NumpyOps):
+    """NumpyOps that records what it copies: (call, rows) per resize / move_rows / write_rows."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def resize(self, xs, used, rows, capacity):
+        out = NumpyOps.resize(xs, used, rows, capacity)
+        if out is not xs:
+            self.calls.append(("resize", used))
+        return out
+
+    def move_rows(self, xs, dst, src, length, rows=None):
+        if len(dst):
+            self.calls.append(("move_rows", len(dst)))
+        return NumpyOps.move_rows(xs, dst, src, length, rows)
+
+    def write_rows(self, xs, start, ys):
+        self.calls.append(("write_rows", ys[0].shape[0]))
+        return NumpyOps.write_rows(xs, start, ys)
+
+
+class _Model:
+    def __init__(self, ops) -> None:
+        self.ops = ops
+
+
+def test_relayout_copies_only_beams_without_their_parents_row_and_rows_past_the_new_count():
+    """A unit of the in-place layout: values name (row, position) so that every copy can be traced."""
+    ops = CountingOps()
+    core = EngineCore(_Model(ops), bos_id=2, eos_id=3, pad_id=0, max_positions=64)
+    # 3 sentences: a (rows 0, 4, 2, 6; 5 cached positions), b (rows 1, 3; 3), c (row 5; 7). 7 rows in use.
+    sentences = [_Sentence(i, None, [5, 3], None, False, step=step, rows=np.asarray(rows))
+                 for i, (step, rows) in enumerate(((5, [0, 4, 2, 6]), (3, [1, 3]), (7, [5])))]
+    buffer = np.zeros((8, 1, 8, 1), dtype=np.float32)
+    buffer[:, 0, :, 0] = np.arange(8)[:, None] * 100 + np.arange(8)  # row r, position p: 100 r + p
+    before = buffer.copy()
+    cross = [np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1) + np.zeros((3, 1, 2, 1), np.float32)] * 2
+    batch = _Batch(live=list(sentences), self_=[buffer, buffer.copy()], cross=cross, rows=7,
+                   src_mask=np.ones((3, 2), dtype=bool))
+    a, b, c = sentences
+    # a's beams continue from its rows 4, 4, 0 (three beams, two of one parent); b leaves; c keeps its row.
+    core._relayout(batch, [a, c], [np.asarray([4, 4, 0]), np.asarray([5])])
+    assert batch.rows == 4 and sorted(np.concatenate([a.rows, c.rows]).tolist()) == [0, 1, 2, 3]
+    assert a.rows[2] == 0  # the parent's own row, not copied
+    for s, parents in ((a, [4, 4, 0]), (c, [5])):
+        for row, parent in zip(s.rows, parents):
+            np.testing.assert_array_equal(buffer[row, 0, :s.step, 0], before[parent, 0, :s.step, 0])
+    # Copied: a's second beam of parent 4 and the rows at 4 (a's first beam) and 5 (c) past the new count of 4.
+    assert ops.calls == [("move_rows", 3), ("move_rows", 1)]  # self rows, then the cross slot of c into b's
+    assert batch.live == [a, c] and batch.cross[0][1, 0, 0, 0] == 2  # c's cross K/V moved into slot 1
+
+
+def test_a_join_copies_nothing_of_the_running_rows(translator):
+    """With in-place ops a joiner takes a spare row and a spare cross slot: no resize, no move of running rows."""
+    ops = CountingOps()
+
+    class Counted:
+        def __init__(self, model) -> None:
+            self.model, self.ops, self.top_k, self.io_binding = model, ops, model.top_k, False
+
+        def encode(self, *args):
+            return self.model.encode(*args)
+
+        def step(self, *args, **kwargs):
+            return self.model.step(*args, **kwargs)
+
+    core = EngineCore(Counted(translator.model), bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batches=1)
+    greedy = DecodingOptions(beam_size=1, min_length=6, max_length=20)
+    core.submit(translator.tokenize(SENTENCES[0]), greedy)
+    core.submit(translator.tokenize(SENTENCES[1]), greedy)
+    for _ in range(3):
+        core.step()
+    buffers = list(core._batches[0].self_)
+    ops.calls.clear()
+    core.submit(translator.tokenize(SENTENCES[2]), greedy)
+    core.step()
+    assert core.live_rows == 3 and all(a is b for a, b in zip(core._batches[0].self_, buffers))
+    assert ops.calls == [("write_rows", 1)]  # the joiner's own cross K/V, nothing else
+
+
+def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone):
+    """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort."""
+    from engine.runtime import EngineConfig
+    from engine.state_ops import OrtValueOps
+    from engine.translator import Translator
+
+    bound = Translator(artifact, EngineConfig(device="cpu", io_binding=True))
+    assert isinstance(bound.ops, OrtValueOps)
+    core = bound.new_core("continuous")
+    arrivals = [(0, 3, 1), (1, 0, 0), (2, 5, 2), (2, 1, 6), (4, 4, 3), (9, 2, 1)]
+    got = run(core, [(step, bound.tokenize(SENTENCES[s]), OPTIONS[o], i) for i, (step, s, o) in enumerate(arrivals)])
+    for (_, s, o), hyps in zip(arrivals, got):
+        assert_same(hyps, alone(s, o))
+    assert core.live_rows == 0 and core.stats.left == core.stats.joined == len(arrivals)

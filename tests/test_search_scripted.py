@@ -60,8 +60,9 @@ class ScriptedModel:
         assert positions.shape == (tokens.shape[0],) and positions.max() < self_k[0].shape[2]
         assert len({id(c) for c in self_k + self_v}) == len(self_k + self_v)
         # Cross K/V and the source mask once per sentence, every row assigned to one of them (format 4).
-        assert row_sentence.shape == (tokens.shape[0],) and np.all(np.diff(row_sentence) >= 0)
-        assert cross_k[0].shape[0] == src_mask.shape[0] == row_sentence[-1] + 1 == len(np.unique(row_sentence))
+        # A sentence's rows may be anywhere in the buffers (the core moves as few as it can), each sentence has one.
+        assert row_sentence.shape == (tokens.shape[0],)
+        assert cross_k[0].shape[0] == src_mask.shape[0] == row_sentence.max() + 1 == len(np.unique(row_sentence))
         return (self.fn(tokens[:, 0], positions), self_k, self_v,
                 np.zeros((tokens.shape[0], src_mask.shape[1]), dtype=np.float32))
 

@@ -77,3 +77,59 @@ def test_cross_slots_give_every_row_its_own_slot_in_its_sentence_block(rows_per_
     # Each row sits in its own sentence's block, in order, and the block reads it back.
     assert np.array_equal(row_slot // slot_rows.shape[1], row_sentence)
     assert np.array_equal(slot_rows.reshape(-1)[row_slot], np.arange(len(row_sentence)))
+
+
+def _ortvalues(xs):
+    return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x)) for x in xs]
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_in_place_and_device_ops_agree_on_the_rows_in_use(elem_type):
+    """resize, move_rows and write_rows: NumpyOps writes into its buffers, OrtValueOps makes exact-size ones;
+    the rows in use (and the positions a move copies) hold the same values."""
+    dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((6, 2, 5, 3)).astype(dtype) for _ in range(2)]
+    device = OrtValueOps(2, elem_type, ["CPUExecutionProvider"], ort.SessionOptions(), "cpu")
+    # Grow rows and positions keeping 4 used rows; shrink positions.
+    for used, rows, capacity in ((4, 9, 8), (4, 4, 3), (6, 6, 5)):
+        want = NumpyOps.resize([x.copy() for x in xs], used, rows, capacity)
+        got = device.to_numpy(device.resize(_ortvalues(xs), used, rows, capacity))
+        for w, g, x in zip(want, got, xs):
+            assert w.shape == g.shape == (rows, 2, capacity, 3)
+            keep = min(capacity, x.shape[2])
+            np.testing.assert_array_equal(w[:used, :, :keep], x[:used, :, :keep])
+            assert not w[used:].any() and not w[:, :, keep:].any()
+            np.testing.assert_array_equal(g, w)
+    # Move: rows 1 and 3 get rows 0 and 5 (5 read before 3 is written), 4 rows in use after; 2 positions copied.
+    dst, src = np.asarray([1, 3]), np.asarray([0, 5])
+    buffers = [x.copy() for x in xs]
+    assert NumpyOps.move_rows(buffers, dst, src, 2, 4) is buffers
+    got = device.to_numpy(device.move_rows(_ortvalues(xs), dst, src, 2, 4))
+    for b, g, x in zip(buffers, got, xs):
+        assert b.shape == xs[0].shape and g.shape == (4, 2, 5, 3)
+        np.testing.assert_array_equal(b[[1, 3], :, :2], x[[0, 5], :, :2])
+        np.testing.assert_array_equal(b[[1, 3], :, 2:], x[[1, 3], :, 2:])  # positions past the copy: untouched
+        np.testing.assert_array_equal(b[[0, 2]], x[[0, 2]])
+        np.testing.assert_array_equal(g[:, :, :2], b[:4, :, :2])
+    # Write two joiners' rows of 3 positions at row 2: zero-padded to the buffer's 5.
+    ys = [rng.standard_normal((2, 2, 3, 3)).astype(dtype) for _ in range(2)]
+    buffers = [x.copy() for x in xs]
+    NumpyOps.write_rows(buffers, 2, ys)
+    got = device.to_numpy(device.write_rows(_ortvalues(xs), 2, _ortvalues(ys)))
+    for b, g, x, y in zip(buffers, got, xs, ys):
+        np.testing.assert_array_equal(b[2:4, :, :3], y)
+        assert not b[2:4, :, 3:].any()
+        np.testing.assert_array_equal(b[:2], x[:2])
+        np.testing.assert_array_equal(b[4:], x[4:])
+        assert g.shape == (4, 2, 5, 3)
+        np.testing.assert_array_equal(g, b[:4])
+
+
+def test_cross_slots_take_a_sentences_rows_wherever_they_are():
+    """The engine core leaves rows where they are: sentence 1's rows are 0 and 3, sentence 0's 4 and 1."""
+    row_sentence = np.asarray([1, 0, 2, 1, 0])
+    slot_rows, row_slot = cross_slots(row_sentence)
+    assert slot_rows.tolist() == [[1, 4], [0, 3], [2, 0]]
+    assert np.array_equal(row_slot // 2, row_sentence)
+    assert np.array_equal(slot_rows.reshape(-1)[row_slot], np.arange(5))
