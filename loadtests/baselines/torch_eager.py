@@ -19,7 +19,37 @@ from nmt.model import Transformer
 
 
 class TorchOps:
-    """engine/state_ops.py's interface over torch tensors on one device."""
+    """engine/state_ops.py's interface over torch tensors on one device; exact-size buffers (``in_place`` False),
+    as the model's step returns new caches anyway."""
+
+    in_place = False
+
+    @staticmethod
+    def view(x: torch.Tensor, rows: int) -> torch.Tensor:
+        return x[:rows]
+
+    @staticmethod
+    def resize(xs: list[torch.Tensor], used: int, rows: int, capacity: int) -> list[torch.Tensor]:
+        out = []
+        for x in xs:
+            z = x.new_zeros((rows, x.shape[1], capacity, x.shape[3]))
+            keep = min(capacity, x.shape[2])
+            z[:used, :, :keep] = x[:used, :, :keep]
+            out.append(z)
+        return out
+
+    @staticmethod
+    def move_rows(xs: list[torch.Tensor], dst: np.ndarray, src: np.ndarray, length: int,
+                  rows: int) -> list[torch.Tensor]:
+        if not len(dst) and xs[0].shape[0] == rows:
+            return xs
+        index = np.arange(rows, dtype=np.int64)
+        index[dst] = src
+        return TorchOps.take(xs, index)
+
+    @staticmethod
+    def write_rows(xs: list[torch.Tensor], start: int, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        return TorchOps.concat_rows([x[:start] for x in xs], ys, xs[0].shape[2])
 
     @staticmethod
     def shape(x: torch.Tensor) -> tuple[int, ...]:
