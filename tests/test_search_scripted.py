@@ -174,14 +174,16 @@ class CostedModel(ScriptedModel):
 
 
 def costed_core(model, **kwargs):
+    """An engine core on ``model``'s clock; a batch expected to outlive its joiners by more than 8 steps makes them
+    start their own (64 in the engine: the scripted positions are 64)."""
     return EngineCore(model, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_positions=64, clock=lambda: model.now,
-                      **kwargs)
+                      **{"outlive_steps": 8, **kwargs})
 
 
 def test_a_late_sentence_starts_its_own_batch_and_takes_its_share_of_time():
     model = CostedModel(endless_step)
     core = costed_core(model)
-    old = core.submit([A, EOS], options(limit=40))
+    old = core.submit([A, EOS], options(limit=40, min_length=40))  # expected to run 40 steps, the late one 2
     for _ in range(12):
         core.step()
     late = core.submit([A, EOS], options(limit=5))
@@ -199,11 +201,13 @@ def test_a_late_sentence_starts_its_own_batch_and_takes_its_share_of_time():
     assert [h.tokens for h in finished[old].hypotheses] == [[C] * 40]
 
 
-def test_a_sentence_joins_a_young_batch_and_with_max_batches_1_any_batch():
-    for max_batches, late_step, want_rows in ((2, 8, 2), (2, 9, 1), (1, 20, 2)):
+def test_a_sentence_joins_a_batch_that_will_not_outlive_it_by_much_and_with_max_batches_1_any_batch():
+    # The old sentence is expected to run 30 steps, the late one 2: at step 20 the batch outlives it by 8 (joins),
+    # at step 19 by 9 (a batch of its own); with max_batches 1 it joins whenever it comes.
+    for max_batches, late_step, want_rows in ((2, 20, 2), (2, 19, 1), (1, 5, 2)):
         model = CostedModel(endless_step)
         core = costed_core(model, max_batches=max_batches)
-        core.submit([A, EOS], options(limit=30))
+        core.submit([A, EOS], options(limit=30, min_length=30))
         for _ in range(late_step):
             core.step()
         core.submit([A, EOS], options(limit=30))
@@ -214,12 +218,24 @@ def test_a_sentence_joins_a_young_batch_and_with_max_batches_1_any_batch():
         assert core.stats.left == core.stats.joined == 2 and not core._by_handle
 
 
+def test_sentences_of_like_lengths_share_one_batch_whenever_they_arrive():
+    model = CostedModel(endless_step)
+    core = costed_core(model, max_batches=2)
+    for arrival in range(3):  # each expected to run as long as the first still will
+        core.submit([A, EOS], options(limit=60, min_length=60 - 20 * arrival))
+        for _ in range(20):
+            core.step()
+    assert len(core._batches) == 1 and model.log[-1][0] == 3
+
+
 def test_a_third_batch_is_not_started_past_max_batches():
     model = CostedModel(endless_step)
     core = costed_core(model, max_batches=2)
-    for arrival in range(3):  # arrivals 20 steps apart: the third joins the youngest of the two batches
-        core.submit([A, EOS], options(limit=60))
-        for _ in range(20):
+    # Expected lengths 60, 30 (20 steps later: 40 steps left of the first), 2 (10 later: 20 left of the second):
+    # each would start a batch of its own, the third joins the youngest of the two.
+    for min_length, wait in ((60, 20), (30, 10), (0, 3)):
+        core.submit([A, EOS], options(limit=60, min_length=min_length))
+        for _ in range(wait):
             core.step()
     assert sorted({rows for rows, _ in model.log[-4:]}) == [1, 2]
     assert len(core._batches) == 2
@@ -230,7 +246,7 @@ def test_a_small_request_decodes_apart_from_bulk_batches_however_many_run():
     core = costed_core(model, max_batches=2)
     for bulk in range(2):  # two bulk requests 20 steps apart: two batches of 6 rows
         for _ in range(6):
-            core.submit([A, EOS], options(limit=60), group=f"bulk {bulk}")
+            core.submit([A, EOS], options(limit=60, min_length=60 - 30 * bulk), group=f"bulk {bulk}")
         for _ in range(20):
             core.step()
     probe = core.submit([A, EOS], options(limit=5), group="probe")
@@ -257,7 +273,7 @@ def test_a_step_that_fails_fails_its_own_batch_only():
 
     model = FailsOnItsOwnBatch(endless_step)
     core = costed_core(model)
-    old = core.submit([A, EOS], options(limit=40), group="old")
+    old = core.submit([A, EOS], options(limit=40, min_length=40), group="old")
     for _ in range(20):
         core.step()
     late = core.submit([A, EOS], options(limit=10), group="late")
