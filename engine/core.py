@@ -530,31 +530,35 @@ class EngineCore:
             batch.live, batch.rows = [], 0
             batch.self_ = batch.cross = None
             return
-        # Rows.
-        counts = [len(p) for p in parents]
-        every = np.concatenate(parents)
+        # Rows. Plain Python: a step has tens to hundreds of rows, where numpy's per-call cost would dominate.
+        every = [r for p in parents for r in p.tolist()]
         n = len(every)
-        in_place = np.zeros(n, dtype=bool)
-        in_place[np.unique(every, return_index=True)[1]] = True  # each parent's first beam
-        in_place &= every < n
-        rows = every.copy()
-        pending = np.flatnonzero(~in_place)
+        rows, pending, occupied = [], [], set()
+        for i, r in enumerate(every):
+            if r < n and r not in occupied:  # each parent's first beam, if its row is below the new count
+                occupied.add(r)
+                rows.append(r)
+            else:
+                rows.append(-1)
+                pending.append(i)
         dst = src = np.zeros(0, dtype=np.int64)
         length = 0
-        if len(pending):
-            occupied = np.zeros(n, dtype=bool)
-            occupied[every[in_place]] = True
-            dst = np.flatnonzero(~occupied)  # as many free rows below n as beams without one
-            src = every[pending]
-            rows[pending] = dst
-            length = int(np.repeat([s.step for s in keep], counts)[pending].max())
+        if pending:
+            free = [r for r in range(n) if r not in occupied]  # as many as beams without a row
+            for i, r in zip(pending, free):
+                rows[i] = r
+            dst, src = np.asarray(free, dtype=np.int64), np.asarray([every[i] for i in pending], dtype=np.int64)
+            step_of = [s.step for s, p in zip(keep, parents) for _ in range(len(p))]
+            length = max(step_of[i] for i in pending)
         shape = self.ops.shape(batch.self_[0])
         if self.ops.in_place and shape[0] < n:  # beams widened past the spare rows
             batch.self_ = self.ops.resize(batch.self_, batch.rows, self._fit(n, shape[0]), shape[2])
         batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n)
         batch.rows = n
-        for s, mine in zip(keep, np.split(rows, np.cumsum(counts)[:-1])):
-            s.rows = mine
+        start = 0
+        for s, p in zip(keep, parents):
+            s.rows = np.asarray(rows[start:start + len(p)], dtype=np.int64)
+            start += len(p)
         # Sentence slots (cross K/V, source mask).
         if len(keep) < len(batch.live):
             slot_of = {id(s): i for i, s in enumerate(batch.live)}
