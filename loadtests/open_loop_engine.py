@@ -1,6 +1,7 @@
 """The engine core alone under an open loop: Poisson arrivals of one-sentence requests, scheduling policies compared.
 
     .venv/bin/python -m loadtests.open_loop_engine --rate 45 --seconds 12     # about 1 minute on 2 cores
+    .venv/bin/python -m loadtests.open_loop_engine --closed 64                # about 30 s: sentences/s per policy
 
 No HTTP, no Ray: one process submits each request to an EngineCore (engine/core.py) when its arrival time has come
 and steps the core in between, as the service's engine loop does, so what the figures show is the scheduling
@@ -11,6 +12,11 @@ arrival to the sentence leaving the core) and wall seconds. Policies: "static" (
 "continuous" with one batch (every sentence joins the running batch, the engine before batches of its own) and
 with the core's default batches (engine/core.py's module docstring). A run under other load is noisy: the p99 of a
 12-second window rests on a handful of requests, so compare policies within one run, and several runs.
+
+``--closed N`` instead runs a closed loop: N clients, each with one sentence at beam 4 in flight, taking the next of
+the first 500 test sentences (in file order, so lengths mix) as soon as theirs finishes, as bench_scheduling's
+saturation scenario does over HTTP; per policy it prints sentences/s, decoder steps and rows per step, beside the
+whole list decoded at once in length order (``Translator.translate_ids``, the engine-alone figure of that scenario).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +69,23 @@ def run(core: EngineCore, requests) -> dict:
                 wall_s=round(time.perf_counter() - started, 1))
 
 
+def closed_loop(core: EngineCore, sources: list[list[int]], clients: int, options: DecodingOptions) -> dict:
+    """Decodes ``sources`` with ``clients`` one-sentence requests in flight (each its own group), a finished one
+    replaced at once by the next source; returns sentences/s, steps and mean rows per step."""
+    started, following = time.perf_counter(), 0
+    for following in range(min(clients, len(sources))):
+        core.submit(sources[following], options, group=following)
+    following = min(clients, len(sources))
+    while core.has_work:
+        for _ in core.step():
+            if following < len(sources):
+                core.submit(sources[following], options, group=following)
+                following += 1
+    seconds = time.perf_counter() - started
+    return dict(clients=clients, sentences=len(sources), sentences_per_s=round(len(sources) / seconds, 1),
+                steps=core.stats.steps, rows_per_step=round(core.stats.rows / max(1, core.stats.steps), 1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default="artifacts/en-de")
@@ -69,15 +93,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--rate", type=float, default=45.0, help="requests (sentences) per second")
     p.add_argument("--seconds", type=float, default=12.0, help="arrivals over this many seconds")
+    p.add_argument("--closed", type=int, metavar="N", help="a closed loop of N one-sentence clients at beam 4 "
+                                                           "instead (module docstring)")
     args = p.parse_args(argv)
     translator = Translator(args.artifact, EngineConfig(device="cpu", intra_op_threads=args.threads))
     sources = [translator.tokenize(en) for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")]
-    requests = arrivals(sources, args.rate, args.seconds)
+    if args.closed:
+        beam4 = replace(translator.default_options, beam_size=4)
+        sources = sources[:500]
+        translator.translate_ids(sources[:8], beam4, policy="continuous")  # warm-up
+        started = time.perf_counter()
+        translator.translate_ids(sources, beam4, policy="continuous")
+        print(json.dumps(dict(policy="all at once, length order", sentences=len(sources),
+                              sentences_per_s=round(len(sources) / (time.perf_counter() - started), 1))))
+    else:
+        requests = arrivals(sources, args.rate, args.seconds)
     for name, policy, max_batches in POLICIES:
         core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
                           pad_id=translator.pad_id, max_positions=translator.max_positions, policy=policy,
                           max_batches=max_batches)
-        print(json.dumps(dict(policy=name, rate_per_s=args.rate, **run(core, requests))), flush=True)
+        figures = (closed_loop(core, sources, args.closed, beam4) if args.closed
+                   else dict(rate_per_s=args.rate, **run(core, requests)))
+        print(json.dumps(dict(policy=name, **figures)), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ no model."""
 
 import statistics
 
+from engine.options import DecodingOptions
+
 from loadtests.bench_scheduling import (BEAM_MIX, beam_sizes, comparison_rows, evaluate_targets, format_report,
                                         joined_texts, poisson_arrivals, stream_summary)
 
@@ -123,3 +125,22 @@ def test_a_broken_stream_shows_and_leaves_no_median():
                                                      records=0)], 100, 0.025)
     assert summary["first_sentence_s"] is None and summary["ratio"] is None
     assert summary["last_record"] == "error" and summary["error"] == {"type": "x"} and summary["sentence_records"] == 0
+
+
+def test_engine_closed_loop_decodes_every_source_once_with_clients_in_flight(artifact):
+    """loadtests/open_loop_engine.py's closed loop: every source decoded, at most ``clients`` in flight."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+    from loadtests.open_loop_engine import closed_loop
+
+    from conftest import SENTENCES
+
+    translator = Translator(artifact, EngineConfig(device="cpu"))
+    sources = [translator.tokenize(s) for s in SENTENCES]
+    core = translator.new_core("continuous")
+    submit, live = core.submit, []
+    core.submit = lambda *a, **k: live.append(core.live_sentences + core.waiting) or submit(*a, **k)
+    figures = closed_loop(core, sources, 3, DecodingOptions(beam_size=4))
+    assert figures["sentences"] == len(sources) == core.stats.left == core.stats.joined
+    assert max(live) <= 3 - 1 and figures["sentences_per_s"] > 0  # before each submit, at most 2 others in flight
+    assert figures["rows_per_step"] == round(core.stats.rows / core.stats.steps, 1)
