@@ -27,6 +27,18 @@ from onnx import TensorProto, helper
 _INT64_MAX = np.iinfo(np.int64).max
 
 
+def resized(xs: list, used: int, rows: int, capacity: int, zeros) -> list:
+    """Per tensor x [n, n_heads, c, d_head]: ``zeros(x, shape)`` of shape [rows, n_heads, capacity, d_head] (an
+    array or tensor like x) holding x's first ``used`` rows, their first min(capacity, c) positions."""
+    out = []
+    for x in xs:
+        z = zeros(x, (rows, x.shape[1], capacity, x.shape[3]))
+        keep = min(capacity, x.shape[2])
+        z[:used, :, :keep] = x[:used, :, :keep]
+        out.append(z)
+    return out
+
+
 class NumpyOps:
     """State tensors as numpy arrays (what scripted tests and the PyTorch baseline return)."""
 
@@ -58,13 +70,7 @@ class NumpyOps:
         min(capacity, x's) positions); ``xs`` itself when it has that shape already."""
         if NumpyOps.shape(xs[0])[0] == rows and NumpyOps.shape(xs[0])[2] == capacity:
             return xs
-        out = []
-        for x in xs:
-            z = np.zeros((rows, x.shape[1], capacity, x.shape[3]), dtype=x.dtype)
-            keep = min(capacity, x.shape[2])
-            z[:used, :, :keep] = x[:used, :, :keep]
-            out.append(z)
-        return out
+        return resized(xs, used, rows, capacity, lambda x, shape: np.zeros(shape, dtype=x.dtype))
 
     @staticmethod
     def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length: int,

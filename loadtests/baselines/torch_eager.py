@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.runtime import EngineConfig, cross_slots
+from engine.state_ops import resized
 from engine.translator import Translator
 from export.onnx_export import load_checkpoint
 from nmt.model import Transformer
@@ -30,13 +31,7 @@ class TorchOps:
 
     @staticmethod
     def resize(xs: list[torch.Tensor], used: int, rows: int, capacity: int) -> list[torch.Tensor]:
-        out = []
-        for x in xs:
-            z = x.new_zeros((rows, x.shape[1], capacity, x.shape[3]))
-            keep = min(capacity, x.shape[2])
-            z[:used, :, :keep] = x[:used, :, :keep]
-            out.append(z)
-        return out
+        return resized(xs, used, rows, capacity, lambda x, shape: x.new_zeros(shape))
 
     @staticmethod
     def move_rows(xs: list[torch.Tensor], dst: np.ndarray, src: np.ndarray, length: int,
