@@ -442,13 +442,15 @@ class EngineCore:
     def _fit(self, needed: int, current: int) -> int:
         """Rows (or sentence slots) a buffer should have for ``needed`` in use when it has ``current``: exactly
         ``needed`` for ops that copy anyway; for in-place ops the current size while it fits and is not four times
-        too big, else twice what is needed (at least 16), so that joins and beams that widen write into spare rows
-        and a buffer is reallocated a few times in a batch's life, not at every join."""
+        too big, else twice what is needed (at least 16, at most twice ``max_batch_rows``), so that joins and beams
+        that widen write into spare rows and a buffer is reallocated a few times in a batch's life, not at every
+        join."""
         if not self.ops.in_place:
             return needed
         if needed <= current and not (current > 64 and 4 * needed <= current):
             return current
-        return max(2 * needed, 16)
+        # No batch holds more than twice the rows budget (a starved request's overdraw): no spare beyond it.
+        return max(needed, min(max(2 * needed, 16), 2 * self.max_batch_rows))
 
     def _positions(self, width: int, current: int) -> int:
         """Positions a self-attention buffer should have for rows of at most ``width`` cached keys/values (the
@@ -524,8 +526,9 @@ class EngineCore:
         stays in the parent's row, other beams of that parent take rows of beams that ended or of sentences that
         left, and rows in use beyond the new count move down into the holes; each copy takes only the positions
         its sentence has cached. Sentence slots past the new count move into the slots of sentences that left."""
-        if not keep:  # the batch is dropped by the caller; a new batch may reuse its buffers
-            if self.ops.in_place and batch.self_ is not None:
+        if not keep:  # the batch is dropped by the caller; a new batch may reuse its buffers (up to a budget's rows)
+            if (self.ops.in_place and batch.self_ is not None
+                    and self.ops.shape(batch.self_[0])[0] <= self.max_batch_rows):
                 self._spare = sorted(self._spare + [batch.self_], key=lambda b: self.ops.shape(b[0])[0])
                 del self._spare[:-SPARE_BUFFERS]
             batch.live, batch.rows = [], 0
