@@ -1,11 +1,11 @@
 """Row operations on the decoder state (self-attention KV cache, cross K/V): on numpy arrays, or on ONNX Runtime
 OrtValues that stay on the session's device.
 
-The search (engine/search.py) reorders the cache rows after every beam step and drops rows whose sentence finished.
-With numpy arrays every step's cache goes device -> host -> device; with :class:`OrtValueOps` the cache never leaves
-the device (ONNX Runtime I/O binding) and the reorder runs there as a Gather graph, built here, of one node pair
-per tensor. That is what the GPU needs (CTranslate2 and FasterTransformer keep the cache on the device for the same
-reason); on the CPU it saves the copy of every step's outputs into fresh numpy arrays.
+The engine core (engine/core.py) moves cache rows after beam steps, fills the rows of sentences that finished and
+gives joiners rows of their own. NumpyOps keeps the state in host numpy arrays, which the CPU's decoder step reads
+and writes in place (engine/runtime.py binds them); OrtValueOps keeps it in OrtValues on the session's device, where
+copies run as Gather and Pad graphs built here, one node pair per tensor, so that the cache never crosses to the
+host (CTranslate2 and FasterTransformer keep the cache on the device for the same reason).
 
 Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
 rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity)`` (a bigger or smaller
