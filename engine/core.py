@@ -697,7 +697,9 @@ class EngineCore:
                 out.append(self._leave(s, s.search.hypotheses))
                 continue
             keep.append(s)
-            parents.append(s.rows[local])
-        if len(keep) < len(live) or any(len(p) != len(s.rows) or (p != s.rows).any() for s, p in zip(keep, parents)):
+            # A single row continuing itself (greedy search, always) keeps its array: no numpy call per sentence.
+            parents.append(s.rows if n == len(local) == 1 else s.rows[local])
+        if len(keep) < len(live) or any(p is not s.rows and (len(p) != len(s.rows) or (p != s.rows).any())
+                                        for s, p in zip(keep, parents)):
             self._relayout(batch, keep, parents)
         return out

@@ -98,33 +98,6 @@ class NumpyOps:
             x[start:end, :, y.shape[2]:] = 0
         return xs
 
-    @staticmethod
-    def take(xs: list[np.ndarray], rows: np.ndarray, start: int = 0, end: int | None = None) -> list[np.ndarray]:
-        """Per tensor [batch, n_heads, length, d_head]: rows ``rows`` (int64 [new_batch]) of positions
-        ``start:end`` of axis 2."""
-        # A gather of whole rows is a memcpy per row; with a slice of axis 2 numpy goes element-wise (3-4x slower
-        # on a cache), so the slice is taken only when it trims something.
-        if start == 0 and (end is None or end >= xs[0].shape[2]):
-            return [x[rows] for x in xs]
-        return [np.ascontiguousarray(x[rows, :, start:end]) for x in xs]
-
-    @staticmethod
-    def concat_rows(xs: list[np.ndarray], ys: list[np.ndarray], length: int) -> list[np.ndarray]:
-        """Per pair: x [a, n_heads, lx, d_head] above y [b, n_heads, ly, d_head], each zero-padded at the end of
-        axis 2 to ``length`` (>= lx, ly) -> [a + b, n_heads, length, d_head]."""
-        out = []
-        for x, y in zip(xs, ys):
-            a = x.shape[0]
-            # np.empty, then zeros only where the padding goes: zero-filling the whole array first cost a third of
-            # a join (page faults on a fresh allocation, then every byte written twice).
-            z = np.empty((a + y.shape[0], x.shape[1], length, x.shape[3]), dtype=x.dtype)
-            z[:a, :, :x.shape[2]] = x
-            z[:a, :, x.shape[2]:] = 0
-            z[a:, :, :y.shape[2]] = y
-            z[a:, :, y.shape[2]:] = 0
-            out.append(z)
-        return out
-
 
 def _take_graph(n_tensors: int, elem_type: int) -> bytes:
     """ONNX graph: y_i = Gather(Slice(x_i, starts=start, ends=end, axes=[2]), rows, axis=0) for i < n_tensors."""
@@ -206,7 +179,8 @@ class OrtValueOps:
 
     def take(self, xs: list[ort.OrtValue], rows: np.ndarray, start: int = 0,
              end: int | None = None) -> list[ort.OrtValue]:
-        """As :meth:`NumpyOps.take`; ``xs`` must hold ``n_tensors`` OrtValues.
+        """Per tensor [batch, n_heads, length, d_head]: rows ``rows`` (int64 [new_batch], repeats allowed) of
+        positions ``start:end`` of axis 2, in new buffers on the device; ``xs`` must hold ``n_tensors`` OrtValues.
 
         Raises:
             ValueError: another number of tensors.
@@ -241,7 +215,9 @@ class OrtValueOps:
         shape = self.shape(xs[0])
         if shape[0] == rows and shape[2] == capacity:
             return xs
-        kept = self.take(xs, np.arange(used, dtype=np.int64), 0, capacity)
+        # Every row kept and no position cut: one Pad/Concat, no Gather first.
+        kept = (xs if used == shape[0] and capacity >= shape[2]
+                else self.take(xs, np.arange(used, dtype=np.int64), 0, capacity))
         if rows == used and self.shape(kept[0])[2] == capacity:
             return kept
         return self.concat_rows(kept, [self.empty(xs[0], rows - used, 0)] * len(xs), capacity)
@@ -264,7 +240,8 @@ class OrtValueOps:
         return self.concat_rows(xs, ys, capacity)
 
     def concat_rows(self, xs: list[ort.OrtValue], ys: list[ort.OrtValue], length: int) -> list[ort.OrtValue]:
-        """As :meth:`NumpyOps.concat_rows`, on the device.
+        """Per pair: x [a, n_heads, lx, d_head] above y [b, n_heads, ly, d_head], each zero-padded at the end of
+        axis 2 to ``length`` (>= lx, ly) -> [a + b, n_heads, length, d_head], on the device.
 
         Raises:
             ValueError: another number of tensors.
