@@ -272,21 +272,30 @@ class BeamSearch(SentenceSearch):
     def batch_candidates(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates,
                          top_row: dict[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
         """Candidates of many beam searches at once, grouped by beam count and live rows (the per-sentence numpy
-        calls were the search's largest host cost): {key: (scores, flats, vocab)} for each (key, search) whose
-        eos is allowed at this step (the others compute their own). ``top`` holds the rows of every search, the
-        rows of ``key`` starting at ``top_row[key]``; exactly :meth:`_candidates`'s result, ties included."""
+        calls were the search's largest host cost): {key: (scores, flats, vocab)} for each (key, search). ``top``
+        holds the rows of every search, the rows of ``key`` starting at ``top_row[key]``; exactly
+        :meth:`_candidates`'s result at the search's next step (``steps_done``), ties and min_length's eos ban
+        included."""
         groups: dict[tuple[int, int], list[tuple[int, BeamSearch]]] = {}
         for key, search in searches:
-            if search.rules.min_length <= search.steps_done:
-                groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
+            groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
         out = {}
         width = top.log_probs.shape[1]
         for (n, beam_size), members in groups.items():
             rows = np.concatenate([np.arange(top_row[key], top_row[key] + n) for key, _ in members])
-            cand, flats = _candidates_from_top(np.stack([search.live_scores for _, search in members]),
-                                               top.log_probs[rows].reshape(len(members), n, width),
-                                               top.ids[rows].reshape(len(members), n, width), top.vocab,
-                                               2 * beam_size)
+            values = top.log_probs[rows].reshape(len(members), n, width)
+            ids = top.ids[rows].reshape(len(members), n, width)
+            # Before min_length eos is banned (_banned_values), per sentence: a fixed-length request (min_length =
+            # max_length) is in this case at every step.
+            early = [(j, search.eos_id) for j, (_, search) in enumerate(members)
+                     if search.steps_done < search.rules.min_length]
+            if early:
+                ban_eos = np.zeros_like(ids, dtype=bool)
+                for j, eos_id in early:
+                    ban_eos[j] = ids[j] == eos_id
+                values = np.where(ban_eos, np.float32(-np.inf), values)
+            cand, flats = _candidates_from_top(np.stack([search.live_scores for _, search in members]), values, ids,
+                                               top.vocab, 2 * beam_size)
             for j, (key, _) in enumerate(members):
                 out[key] = (cand[j], flats[j], top.vocab)
         return out
