@@ -19,7 +19,8 @@ max_queued_work) and runs, in this order:
     2 head of line      3 requests of beam 16, min_length = max_length = 200 (one long test sentence each), then
                         0.5 s later one default 1-sentence request: its latency (s).
     4 single sentence   one client, sequential, default options (beam 4): HTTP latency p50 (s) vs the engine alone
-                        translating the same sentences one by one in this process (the service idle).
+                        translating the same sentences one by one in this process (the service idle), the two
+                        alternating sentence by sentence, so that both see the same minutes of this machine.
     6 streaming         5 texts of 100 sentences each (other test lines each time), one after another, with
                         "stream": true: seconds to the first "sentence" record, their median vs scenario 4's HTTP
                         p50 (a p50 beside a p50); each text's figure is kept, the first one being the replica's
@@ -331,17 +332,27 @@ def bulk_interactive(url: str, sentences: list[str], clients: int, seconds: floa
     return asyncio.run(_bulk_interactive(url, sentences, clients, seconds))
 
 
-async def _sequential(url: str, texts: list[str]) -> list[float]:
-    out = []
+async def _sequential(url: str, texts: list[str], engine_alone=None) -> tuple[list[float], list[float]]:
+    """One client's HTTP latencies (s, 200s only) for ``texts`` one after another; with ``engine_alone(text)``,
+    each request is followed by that call on the same text (timed too), so that both lists see the same minutes of a
+    machine whose speed drifts (the engine alone ran after all the requests before, and their ratio moved 1.2-1.4
+    between runs). Returns (HTTP latencies, engine-alone latencies)."""
+    http, alone = [], []
     async with _session(url, 1) as client:
-        for text in texts[:2]:  # warm the connection
+        for text in texts[:2]:  # warm the connection and the engine alone
             await _send(client, {"text": text})
+            if engine_alone is not None:
+                engine_alone(text)
         for text in texts:
             started = time.perf_counter()
             status, _ = await _send(client, {"text": text})
             if status == 200:
-                out.append(time.perf_counter() - started)
-    return out
+                http.append(time.perf_counter() - started)
+            if engine_alone is not None:
+                started = time.perf_counter()
+                engine_alone(text)
+                alone.append(time.perf_counter() - started)
+    return http, alone
 
 
 async def _stream_first(url: str, text: str) -> dict:
@@ -448,13 +459,8 @@ def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list
         # 4: one client, one sentence at a time, vs the engine alone (service idle)
         step = max(1, len(sentences) // d.single_requests)
         single_texts = sentences[::step][:d.single_requests]
-        http_lat = asyncio.run(_sequential(base_url, single_texts))
-        translator.translate(single_texts[:2], options)
-        engine_lat = []
-        for text in single_texts:
-            started = time.perf_counter()
-            translator.translate([text], options)
-            engine_lat.append(time.perf_counter() - started)
+        http_lat, engine_lat = asyncio.run(_sequential(base_url, single_texts,
+                                                       lambda text: translator.translate([text], options)))
         http_p50, engine_p50 = _quantile(http_lat, 50), _quantile(engine_lat, 50)
         record("single", dict(requests=len(single_texts), http_ok=len(http_lat), http_latency_p50_s=http_p50,
                               http_latency_p99_s=_quantile(http_lat, 99),

@@ -28,3 +28,20 @@ def test_closed_loop_at_4_clients(bench_service):
     in_flight = result["sentences_per_s"] * result["latency_p50_s"]
     assert 2 <= in_flight <= 4 * 1.5, result
     assert result["mean_rows_per_step"] is not None and result["mean_rows_per_step"] >= 1, result
+
+
+def test_one_client_alternates_http_and_the_engine_alone_on_the_same_texts(bench_service):
+    """bench_scheduling's scenario 4: each HTTP request is followed by the engine-alone call on its text."""
+    import asyncio
+
+    from loadtests.bench_scheduling import _sequential
+
+    calls = []
+
+    def engine_alone(text):
+        calls.append(text)
+
+    texts = SENTENCES[:4]
+    http, alone = asyncio.run(_sequential(bench_service[0], texts, engine_alone))
+    assert calls == texts[:2] + texts  # two warm-up calls, then one after each request
+    assert len(http) == len(alone) == len(texts) and all(t > 0 for t in http)
