@@ -57,7 +57,7 @@ class _EncoderGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, src_ids, src_mask):
-        cross_k, cross_v = self.model.cross_kv(self.model.encode(src_ids, src_mask))
+        cross_k, cross_v = self.model.encode_cross_kv(src_ids, src_mask)  # 2-D projections, fused GEMMs
         return (*cross_k, *cross_v)
 
 

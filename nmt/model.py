@@ -110,6 +110,17 @@ class MultiHeadAttention(nn.Module):
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         return y @ weight.t() + bias
 
+    def self_attend_rows(self, x: Tensor, batch: int, length: int, bias: Tensor) -> Tensor:
+        """Self-attention of x [batch * length, d_model] (each sentence's positions together): attend(x,
+        *project_kv(x), bias) with the q, k, v projections one [d_model, 3 d_model] GEMM and every projection 2-D, so
+        that ONNX Runtime runs each as one Gemm with its bias. bias broadcastable to [batch, n_heads, length,
+        length]. Returns [batch * length, d_model]; inference only (no dropout)."""
+        qkv = self._step_qkv_packed(x).view(batch, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [batch, n_heads, length, d_head]
+        weights = torch.softmax((q * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
+        context = (weights @ v).transpose(1, 2).reshape(batch * length, self.n_heads * self.d_head)
+        return context @ self.out_proj.weight.t() + self.out_proj.bias
+
     def step_cached(self, y: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
                     custom_op: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention of y [rows, d_model] over a preallocated cache (:func:`cached_self_attention`; the plain
@@ -231,6 +242,12 @@ class EncoderLayer(nn.Module):
         x = self.self_attn_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x))), weights
 
+    def forward_rows(self, x: Tensor, batch: int, length: int, bias: Tensor) -> Tensor:
+        """forward() on x [batch * length, d_model] with 2-D projections (MultiHeadAttention.self_attend_rows,
+        FeedForward.step); returns [batch * length, d_model]; inference only."""
+        x = self.self_attn_norm(x + self.self_attn.self_attend_rows(x, batch, length, bias))
+        return self.ffn_norm(x + self.ffn.step(x))
+
 
 class DecoderLayer(nn.Module):
     """Masked self-attention, encoder-decoder attention, FFN; each post-norm (paper section 3.1)."""
@@ -334,6 +351,25 @@ class Transformer(nn.Module):
         for layer in self.encoder_layers:
             x, _ = layer(x, bias)
         return x
+
+    def encode_cross_kv(self, src_ids: Tensor, src_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """cross_kv(encode(src_ids, src_mask)) for inference, the form the ONNX encoder graph is exported from:
+        hidden states kept 2-D [batch * src_len, d_model], so that every projection is one Gemm with its bias (the
+        FFN's first fused with its ReLU), q, k and v one GEMM, and every decoder layer's cross K and V one GEMM of
+        [d_model, 2 n_decoder_layers d_model] (the step's graph had the same treatment, README Performance).
+        Returns per decoder layer K and V, each [batch, n_heads, src_len, d_head]; no dropout."""
+        batch, length = src_ids.shape
+        positions = torch.arange(length, device=src_ids.device)
+        x = self.embed_tokens(src_ids, positions).reshape(batch * length, self.cfg.d_model)
+        bias = padding_bias(src_mask)
+        for layer in self.encoder_layers:
+            x = layer.forward_rows(x, batch, length, bias)
+        projections = [p for layer in self.decoder_layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
+        weight = torch.cat([p.weight for p in projections])
+        kv_bias = torch.cat([p.bias for p in projections])
+        kv = (x @ weight.t() + kv_bias).view(batch, length, len(projections), self.cfg.n_heads, self.cfg.d_head)
+        kv = kv.permute(2, 0, 3, 1, 4)  # [2 n_decoder_layers, batch, n_heads, src_len, d_head]
+        return list(kv[0::2].unbind(0)), list(kv[1::2].unbind(0))
 
     def cross_kv(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """memory [batch, src_len, d_model] -> cross K and V per decoder layer, each [batch, n_heads, src_len,

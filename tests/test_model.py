@@ -123,6 +123,20 @@ def test_cross_attention_once_per_sentence_equals_once_per_row(torch_model, batc
 
 
 @torch.no_grad()
+def test_the_exported_encoders_2d_form_equals_encode_then_cross_kv(torch_model, batch):
+    """encode_cross_kv (what encoder.onnx is exported from: 2-D projections, q/k/v one GEMM, every decoder layer's
+    cross K/V one GEMM) gives the cross K/V of encode() then cross_kv(), padded sentences included, in their layout."""
+    src, mask, _ = batch
+    assert not bool(mask.all())  # the batch has padding
+    want_k, want_v = torch_model.cross_kv(torch_model.encode(src, mask))
+    got_k, got_v = torch_model.encode_cross_kv(src, mask)
+    assert len(got_k) == len(got_v) == torch_model.cfg.n_decoder_layers
+    for got, want in zip(got_k + got_v, want_k + want_v):
+        assert got.shape == want.shape == (src.shape[0], torch_model.cfg.n_heads, src.shape[1], torch_model.cfg.d_head)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_padding_does_not_change_encoder_output(torch_model, batch):
     src, mask, _ = batch
     alone = torch_model.encode(src[2:3, : int(mask[2].sum())], mask[2:3, : int(mask[2].sum())])
