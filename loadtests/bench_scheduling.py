@@ -50,6 +50,7 @@ import json
 import operator
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -334,7 +335,8 @@ def bulk_interactive(url: str, sentences: list[str], clients: int, seconds: floa
     return asyncio.run(_bulk_interactive(url, sentences, clients, seconds))
 
 
-async def _sequential(url: str, texts: list[str], engine_alone=None) -> tuple[list[float], list[float]]:
+async def _sequential(url: str, texts: list[str], engine_alone: Callable[[str], object] | None = None
+                      ) -> tuple[list[float], list[float]]:
     """One client's HTTP latencies (s, 200s only) for ``texts`` one after another; with ``engine_alone(text)``,
     each request is followed by that call on the same text (timed too), so that both lists see the same minutes of a
     machine whose speed drifts (the engine alone ran after all the requests before, and their ratio moved 1.2-1.4

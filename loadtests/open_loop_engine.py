@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                               sentences_per_s=round(len(sources) / (time.perf_counter() - started), 1))))
     else:
         requests = arrivals(sources, args.rate, args.seconds)
+
     def new_core(policy: str, max_batches: int) -> EngineCore:
         return EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
                           pad_id=translator.pad_id, max_positions=translator.max_positions, policy=policy,
