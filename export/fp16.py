@@ -10,9 +10,10 @@ Weights, activations and the KV cache become float16 (half the memory traffic pe
 What float16 gets wrong stays float32 ("safe LayerNorm/softmax"):
 - LayerNormalization, Softmax, LogSoftmax and the mean over heads: their sums and exp overflow or lose the small
   probabilities in float16 (max 65504, 11-bit mantissa);
-- the sinusoidal positions (Range -> Mul -> Sin/Cos): float16 rounds position x frequency to 11 bits, up to
-  0.12 rad off at position 250; measured, that moved log-probs little, but the table is one [steps, d_model]
-  computation, so float32 costs nothing;
+- the sinusoidal positions (the encoder's Range -> Mul -> Sin/Cos; the decoder step's Gather from the model's
+  precomputed table): float16 rounds position x frequency to 11 bits, up to 0.12 rad off at position 250, and
+  the encodings to 11 bits; measured, that moved log-probs little, but the table is one [steps, d_model]
+  computation or lookup, so float32 costs nothing;
 - the graph outputs log_probs and attention, which the search reads (in float16, near-equal log-probs would tie).
 Agreement with float32 goes into the manifest (export/lossy_copy.py); ``--device`` says where it is measured.
 """
@@ -31,14 +32,18 @@ from export.lossy_copy import PARITY_SENTENCES, read_sentences, write_lossy_copy
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean"]
 FLOAT32_OUTPUTS = ["log_probs", "attention"]
+POSITION_TABLE = "position_table"  # the decoder step's initializer (nmt.model.Transformer.position_table)
 METHOD = f"onnxruntime.transformers.float16; float32 kept for {', '.join(FLOAT32_OPS)}, the sinusoidal positions " \
          f"and the outputs {', '.join(FLOAT32_OUTPUTS)}"
 
 
 def _position_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Names of Sin/Cos nodes and every node feeding them (the position table's computation)."""
+    """Names of the nodes that make the sinusoidal positions: Sin/Cos nodes and every node feeding them (the
+    encoder computes them), or the lookup in the precomputed table (the decoder step reads
+    nmt.model.Transformer.position_table) and what feeds it."""
     producer = {out: node for node in graph.node for out in node.output}
-    pending = [n for n in graph.node if n.op_type in ("Sin", "Cos")]
+    pending = [n for n in graph.node if n.op_type in ("Sin", "Cos")
+               or any(i.endswith(POSITION_TABLE) for i in n.input)]
     names: set[str] = set()
     while pending:
         node = pending.pop()

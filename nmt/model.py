@@ -131,8 +131,8 @@ class MultiHeadAttention(nn.Module):
         return context @ self.out_proj.weight.t() + self.out_proj.bias, k, v
 
     def step_q(self, y: Tensor) -> Tensor:
-        """y [rows, d_model] -> queries [rows, n_heads, 1, d_head]."""
-        return self._heads(y @ self.q_proj.weight.t() + self.q_proj.bias)
+        """y [rows, d_model] -> projected queries [rows, d_model] (heads side by side)."""
+        return y @ self.q_proj.weight.t() + self.q_proj.bias
 
     def step_attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """q [rows, n_heads, 1, d_head] over k, v [rows, n_heads, k_len, d_head]; bias broadcastable to [rows,
@@ -147,17 +147,20 @@ class MultiHeadAttention(nn.Module):
         query block over its own memory, as CTranslate2 folds beams into the query, so a step reads each
         sentence's cross K/V once instead of once per beam.
 
-        q: [rows, n_heads, 1, d_head]; k, v: [sentences, n_heads, src_len, d_head]; bias broadcastable to
-        [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each sentence's slot (its
-        first rows; unused slots repeat any row, their results are dropped); row_slot int64 [rows]: each row's slot
-        in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both). Returns the output
-        [rows, d_model] and the weights [rows, n_heads, src_len].
+        q: [rows, d_model], the projected queries (:meth:`step_q`); k, v: [sentences, n_heads, src_len, d_head];
+        bias broadcastable to [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each
+        sentence's slot (its first rows; unused slots repeat any row, their results are dropped); row_slot int64
+        [rows]: each row's slot in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both).
+        Returns the output [rows, d_model] and the weights averaged over heads [rows, src_len] (the mean is taken
+        per slot, before the rows are gathered: the same sums, and a smaller gather).
         """
         sentences, slots = slot_rows.shape
-        grouped = q[:, :, 0][slot_rows.reshape(-1)].view(sentences, slots, self.n_heads, self.d_head)
+        # index_select (one Gather in ONNX) and reshapes with -1 keep the step graph's node count down: at a
+        # step's usual 2-40 rows its small nodes cost about what its attention kernels do.
+        grouped = q.index_select(0, slot_rows.reshape(-1)).view(sentences, slots, self.n_heads, self.d_head)
         weights = torch.softmax((grouped.transpose(1, 2) * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
-        context = (weights @ v).transpose(1, 2).reshape(sentences * slots, self.n_heads * self.d_head)[row_slot]
-        weights = weights.transpose(1, 2).reshape(sentences * slots, self.n_heads, -1)[row_slot]
+        context = (weights @ v).transpose(1, 2).reshape(-1, self.n_heads * self.d_head).index_select(0, row_slot)
+        weights = weights.mean(dim=1).reshape(-1, k.shape[2]).index_select(0, row_slot)
         return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -282,7 +285,7 @@ class DecoderLayer(nn.Module):
         1, past_len + 1]; cross_k/v: [sentences, n_heads, src_len, d_head], once per sentence; cross_bias to
         [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose (:meth:`MultiHeadAttention.step_attend_slots`).
         Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
-        position's appended last) and the cross-attention weights [rows, n_heads, src_len].
+        position's appended last) and the cross-attention weights averaged over heads [rows, src_len].
         """
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -306,7 +309,7 @@ class DecoderLayer(nn.Module):
                                    cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor) -> tuple[Tensor, Tensor]:
         """The rest of a step once self-attention gave ``attended`` [rows, d_model]: its residual and norm, then
         encoder-decoder attention and the FFN. Returns the output [rows, d_model] and the cross-attention weights
-        [rows, n_heads, src_len]."""
+        averaged over heads [rows, src_len]."""
         y = self.self_attn_norm(y + attended)
         attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
                                                                     cross_bias, slot_rows, row_slot)
@@ -331,6 +334,10 @@ class Transformer(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # Zero for our own models; Marian checkpoints carry a trained one.
         self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
+        # The decoder step looks its positions up (one Gather in ONNX) instead of computing sin and cos (six nodes
+        # each step); the same function's values. Not a weight: left out of checkpoints.
+        self.register_buffer("position_table", sinusoidal_positions(torch.arange(cfg.max_positions), cfg.d_model),
+                             persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
@@ -339,6 +346,12 @@ class Transformer(nn.Module):
         scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
         x = self.embed(ids) * scale + sinusoidal_positions(positions, self.cfg.d_model)
         return self.dropout(x)
+
+    def embed_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """One token per row, a decoding step: tokens, positions int64 [rows] (positions < max_positions) ->
+        [rows, d_model], :meth:`embed_tokens` with the positions' encodings read from a table."""
+        scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
+        return self.dropout(self.embed(tokens) * scale + self.position_table.index_select(0, positions))
 
     def output_logits(self, y: Tensor) -> Tensor:
         """[..., d_model] -> logits [..., vocab] through the tied embedding (paper section 3.4)."""
@@ -453,7 +466,7 @@ class Transformer(nn.Module):
         rows, past_len = tokens.shape[0], self_k[0].shape[2]
         if positions is None:
             positions = torch.full((rows,), past_len, dtype=torch.int64, device=tokens.device)
-        y = self.embed_tokens(tokens[:, 0], positions)  # [rows, d_model]: one query per row, kept 2-D
+        y = self.embed_step(tokens[:, 0], positions)  # [rows, d_model]: one query per row, kept 2-D
         cross_bias = padding_bias(src_mask)
         if slot_rows is None:  # one row per sentence
             row_slot = torch.arange(rows, device=tokens.device)
@@ -469,7 +482,7 @@ class Transformer(nn.Module):
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
-        return log_probs, new_k, new_v, cross_weights.mean(dim=1)
+        return log_probs, new_k, new_v, cross_weights
 
     def decode_step_cached(self, tokens: Tensor, positions: Tensor, self_k: list[Tensor], self_v: list[Tensor],
                            cross_k: list[Tensor], cross_v: list[Tensor], src_mask: Tensor, slot_rows: Tensor,
@@ -489,7 +502,7 @@ class Transformer(nn.Module):
             log_probs float32 [rows, vocab]; the caches, same shapes, with this step's keys/values at positions;
             attention float32 [rows, src_len] as :meth:`decode_step`.
         """
-        y = self.embed_tokens(tokens[:, 0], positions)
+        y = self.embed_step(tokens[:, 0], positions)
         cross_bias = padding_bias(src_mask)
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder_layers):
@@ -498,7 +511,7 @@ class Transformer(nn.Module):
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
-        return log_probs, new_k, new_v, cross_weights.mean(dim=1)
+        return log_probs, new_k, new_v, cross_weights
 
     def empty_cache(self, rows: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zero-length self-attention cache: per decoder layer, float32 [rows, n_heads, 0, d_head] keys and values."""

@@ -154,6 +154,22 @@ def test_sinusoidal_positions_match_the_paper_up_to_dimension_order():
             assert math.isclose(pe[p, d_model // 2 + i].item(), math.cos(angle), abs_tol=1e-6)
 
 
+@torch.no_grad()
+def test_a_step_reads_the_positions_that_the_full_model_computes_and_checkpoints_do_not_carry_them(torch_model):
+    cfg = torch_model.cfg
+    positions = torch.arange(cfg.max_positions)
+    tokens = (positions % (cfg.vocab_size - 4)) + 4
+    stepped = torch_model.embed_step(tokens, positions)  # [rows, d_model], from the table
+    computed = torch_model.embed_tokens(tokens[None], positions)[0]  # sin/cos of each position
+    torch.testing.assert_close(stepped, computed, atol=1e-6, rtol=0)
+    # The table is derived, not trained: a checkpoint saved without it (every earlier one) loads strictly.
+    state = torch_model.state_dict()
+    assert not any("position_table" in name for name in state)
+    fresh = Transformer(cfg)
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fresh.embed_step(tokens, positions), stepped)
+
+
 def test_output_projection_is_tied_to_embeddings():
     model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
                                     n_decoder_layers=1))
