@@ -196,6 +196,8 @@ class EngineCore:
             raise ValueError(f"max_batch_rows, max_batch_tokens and max_batches must be >= 1, got {max_batch_rows}, "
                              f"{max_batch_tokens}, {max_batches}")
         self.model, self.ops = model, getattr(model, "ops", NumpyOps())
+        # Whether grown self-attention caches may be left uninitialized past what is copied (OnnxModel).
+        self.cache_tail_unread = bool(getattr(model, "cache_tail_unread", False))
         self.bos_id, self.eos_id, self.pad_id, self.max_positions = bos_id, eos_id, pad_id, max_positions
         self.policy, self.max_batch_rows, self.max_batch_tokens = policy, max_batch_rows, max_batch_tokens
         self.max_batches = max_batches if policy == "continuous" else 1
@@ -507,7 +509,8 @@ class EngineCore:
             shape = self.ops.shape(batch.self_[0])
             rows = self._fit(used + len(joining), shape[0])
             if rows != shape[0]:
-                batch.self_ = self.ops.resize(batch.self_, used, rows, shape[2])
+                batch.self_ = self.ops.resize(batch.self_, used, rows, shape[2],
+                                              unread_tail=self.cache_tail_unread)
         for k, s in enumerate(joining):
             s.rows = np.asarray([used + k], dtype=np.int64)
         batch.rows += len(joining)
@@ -556,7 +559,8 @@ class EngineCore:
             length = max(step_of[i] for i in pending)
         shape = self.ops.shape(batch.self_[0])
         if self.ops.in_place and shape[0] < n:  # beams widened past the spare rows
-            batch.self_ = self.ops.resize(batch.self_, batch.rows, self._fit(n, shape[0]), shape[2])
+            batch.self_ = self.ops.resize(batch.self_, batch.rows, self._fit(n, shape[0]), shape[2],
+                                          unread_tail=self.cache_tail_unread)
         batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n)
         batch.rows = n
         start = 0
@@ -591,7 +595,8 @@ class EngineCore:
         shape = self.ops.shape(batch.self_[0])
         rows_fit, capacity = self._fit(n, shape[0]), self._positions(batch.width, shape[2])
         if (rows_fit, capacity) != (shape[0], shape[2]) and (self.ops.in_place or capacity < shape[2]):
-            batch.self_ = self.ops.resize(batch.self_, n, rows_fit, capacity)
+            batch.self_ = self.ops.resize(batch.self_, n, rows_fit, capacity,
+                                          unread_tail=self.cache_tail_unread)
 
     # ---- one decoder step --------------------------------------------------------------------------------------
 
@@ -615,7 +620,8 @@ class EngineCore:
         oldest = int(positions.max())
         shape = self.ops.shape(batch.self_[0])
         if oldest >= shape[2]:  # the oldest row's next key/value would not fit
-            batch.self_ = self.ops.resize(batch.self_, batch.rows, shape[0], self._positions(oldest, shape[2]))
+            batch.self_ = self.ops.resize(batch.self_, batch.rows, shape[0], self._positions(oldest, shape[2]),
+                                          unread_tail=self.cache_tail_unread)
         caches = [self.ops.view(x, batch.rows) for x in batch.self_]
         cross = [self.ops.view(x, len(live)) for x in batch.cross]
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.

@@ -118,14 +118,16 @@ class OnnxModel:
     """The encoder and decoder-step sessions of one artifact folder.
 
     ``provider`` is the provider that really runs (ONNX Runtime silently falls back to the CPU when the CUDA
-    libraries cannot load; we read ``get_providers()`` instead of trusting the request).
+    libraries cannot load; we read ``get_providers()`` instead of trusting the request). ``self_attention``: the
+    manifest's (engine/contract.py: "gqa" or "standard"; None when unknown, treated as "standard").
 
     Raises:
         FileNotFoundError: a graph file is missing.
         EngineUnavailableError: device "cuda" was asked for and CUDA does not work.
     """
 
-    def __init__(self, artifact_dir: str | Path, cfg: EngineConfig, n_layers: int) -> None:
+    def __init__(self, artifact_dir: str | Path, cfg: EngineConfig, n_layers: int,
+                 self_attention: str | None = None) -> None:
         artifact_dir = Path(artifact_dir)
         self.n_layers = n_layers
         self.encoder_outputs = list(contract.encoder_outputs(n_layers))
@@ -162,6 +164,10 @@ class OnnxModel:
         # Row operations on the state the search keeps between steps (engine/search.py passes them on).
         self.ops = (OrtValueOps(2 * n_layers, cache_type, providers, options, self.device_type)
                     if self.io_binding else NumpyOps())
+        # GroupQueryAttention reads no cache position past a row's length, so the core may leave what lies past
+        # the copied part of a grown cache uninitialized; the standard-ops step masks those positions with an
+        # additive bias, which an uninitialized NaN would survive, so its caches stay zeroed.
+        self.cache_tail_unread = self_attention == "gqa"
         self.top_k = TopK(providers, options)
         log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
 

@@ -76,7 +76,8 @@ class Translator:
         # ``model``: anything with OnnxModel's encode/step/provider (the PyTorch-eager benchmark baseline).
         contract.check_format(self.manifest, self.artifact_dir)
         self.model = model if model is not None else OnnxModel(self.artifact_dir, self.config,
-                                                               model_config["n_decoder_layers"])
+                                                               model_config["n_decoder_layers"],
+                                                               self.manifest.get("self_attention"))
         self.provider = self.model.provider
         warning = contract.check_provider(self.manifest, self.provider, getattr(self.model, "float16", False),
                                           self.artifact_dir)

@@ -283,8 +283,8 @@ class DecoderLayer(nn.Module):
 
         y: [rows, d_model]; past_k/v: [rows, n_heads, past_len, d_head]; self_bias broadcastable to [rows, n_heads,
         1, past_len + 1]; cross_k/v: [sentences, n_heads, src_len, d_head], once per sentence; cross_bias to
-        [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose (:meth:`MultiHeadAttention.step_attend_slots`).
-        Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
+        [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose
+        (:meth:`MultiHeadAttention.step_attend_slots`). Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
         position's appended last) and the cross-attention weights averaged over heads [rows, src_len].
         """
         q, k, v = self.self_attn.step_qkv(y)

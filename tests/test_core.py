@@ -328,6 +328,29 @@ def test_a_join_copies_nothing_of_the_running_rows(translator):
     assert ops.calls == [("write_rows", 1)]  # the joiner's own cross K/V, nothing else
 
 
+def test_caches_grown_without_zeroing_decode_as_zeroed_ones(translator, alone, monkeypatch):
+    """GroupQueryAttention reads no cache position past a row's length, so a grown self-attention cache is left
+    uninitialized there (NumpyOps.resize, unread_tail). Poisoned with NaN, every sentence still decodes as it
+    does alone, through cache growth, beams that reorder, joins and departures."""
+    import engine.state_ops
+
+    assert translator.model.cache_tail_unread  # the bundled artifact's step is GroupQueryAttention
+    poisoned = []
+
+    def nan_filled(shape, dtype):
+        poisoned.append(shape)
+        return np.full(shape, np.nan, dtype=dtype)
+
+    monkeypatch.setattr(engine.state_ops, "_uninitialized", nan_filled)
+    core = translator.new_core("continuous")
+    arrivals = [(0, 3, 1), (0, 5, 0), (1, 0, 4), (2, 1, 6), (3, 4, 2), (6, 2, 3), (9, 5, 1)]
+    got = run(core, [(step, translator.tokenize(SENTENCES[s]), OPTIONS[o], i)
+                     for i, (step, s, o) in enumerate(arrivals)])
+    for (_, s, o), hyps in zip(arrivals, got):
+        assert_same(hyps, alone(s, o))
+    assert poisoned and any(shape[2] > 8 for shape in poisoned)  # rows widened and positions grew
+
+
 def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone):
     """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort."""
     from engine.runtime import EngineConfig
