@@ -33,11 +33,19 @@ sampling need the full log-probs (``top_k`` None).
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import numpy as np
 
 from engine.candidates import TopCandidates
 from engine.errors import NumericalError
 from engine.rules import NEG_INF, Rules, Sampling, apply_rules
+
+# What a greedy advance returns (its one row continues; it ended), shared and read-only: no allocation per
+# sentence and step.
+_FIRST_ROW = np.zeros(1, dtype=np.int64)
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_FIRST_ROW.flags.writeable = _NO_ROWS.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +207,7 @@ class GreedySearch(SentenceSearch):
             token = (int(log_probs[0].argmax()) if self.sampling is None
                      else int(self.sampling.choose(log_probs, self.rng)[0]))
             token_log_prob = log_probs[0, token]
-        if np.isnan(token_log_prob):  # argmax returns a NaN if the row has one; the core checks top-k rows itself
+        if math.isnan(token_log_prob):  # argmax returns a NaN if the row has one; the core checks top-k rows itself
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         self.score += token_log_prob
         if token != self.eos_id:
@@ -211,9 +219,9 @@ class GreedySearch(SentenceSearch):
             self.hypotheses = [Hypothesis(self.tokens, score, score, self.attention if self.return_attention
                                           else None)]
             self.done, self.n_rows = True, 0
-            return np.zeros(0, dtype=np.int64)
+            return _NO_ROWS
         self.last_tokens = np.asarray([token], dtype=np.int64)
-        return np.zeros(1, dtype=np.int64)
+        return _FIRST_ROW
 
 
 class BeamSearch(SentenceSearch):
