@@ -9,8 +9,9 @@ encoder.onnx
     -> cross_k_i, cross_v_i float32 [sentences, n_heads, src_len, d_head]
 decoder_step.onnx
     tokens int64 [rows, 1]; positions int64 [rows] (each row's own position = the number of keys/values it has
-    cached); src_mask bool [sentences, src_len]; slot_rows int64 [sentences, slots] and row_slot int64 [rows] (which
-    rows are each sentence's: engine.runtime.cross_slots); self_k_i, self_v_i float32 [rows, n_heads, capacity,
+    cached, < the config's max_positions: the step reads its sinusoid from a table of that many rows); src_mask
+    bool [sentences, src_len]; slot_rows int64 [sentences, slots] and row_slot int64 [rows] (which rows are each
+    sentence's: engine.runtime.cross_slots); self_k_i, self_v_i float32 [rows, n_heads, capacity,
     d_head] (capacity > every position; row r's keys/values at 0 .. positions[r] - 1, what follows them unread);
     cross_k_i, cross_v_i as the encoder's, once per sentence
     -> log_probs float32 [rows, vocab]; attention float32 [rows, src_len] (last decoder layer's cross-attention,

@@ -466,6 +466,13 @@ class EngineCore:
             return current
         return min(2 * needed, _capacity(self.max_positions))
 
+    def _resize_cache(self, xs: list, used: int, rows: int, capacity: int) -> list:
+        """``ops.resize`` for a batch's self-attention buffers: their unread tails left uninitialized where the
+        model's step reads none (``cache_tail_unread``: OnnxModel with GroupQueryAttention), else zeroed."""
+        if self.cache_tail_unread:
+            return self.ops.resize(xs, used, rows, capacity, unread_tail=True)
+        return self.ops.resize(xs, used, rows, capacity)
+
     def _spare_buffers(self, rows: int) -> list | None:
         """The smallest kept buffer set of an ended batch with at least ``rows`` rows (taken), or None. Reusing them
         saves a new batch the allocation, page faults and growth copies of its first steps (its stale positions
@@ -509,8 +516,7 @@ class EngineCore:
             shape = self.ops.shape(batch.self_[0])
             rows = self._fit(used + len(joining), shape[0])
             if rows != shape[0]:
-                batch.self_ = self.ops.resize(batch.self_, used, rows, shape[2],
-                                              unread_tail=self.cache_tail_unread)
+                batch.self_ = self._resize_cache(batch.self_, used, rows, shape[2])
         for k, s in enumerate(joining):
             s.rows = np.asarray([used + k], dtype=np.int64)
         batch.rows += len(joining)
@@ -559,8 +565,7 @@ class EngineCore:
             length = max(step_of[i] for i in pending)
         shape = self.ops.shape(batch.self_[0])
         if self.ops.in_place and shape[0] < n:  # beams widened past the spare rows
-            batch.self_ = self.ops.resize(batch.self_, batch.rows, self._fit(n, shape[0]), shape[2],
-                                          unread_tail=self.cache_tail_unread)
+            batch.self_ = self._resize_cache(batch.self_, batch.rows, self._fit(n, shape[0]), shape[2])
         batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n)
         batch.rows = n
         start = 0
@@ -595,8 +600,7 @@ class EngineCore:
         shape = self.ops.shape(batch.self_[0])
         rows_fit, capacity = self._fit(n, shape[0]), self._positions(batch.width, shape[2])
         if (rows_fit, capacity) != (shape[0], shape[2]) and (self.ops.in_place or capacity < shape[2]):
-            batch.self_ = self.ops.resize(batch.self_, n, rows_fit, capacity,
-                                          unread_tail=self.cache_tail_unread)
+            batch.self_ = self._resize_cache(batch.self_, n, rows_fit, capacity)
 
     # ---- one decoder step --------------------------------------------------------------------------------------
 
@@ -620,8 +624,7 @@ class EngineCore:
         oldest = int(positions.max())
         shape = self.ops.shape(batch.self_[0])
         if oldest >= shape[2]:  # the oldest row's next key/value would not fit
-            batch.self_ = self.ops.resize(batch.self_, batch.rows, shape[0], self._positions(oldest, shape[2]),
-                                          unread_tail=self.cache_tail_unread)
+            batch.self_ = self._resize_cache(batch.self_, batch.rows, shape[0], self._positions(oldest, shape[2]))
         caches = [self.ops.view(x, batch.rows) for x in batch.self_]
         cross = [self.ops.view(x, len(live)) for x in batch.cross]
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.

@@ -252,8 +252,8 @@ class CountingOps(NumpyOps):
     def __init__(self) -> None:
         self.calls = []
 
-    def resize(self, xs, used, rows, capacity):
-        out = NumpyOps.resize(xs, used, rows, capacity)
+    def resize(self, xs, used, rows, capacity, unread_tail=False):
+        out = NumpyOps.resize(xs, used, rows, capacity, unread_tail)
         if out is not xs:
             self.calls.append(("resize", used))
         return out
