@@ -8,6 +8,7 @@ import pytest
 
 from loadtests.bench_attention import bench_cross, bench_self
 from loadtests.bench_int8_gemm import matmul_graph, quantize_int8
+from loadtests.bench_step_graph import run_step, step_inputs
 from loadtests.profile_step import profile
 from tests.conftest import SENTENCES
 
@@ -65,3 +66,19 @@ def test_the_int8_gemm_benchmark_times_the_kernel_of_the_int8_copy(artifact, tmp
     bench = kernels(tmp_path / "mm8.onnx")
     assert bench == {"DynamicQuantizeMatMul"}
     assert bench <= kernels(tmp_path / "int8" / "decoder_step.onnx")
+
+
+def test_the_step_graph_benchmark_binds_the_cache_as_the_engine_does(artifact, options):
+    """Each call writes the new key/value of every row at its position, in the bound buffers, and nothing else."""
+    import json
+
+    import numpy as np
+
+    config = json.loads((artifact / "config.json").read_text())
+    session = ort.InferenceSession(str(artifact / "decoder_step.onnx"), options, providers=["CPUExecutionProvider"])
+    feed = step_inputs(config, sentences=2, beam=2, positions=5, rng=np.random.default_rng(0))
+    before = {name: feed[name].copy() for name in ("self_k_0", "self_v_2")}
+    run_step(session, feed)
+    for name, old in before.items():
+        written = (feed[name] != old).any(axis=(1, 3))  # [rows, capacity]
+        assert written[:, 5].all() and not written[:, :5].any() and not written[:, 6:].any()
