@@ -126,7 +126,9 @@ def timed(fn, repeats: int):
 
 
 def prepare(args) -> list[Model]:
-    """Exports, quantizes and converts what is missing under --work (each step skipped when already there)."""
+    """Exports, quantizes and converts what is missing under --work (each step skipped when already there and
+    current: :func:`stale`). An export from a checkpoint is not redone when only the export code changed: delete
+    the folder (or --work) after such a change."""
     work = Path(args.work)
     sentences = [s for s in PARITY_SENTENCES.read_text().splitlines() if s.strip()]
     models = [Model("bundled-en-de", Path(args.checkpoint), Path(args.artifact), True)]
@@ -142,7 +144,7 @@ def prepare(args) -> list[Model]:
         if stale(standard_artifact(m, args)) and args.device == "cuda":
             # ONNX Runtime's CUDA GroupQueryAttention takes float16 only: float32 on CUDA runs the standard-ops step.
             export_checkpoint(m.checkpoint, standard_artifact(m, args), sentences[:4], self_attention="standard")
-        if stale(int8_artifact(m, args)) and args.device == "cpu":
+        if stale(int8_artifact(m, args), m.artifact) and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
         # On CUDA the float16 copy is of the standard-ops step (engine/contract.py, check_provider).
         fp16_source = standard_artifact(m, args) if args.device == "cuda" else m.artifact
@@ -154,16 +156,22 @@ def prepare(args) -> list[Model]:
 
 
 def stale(artifact: Path, source: Path | None = None) -> bool:
-    """No artifact there yet, one of another format than this engine reads (engine/contract.py), or a copy of
-    another kind of decoder step than ``source``'s (its manifest's self_attention)."""
+    """No artifact there yet, one of another format than this engine reads (engine/contract.py), or a copy (int8,
+    float16) of another kind of decoder step than ``source``'s (its manifest's self_attention) or made from another
+    export of it than the one there now (the copy's conversion.source_files against the source's file hashes: a
+    re-exported graph gets new copies, not the old graph's)."""
     manifest = artifact / contract.MANIFEST
     if not manifest.exists():
         return True
     found = json.loads(manifest.read_text())
     if found.get("format_version") != contract.FORMAT_VERSION:
         return True
-    return source is not None and found.get("self_attention") != json.loads(
-        (source / contract.MANIFEST).read_text()).get("self_attention")
+    if source is None:
+        return False
+    origin = json.loads((source / contract.MANIFEST).read_text())
+    made_from = found.get("conversion", {}).get("source_files", {})
+    return (found.get("self_attention") != origin.get("self_attention")
+            or any(origin["files"].get(name) != digest for name, digest in made_from.items()))
 
 
 def prepare_ct2(m: Model, work: Path) -> None:

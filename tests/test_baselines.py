@@ -84,3 +84,22 @@ def test_flops_per_token_counts_every_matrix_product():
     # Encoder per source token: 4 d^2 + 2 d d_ff + 2 d S + 2 d^2 = 64 + 64 + 16 + 32 = 176 MACs, x S/T = 2/2.
     assert flops_per_target_token(cfg, beam_size=1, src_len=2, tgt_len=2) == 2 * (228 + 176)
     assert flops_per_target_token(cfg, beam_size=4, src_len=2, tgt_len=2) == 2 * (4 * 228 + 176)
+
+
+def test_the_benchmark_makes_new_copies_of_a_re_exported_graph(artifact, tmp_path):
+    """A cached int8 copy is stale once its source's graphs are not the ones it was made from."""
+    import json
+    import shutil
+
+    from engine import contract
+    from loadtests.benchmark import stale
+
+    source = tmp_path / "source"
+    shutil.copytree(artifact, source)
+    copy = tmp_path / "int8"
+    quantize_artifact(source, copy, PARITY_SENTENCES[:1])
+    assert not stale(copy, source)
+    manifest = json.loads((source / contract.MANIFEST).read_text())
+    manifest["files"][contract.DECODER_STEP_FILE] = "0" * 64  # what a re-export with another graph records
+    (source / contract.MANIFEST).write_text(json.dumps(manifest))
+    assert stale(copy, source)
