@@ -284,8 +284,9 @@ class DecoderLayer(nn.Module):
         y: [rows, d_model]; past_k/v: [rows, n_heads, past_len, d_head]; self_bias broadcastable to [rows, n_heads,
         1, past_len + 1]; cross_k/v: [sentences, n_heads, src_len, d_head], once per sentence; cross_bias to
         [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose
-        (:meth:`MultiHeadAttention.step_attend_slots`). Returns the output [rows, d_model], the new keys and values [rows, n_heads, past_len + 1, d_head] (this
-        position's appended last) and the cross-attention weights averaged over heads [rows, src_len].
+        (:meth:`MultiHeadAttention.step_attend_slots`). Returns the output [rows, d_model], the new keys and values
+        [rows, n_heads, past_len + 1, d_head] (this position's appended last) and the cross-attention weights
+        averaged over heads [rows, src_len].
         """
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -343,15 +344,17 @@ class Transformer(nn.Module):
     def embed_tokens(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids int64 [batch, len], positions int64 [len] or [batch, len] -> [batch, len, d_model]; or ids and
         positions [rows] -> [rows, d_model] (one token per row: a decoding step). Paper sections 3.4, 3.5."""
-        scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
-        x = self.embed(ids) * scale + sinusoidal_positions(positions, self.cfg.d_model)
-        return self.dropout(x)
+        return self.dropout(self._scaled_embedding(ids) + sinusoidal_positions(positions, self.cfg.d_model))
 
     def embed_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """One token per row, a decoding step: tokens, positions int64 [rows] (positions < max_positions) ->
         [rows, d_model], :meth:`embed_tokens` with the positions' encodings read from a table."""
+        return self.dropout(self._scaled_embedding(tokens) + self.position_table.index_select(0, positions))
+
+    def _scaled_embedding(self, ids: Tensor) -> Tensor:
+        """Token embeddings times sqrt(d_model) when the config scales them (paper section 3.4)."""
         scale = math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else 1.0
-        return self.dropout(self.embed(tokens) * scale + self.position_table.index_select(0, positions))
+        return self.embed(ids) * scale
 
     def output_logits(self, y: Tensor) -> Tensor:
         """[..., d_model] -> logits [..., vocab] through the tied embedding (paper section 3.4)."""
