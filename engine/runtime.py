@@ -168,7 +168,7 @@ class OnnxModel:
         # the copied part of a grown cache uninitialized; the standard-ops step masks those positions with an
         # additive bias, which an uninitialized NaN would survive, so its caches stay zeroed.
         self.cache_tail_unread = self_attention == "gqa"
-        self.top_k = TopK(providers, options)
+        self.top_k = TopK(providers, options, self.vocab_size)
         log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
