@@ -196,7 +196,7 @@ class OnnxModel:
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
              positions: np.ndarray, row_sentence: np.ndarray | None = None, check_nan: bool = True):
-        """One decoder step (engine/contract.py, format 5); per-layer lists of state tensors (as :meth:`encode` and
+        """One decoder step (engine/contract.py, format 6); per-layer lists of state tensors (as :meth:`encode` and
         :meth:`empty_cache` make them); tokens int64 [rows, 1], positions int64 [rows] (each row's cached length)
         and src_mask bool [sentences, src_len] are numpy. The self-attention caches self_k, self_v [rows, n_heads,
         capacity, d_head] (capacity > every position) are bound as both input and output of the graph, so this
@@ -207,7 +207,7 @@ class OnnxModel:
         Returns (scores, self_k, self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or with
         ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding the
         full log-probs then never leave the device); self_k, self_v the lists given, written; attention float32
-        [rows, src_len] (numpy).
+        [rows, src_len] (a :class:`RowAttention`, computed when read).
 
         Raises:
             ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
@@ -230,8 +230,14 @@ class OnnxModel:
         else:
             log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)
             binding.bind_output("log_probs", "cpu", 0, np.float32, log_probs.shape, log_probs.ctypes.data)
-        attention = np.empty((rows, src_mask.shape[1]), dtype=np.float32)
-        binding.bind_output("attention", "cpu", 0, np.float32, attention.shape, attention.ctypes.data)
+        # Per slot, as the softmax left it: few steps have a sentence that reads it (RowAttention). On the CPU into
+        # an array of ours (get_outputs() costs more); on a device it stays there unless read.
+        if self.device_type == "cpu":
+            n_heads = self.ops.shape(cross_k[0])[1]
+            attention = np.empty((slot_rows.shape[0], n_heads, slot_rows.shape[1], src_mask.shape[1]), np.float32)
+            binding.bind_output("attention", "cpu", 0, np.float32, attention.shape, attention.ctypes.data)
+        else:
+            binding.bind_output("attention", self.device_type)
         # Past and present are one buffer: GroupQueryAttention then writes one position per row instead of
         # copying the cache (contract, format 5).
         for name, out_name, cache in zip(self.cache_inputs, self.decoder_outputs[2:], (*self_k, *self_v)):
@@ -244,8 +250,11 @@ class OnnxModel:
                 binding.bind_ortvalue_input(name, cache)
                 binding.bind_ortvalue_output(out_name, cache)
         self.decoder.run_with_iobinding(binding)
-        if on_device:
-            log_probs = binding.get_outputs()[0]
+        if on_device or self.device_type != "cpu":
+            outputs = binding.get_outputs()  # in binding order: log_probs, attention, the caches
+            log_probs = outputs[0] if on_device else log_probs
+            attention = outputs[1] if self.device_type != "cpu" else attention
+        attention = RowAttention(attention, row_slot)
         scores = self.top_k(log_probs, top_k) if top_k else log_probs
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.
         # [rows, k] costs nothing to check; full float32 rows are checked for float16 graphs only (a pass over
@@ -254,6 +263,40 @@ class OnnxModel:
         if check_nan and (top_k or self.float16) and np.isnan(checked.max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, self_k, self_v, attention
+
+
+class RowAttention:
+    """A decoder step's alignments, float32 [rows, src_len] (each row's mean over heads of the last decoder layer's
+    cross-attention weights), computed on first read from the weights per slot that the graph outputs, [sentences,
+    n_heads, slots, src_len] (engine/contract.py, format 6): only steps of a sentence that asked for them
+    (return_attention) pay for the mean, and with CUDA for the copy to the host. Reads as a numpy array
+    (``attention[rows, :src_len]``, ``np.asarray(attention)``).
+
+    Args:
+        weights: the step's ``attention`` output, numpy or an OrtValue (on the session's device).
+        row_slot: int64 [rows], each row's slot in the flattened [sentences * slots] (:func:`cross_slots`).
+    """
+
+    def __init__(self, weights, row_slot: np.ndarray) -> None:
+        self._weights, self._row_slot, self._rows = weights, row_slot, None
+
+    def rows(self) -> np.ndarray:
+        """float32 [rows, src_len]; rows sum to 1."""
+        if self._rows is None:
+            w = self._weights if isinstance(self._weights, np.ndarray) else self._weights.numpy()
+            self._rows = w.mean(axis=1, dtype=np.float32).reshape(-1, w.shape[-1])[self._row_slot]
+        return self._rows
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.rows()[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.rows() if dtype is None else self.rows().astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._row_slot), (self._weights.shape if isinstance(self._weights, np.ndarray)
+                                      else self._weights.shape())[-1])
 
 
 def _bind_input(binding: ort.IOBinding, name: str, value) -> None:

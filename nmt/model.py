@@ -14,7 +14,7 @@ are its own, so that rows which joined a running batch at different steps share 
 
 :meth:`Transformer.decode_step_cached` is the same step over a preallocated cache [rows, n_heads, capacity, d_head]
 in which each row's keys/values start at position 0 and the step writes the next one at the row's own position
-(:func:`cached_self_attention`): what the exported decoder step computes (engine/contract.py, format 5).
+(:func:`cached_self_attention`): what the exported decoder step computes (engine/contract.py, format 6).
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ class MultiHeadAttention(nn.Module):
         bias broadcastable to [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each
         sentence's slot (its first rows; unused slots repeat any row, their results are dropped); row_slot int64
         [rows]: each row's slot in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both).
-        Returns the output [rows, d_model] and the weights averaged over heads [rows, src_len] (the mean is taken
-        per slot, before the rows are gathered: the same sums, and a smaller gather).
+        Returns the output [rows, d_model] and the weights per slot [sentences, n_heads, slots, src_len] as the
+        softmax left them (:func:`slot_attention_rows` gives each row's mean over heads): a step graph that outputs
+        this tensor adds no node for it, where a mean and a gather each step cost 1-5% of the int8 step.
         """
         sentences, slots = slot_rows.shape
         # index_select (one Gather in ONNX) and reshapes with -1 keep the step graph's node count down: in a step
@@ -160,12 +161,18 @@ class MultiHeadAttention(nn.Module):
         grouped = q.index_select(0, slot_rows.reshape(-1)).view(sentences, slots, self.n_heads, self.d_head)
         weights = torch.softmax((grouped.transpose(1, 2) * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
         context = (weights @ v).transpose(1, 2).reshape(-1, self.n_heads * self.d_head).index_select(0, row_slot)
-        weights = weights.mean(dim=1).reshape(-1, k.shape[2]).index_select(0, row_slot)
         return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
 
     def _heads(self, x: Tensor) -> Tensor:
         """[rows, d_model] -> [rows, n_heads, 1, d_head] (a reshape: one query per row)."""
         return x.view(x.shape[0], self.n_heads, 1, self.d_head)
+
+
+def slot_attention_rows(weights: Tensor, row_slot: Tensor) -> Tensor:
+    """Cross-attention weights per slot [sentences, n_heads, slots, src_len] (:meth:`MultiHeadAttention.
+    step_attend_slots`) -> each row's mean over heads [rows, src_len] (row_slot int64 [rows], its slot in the
+    flattened [sentences * slots] layout); engine/runtime.py does the same in numpy when a client asks."""
+    return weights.mean(dim=1).reshape(-1, weights.shape[-1]).index_select(0, row_slot)
 
 
 def _cached_self_attention(qkv: Tensor, past_k: Tensor, past_v: Tensor, positions: Tensor,
@@ -286,7 +293,7 @@ class DecoderLayer(nn.Module):
         [sentences, n_heads, 1, src_len]; slot_rows, row_slot: which rows are whose
         (:meth:`MultiHeadAttention.step_attend_slots`). Returns the output [rows, d_model], the new keys and values
         [rows, n_heads, past_len + 1, d_head] (this position's appended last) and the cross-attention weights
-        averaged over heads [rows, src_len].
+        per slot [sentences, n_heads, slots, src_len].
         """
         q, k, v = self.self_attn.step_qkv(y)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -300,7 +307,7 @@ class DecoderLayer(nn.Module):
                     custom_op: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`step` over a preallocated cache: past_k/v [rows, n_heads, capacity, d_head] with each row's keys
         at 0 .. positions[r] - 1; this position's key/value are written at positions[r] instead of appended.
-        Returns the output [rows, d_model], the caches (same shape) and the cross-attention weights."""
+        Returns the output [rows, d_model], the caches (same shape) and the cross-attention weights per slot."""
         attended, k, v = self.self_attn.step_cached(y, past_k, past_v, positions, custom_op)
         y, cross_weights = self._step_after_self_attention(y, attended, cross_k, cross_v, cross_bias, slot_rows,
                                                            row_slot)
@@ -310,7 +317,7 @@ class DecoderLayer(nn.Module):
                                    cross_bias: Tensor, slot_rows: Tensor, row_slot: Tensor) -> tuple[Tensor, Tensor]:
         """The rest of a step once self-attention gave ``attended`` [rows, d_model]: its residual and norm, then
         encoder-decoder attention and the FFN. Returns the output [rows, d_model] and the cross-attention weights
-        averaged over heads [rows, src_len]."""
+        per slot [sentences, n_heads, slots, src_len]."""
         y = self.self_attn_norm(y + attended)
         attended, cross_weights = self.cross_attn.step_attend_slots(self.cross_attn.step_q(y), cross_k, cross_v,
                                                                     cross_bias, slot_rows, row_slot)
@@ -485,14 +492,14 @@ class Transformer(nn.Module):
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
-        return log_probs, new_k, new_v, cross_weights
+        return log_probs, new_k, new_v, slot_attention_rows(cross_weights, row_slot)
 
     def decode_step_cached(self, tokens: Tensor, positions: Tensor, self_k: list[Tensor], self_v: list[Tensor],
                            cross_k: list[Tensor], cross_v: list[Tensor], src_mask: Tensor, slot_rows: Tensor,
-                           row_slot: Tensor, custom_op: bool = True
+                           row_slot: Tensor, custom_op: bool = True, attention_per_slot: bool = False
                            ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         """:meth:`decode_step` over a preallocated cache, what the exported decoder step computes (engine/contract.py,
-        format 5).
+        format 6).
 
         Args:
             tokens: int64 [rows, 1]; positions: int64 [rows], each row's position = its cached length.
@@ -501,9 +508,12 @@ class Transformer(nn.Module):
             cross_k, cross_v, src_mask, slot_rows, row_slot: as :meth:`decode_step`.
             custom_op: self-attention through :func:`cached_self_attention` (exports as GroupQueryAttention), else
                 plain PyTorch ops (exports as ScatterND + MatMul, for providers without that kernel).
+            attention_per_slot: return the last layer's cross-attention weights as the softmax left them, [sentences,
+                n_heads, slots, src_len] (what the exported step outputs, engine/contract.py format 6), instead of
+                each row's mean over heads.
         Returns:
             log_probs float32 [rows, vocab]; the caches, same shapes, with this step's keys/values at positions;
-            attention float32 [rows, src_len] as :meth:`decode_step`.
+            attention float32 [rows, src_len] as :meth:`decode_step` (or per slot, above).
         """
         y = self.embed_step(tokens[:, 0], positions)
         cross_bias = padding_bias(src_mask)
@@ -514,7 +524,8 @@ class Transformer(nn.Module):
             new_k.append(k)
             new_v.append(v)
         log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
-        return log_probs, new_k, new_v, cross_weights
+        return log_probs, new_k, new_v, (cross_weights if attention_per_slot
+                                         else slot_attention_rows(cross_weights, row_slot))
 
     def empty_cache(self, rows: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zero-length self-attention cache: per decoder layer, float32 [rows, n_heads, 0, d_head] keys and values."""

@@ -90,7 +90,18 @@ def test_the_decoder_step_writes_its_cache_through_group_query_attention(exporte
     artifact, manifest = exported
     graph = onnx.load(str(artifact / contract.DECODER_STEP_FILE)).graph
     assert [n.op_type for n in graph.node].count("GroupQueryAttention") == torch_model.cfg.n_decoder_layers
-    assert manifest["self_attention"] == "gqa" and manifest["format_version"] == 5
+    assert manifest["self_attention"] == "gqa" and manifest["format_version"] == contract.FORMAT_VERSION == 6
+
+
+def test_the_decoder_step_outputs_cross_attention_per_slot_as_its_softmax_left_it(exported):
+    """Format 6: the alignments cost the step no node of their own (the engine averages them when asked)."""
+    graph = onnx.load(str(exported[0] / contract.DECODER_STEP_FILE)).graph
+    attention = next(o for o in graph.output if o.name == "attention")
+    dims = [d.dim_param or d.dim_value for d in attention.type.tensor_type.shape.dim]
+    assert dims[1] == json.loads((exported[0] / contract.CONFIG_FILE).read_text())["n_heads"] and len(dims) == 4
+    producer = next(n for n in graph.node if "attention" in n.output)
+    assert producer.op_type == "Softmax"
+    assert not any(n.op_type == "ReduceMean" for n in graph.node)
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ class TorchStepModel:
     @torch.inference_mode()
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, row_sentence=None,
              check_nan=True):
-        """One decoder step, shapes as OnnxModel.step (format 5); full log-probs only (``top_k`` must be None).
+        """One decoder step, shapes as OnnxModel.step (format 6); full log-probs only (``top_k`` must be None).
         The caches come back as new tensors (``Transformer.decode_step_cached`` in plain PyTorch ops)."""
         assert top_k is None, "the PyTorch baseline returns full log-probs"
         slot_rows, row_slot = cross_slots(np.arange(len(tokens)) if row_sentence is None else row_sentence)
