@@ -82,8 +82,12 @@ def ban(top: TopCandidates, banned_ids: tuple[int, ...]) -> TopCandidates:
     """``top`` with the log-probs of ``banned_ids`` set to -inf (all rows at once)."""
     if not banned_ids:
         return top
-    return TopCandidates(np.where(np.isin(top.ids, banned_ids), np.float32(-np.inf), top.log_probs), top.ids,
-                         top.vocab)
+    hit = top.ids == banned_ids[0]  # a comparison per id: np.isin sorts, 3-5x slower on [rows, k] (pad alone)
+    for token in banned_ids[1:]:
+        hit |= top.ids == token
+    if not hit.any():
+        return top
+    return TopCandidates(np.where(hit, np.float32(-np.inf), top.log_probs), top.ids, top.vocab)
 
 
 def gnmt_length_penalty(length: int, alpha: float) -> float:
@@ -312,9 +316,9 @@ class BeamSearch(SentenceSearch):
         cand_scores, flats, vocab = candidates or self._candidates(step, log_probs, top)
         self.steps_done = step + 1
         new_tokens, new_scores, parents, new_attention = [], [], [], []
-        for rank, (flat, cand_score) in enumerate(zip(flats, cand_scores)):
-            parent, token = divmod(int(flat), vocab)
-            score = float(cand_score)
+        # Python ints and floats (each float32 score exactly): numpy scalars made this loop 2x slower.
+        for rank, (flat, score) in enumerate(zip(flats.tolist(), cand_scores.tolist())):
+            parent, token = divmod(flat, vocab)
             if score == -np.inf:  # forbidden by a rule: never a hypothesis (fewer live beams instead)
                 break
             attn = self.live_attention[parent] if self.return_attention else None
@@ -325,7 +329,7 @@ class BeamSearch(SentenceSearch):
                 continue
             parents.append(parent)
             new_tokens.append(self.live_tokens[parent] + [token])
-            new_scores.append(cand_score)
+            new_scores.append(score)
             if self.return_attention:
                 new_attention.append(attn + [np.array(attention[parent], dtype=np.float32)])
             if len(parents) == self.beam_size:

@@ -8,12 +8,12 @@ copies run as Gather and Pad graphs built here, one node pair per tensor, so tha
 host (CTranslate2 and FasterTransformer keep the cache on the device for the same reason).
 
 Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
-rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity, unread_tail=False)`` (a
-bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src, length, rows)`` (beams that reorder,
-rows that fill the holes left by finished sentences), ``write_rows(xs, start, ys)`` (joining sentences' cross
-K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for tools and tests that read the
-state. NumpyOps works in place (``in_place``): its buffers keep spare rows and positions, a move copies only the
-moved rows' first ``length`` positions, and nothing else is copied. OrtValueOps cannot write into an OrtValue,
+rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity, unread_tail=False,
+cached=None)`` (a bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src, length, rows)``
+(beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs, start, ys)`` (joining
+sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for tools and tests that
+read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and positions, a move copies only
+the moved rows' first ``length`` positions, and nothing else is copied. OrtValueOps cannot write into an OrtValue,
 so each of its calls makes buffers of exactly the rows asked for (a Gather or Pad graph on the device), as the
 engine did before.
 """
@@ -29,13 +29,13 @@ _INT64_MAX = np.iinfo(np.int64).max
 _uninitialized = np.empty  # NumpyOps.resize's allocator for unread tails (a test poisons it with NaN)
 
 
-def resized(xs: list, used: int, rows: int, capacity: int, zeros) -> list:
+def resized(xs: list, used: int, rows: int, capacity: int, zeros, cached: int | None = None) -> list:
     """Per tensor x [n, n_heads, c, d_head]: ``zeros(x, shape)`` of shape [rows, n_heads, capacity, d_head] (an
-    array or tensor like x) holding x's first ``used`` rows, their first min(capacity, c) positions."""
+    array or tensor like x) holding x's first ``used`` rows, their first min(capacity, c, cached) positions."""
     out = []
     for x in xs:
         z = zeros(x, (rows, x.shape[1], capacity, x.shape[3]))
-        keep = min(capacity, x.shape[2])
+        keep = min(capacity, x.shape[2], x.shape[2] if cached is None else cached)
         z[:used, :, :keep] = x[:used, :, :keep]
         out.append(z)
     return out
@@ -68,16 +68,18 @@ class NumpyOps:
 
     @staticmethod
     def resize(xs: list[np.ndarray], used: int, rows: int, capacity: int,
-               unread_tail: bool = False) -> list[np.ndarray]:
+               unread_tail: bool = False, cached: int | None = None) -> list[np.ndarray]:
         """Per tensor: a zeroed [rows, n_heads, capacity, d_head] holding x's first ``used`` rows (their first
         min(capacity, x's) positions); ``xs`` itself when it has that shape already. ``unread_tail``: the rest is
         left uninitialized instead of zeroed, for a self-attention cache whose step reads no position past a row's
         length (GroupQueryAttention: engine/contract.py); zeroing a grown cache was 3% of a greedy int8 run (the
-        500 test sentences), memory that nothing reads."""
+        500 test sentences), memory that nothing reads. With it, ``cached`` (the most positions a row has cached)
+        limits the copy to those: a buffer of 32 positions whose rows hold 20 copies 20."""
         if NumpyOps.shape(xs[0])[0] == rows and NumpyOps.shape(xs[0])[2] == capacity:
             return xs
         alloc = _uninitialized if unread_tail else np.zeros
-        return resized(xs, used, rows, capacity, lambda x, shape: alloc(shape, dtype=x.dtype))
+        return resized(xs, used, rows, capacity, lambda x, shape: alloc(shape, dtype=x.dtype),
+                       cached if unread_tail else None)
 
     @staticmethod
     def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length: int,
@@ -218,8 +220,9 @@ class OrtValueOps:
         return x
 
     def resize(self, xs: list[ort.OrtValue], used: int, rows: int, capacity: int,
-               unread_tail: bool = False) -> list[ort.OrtValue]:
-        """As :meth:`NumpyOps.resize`, on the device (always zeroed: ``unread_tail`` is accepted and ignored)."""
+               unread_tail: bool = False, cached: int | None = None) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.resize`, on the device (always zeroed and copied whole: ``unread_tail`` and ``cached``
+        are accepted and ignored)."""
         shape = self.shape(xs[0])
         if shape[0] == rows and shape[2] == capacity:
             return xs

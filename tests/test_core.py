@@ -252,8 +252,8 @@ class CountingOps(NumpyOps):
     def __init__(self) -> None:
         self.calls = []
 
-    def resize(self, xs, used, rows, capacity, unread_tail=False):
-        out = NumpyOps.resize(xs, used, rows, capacity, unread_tail)
+    def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None):
+        out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached)
         if out is not xs:
             self.calls.append(("resize", used))
         return out
@@ -326,6 +326,35 @@ def test_a_join_copies_nothing_of_the_running_rows(translator):
     core.step()
     assert core.live_rows == 3 and all(a is b for a, b in zip(core._batches[0].self_, buffers))
     assert ops.calls == [("write_rows", 1)]  # the joiner's own cross K/V, nothing else
+
+
+def test_a_static_batch_only_grows_its_buffers(translator):
+    """Under the static policy a batch takes no joiners, so its self-attention buffers are at their peak once
+    grown: sentences that leave are not followed by copies into smaller buffers (a continuous batch's are, so that
+    a burst does not hold memory), and the results are still each sentence's alone."""
+    shapes = []
+
+    class Recording(NumpyOps):
+        def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None):
+            out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached)
+            if out is not xs and unread_tail:  # the self-attention buffers (GroupQueryAttention's)
+                shapes.append((xs[0].shape[0], xs[0].shape[2], rows, capacity))
+            return out
+
+    model = translator.model
+    saved = model.ops
+    model.ops = Recording()
+    try:
+        # 48 sentences of beam 4: buffers of more than 64 rows, which a continuous batch halves as sentences leave.
+        src = [translator.tokenize(SENTENCES[i % len(SENTENCES)]) for i in range(48)]
+        beam = DecodingOptions(beam_size=4, length_penalty=0.0)
+        got = translator.translate_ids(src, beam, policy="static")
+    finally:
+        model.ops = saved
+    assert shapes and all(rows >= old_rows and capacity >= old_capacity
+                          for old_rows, old_capacity, rows, capacity in shapes)
+    want = {tuple(ids): translator.translate_ids([ids], beam)[0][0].tokens for ids in src}
+    assert [h[0].tokens for h in got] == [want[tuple(ids)] for ids in src]
 
 
 def test_caches_grown_without_zeroing_decode_as_zeroed_ones(translator, alone, monkeypatch):

@@ -136,3 +136,21 @@ def test_cross_slots_take_a_sentences_rows_wherever_they_are():
     assert slot_rows.tolist() == [[1, 4], [0, 3], [2, 0]]
     assert np.array_equal(row_slot // 2, row_sentence)
     assert np.array_equal(slot_rows.reshape(-1)[row_slot], np.arange(5))
+
+
+def test_a_resize_with_unread_tails_copies_only_the_cached_positions(monkeypatch):
+    """NumpyOps.resize(unread_tail=True, cached=n): the used rows' first n positions, nothing past them (left as
+    the allocator gave them: NaN here); zeroed and whole without unread_tail."""
+    import engine.state_ops
+
+    monkeypatch.setattr(engine.state_ops, "_uninitialized", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    x = np.arange(5 * 2 * 8 * 3, dtype=np.float32).reshape(5, 2, 8, 3) + 1
+    grown = NumpyOps.resize([x], used=4, rows=6, capacity=16, unread_tail=True, cached=5)[0]
+    assert grown.shape == (6, 2, 16, 3)
+    np.testing.assert_array_equal(grown[:4, :, :5], x[:4, :, :5])
+    assert np.isnan(grown[:4, :, 5:]).all() and np.isnan(grown[4:]).all()
+    whole = NumpyOps.resize([x], used=4, rows=6, capacity=16, cached=5)[0]  # cached counts only with unread_tail
+    np.testing.assert_array_equal(whole[:4, :, :8], x[:4, :, :8])
+    assert not whole[:4, :, 8:].any() and not whole[4:].any()
+    shrunk = NumpyOps.resize([x], used=3, rows=3, capacity=8, unread_tail=True, cached=8)[0]
+    np.testing.assert_array_equal(shrunk, x[:3])

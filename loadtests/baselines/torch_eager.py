@@ -31,8 +31,9 @@ class TorchOps:
 
     @staticmethod
     def resize(xs: list[torch.Tensor], used: int, rows: int, capacity: int,
-               unread_tail: bool = False) -> list[torch.Tensor]:
-        """As NumpyOps.resize; always zeroed (the eager model masks its cache with an additive bias)."""
+               unread_tail: bool = False, cached: int | None = None) -> list[torch.Tensor]:
+        """As NumpyOps.resize; always zeroed and copied whole (the eager model masks its cache with an additive
+        bias)."""
         return resized(xs, used, rows, capacity, lambda x, shape: x.new_zeros(shape))
 
     @staticmethod
