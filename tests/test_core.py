@@ -328,6 +328,32 @@ def test_a_join_copies_nothing_of_the_running_rows(translator):
     assert ops.calls == [("write_rows", 1)]  # the joiner's own cross K/V, nothing else
 
 
+def test_joiners_of_unlike_lengths_are_encoded_in_groups_and_decode_as_alone(translator):
+    """_encode: short sources are not padded to the longest joiner's length (one call per group of like lengths,
+    ENCODER_CALL_TOKENS); each sentence still decodes as it does alone."""
+    calls = []
+    model = translator.model
+    encode = model.encode
+
+    def recording(src_ids, src_mask):
+        calls.append(src_ids.shape)
+        return encode(src_ids, src_mask)
+
+    # "Error" (2 tokens) x 6, then sources of 17 and 22 tokens: one call would pad 8 sentences to 22.
+    picks = [4] * 6 + [3, 7]
+    src = [translator.tokenize(SENTENCES[i]) for i in picks]
+    options = DecodingOptions(beam_size=2, length_penalty=0.0)
+    model.encode = recording
+    try:
+        got = translator.translate_ids(src, options)
+    finally:
+        model.encode = encode
+    assert len(calls) == 2 and sum(n * width for n, width in calls) < len(src) * max(map(len, src))
+    for ids, hyps in zip(src, got):
+        alone = translator.translate_ids([ids], options)[0]
+        assert hyps[0].tokens == alone[0].tokens and abs(hyps[0].score - alone[0].score) < 1e-4
+
+
 def test_a_static_batch_only_grows_its_buffers(translator):
     """Under the static policy a batch takes no joiners, so its self-attention buffers are at their peak once
     grown: sentences that leave are not followed by copies into smaller buffers (a continuous batch's are, so that
