@@ -81,10 +81,12 @@ class KeyAccess:
         raise RateLimitedError(f"API key {key_id!r} is at its {admission.limit} limit ({value}); retry in "
                                f"{admission.retry_after_s} s", admission.retry_after_s, admission.limit)
 
-    def release(self, ticket: int, status: int) -> None:
+    def release(self, ticket: int, status: int) -> concurrent.futures.Future:
         """Ends an admitted request with its HTTP status (service.api_keys.CHARGED_STATUSES says which are
-        charged); does not wait."""
-        self._calls.submit(self.ledger.release.remote, ticket, status)
+        charged); does not wait. Returns a future done when the ledger has taken the release: a response sent
+        before that lets its client's next request reach the ledger first, and be refused for a slot it no longer
+        holds (seen in CI: max_concurrent_requests 1, the next request right after the answer got 429)."""
+        return self._call(self.ledger.release, ticket, status)
 
     async def usage(self, key_id: str) -> dict:
         """The key's usage and limits (service.api_keys.UsageLimiter.usage).

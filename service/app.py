@@ -13,6 +13,7 @@ Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:ap
 
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -43,7 +44,7 @@ from engine.runtime import EngineConfig
 from engine.search import Hypothesis
 from engine.translator import Translator
 from service import http_security, schemas
-from service.access import KeyAccess
+from service.access import LEDGER_TIMEOUT_S, KeyAccess
 from service import compat
 from service.compat import NATIVE, Dialect
 from service.compat.languages import LanguageTable
@@ -99,13 +100,27 @@ class _Outcome:
         self.ticket: int | None = None
         self.characters = 0
 
-    def finish(self, status: int) -> None:
+    def finish(self, status: int) -> concurrent.futures.Future | None:
+        """Counts the request and releases its admission; returns the release's future (None without one), which
+        the response should wait for (:func:`_released`) so that its client's next request finds the slot free."""
         self.metrics.request(status, self.api)
         if self.access is not None:
             self.access.metrics.request(self.key_id, status, self.characters)
             if self.ticket is not None:
-                self.access.release(self.ticket, status)
-                self.ticket = None
+                ticket, self.ticket = self.ticket, None
+                return self.access.release(ticket, status)
+        return None
+
+
+async def _released(release: concurrent.futures.Future | None) -> None:
+    """Waits for a key's release to reach the ledger (KeyAccess.release); a ledger that fails or does not answer
+    is logged, not the client's error: the slot's lease ends it anyway."""
+    if release is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(release), timeout=LEDGER_TIMEOUT_S + 1)
+    except Exception:  # noqa: BLE001 - the answer is ready; the lease frees the slot if the release was lost
+        log.warning("API key release not confirmed by the usage ledger", exc_info=True)
 
 
 
@@ -290,7 +305,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = dialect.render_error(e)
         if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
-            outcome.finish(response.status_code)
+            await _released(outcome.finish(response.status_code))
         # The key's id, never the key.
         log.info("%s %s status %d texts %d chars %d latency_ms %.1f key %s", dialect.name, route,
                  response.status_code, len(texts), characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
@@ -298,7 +313,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             log.debug("%s texts %r", route, texts)
         return response
 
-    async def _explain(self, req: schemas.ExplainRequest, finish: Callable[[int], None]) -> JSONResponse:
+    async def _explain(self, req: schemas.ExplainRequest,
+                       finish: Callable[[int], concurrent.futures.Future | None]) -> JSONResponse:
         model = self._model(req.model)
         translator = model.translator
         model.explainer.check_available()  # before any decoding
@@ -392,7 +408,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return bytes(body), media_type
 
     async def _translate(self, req: schemas.TranslateRequest,
-                         finish: Callable[[int], None]) -> JSONResponse | StreamingResponse:
+                         finish: Callable[[int], concurrent.futures.Future | None]) -> JSONResponse | StreamingResponse:
         """Translates a validated request; a stream calls ``finish(status)`` when it ends."""
         model_id = req.model or self.args.model_id
         model = self._model(model_id)
@@ -604,7 +620,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
 
     async def _stream(self, model_id: str, model: _Model, req: schemas.TranslateRequest,
                       segmented: list[rich_text.Prepared], futures: list[asyncio.Future], deadline: float,
-                      submit_rest, finish: Callable[[int], None]):
+                      submit_rest, finish: Callable[[int], concurrent.futures.Future | None]):
         """Newline-delimited JSON records (schemas.StreamRecord), in order: each sentence of each text as soon as
         it and those before it are done, then each text's whole translation, then "done". ``futures`` holds the
         first sentence's; ``submit_rest()`` submits the others (called once the first is done) and returns their
@@ -634,8 +650,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 cursor += len(seg.sentences)
                 translation = self._translation(translator, req, seg, hyps)
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
+            await _released(finish(200))  # before "done": the client may send its next request on reading it
             yield _record(type="done", model=model_id)
-            finish(200)
         except (asyncio.CancelledError, TaskCancelledError, GeneratorExit):  # the client left: Serve cancels the
             self._abandon(model, futures)                                     # stream's task or closes it
             finish(499)

@@ -172,3 +172,42 @@ def test_decoded_requests_are_charged_and_refused_ones_refunded(status, charged)
     assert usage["characters_total"] == (80 if charged else 0)
     assert usage["requests_total"] == (1 if status == 200 else 0) and usage["concurrent_requests"] == 0
     assert (limiter.acquire("k", 80, lease_s=30).ticket is None) == charged
+
+
+def test_an_answer_waits_for_its_keys_release_to_reach_the_ledger():
+    """service.app: _Outcome.finish returns the release's future and _released waits for it, so a response (and
+    a stream's "done") leaves only once the ledger has the slot back (before, a client's next request could reach
+    the ledger first and get 429 for the slot it had just given back)."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    import time
+
+    from service.app import _Outcome, _released
+
+    class Counting:
+        def request(self, *args):
+            pass
+
+    class SlowLedgerAccess:
+        metrics = Counting()
+
+        def __init__(self):
+            self.released_at = None
+
+        def release(self, ticket, status):
+            future = concurrent.futures.Future()
+
+            def later():
+                time.sleep(0.2)
+                self.released_at = time.monotonic()
+                future.set_result(None)
+            threading.Thread(target=later).start()
+            return future
+
+    access = SlowLedgerAccess()
+    outcome = _Outcome(Counting(), access)
+    outcome.key_id, outcome.ticket = "k", 7
+    asyncio.run(_released(outcome.finish(200)))
+    assert access.released_at is not None and time.monotonic() >= access.released_at
+    assert outcome.ticket is None and outcome.finish(200) is None  # released once

@@ -313,6 +313,20 @@ def test_a_key_past_its_concurrent_requests_gets_429_until_its_request_ends(ops)
     assert usage(ops, carol)["concurrent_requests"] == 0
 
 
+def test_a_key_at_one_concurrent_request_may_send_each_request_right_after_the_last_answer(ops):
+    """The slot is free when the answer arrives (the release reaches the ledger before the response is sent; it
+    used to follow it, and the next request could be refused for the slot it had just given back)."""
+    url, carol = ops["url"] + "/secure", bearer(ops["keys"]["carol"])
+    for i in range(12):
+        if i % 4 == 3:  # a stream: its "done" record is the answer
+            r = requests.post(url + "/translate", json={**GOOD, "stream": True}, headers=carol, timeout=30)
+            assert r.status_code == 200 and r.text.strip().splitlines()[-1].startswith('{"type": "done"'), r.text
+        else:
+            r = post(url, GOOD, headers=carol)
+            assert r.status_code == 200, (i, r.text)
+    assert usage(ops, ops["keys"]["carol"])["concurrent_requests"] == 0
+
+
 def test_keys_never_reach_the_logs(ops):
     import ray
     from pathlib import Path
