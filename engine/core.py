@@ -499,9 +499,9 @@ class EngineCore:
         for row, s in enumerate(joining):
             src_mask[row, :len(s.src_ids)] = True
         groups, start = [], 0
-        for i in range(1, len(joining)):
+        for i in range(1, len(joining) if self.ops.in_place else 0):
             extra = (len(joining[i].src_ids) - len(joining[i - 1].src_ids)) * (i - start)
-            if self.ops.in_place and extra > ENCODER_CALL_TOKENS:
+            if extra > ENCODER_CALL_TOKENS:
                 groups.append((start, i))
                 start = i
         groups.append((start, len(joining)))
@@ -526,9 +526,8 @@ class EngineCore:
         joiner's keys/values start at position 0 of a spare row, and its cross K/V are written into a spare slot."""
         if self.ops.in_place:  # shortest first: like lengths side by side for _encode's groups
             joining = sorted(joining, key=lambda s: len(s.src_ids))
-        src_width = max(len(s.src_ids) for s in joining)
         cross, src_mask = self._encode(joining)
-        n_layers = len(cross) // 2
+        src_width, n_layers = src_mask.shape[1], len(cross) // 2
         used, sentences = batch.rows, len(batch.live)
         if batch.cross is None:
             # In-place ops: spare slots from the start, so that the next joiners write into them.

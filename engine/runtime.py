@@ -293,11 +293,6 @@ class RowAttention:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.rows() if dtype is None else self.rows().astype(dtype)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self._row_slot), (self._weights.shape if isinstance(self._weights, np.ndarray)
-                                      else self._weights.shape())[-1])
-
 
 def _bind_input(binding: ort.IOBinding, name: str, value) -> None:
     """A numpy array (made contiguous) or an OrtValue as a graph input."""
