@@ -86,6 +86,47 @@ def test_a_position_past_the_capacity_is_refused(translator):
                               positions=np.asarray([1]))
 
 
+def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifact):
+    """OnnxModel.step keeps its IOBinding between steps and binds again only what changed (by address, shape and
+    dtype): each step here changes something (new content only; another cache or cross K/V buffer at the same
+    shape; a view of fewer rows of the same buffers; two rows of one sentence) and must match a model that binds everything
+    anew at each step, in log-probs and in the caches it writes."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    kept = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
+    fresh = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
+    fresh._kept_binding = lambda self_k: None  # the path that binds everything at every step
+    rng = np.random.default_rng(7)
+    src = np.asarray([[12, 40, 7, 3], [25, 9, 3, 0], [31, 3, 0, 0]])
+    mask = src != 0
+    ck, cv = map(list, kept.encode(src, mask))
+    k, v = kept.empty_cache(ck[0], 3, 8)
+    for x in k + v:
+        x[:] = rng.standard_normal(x.shape, dtype=np.float32)
+    n = len(k)
+
+    def both(k, v, ck, cv, mask, positions, row_sentence=None):
+        ref_k, ref_v = [x.copy() for x in k], [x.copy() for x in v]
+        tokens = rng.integers(4, kept.vocab_size, (len(positions), 1))
+        lp, *_ = kept.step(tokens, k, v, ck, cv, mask, positions=np.asarray(positions), row_sentence=row_sentence)
+        ref_lp, *_ = fresh.step(tokens, ref_k, ref_v, ck, cv, mask, positions=np.asarray(positions),
+                                row_sentence=row_sentence)
+        np.testing.assert_allclose(lp, ref_lp, atol=1e-6)
+        for x, ref in zip(k + v, ref_k + ref_v):
+            np.testing.assert_allclose(x, ref, atol=1e-6)
+
+    both(k, v, ck, cv, mask, [0, 2, 5])
+    both(k, v, ck, cv, mask, [1, 3, 6])  # the same buffers, written by the step before
+    k[1], v[0] = k[1].copy() * 0.5, v[0].copy() + 1.0  # other buffers of the same shape; k[0] (the key) stays
+    both(k, v, ck, cv, mask, [2, 4, 7])
+    ck[0], cv[n - 1] = ck[0] * 2.0, cv[n - 1] - 0.5  # other cross K/V
+    both(k, v, ck, cv, mask, [3, 5, 7])
+    both([x[:2] for x in k], [x[:2] for x in v], [x[:2] for x in ck], [x[:2] for x in cv], mask[:2], [4, 6])
+    # 3 rows of 2 sentences (beams): 2 slots of the cross K/V's first 2 sentences
+    both(k, v, [x[:2] for x in ck], [x[:2] for x in cv], mask[:2], [5, 6, 7], row_sentence=np.asarray([0, 1, 0]))
+
+
 def test_the_decoder_step_writes_its_cache_through_group_query_attention(exported, torch_model):
     artifact, manifest = exported
     graph = onnx.load(str(artifact / contract.DECODER_STEP_FILE)).graph
