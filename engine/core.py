@@ -647,7 +647,7 @@ class EngineCore:
     def _decode_step(self, batch: _Batch) -> list[Finished]:
         live = batch.live
         n_rows = [s.search.n_rows for s in live]
-        starts = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)  # each sentence's first row, in order
+        starts = list(itertools.accumulate(n_rows, initial=0))  # each sentence's first row, in order
         where = np.concatenate([s.rows for s in live])  # the buffer row of each of those rows
         in_order = bool((where == np.arange(len(where))).all())
         tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
@@ -678,7 +678,7 @@ class EngineCore:
         top, top_row, top_in_order = None, {}, in_order
         if device_top:
             top, log_probs = ban(scores, self.banned_ids), None
-            top_row = {i: int(starts[i]) for i in range(len(live))}
+            top_row = dict(enumerate(starts[:-1]))
         else:
             log_probs = scores
             if k is not None:  # top-k of the rows that read it, in one call
@@ -686,7 +686,7 @@ class EngineCore:
                     [s.rows for s, w in zip(live, wants_top) if w])])
                 top = ban(self.model.top_k(rows, k), self.banned_ids)
                 if all(wants_top):
-                    top_row = {i: int(starts[i]) for i in range(len(live))}
+                    top_row = dict(enumerate(starts[:-1]))
                 else:
                     top_in_order = True  # rows gathered in the sentences' order above
                     cursor = 0
