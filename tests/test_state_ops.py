@@ -138,6 +138,20 @@ def test_cross_slots_take_a_sentences_rows_wherever_they_are():
     assert np.array_equal(slot_rows.reshape(-1)[row_slot], np.arange(5))
 
 
+@pytest.mark.parametrize("dst,src", [([1, 3], [0, 5]), ([0, 1], [1, 0]), ([2, 4, 0], [4, 0, 5]), ([3], [3])])
+@pytest.mark.parametrize("length", [2, 5, 9])
+def test_moved_rows_read_as_before_any_row_is_written(dst, src, length):
+    """NumpyOps.move_rows: each dst row gets src's first ``length`` positions as they were before the call, whether
+    the rows are disjoint (copied one by one) or some row is both read and written (a swap, a chain, itself)."""
+    rng = np.random.default_rng(len(dst) * 10 + length)
+    xs = [rng.standard_normal((6, 2, 5, 3)).astype(np.float32) for _ in range(2)]
+    moved = NumpyOps.move_rows([x.copy() for x in xs], np.asarray(dst), np.asarray(src), length)
+    for got, x in zip(moved, xs):
+        want = x.copy()
+        want[dst, :, :length] = x[src, :, :length]
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_resize_with_unread_tails_copies_only_the_cached_positions(monkeypatch):
     """NumpyOps.resize(unread_tail=True, cached=n): the used rows' first n positions, nothing past them (left as
     the allocator gave them: NaN here); zeroed and whole without unread_tail."""
