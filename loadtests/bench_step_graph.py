@@ -8,6 +8,10 @@ copy): each artifact's decoder_step.onnx gets the same inputs in its float type,
 4), with 15 cached positions (10 for the first) and 25 source tokens. The artifacts take turns, five rounds of 30
 calls each; the best round per artifact is printed. 1 ONNX Runtime thread by default (--threads). No search, no
 host work: for those, time the engine end to end (loadtests/benchmark.py).
+
+With ``--engine``, each artifact also gets a column for the engine's own ``OnnxModel.step`` on the same inputs
+(engine/runtime.py: its binding, cross slots and checks around the same graph call); the difference to the graph's
+column is that wrapper's host time per step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine import contract
-from engine.runtime import EngineConfig, _session_options, cross_slots
+from engine.runtime import EngineConfig, OnnxModel, _session_options, cross_slots
 
 SHAPES = ((1, 1, 10), (8, 1, 15), (40, 1, 15), (10, 4, 15))  # sentences, rows per sentence, cached positions
 SRC_LEN = 25
@@ -65,31 +69,48 @@ def run_step(session: ort.InferenceSession, feed: dict) -> None:
     session.run_with_iobinding(binding)
 
 
+def engine_step(model: OnnxModel, feed: dict, row_sentence: np.ndarray) -> None:
+    """One call of the engine's step on ``feed`` (the caches written in place, as :func:`run_step`)."""
+    n = model.n_layers
+    model.step(feed["tokens"], [feed[f"self_k_{i}"] for i in range(n)], [feed[f"self_v_{i}"] for i in range(n)],
+               [feed[f"cross_k_{i}"] for i in range(n)], [feed[f"cross_v_{i}"] for i in range(n)], feed["src_mask"],
+               positions=feed["positions"], row_sentence=row_sentence)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+", help="artifact folders of one model (same config.json)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--engine", action="store_true", help="also time OnnxModel.step on the same inputs")
     args = p.parse_args(argv)
     folders = [Path(a) for a in args.artifacts]
     config = json.loads((folders[0] / contract.CONFIG_FILE).read_text())
     options = _session_options(EngineConfig(device="cpu", intra_op_threads=args.threads))
     sessions = [ort.InferenceSession(str(f / contract.DECODER_STEP_FILE), options, providers=["CPUExecutionProvider"])
                 for f in folders]
+    cfg = EngineConfig(device="cpu", intra_op_threads=args.threads)
+    models = [OnnxModel(f, cfg, config["n_decoder_layers"],
+                        json.loads((f / contract.MANIFEST).read_text()).get("self_attention"))
+              for f in folders] if args.engine else []
     rng = np.random.default_rng(0)
-    print("| sentences x rows, cached positions | " + " | ".join(f"{f} (ms)" for f in folders) + " |")
-    print("|---|" + "---|" * len(folders))
+    columns = [f"{f} (ms)" for f in folders] + [f"{f} OnnxModel.step (ms)" for f in folders if args.engine]
+    print("| sentences x rows, cached positions | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for sentences, beam, positions in SHAPES:
         feed = step_inputs(config, sentences, beam, positions, rng)
         feeds = [as_graph_types(session, feed) for session in sessions]
-        best = [float("inf")] * len(sessions)
+        row_sentence = np.repeat(np.arange(sentences), beam)
+        calls = [lambda i=i: run_step(sessions[i], feeds[i]) for i in range(len(sessions))]
+        calls += [lambda i=i: engine_step(models[i], feeds[i], row_sentence) for i in range(len(models))]
+        best = [float("inf")] * len(calls)
         for _ in range(args.rounds):
-            for i, session in enumerate(sessions):
-                run_step(session, feeds[i])  # warm: the first call of a shape plans its memory
+            for i, call in enumerate(calls):
+                call()  # warm: the first call of a shape plans its memory
                 started = time.perf_counter()
                 for _ in range(args.calls):
-                    run_step(session, feeds[i])
+                    call()
                 best[i] = min(best[i], (time.perf_counter() - started) / args.calls)
         print(f"| {sentences} x {beam}, {positions} | " + " | ".join(f"{b * 1e3:.3f}" for b in best) + " |",
               flush=True)
