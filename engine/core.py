@@ -650,12 +650,13 @@ class EngineCore:
         starts = list(itertools.accumulate(n_rows, initial=0))  # each sentence's first row, in order
         where = np.concatenate([s.rows for s in live])  # the buffer row of each of those rows
         in_order = bool((where == np.arange(len(where))).all())
+        first_row = where[starts[:-1]].tolist()  # each sentence's first buffer row, as Python ints
         tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
         positions = np.repeat(np.asarray([s.step for s in live], dtype=np.int64), n_rows)
         row_sentence = np.repeat(np.arange(len(live)), n_rows)
         if not in_order:  # the step's inputs go to the buffer rows
             tokens[where], positions[where], row_sentence[where] = tokens.copy(), positions.copy(), row_sentence.copy()
-        wants_top = [self._wants_top(s.search) for s in live]
+        wants_top = [self._wants_top(s.search) for s in live] if self.has_top_k else [False] * len(live)
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
         n_layers = len(batch.self_) // 2
         oldest = int(positions.max())
@@ -710,13 +711,13 @@ class EngineCore:
             top, top_row) if top is not None else {}
         if log_probs is not None:
             candidates.update(GreedySearch.batch_choose(
-                [(i, s.search, s.step, int(s.rows[0])) for i, s in enumerate(live) if i not in top_row
+                [(i, s.search, s.step, first_row[i]) for i, s in enumerate(live) if i not in top_row
                  and isinstance(s.search, GreedySearch) and s.search.plain], log_probs))
         out, keep, parents = [], [], []
         for i, s in enumerate(live):
             n = n_rows[i]
             # A sentence's rows of [rows, ...] outputs: a view for one row, a copy of its rows for beams.
-            mine = slice(int(s.rows[0]), int(s.rows[0]) + 1) if n == 1 else s.rows
+            mine = slice(first_row[i], first_row[i] + 1) if n == 1 else s.rows
             mine_top = mine_lp = None
             chosen = candidates.get(i)
             if i in top_row:
@@ -725,7 +726,8 @@ class EngineCore:
                     mine_top = TopCandidates(top.log_probs[t0:t0 + n], top.ids[t0:t0 + n], top.vocab)
                 nan = nan_top is not None and nan_top[t0:t0 + n].any()
             else:
-                mine_lp = log_probs[mine]
+                if chosen is None:  # a search given its candidates reads no log-probs
+                    mine_lp = log_probs[mine]
                 nan = nan_full is not None and nan_full[mine].any()
             try:
                 if nan:

@@ -235,7 +235,7 @@ class GreedySearch(SentenceSearch):
                                           else None)]
             self.done, self.n_rows = True, 0
             return _NO_ROWS
-        self.last_tokens = np.asarray([token], dtype=np.int64)
+        self.last_tokens[0] = token  # its own array (the core copies it into the step's tokens)
         return _FIRST_ROW
 
 
