@@ -32,8 +32,8 @@ class EngineConfig:
         intra_op_threads: ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (all physical cores).
         max_batch_tokens: upper bound on the padded source tokens of the sentences decoding together (sentences x
             longest source; engine/core.py). Bounds peak memory however many requests are queued. On the CPU
-            smaller batches also run faster, their KV cache staying in the processor's caches (200 test sentences,
-            1 thread: 8192 -> 1024 made greedy 33% and beam 4 22% faster); GPUs want large ones (32768).
+            smaller batches also run faster, their KV cache staying in the processor's caches (README.md,
+            Performance, has the measurement); GPUs want large ones (32768).
         max_batch_rows: upper bound on decoder rows per step (sentences x beams, a sentence counted at its
             beam_size).
         scheduling: "continuous" (sentences join a running decode between steps) or "static" (a batch decodes to
