@@ -104,7 +104,7 @@ def cross_slots(row_sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     row_sentence = np.asarray(row_sentence, dtype=np.int64)
     rows = np.arange(len(row_sentence), dtype=np.int64)
     if len(rows) and int(row_sentence.max()) + 1 == len(rows):  # a row per sentence (greedy): no sort needed
-        slot_rows = np.empty_like(rows)
+        slot_rows = np.zeros_like(rows)
         slot_rows[row_sentence] = rows
         return slot_rows[:, None], row_sentence
     counts = np.bincount(row_sentence)
@@ -231,10 +231,11 @@ class OnnxModel:
         per_step = len(contract.DECODER_STEP_INPUTS)
         for name, value in zip(self.other_inputs[:per_step], (tokens, positions, src_mask, slot_rows, row_slot)):
             _bind_input(binding, name, value)
+        bound = []  # what a kept binding holds by address only, alive until the run (a contiguous copy included)
         for name, value in zip(self.other_inputs[per_step:], (*cross_k, *cross_v)):
             if kept is not None and isinstance(value, np.ndarray):
-                value = np.ascontiguousarray(value)  # referenced until the run: the binding holds its address only
-                kept.bind(name, value)
+                bound.append(np.ascontiguousarray(value))
+                kept.bind(name, bound[-1])
             else:
                 _bind_input(binding, name, value)
         on_device = self.io_binding and top_k  # bound first: get_outputs() lists in binding order
@@ -279,7 +280,6 @@ class OnnxModel:
         if check_nan and (top_k or self.float16) and np.isnan(checked.max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, self_k, self_v, attention
-
 
     def _kept_binding(self, self_k: list) -> _KeptBinding | None:
         """The decoder step's IOBinding kept for the cache buffers of ``self_k`` (numpy, on the CPU), or None (an

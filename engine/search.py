@@ -175,10 +175,10 @@ class GreedySearch(SentenceSearch):
     def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],
                      log_probs: np.ndarray) -> dict[int, tuple[int, np.float32]]:
         """The next token of many :attr:`plain` greedy searches at once: ``searches`` holds (key, search, step, row)
-        with ``row`` the search's row of log_probs float32 [rows, vocab] (edited in place: the bans; the searches' rows are
-        distinct, in any order). Returns {key:
-        (token, its log-prob)}, what :meth:`advance` would pick from the row (the first of equal maxima, as argmax).
-        One argmax instead of a numpy call and a rules pass per sentence (host time per step: README.md,
+        with ``row`` the search's row of log_probs float32 [rows, vocab] (the searches' rows are distinct, in any
+        order; edited in place: eos before min_length, and the bans of a row whose best token is banned). Returns
+        {key: (token, its log-prob)}, what :meth:`advance` would pick from the row (the first of equal maxima, as
+        argmax). One argmax instead of a numpy call and a rules pass per sentence (host time per step: README.md,
         Performance, loadtests/bench_host_step.py)."""
         if not searches:
             return {}

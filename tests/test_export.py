@@ -89,8 +89,8 @@ def test_a_position_past_the_capacity_is_refused(translator):
 def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifact):
     """OnnxModel.step keeps its IOBinding between steps and binds again only what changed (by address, shape and
     dtype): each step here changes something (new content only; another cache or cross K/V buffer at the same
-    shape; a view of fewer rows of the same buffers; two rows of one sentence) and must match a model that binds everything
-    anew at each step, in log-probs and in the caches it writes."""
+    shape; a view of fewer rows of the same buffers; two rows of one sentence; cross K/V not C-contiguous) and
+    must match a model that binds everything anew at each step, in log-probs and in the caches it writes."""
     from engine.runtime import EngineConfig
     from engine.translator import Translator
 
@@ -125,6 +125,8 @@ def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifac
     both([x[:2] for x in k], [x[:2] for x in v], [x[:2] for x in ck], [x[:2] for x in cv], mask[:2], [4, 6])
     # 3 rows of 2 sentences (beams): 2 slots of the cross K/V's first 2 sentences
     both(k, v, [x[:2] for x in ck], [x[:2] for x in cv], mask[:2], [5, 6, 7], row_sentence=np.asarray([0, 1, 0]))
+    # Cross K/V that are not C-contiguous: the step binds contiguous copies, each alive until the run
+    both(k, v, [np.asfortranarray(x) for x in ck], [np.asfortranarray(x) for x in cv], mask, [6, 7, 7])
 
 
 def test_the_decoder_step_writes_its_cache_through_group_query_attention(exported, torch_model):
