@@ -656,7 +656,7 @@ class EngineCore:
         row_sentence = np.repeat(np.arange(len(live)), n_rows)
         if not in_order:  # the step's inputs go to the buffer rows
             tokens[where], positions[where], row_sentence[where] = tokens.copy(), positions.copy(), row_sentence.copy()
-        wants_top = [self._wants_top(s.search) for s in live] if self.has_top_k else [False] * len(live)
+        wants_top = [self._wants_top(s.search) for s in live]
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
         n_layers = len(batch.self_) // 2
         oldest = int(positions.max())

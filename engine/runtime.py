@@ -163,7 +163,8 @@ class OnnxModel:
         self.cache_dtype = np.dtype(np.float16 if self.float16 else np.float32)
         first_cache = len(contract.DECODER_STEP_INPUTS)
         self.cache_inputs = self.decoder_inputs[first_cache:first_cache + 2 * n_layers]
-        self.other_inputs = self.decoder_inputs[:first_cache] + self.decoder_inputs[first_cache + 2 * n_layers:]
+        self.step_inputs = self.decoder_inputs[:first_cache]  # tokens, positions, src_mask, slot_rows, row_slot
+        self.cross_inputs = self.decoder_inputs[first_cache + 2 * n_layers:]
         self.vocab_size = self.decoder.get_outputs()[0].shape[1]
         self.io_binding = cfg.io_binding if cfg.io_binding is not None else self.device_type == "cuda"
         # Row operations on the state the search keeps between steps (engine/search.py passes them on).
@@ -228,11 +229,10 @@ class OnnxModel:
         slot_rows, row_slot = cross_slots(np.arange(rows) if row_sentence is None else row_sentence)
         kept = self._kept_binding(self_k) if self.device_type == "cpu" else None
         binding = kept.binding if kept is not None else self.decoder.io_binding()
-        per_step = len(contract.DECODER_STEP_INPUTS)
-        for name, value in zip(self.other_inputs[:per_step], (tokens, positions, src_mask, slot_rows, row_slot)):
+        for name, value in zip(self.step_inputs, (tokens, positions, src_mask, slot_rows, row_slot)):
             _bind_input(binding, name, value)
         bound = []  # what a kept binding holds by address only, alive until the run (a contiguous copy included)
-        for name, value in zip(self.other_inputs[per_step:], (*cross_k, *cross_v)):
+        for name, value in zip(self.cross_inputs, (*cross_k, *cross_v)):
             if kept is not None and isinstance(value, np.ndarray):
                 bound.append(np.ascontiguousarray(value))
                 kept.bind(name, bound[-1])

@@ -78,13 +78,20 @@ def _banned_values(top: TopCandidates, rules: Rules, step: int, eos_id: int) -> 
     return np.where(top.ids == eos_id, np.float32(-np.inf), top.log_probs)
 
 
+def is_banned(ids: np.ndarray, banned_ids: tuple[int, ...] | list[int]) -> np.ndarray:
+    """bool, ``ids``' shape: which of ``ids`` are among ``banned_ids`` (not empty). A comparison per id: np.isin
+    sorts, 3-5x slower on [rows, k] with pad alone."""
+    hit = ids == banned_ids[0]
+    for token in banned_ids[1:]:
+        hit |= ids == token
+    return hit
+
+
 def ban(top: TopCandidates, banned_ids: tuple[int, ...]) -> TopCandidates:
     """``top`` with the log-probs of ``banned_ids`` set to -inf (all rows at once)."""
     if not banned_ids:
         return top
-    hit = top.ids == banned_ids[0]  # a comparison per id: np.isin sorts, 3-5x slower on [rows, k] (pad alone)
-    for token in banned_ids[1:]:
-        hit |= top.ids == token
+    hit = is_banned(top.ids, banned_ids)
     if not hit.any():
         return top
     return TopCandidates(np.where(hit, np.float32(-np.inf), top.log_probs), top.ids, top.vocab)
@@ -198,11 +205,7 @@ class GreedySearch(SentenceSearch):
         # a third of this function's time.
         banned_ids = {search.rules.banned_ids for _, search, _, _ in searches} - {()}
         if banned_ids:
-            ids = sorted(set().union(*banned_ids))
-            hit = tokens == ids[0]  # a comparison per id: np.isin sorts
-            for token in ids[1:]:
-                hit |= tokens == token
-            for i in np.flatnonzero(hit):
+            for i in np.flatnonzero(is_banned(tokens, sorted(set().union(*banned_ids)))):
                 banned = searches[i][1].rules.banned_ids
                 if int(tokens[i]) in banned:
                     scores[at[i], list(banned)] = NEG_INF
