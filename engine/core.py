@@ -40,8 +40,14 @@ Scheduling policy, decided at the start of every step:
    of a budget is free (a rule from when each join also copied the whole cache; not re-measured since joins stopped
    copying).
    Policy "static" (the former behaviour) lets sentences join only an empty batch: each batch then decodes to
-   completion before the next forms. The service keeps it to measure against; one caller's offline list
-   (engine/translator.py, translate_ids) decodes so by default, its faster policy here.
+   completion before the next forms. The service keeps it to measure against.
+   Policy "refill" lets them join only a batch that has drained to its tail: at most 1/REFILL_FRACTION (1/8) of
+   the most rows it held since sentences last joined it. One caller's offline list (engine/translator.py,
+   translate_ids) decodes so by default: its sentences, submitted shortest first, form static-like batches, but
+   the last few sentences of a batch, which would otherwise run tens of steps of 1-4 rows each (a step's fixed
+   cost, about 1 ms on the CPU here, for a fraction of its work), decode in the next batch's steps. Their sources
+   are no longer than the joiners', so the batch's cross-attention width does not grow for them. (The continuous
+   policy refills much earlier, and its joiners, longer than the running sentences, widen every step.)
 3. Joiners go into the youngest running batch of their kind unless its sentences are expected to run more than
    ``outlive_steps`` (OUTLIVE_STEPS, 64) steps longer than the joiners (a sentence's expected length: its
    source's, at least its min_length, at most its length limit); then they start a batch of their own beside it, up
@@ -84,9 +90,10 @@ from engine.state_ops import NumpyOps
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("continuous", "static")
+POLICIES = ("continuous", "refill", "static")
 MAX_BATCHES = 2  # batches decoding side by side (module docstring)
 OUTLIVE_STEPS = 64  # a batch expected to outlive its joiners by more steps makes them start a batch of their own
+REFILL_FRACTION = 8  # "refill": a batch takes joiners once its rows are at most 1/8 of its peak since the last join
 SMALL_REQUEST = 4  # sentences: a request of at most this many decodes in batches apart from larger ones
 # Positions added to a batch's cache when a row reaches its end: growing copies the cache, so not every step, and
 # a beam reorder copies the unused capacity too, so not far ahead.
@@ -153,6 +160,7 @@ class _Batch:
     src_mask: np.ndarray = dataclasses.field(  # [sentences, src_width], one per live sentence, in order
         default_factory=lambda: np.zeros((0, 0), dtype=bool))
     small: bool = False  # a batch of small requests' sentences (module docstring)
+    peak_rows: int = 0  # the most rows in use since sentences last joined (policy "refill")
     seconds: float = 0.0  # decoder time this batch has had (EngineCore.clock), for the choice of the next batch
 
     @property
@@ -177,7 +185,7 @@ class EngineCore:
             OnnxModel has all of these).
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
-        policy: "continuous" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
+        policy: "continuous", "refill" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
             sentences x longest live source.
         max_batches: batches of each kind (small requests' and larger ones') that decode side by side under
             "continuous" (module docstring); 1 = one batch, every sentence joins it.
@@ -374,7 +382,10 @@ class EngineCore:
         if not self._waiting:
             return []
         live = self._live  # every batch's sentences, gathered once
-        if self.policy == "static" and live:
+        if live and self.policy == "static":
+            return []
+        if live and self.policy == "refill" and any(
+                b.rows * REFILL_FRACTION > b.peak_rows for b in self._batches):  # not yet drained to its tail
             return []
         rows = sum(s.search.max_rows for s in live)
         n_sentences = len(live)
@@ -548,11 +559,14 @@ class EngineCore:
                                              np.pad(src_mask, ((0, 0), (0, width - src_width)))])
             shape = self.ops.shape(batch.self_[0])
             rows = self._fit(used + len(joining), shape[0])
+            if self.policy == "refill":  # its buffers stay at their peak, as a static batch's (_relayout)
+                rows = max(rows, shape[0])
             if rows != shape[0]:
                 batch.self_ = self._resize_cache(batch, used, rows, shape[2])
         for k, s in enumerate(joining):
             s.rows = np.asarray([used + k], dtype=np.int64)
         batch.rows += len(joining)
+        batch.peak_rows = batch.rows  # rows since this join ("refill"): a beam's widening raises it (_relayout)
         batch.live += joining
         self.stats.joined += len(joining)
         now = time.monotonic()
@@ -588,19 +602,20 @@ class EngineCore:
                 rows.append(-1)
                 pending.append(i)
         dst = src = np.zeros(0, dtype=np.int64)
-        length = 0
+        length: list[int] = []
         if pending:
             free = [r for r in range(n) if r not in occupied]  # as many as beams without a row
             for i, r in zip(pending, free):
                 rows[i] = r
             dst, src = np.asarray(free, dtype=np.int64), np.asarray([every[i] for i in pending], dtype=np.int64)
             step_of = [s.step for s, p in zip(keep, parents) for _ in range(len(p))]
-            length = max(step_of[i] for i in pending)
+            length = [step_of[i] for i in pending]  # each moved row's own cached positions
         shape = self.ops.shape(batch.self_[0])
         if self.ops.in_place and shape[0] < n:  # beams widened past the spare rows
             batch.self_ = self._resize_cache(batch, batch.rows, self._fit(n, shape[0]), shape[2])
         batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n)
         batch.rows = n
+        batch.peak_rows = max(batch.peak_rows, n)
         start = 0
         for s, p in zip(keep, parents):
             s.rows = np.asarray(rows[start:start + len(p)], dtype=np.int64)
@@ -632,7 +647,8 @@ class EngineCore:
         # Spare room that grew too big (in-place ops), or the capacity the reorder copies (ops that copy). A static
         # batch takes no joiners and only shrinks: its buffers are already at their peak, and a copy to smaller
         # ones would only shorten how long it holds them (it cost 2.5% of an int8 beam-4 list of 500 sentences).
-        if self.policy == "static" and self.ops.in_place:
+        # A refilled batch gives its joiners these buffers' rows (_join grows them only when they do not suffice).
+        if self.policy != "continuous" and self.ops.in_place:
             return
         shape = self.ops.shape(batch.self_[0])
         rows_fit, capacity = self._fit(n, shape[0]), self._positions(batch.width, shape[2])

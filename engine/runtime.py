@@ -20,7 +20,7 @@ from engine.state_ops import NumpyOps, OrtValueOps
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-SCHEDULING = ("continuous", "static")
+SCHEDULING = ("continuous", "refill", "static")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,8 +36,10 @@ class EngineConfig:
             Performance, has the measurement); GPUs want large ones (32768).
         max_batch_rows: upper bound on decoder rows per step (sentences x beams, a sentence counted at its
             beam_size).
-        scheduling: "continuous" (sentences join a running decode between steps) or "static" (a batch decodes to
-            completion before the next forms; the former behaviour, kept to measure against). engine/core.py.
+        scheduling: "continuous" (sentences join a running decode between steps), "static" (a batch decodes to
+            completion before the next forms; the former behaviour, kept to measure against) or "refill" (static,
+            but the next sentences join a batch drained to its last few rows: what an offline list decodes with,
+            Translator.translate_ids). engine/core.py.
         max_batches: under "continuous", batches of each kind (small requests' and larger ones') that decode side
             by side, each step running the one that has had the least decoder time (engine/core.py); 1 = one
             batch that every sentence joins (the behaviour before batches of their own).

@@ -82,27 +82,30 @@ class NumpyOps:
                        cached if unread_tail else None)
 
     @staticmethod
-    def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length: int,
+    def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length,
                   rows: int | None = None) -> list[np.ndarray]:
         """In place, per tensor: rows ``dst`` (int64 [k]) get the first ``length`` positions of rows ``src``, all
-        read before any is written (so a row may be both). ``rows`` (the rows in use after) is not needed here.
-        Returns ``xs``."""
+        read before any is written (so a row may be both); ``length`` is one count for every move or a list of k,
+        one per move (a row's own cached positions: a batch's rows differ in age when sentences joined it at
+        different steps). ``rows`` (the rows in use after) is not needed here. Returns ``xs``."""
         if not len(dst):
             return xs
         to, of = dst.tolist(), src.tolist()
-        # Rows that are not both read and written are copied one by one: a fancy-index read first copies every
-        # moved row into a temporary (40 rows, 15 moved, 24 positions, 6 tensors: 271 -> 238 us; 160 rows, 60
-        # moved: 1.87 -> 1.14 ms). The core's moves are such (beams into rows no parent keeps, slots into holes).
+        lengths = [length] * len(to) if isinstance(length, int) else [int(n) for n in length]
+        # Rows that are not both read and written are copied one by one, each its own length: a fancy-index read
+        # first copies every moved row into a temporary (40 rows, 15 moved, 24 positions, 6 tensors: 271 -> 238
+        # us; 160 rows, 60 moved: 1.87 -> 1.14 ms). The core's moves are such (beams into rows no parent keeps,
+        # slots into holes).
         one_by_one = set(to).isdisjoint(of)
         for x in xs:
             n, h, c, d = x.shape
-            # [n, h, c * d]: each (row, head) block's first length * d values are contiguous
-            flat = x if length >= c else x.reshape(n, h, c * d)
-            width = c if length >= c else length * d
+            flat = x.reshape(n, h, c * d)  # each (row, head) block's first length * d values are contiguous
             if one_by_one:
-                for a, b in zip(to, of):
+                for a, b, m in zip(to, of, lengths):
+                    width = min(m, c) * d
                     flat[a, :, :width] = flat[b, :, :width]
             else:
+                width = min(max(lengths), c) * d
                 flat[dst, :, :width] = flat[src, :, :width]
         return xs
 

@@ -141,16 +141,17 @@ class Translator:
     def translate_ids(self, src: list[list[int]], options: DecodingOptions, stats: CoreStats | None = None,
                       is_cancelled: Callable[[int], bool] | None = None,
                       target_prefixes: list[list[int]] | None = None,
-                      policy: str = "static") -> list[list[Hypothesis]]:
+                      policy: str = "refill") -> list[list[Hypothesis]]:
         """Decodes token-id sources (each ending in eos; [] = empty input, returns [] without decoding) through an
         engine core of their own. Returns per sentence its n_best hypotheses, in input order.
 
         Sentences are submitted shortest first, so that the sentences decoding together have similar lengths.
-        ``policy`` is the core's scheduling (engine/core.py). "static" by default: one caller's list is one job,
+        ``policy`` is the core's scheduling (engine/core.py). "refill" by default: one caller's list is one job,
         whose time is that of its last sentence, so the continuous policy's latency goals buy it nothing, and its
-        joins cost throughput (a joiner's rows carry the batch's oldest width in every cache copy, and two batches
-        halve the rows of a step; README.md, Performance, has the measurements). The service decodes with the
-        config's policy (:meth:`new_core`).
+        early joins cost throughput (joiners longer than the running sentences widen every step, and two batches
+        halve the rows of a step); "refill" decodes the list in static batches whose last few sentences decode in
+        the next batch's steps instead of in steps of 1-4 rows of their own (README.md, Performance, has the
+        measurements of each). The service decodes with the config's policy (:meth:`new_core`).
         ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence leaves and returns [].
         ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).
         ``stats`` (if given) receives the core's counters.

@@ -64,7 +64,7 @@ def alone(translator):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrivals=st.lists(st.tuples(st.integers(0, 14), st.integers(0, len(SENTENCES) - 1),
                                    st.integers(0, len(OPTIONS) - 1)), min_size=1, max_size=7),
-       policy=st.sampled_from(["continuous", "static"]), max_batch_rows=st.sampled_from([16, 512]),
+       policy=st.sampled_from(["continuous", "refill", "static"]), max_batch_rows=st.sampled_from([16, 512]),
        max_batches=st.sampled_from([1, 2, 3]))
 def test_a_sentence_decodes_the_same_whenever_it_joins_and_beside_whatever(translator, alone, arrivals, policy,
                                                                            max_batch_rows, max_batches):
@@ -110,6 +110,39 @@ def test_static_policy_joins_only_an_empty_batch(translator):
         core.step()
         rows.append(core.live_rows)
     assert core.stats.joined == 2 and 3 not in rows  # never both at once
+
+
+def test_refill_policy_joins_a_batch_drained_to_its_tail(translator):
+    """Under "refill" waiting sentences join a running batch only once its rows are at most 1/REFILL_FRACTION of
+    the most it held since the last join, and then they do; every sentence decodes as under "static" (float32:
+    token-identical, equal scores)."""
+    from engine.core import REFILL_FRACTION
+
+    src = [translator.tokenize(SENTENCES[i % len(SENTENCES)]) for i in range(40)]
+    src.sort(key=len)
+    options = DecodingOptions(beam_size=2, length_penalty=0.0)
+    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, policy="refill",
+                      max_batch_rows=32)
+    handles = {core.submit(ids, options): i for i, ids in enumerate(src)}
+    got, peak, refills = {}, 0, 0
+    while core.has_work:
+        rows, joined = core.live_rows, core.stats.joined
+        for done in core.step():
+            assert done.error is None
+            got[handles[done.handle]] = done.hypotheses
+        if core.stats.joined > joined:
+            if rows:  # joined a running batch: only a drained one, and the joiners did not wait longer than that
+                assert rows * REFILL_FRACTION <= peak
+                refills += 1
+            peak = core.live_rows  # after the joiners' first step
+        elif rows and core.waiting:
+            assert rows * REFILL_FRACTION > peak  # drained, with sentences waiting: they would have joined
+        peak = max(peak, core.live_rows)
+    assert refills >= 2 and core.stats.joined == core.stats.left == len(src)
+    want = translator.translate_ids(src, options, policy="static")
+    for i, hyps in enumerate(want):
+        assert_same(got[i], hyps)
 
 
 def test_fairness_a_new_request_starts_at_the_next_step(translator):
@@ -354,10 +387,12 @@ def test_joiners_of_unlike_lengths_are_encoded_in_groups_and_decode_as_alone(tra
         assert hyps[0].tokens == alone[0].tokens and abs(hyps[0].score - alone[0].score) < 1e-4
 
 
-def test_a_static_batch_only_grows_its_buffers(translator):
+@pytest.mark.parametrize("policy", ["static", "refill"])
+def test_a_static_batch_only_grows_its_buffers(translator, policy):
     """Under the static policy a batch takes no joiners, so its self-attention buffers are at their peak once
     grown: sentences that leave are not followed by copies into smaller buffers (a continuous batch's are, so that
-    a burst does not hold memory), and the results are still each sentence's alone."""
+    a burst does not hold memory), and the results are still each sentence's alone. Under "refill" the joiners
+    take those buffers' rows, grown if they need more."""
     shapes = []
 
     class Recording(NumpyOps):
@@ -374,7 +409,7 @@ def test_a_static_batch_only_grows_its_buffers(translator):
         # 48 sentences of beam 4: buffers of more than 64 rows, which a continuous batch halves as sentences leave.
         src = [translator.tokenize(SENTENCES[i % len(SENTENCES)]) for i in range(48)]
         beam = DecodingOptions(beam_size=4, length_penalty=0.0)
-        got = translator.translate_ids(src, beam, policy="static")
+        got = translator.translate_ids(src, beam, policy=policy)
     finally:
         model.ops = saved
     assert shapes and all(rows >= old_rows and capacity >= old_capacity

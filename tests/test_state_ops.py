@@ -152,6 +152,23 @@ def test_moved_rows_read_as_before_any_row_is_written(dst, src, length):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dst,src", [([1, 3], [0, 5]), ([0, 1], [1, 0]), ([2, 4, 0], [4, 0, 5])])
+def test_moved_rows_take_each_its_own_length(dst, src):
+    """NumpyOps.move_rows with a length per move: each dst row gets its src row's first length[i] positions (as they
+    were before the call) and keeps its own past them; lengths past the capacity copy it whole."""
+    lengths = [1, 7, 3][:len(dst)]
+    rng = np.random.default_rng(len(dst))
+    xs = [rng.standard_normal((6, 2, 5, 3)).astype(np.float32) for _ in range(2)]
+    moved = NumpyOps.move_rows([x.copy() for x in xs], np.asarray(dst), np.asarray(src), lengths)
+    disjoint = set(dst).isdisjoint(src)
+    for got, x in zip(moved, xs):
+        want = x.copy()
+        for a, b, n in zip(dst, src, lengths):
+            n = n if disjoint else max(lengths)  # rows both read and written: one gather of the longest
+            want[a, :, :n] = x[b, :, :n]
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_resize_with_unread_tails_copies_only_the_cached_positions(monkeypatch):
     """NumpyOps.resize(unread_tail=True, cached=n): the used rows' first n positions, nothing past them (left as
     the allocator gave them: NaN here); zeroed and whole without unread_tail."""
