@@ -423,9 +423,10 @@ def test_top_k_breaks_ties_made_by_float32_rounding_like_the_full_search():
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("banned", [(), (PAD,), (PAD, UNK)])
 def test_greedy_choices_made_for_the_whole_step_are_each_sentences_own(monkeypatch, seed, banned):
-    """GreedySearch.batch_choose (one argmax over the plain greedy sentences' rows) against each sentence's own
-    advance: the same tokens and scores on a table with frequent ties, for plain sentences of different limits and
-    min_length beside ones it must leave alone (sampling, a repetition penalty) and a beam search, in one batch."""
+    """GreedySearch.batch_choose (the plain greedy sentences' choices, made for the whole step) against each
+    sentence's own advance: the same tokens and scores on a table with frequent ties, for plain sentences of
+    different limits and min_length beside ones it must leave alone (sampling, a repetition penalty) and a beam
+    search, in one batch."""
     step = _random_step(vocab=12, seed=seed)
     sentences = [options(limit=9), options(limit=4, min_length=3), options(limit=7, min_length=6),
                  options(limit=8, sampling_topk=4, seed=seed), options(limit=6, repetition_penalty=1.3),
