@@ -518,7 +518,7 @@ class EngineCore:
         groups.append((start, len(joining)))
         parts = []
         for start, end in groups:
-            width = len(joining[end - 1].src_ids)
+            width = max(len(s.src_ids) for s in joining[start:end])  # on a device the joiners are not sorted
             src_ids = np.full((end - start, width), self.pad_id, dtype=np.int64)
             for row, s in enumerate(joining[start:end]):
                 src_ids[row, :len(s.src_ids)] = s.src_ids

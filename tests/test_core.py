@@ -441,15 +441,32 @@ def test_caches_grown_without_zeroing_decode_as_zeroed_ones(translator, alone, m
     assert poisoned and any(shape[2] > 8 for shape in poisoned)  # rows widened and positions grew
 
 
-def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone):
-    """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort."""
+def test_device_ops_encode_joiners_of_any_length_order(artifact, alone):
+    """On a device the joiners of a step are encoded in one call in the order they joined (not sorted by length):
+    a longer source before a shorter one still gets its whole source (the call was once as wide as the last
+    joiner's, and the join failed)."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    bound = Translator(artifact, EngineConfig(device="cpu", io_binding=True))
+    core = bound.new_core("continuous")
+    got = run(core, [(0, bound.tokenize(SENTENCES[7]), OPTIONS[0], "long"),
+                     (0, bound.tokenize(SENTENCES[2]), OPTIONS[1], "short")])
+    assert_same(got[0], alone(7, 0))
+    assert_same(got[1], alone(2, 1))
+
+
+@pytest.mark.parametrize("policy", ["continuous", "refill"])
+def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone, policy):
+    """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort, under
+    either policy that joins a running batch."""
     from engine.runtime import EngineConfig
     from engine.state_ops import OrtValueOps
     from engine.translator import Translator
 
     bound = Translator(artifact, EngineConfig(device="cpu", io_binding=True))
     assert isinstance(bound.ops, OrtValueOps)
-    core = bound.new_core("continuous")
+    core = bound.new_core(policy)
     arrivals = [(0, 3, 1), (1, 0, 0), (2, 5, 2), (2, 1, 6), (4, 4, 3), (9, 2, 1)]
     got = run(core, [(step, bound.tokenize(SENTENCES[s]), OPTIONS[o], i) for i, (step, s, o) in enumerate(arrivals)])
     for (_, s, o), hyps in zip(arrivals, got):
