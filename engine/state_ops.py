@@ -91,7 +91,7 @@ class NumpyOps:
         if not len(dst):
             return xs
         to, of = dst.tolist(), src.tolist()
-        lengths = [length] * len(to) if isinstance(length, int) else [int(n) for n in length]
+        lengths = [int(length)] * len(to) if np.ndim(length) == 0 else [int(n) for n in length]
         # Rows that are not both read and written are copied one by one, each its own length: a fancy-index read
         # first copies every moved row into a temporary (40 rows, 15 moved, 24 positions, 6 tensors: 271 -> 238
         # us; 160 rows, 60 moved: 1.87 -> 1.14 ms). The core's moves are such (beams into rows no parent keeps,

@@ -440,7 +440,7 @@ def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list
                            warmup_s=d.warmup_s)
         src = [translator.tokenize(s) for s in sat_sentences]
         beam4 = replace(options, beam_size=4)
-        # The service's policy, not translate_ids' own default (static): the ratio is the cost of HTTP and Serve.
+        # The service's policy, not translate_ids' own default (refill): the ratio is the cost of HTTP and Serve.
         translator.translate_ids(src[:8], beam4, policy=scheduling)
         started = time.perf_counter()
         translator.translate_ids(src, beam4, policy=scheduling)

@@ -112,12 +112,17 @@ def test_static_policy_joins_only_an_empty_batch(translator):
     assert core.stats.joined == 2 and 3 not in rows  # never both at once
 
 
-def test_refill_policy_joins_a_batch_drained_to_its_tail(translator):
+@pytest.mark.parametrize("device_ops", [False, True])
+def test_refill_policy_joins_a_batch_drained_to_its_tail(translator, artifact, device_ops):
     """Under "refill" waiting sentences join a running batch only once its rows are at most 1/REFILL_FRACTION of
     the most it held since the last join, and then they do; every sentence decodes as under "static" (float32:
-    token-identical, equal scores)."""
+    token-identical, equal scores). In place (numpy state) and with the state as OrtValues (a device's path)."""
     from engine.core import REFILL_FRACTION
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
 
+    if device_ops:
+        translator = Translator(artifact, EngineConfig(device="cpu", io_binding=True))
     src = [translator.tokenize(SENTENCES[i % len(SENTENCES)]) for i in range(40)]
     src.sort(key=len)
     options = DecodingOptions(beam_size=2, length_penalty=0.0)
@@ -456,17 +461,15 @@ def test_device_ops_encode_joiners_of_any_length_order(artifact, alone):
     assert_same(got[1], alone(2, 1))
 
 
-@pytest.mark.parametrize("policy", ["continuous", "refill"])
-def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone, policy):
-    """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort, under
-    either policy that joins a running batch."""
+def test_device_ops_decode_like_in_place_ops_with_joins_beams_and_aborts(artifact, alone):
+    """OrtValueOps (the cache on a device: exact-size copies) through the same staggered joins and an abort."""
     from engine.runtime import EngineConfig
     from engine.state_ops import OrtValueOps
     from engine.translator import Translator
 
     bound = Translator(artifact, EngineConfig(device="cpu", io_binding=True))
     assert isinstance(bound.ops, OrtValueOps)
-    core = bound.new_core(policy)
+    core = bound.new_core("continuous")
     arrivals = [(0, 3, 1), (1, 0, 0), (2, 5, 2), (2, 1, 6), (4, 4, 3), (9, 2, 1)]
     got = run(core, [(step, bound.tokenize(SENTENCES[s]), OPTIONS[o], i) for i, (step, s, o) in enumerate(arrivals)])
     for (_, s, o), hyps in zip(arrivals, got):

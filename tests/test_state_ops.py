@@ -167,6 +167,11 @@ def test_moved_rows_take_each_its_own_length(dst, src):
             n = n if disjoint else max(lengths)  # rows both read and written: one gather of the longest
             want[a, :, :n] = x[b, :, :n]
         np.testing.assert_array_equal(got, want)
+    # One count given as a numpy integer is one count for every move.
+    x = rng.standard_normal((6, 2, 5, 3)).astype(np.float32)
+    want = NumpyOps.move_rows([x.copy()], np.asarray(dst), np.asarray(src), 2)[0]
+    got = NumpyOps.move_rows([x.copy()], np.asarray(dst), np.asarray(src), np.int64(2))[0]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_resize_with_unread_tails_copies_only_the_cached_positions(monkeypatch):
