@@ -460,10 +460,11 @@ class EngineCore:
         ``needed`` for ops that copy anyway; for in-place ops the current size while it fits and is not four times
         too big, else twice what is needed (at least 16, at most twice ``max_batch_rows``), so that joins and beams
         that widen write into spare rows and a buffer is reallocated a few times in a batch's life, not at every
-        join."""
+        join. Under "static" and "refill" a buffer never shrinks while it fits: the batch's next sentences (a
+        refill's joiners) take its rows, and a copy into a smaller buffer would only shorten how long it is held."""
         if not self.ops.in_place:
             return needed
-        if needed <= current and not (current > 64 and 4 * needed <= current):
+        if needed <= current and (self.policy != "continuous" or not (current > 64 and 4 * needed <= current)):
             return current
         # No batch holds more than twice the rows budget (a starved request's overdraw): no spare beyond it.
         return max(needed, min(max(2 * needed, 16), 2 * self.max_batch_rows))
@@ -559,8 +560,6 @@ class EngineCore:
                                              np.pad(src_mask, ((0, 0), (0, width - src_width)))])
             shape = self.ops.shape(batch.self_[0])
             rows = self._fit(used + len(joining), shape[0])
-            if self.policy == "refill":  # its buffers stay at their peak, as a static batch's (_relayout)
-                rows = max(rows, shape[0])
             if rows != shape[0]:
                 batch.self_ = self._resize_cache(batch, used, rows, shape[2])
         for k, s in enumerate(joining):
