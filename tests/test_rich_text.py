@@ -174,3 +174,72 @@ def test_random_tag_and_placeholder_nestings_stay_well_formed_with_every_placeho
     plain = "".join(expected.itertext())
     for span in {s.text(plain) for s in protect.find_spans(plain)}:
         assert "".join(root.itertext()).count(span) == plain.count(span), (span, source, out)
+
+
+def _placement_by_loops(tokens: list, a: int, b: int, text_len: int) -> tuple[int, int]:
+    """Where an element over source [a, b) goes, by the loops _Alignment replaced (its reference): the hull of the
+    tokens aligned into it, else the token giving it the most attention, else after the last token aligned before
+    it."""
+    hits = [(s, e) for s, e, aligned, _, _ in tokens if aligned and a < b and aligned[0] < b and a < aligned[1]]
+    if not hits and a < b:
+        best, best_mass = None, 0.0
+        for s, e, aligned, row, ranges in tokens:
+            if row is None:
+                continue
+            mass = float(sum(row[j] for j, (rs, re_) in enumerate(ranges) if rs < b and a < re_))
+            if mass > best_mass:
+                best, best_mass = (s, e), mass
+        hits = [best] if best else []
+    if hits:
+        return min(s for s, _ in hits), max(e for _, e in hits)
+    before = [e for s, e, aligned, _, _ in tokens if aligned and aligned[1] <= a]
+    start = max(before) if before else (0 if a == 0 else text_len)
+    return start, start
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_alignment_places_elements_where_the_per_token_loops_did(seed):
+    """Random runs: sentences of source pieces (some without attention, as when casing changed a sentence's
+    length), target tokens aligned to an argmax piece or not, attention rows with exact ties and zero rows; every
+    source range [a, b) of the run, empty ones included, lands where the former loops put it."""
+    rng = np.random.default_rng(seed)
+    tokens, source, output = [], 0, 0
+    for _ in range(int(rng.integers(1, 5))):
+        n_pieces = int(rng.integers(1, 6))
+        bounds = np.cumsum(rng.integers(1, 4, n_pieces + 1))
+        ranges = [(source + int(bounds[i]), source + int(bounds[i + 1])) for i in range(n_pieces)]
+        source = ranges[-1][1] + int(rng.integers(0, 3))
+        attended = rng.random() < 0.8
+        for _ in range(int(rng.integers(0, 6))):
+            width = int(rng.integers(1, 4))
+            row = rng.choice([0.0, 0.25, 0.5], size=n_pieces + 1).astype(np.float32)  # ties, eos column last
+            aligned = ranges[int(np.argmax(row[:n_pieces]))] if attended and rng.random() < 0.85 else None
+            tokens.append((output, output + width, aligned, row if aligned else None, ranges))
+            output += width + int(rng.integers(0, 2))
+    alignment = rich_text._Alignment(tokens)
+    for a in range(source + 2):
+        for b in range(a, source + 3):
+            hull = alignment.hull(a, b) if a < b else None
+            if hull is None:
+                before = alignment.end_before(a)
+                start = before if before is not None else (0 if a == 0 else output)
+                hull = (start, start)
+            assert hull == _placement_by_loops(tokens, a, b, output), (a, b)
+
+
+def test_alignment_breaks_attention_ties_by_the_first_token():
+    """Two sentences' tokens, neither aligned into source [3, 8), each giving the piece of it in its sentence a
+    quarter of its attention: the element goes to the first token, as the former loops' strict ">" had it."""
+    first, second = [(0, 2), (3, 5)], [(6, 8), (9, 11)]
+    tokens = [(0, 4, first[0], np.asarray([0.5, 0.25, 0.25], dtype=np.float32), first),
+              (5, 9, second[1], np.asarray([0.25, 0.5, 0.25], dtype=np.float32), second)]
+    alignment = rich_text._Alignment(tokens)
+    assert alignment.hull(3, 8) == (0, 4) == _placement_by_loops(tokens, 3, 8, 9)
+    assert alignment.hull(6, 8) == (5, 9) == _placement_by_loops(tokens, 6, 8, 9)
+
+
+def test_many_inline_elements_render_in_place(translator):
+    """A block of 400 inline elements (each word its own): every element is in the output, well-formed, in order."""
+    source = " ".join(f"<b>{w}</b>" for w in ("Save the file before you close the window.".split() * 50))
+    out = translate(translator, f"<p>{source}</p>", "html")
+    assert html_tags(out) == ["p"] + ["b"] * 400
