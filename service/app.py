@@ -501,11 +501,17 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         """Submits the sentences, waits for all of them and joins each text's back into its layout."""
         futures = self._submit(model, sentences, options)
         outcomes = await self._await_sentences(model, futures, deadline)
+        # Off the event loop: a document's markup placement and n_best joins are Python work of up to seconds,
+        # which the loop (other requests, health checks) should not wait on.
+        return await asyncio.to_thread(self._translations, model.translator, req, segmented, outcomes)
+
+    def _translations(self, translator: Translator, req: schemas.TranslateRequest,
+                      segmented: list[rich_text.Prepared], outcomes: list) -> list[schemas.Translation]:
         translations, cursor = [], 0
         for seg in segmented:
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
             cursor += len(seg.sentences)
-            translations.append(self._translation(model.translator, req, seg, per_sentence))
+            translations.append(self._translation(translator, req, seg, per_sentence))
         return translations
 
     def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
