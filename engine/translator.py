@@ -17,7 +17,7 @@ from typing import Callable
 
 
 from engine import contract, segmentation
-from engine.errors import InputTooLongError
+from engine.errors import InputTooLongError, InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, OnnxModel
 from engine.core import CoreStats, EngineCore
@@ -92,9 +92,15 @@ class Translator:
 
         Raises:
             InputTooLongError: more than ``max_src_tokens`` tokens.
+            InvalidRequestError: text with a lone surrogate (not valid Unicode: the tokenizer cannot take it).
         """
         if segmentation.is_blank(text):
             return []
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"the text is not valid Unicode: a lone surrogate at character {e.start}"
+                                      ) from None
         ids = self.tokenizer.encode_source(text) + [self.eos_id]
         if len(ids) > self.max_src_tokens:
             raise InputTooLongError(len(ids), self.max_src_tokens)

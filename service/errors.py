@@ -88,12 +88,21 @@ def response_for(exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error; see the server log")
 
 
+LONE_SURROGATE = ("a \\uD800-\\uDFFF escape that is not half of a surrogate pair: the text is not valid Unicode "
+                  "(encode characters beyond U+FFFF as a high-low pair, or send them as UTF-8)")
+
+
 def validation_message(errors: list[dict]) -> str:
-    """pydantic/FastAPI error dicts -> "field: message; ..." (first five), without echoing the input."""
+    """pydantic/FastAPI error dicts -> "field: message; ..." (first five), without echoing the input. A JSON
+    parser's message about a surrogate escape ("lone leading surrogate", "unexpected end of hex escape", which
+    pydantic's parser also says of a lone trailing one) is followed by what it means."""
     parts = []
     for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        message = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid" and ("surrogate" in message or "hex escape" in message):
+            message += f" ({LONE_SURROGATE})"
+        parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
 

@@ -237,10 +237,20 @@ def test_hostile_bodies_get_4xx_never_5xx(served):
         (served["lt"] + "/detect", b"", {"Content-Type": "application/json"}),
         (served["lt"] + "/translate", b"q=a&target=de", {"Content-Type": "text/plain"}),
     ]
+    # Lone surrogate escapes, which Python's json module decodes (the tokenizer then failed: a 500).
+    lone = [(served["lt"] + "/translate", b'{"q": "Hi \\ud800 there.", "source": "en", "target": "de"}'),
+            (served["lt"] + "/translate", b'{"q": ["\\udfff"], "source": "en", "target": "de", "format": "html"}'),
+            (served["deepl"] + "v2/translate", b'{"text": ["Hi \\ud800 there."], "source_lang": "EN", '
+                                               b'"target_lang": "DE"}'),
+            (served["deepl"] + "v2/translate", b'{"text": ["<b>\\ud800</b>"], "source_lang": "EN", '
+                                               b'"target_lang": "DE", "tag_handling": "xml"}')]
+    cases += [(url, body, {"Content-Type": "application/json"}) for url, body in lone]
     for url, body, extra in cases:
         r = requests.post(url, data=body, headers={**headers, **extra}, timeout=30)
         assert r.status_code == 400, (url, body[:60], r.status_code, r.text)
         assert set(r.json()) in ({"message"}, {"error"}), r.text
+        if (url, body) in lone:
+            assert "not valid Unicode" in r.text, r.text
     r = requests.get(served["deepl"] + "v2/languages", params={"type": "glossary"}, headers=headers, timeout=10)
     assert r.status_code == 400 and "type" in r.json()["message"]
 

@@ -203,3 +203,23 @@ def test_sentence_splitter_sees_bounded_windows(monkeypatch):
         seg = segmentation.split(text)
         assert seg.join(seg.sentences) == text
     assert max(seen) <= segmentation.WINDOW
+
+
+@pytest.mark.parametrize("body", [b'{"text": "Hello \\ud800 world."}', b'{"text": "\\udfff"}',
+                                  b'{"text": ["x\\ud800"]}'])
+def test_a_lone_surrogate_escape_is_refused_with_what_it_means(body):
+    """pydantic's JSON parser refuses these with "unexpected end of hex escape" or "lone leading surrogate" (for
+    a trailing one too); the 422's message says the text is not valid Unicode and what to send instead."""
+    from pydantic import ValidationError
+
+    from service.errors import validation_message
+
+    with pytest.raises(ValidationError) as caught:
+        TranslateRequest.model_validate_json(body)
+    message = validation_message(caught.value.errors())
+    assert "not valid Unicode" in message and "high-low pair" in message, message
+
+
+def test_the_engine_refuses_text_that_is_not_valid_unicode(translator):
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        translator.tokenize("Hello \ud800 world.")

@@ -21,7 +21,7 @@ from engine.errors import InvalidRequestError
 from engine.options import DecodingOptions
 from service import schemas
 from service.compat.languages import LanguageTable
-from service.errors import response_for, validation_message
+from service.errors import LONE_SURROGATE, response_for, validation_message
 
 FORM = "application/x-www-form-urlencoded"
 MAX_FORM_FIELDS = 1024  # a form of more fields is refused (each text of a DeepL request is one field)
@@ -96,6 +96,10 @@ def parse_body(body: bytes, media_type: str) -> dict:
         raise InvalidRequestError(f"the body is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(parsed, dict):
         raise InvalidRequestError("the body must be a JSON object")
+    try:  # Python's json module decodes a lone "\ud800" escape to a string no tokenizer can take
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"the body holds {LONE_SURROGATE}") from None
     return parsed
 
 
