@@ -32,6 +32,24 @@ VOID = frozenset("area base br col embed hr img input link meta param source tra
 MAX_DEPTH = 200
 # Void elements that split a run (the rest, img, input..., stay in it as protected spans).
 BREAKING_VOID = frozenset("br hr area base col link meta param source track".split())
+# Elements whose content is raw text in HTML (html.parser passes it undecoded): written back byte for byte.
+RAW_TEXT = frozenset(("script", "style"))
+# HTML's optional end tags (WHATWG HTML, 13.1.2.4 "Optional tags"): a start tag closes the open element it implies
+# the end of, searching the open elements down to the first of ``scope``: start tag -> (names it closes, scope).
+_IMPLIED_END = {
+    "li": ({"li"}, {"ul", "ol", "menu"}),
+    "dt": ({"dt", "dd"}, {"dl"}), "dd": ({"dt", "dd"}, {"dl"}),
+    "td": ({"td", "th"}, {"tr", "table"}), "th": ({"td", "th"}, {"tr", "table"}),
+    "tr": ({"tr"}, {"table", "tbody", "thead", "tfoot"}),
+    "tbody": ({"tbody", "thead", "tfoot"}, {"table"}), "thead": ({"tbody", "thead", "tfoot"}, {"table"}),
+    "tfoot": ({"tbody", "thead", "tfoot"}, {"table"}),
+    "option": ({"option"}, {"select", "datalist", "optgroup"}), "optgroup": ({"optgroup"}, {"select"}),
+}
+# Start tags that close an open p (13.1.2.4), unless a scope boundary lies between.
+_CLOSES_P = frozenset("address article aside blockquote details dialog div dl fieldset figcaption figure footer form "
+                      "h1 h2 h3 h4 h5 h6 header hgroup hr main menu nav ol p pre section table ul".split())
+_P_SCOPE = frozenset("applet button caption html marquee object table td th template".split())
+_OPTIONAL_END = frozenset(_IMPLIED_END) | {"p"}
 
 
 @dataclasses.dataclass
@@ -72,6 +90,7 @@ class _HtmlBuilder(html.parser.HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         raw = self.get_starttag_text() or f"<{tag}>"
+        self._close_implied(tag)
         parent = self.stack[-1]
         verbatim = parent.verbatim or tag in BLOCK_VERBATIM or tag in INLINE_VERBATIM or _no_translate(attrs)
         element = Element(tag, raw, "" if tag in VOID else f"</{tag}>", verbatim=verbatim,
@@ -86,15 +105,38 @@ class _HtmlBuilder(html.parser.HTMLParser):
         if tag not in VOID:  # <em/>: an empty element, written back as it came
             self.stack.pop().end_tag = ""
 
+    def _close_implied(self, tag: str) -> None:
+        """Closes the open element whose end ``tag``'s start implies (<li> after an unclosed <li>, a block after an
+        unclosed <p>), so that such lists and tables are siblings, not nested ever deeper."""
+        names, scope = _IMPLIED_END.get(tag, ({"p"}, _P_SCOPE) if tag in _CLOSES_P else (None, None))
+        if names is None:
+            return
+        for i in range(len(self.stack) - 1, 0, -1):
+            name = self.stack[i].name
+            if name in names:
+                self._pop_to(i)
+                return
+            if name in scope:
+                return
+
+    def _pop_to(self, i: int, closed_by_tag: bool = False) -> None:
+        """Closes stack[i:]. An element of an optional end tag that the input did not close is written back
+        without one, as it came; others left open inside keep theirs (the output stays well-formed)."""
+        for k, element in enumerate(self.stack[i:]):
+            if element.name in _OPTIONAL_END and not (closed_by_tag and k == 0):
+                element.end_tag = ""
+        del self.stack[i:]
+
     def handle_endtag(self, tag):
         for i in range(len(self.stack) - 1, 0, -1):
             if self.stack[i].name == tag:
-                del self.stack[i:]  # closes what was left open inside it (lenient, as browsers are)
+                self._pop_to(i, closed_by_tag=True)  # closes what was left open inside it (as browsers do)
                 return
         # A stray end tag: dropped, so that the output stays well-formed.
 
     def handle_data(self, data):
-        self.stack[-1].children.append(Text(data))
+        top = self.stack[-1]
+        top.children.append(Raw(data) if top.name in RAW_TEXT else Text(data))
 
     def handle_comment(self, data):
         self.stack[-1].children.append(Raw(f"<!--{data}-->"))
@@ -115,6 +157,7 @@ class _HtmlBuilder(html.parser.HTMLParser):
                 self.references.setdefault(char, m.group())
         self.feed(source)
         self.close()
+        self._pop_to(1)  # what is still open at the end closes with the document
 
 
 def parse_html(source: str) -> tuple[Element, dict[str, str]]:
@@ -125,11 +168,16 @@ def parse_html(source: str) -> tuple[Element, dict[str, str]]:
     return builder.root, builder.references
 
 
-def parse_xml(source: str) -> tuple[Element, dict[str, str]]:
-    """The document tree of ``source``; an element is inline when its parent holds text of its own.
+FRAGMENT_ROOT = "nmt_fragment"  # the root a fragment is parsed in (prefixed with "_", a name no text can close)
+
+
+def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, str]]:
+    """The document tree of ``source``, a document or a fragment (text and elements side by side, as in "Press
+    <b>Ctrl+S</b>."); an element is inline when its parent holds text of its own. ``fragment``: the wrapped second
+    attempt (internal; raises ExpatError).
 
     Raises:
-        InvalidRequestError: malformed XML, with the line and column where it breaks.
+        InvalidRequestError: malformed XML, with the line and column where it breaks (the text's own).
     """
     root = Element("#document", "", "")
     stack = [root]
@@ -167,8 +215,20 @@ def parse_xml(source: str) -> tuple[Element, dict[str, str]]:
     try:
         parser.Parse(source, True)
     except xml.parsers.expat.ExpatError as e:
-        raise InvalidRequestError(f"malformed XML at line {e.lineno}, column {e.offset + 1}: "
-                                  f"{xml.parsers.expat.ErrorString(e.code)}") from None
+        if fragment:
+            raise
+        # Not one document: text around elements, or several top-level elements ("Press <b>Ctrl+S</b> to
+        # save."), as DeepL takes. Parsed inside a root of its own, whose content is the text's.
+        opening = f"<_{FRAGMENT_ROOT}>"
+        try:
+            wrapper = parse_xml(f"{opening}{source}</_{FRAGMENT_ROOT}>", fragment=True)[0].children[0]
+        except xml.parsers.expat.ExpatError as inner:
+            if not source.lstrip().startswith("<?xml"):  # a fragment's own error, at the text's own column
+                e = inner
+                e.offset -= len(opening) if e.lineno == 1 else 0
+            raise InvalidRequestError(f"malformed XML at line {e.lineno}, column {e.offset + 1}: "
+                                      f"{xml.parsers.expat.ErrorString(e.code)}") from None
+        root.children = wrapper.children
     _mark_inline(root)
     return root, {}
 

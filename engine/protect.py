@@ -55,18 +55,23 @@ class Span:
 
 def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
     """Non-overlapping protected spans of ``text``, in order: the client's ``terms`` (exact, case-sensitive, longest
-    first), then PATTERNS."""
+    first, as whole words: a term that starts or ends with a letter or digit does not match inside a longer word,
+    so "pass" leaves "password" alone), then PATTERNS."""
     term_spans: list[Span] = []
+    covered = bytearray(len(text))  # characters a term took: an overlap test per match in O(its length)
     for term in sorted({t for t in terms if t.strip()}, key=len, reverse=True):
-        for m in re.finditer(re.escape(term), text):
-            if not any(m.start() < s.end and s.start < m.end() for s in term_spans):
+        pattern = ((r"(?<!\w)" if term[0].isalnum() or term[0] == "_" else "") + re.escape(term)
+                   + (r"(?!\w)" if term[-1].isalnum() or term[-1] == "_" else ""))
+        for m in re.finditer(pattern, text):
+            if not any(covered[m.start():m.end()]):
                 term_spans.append(Span(m.start(), m.end(), "term"))
+                covered[m.start():m.end()] = b"\x01" * (m.end() - m.start())
     taken, last_end = list(term_spans), 0
     for m in _SPANS.finditer(text):  # in order and apart from each other: only terms and a widened span can clash
         start, end = m.start(), m.end()
         if end < len(text) and text[end].isdigit():  # "%%0A": a digit after a mask would read as its number
             end = _WORD_RUN.match(text, end).end()
-        if start >= last_end and not any(start < s.end and s.start < end for s in term_spans):
+        if start >= last_end and not any(covered[start:end]):
             taken.append(Span(start, end, m.lastgroup))
             last_end = end
     return sorted(taken, key=lambda s: s.start)

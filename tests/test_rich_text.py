@@ -243,3 +243,47 @@ def test_many_inline_elements_render_in_place(translator):
     source = " ".join(f"<b>{w}</b>" for w in ("Save the file before you close the window.".split() * 50))
     out = translate(translator, f"<p>{source}</p>", "html")
     assert html_tags(out) == ["p"] + ["b"] * 400
+
+
+def test_script_and_style_content_comes_back_byte_for_byte(translator):
+    """Raw-text elements: html.parser hands their content over undecoded, and it must not be escaped back
+    ("a && b" became "a &amp;&amp; b", which breaks the script)."""
+    script, style = "<script>if (a && b < c) { x = '<p>'; }</script>", "<style>div > p { color: red }</style>"
+    out = translate(translator, f"{script}{style}<p>Save the file.</p>", "html")
+    assert out.startswith(script + style) and out.endswith("</p>") and "Datei" in out
+
+
+def test_optional_end_tags_close_as_browsers_close_them(translator):
+    """<li>, <td>, <tr> and <p> without end tags are siblings (HTML's optional end tags), written back as they
+    came; 250 such items are a list, not markup nested 250 deep (a 422 before)."""
+    from engine import markup
+
+    def names(element):
+        return [c.name for c in element.children if isinstance(c, markup.Element)]
+
+    source = "<ul><li>Save the file.<li>Open the door.<li>Close the window.</ul><p>One.<p>Two.<div>Three.</div>"
+    root, _ = markup.parse_html(source)
+    assert names(root) == ["ul", "p", "p", "div"] and names(root.children[0]) == ["li", "li", "li"]
+    table, _ = markup.parse_html("<table><tr><td>Save<td>Open<tr><td>Close</table>")
+    assert [len(names(tr)) for tr in table.children[0].children] == [2, 1]
+    out = translate(translator, source, "html")
+    assert out.count("<li>") == 3 and "</li>" not in out and out.count("<p>") == 2
+    items = "<ul>" + "".join(f"<li>Item {i} is here." for i in range(250)) + "</ul>"
+    assert translate(translator, items, "html").count("<li>") == 250
+
+
+def test_an_xml_fragment_is_parsed_as_the_text_around_its_elements(translator):
+    """Text with elements but no single root, as DeepL's tag_handling "xml" takes it; a fragment that is not
+    well-formed still says where, in the text's own columns."""
+    out = translate(translator, "Press <b>Ctrl+S</b> to save the file.", "xml")
+    assert out.count("<b>") == 1 and well_formed(out).find("b") is not None
+    two = translate(translator, "<p>Save the file.</p><p>Close the window.</p>", "xml")
+    assert len(well_formed(two).findall("p")) == 2
+    with pytest.raises(InvalidRequestError, match=r"malformed XML at line 1, column 16: mismatched tag"):
+        rich_text.prepare("Press <b>Ctrl</i>", "xml")
+
+
+def test_protected_terms_match_whole_words_only():
+    text = "The password is stored in the settings. Open LibreOffice. Use C++11 or C++."
+    found = [(s.text(text), s.kind) for s in protect.find_spans(text, ("pass", "set", "e", "LibreOffice", "C++"))]
+    assert found == [("LibreOffice", "term"), ("C++", "term"), ("11", "number"), ("C++", "term")]
