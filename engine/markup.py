@@ -147,8 +147,8 @@ class _HtmlBuilder(html.parser.HTMLParser):
     def handle_pi(self, data):
         self.stack[-1].children.append(Raw(f"<?{data}>"))
 
-    def unknown_decl(self, data):
-        self.stack[-1].children.append(Raw(f"<![{data}]>"))
+    def unknown_decl(self, data):  # html.parser hands "<![CDATA[x]]>" over as "CDATA[x"
+        self.stack[-1].children.append(Raw(f"<![{data}]]>" if data.startswith("CDATA[") else f"<![{data}]>"))
 
     def feed_source(self, source: str) -> None:
         for m in re.finditer(r"&(#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);", source):
