@@ -122,7 +122,7 @@ class AsyncEngine:
                 handles.pop(future, None)
                 done_work += work[0]
                 self._count(-work[0], work[1])
-                loop.call_soon_threadsafe(_resolve, future, done)
+                _post(loop, _resolve, future, done)
             elapsed = time.monotonic() - started
             if elapsed > 0 and (done_work or self.work_per_s):  # first estimate at the first finished sentence
                 rate = done_work / elapsed
@@ -135,7 +135,7 @@ class AsyncEngine:
         for done in self.core.fail_all(RuntimeError("the engine was closed")):
             entry = futures.pop(done.handle, None)
             if entry is not None:
-                entry[1].call_soon_threadsafe(_resolve, entry[0], done)
+                _post(entry[1], _resolve, entry[0], done)
 
     def _take_inbox(self, futures: dict, handles: dict) -> None:
         while True:
@@ -156,7 +156,7 @@ class AsyncEngine:
                 handle = self.core.submit(src_ids, options, target_prefix=prefix, group=group)
             except Exception as e:  # noqa: BLE001 - the caller's error, not the loop's
                 self._count(-work[0], work[1])
-                loop.call_soon_threadsafe(_fail, future, e)
+                _post(loop, _fail, future, e)
                 continue
             futures[handle] = (future, loop, work)
             handles[future] = handle
@@ -167,6 +167,15 @@ class AsyncEngine:
             self.queued_work += work
             if interactive:
                 self.interactive_work += work
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable, future: asyncio.Future, value: object) -> None:
+    """Runs ``callback(future, value)`` on the caller's loop; a loop closed since (its caller gone) is skipped: the
+    step loop must not die of it (it did, with RuntimeError, when a test's loop closed first)."""
+    try:
+        loop.call_soon_threadsafe(callback, future, value)
+    except RuntimeError:
+        log.debug("a finished sentence's event loop is closed; its result is dropped")
 
 
 def _resolve(future: asyncio.Future, done: Finished) -> None:

@@ -224,6 +224,25 @@ def test_the_engine_loop_survives_callers_that_leave(translator):
     model.engine.close()
 
 
+def test_the_engine_loop_survives_a_caller_whose_event_loop_closed(translator):
+    """A sentence whose caller's event loop has closed before it finishes (a test's, a shut-down server's): its
+    result is dropped, and the step loop goes on serving the next caller."""
+    engine = AsyncEngine(translator.new_core(), "closed-loop")
+    src = translator.tokenize(SENTENCES[0])
+
+    async def leave():
+        engine.submit(src, DecodingOptions(beam_size=4, min_length=60, max_length=60))
+
+    async def ask():
+        return await asyncio.wait_for(engine.submit(src, DecodingOptions()), 30)
+
+    asyncio.run(leave())  # returns, and closes its loop, before the sentence is done
+    done = asyncio.run(ask())
+    assert done.hypotheses[0].tokens == translator.translate_ids([src], DecodingOptions())[0][0].tokens
+    assert engine.alive
+    engine.close()
+
+
 def test_an_error_during_a_stream_ends_it_with_an_error_record(translator):
     import json
 
