@@ -168,7 +168,7 @@ def parse_html(source: str) -> tuple[Element, dict[str, str]]:
     return builder.root, builder.references
 
 
-FRAGMENT_ROOT = "nmt_fragment"  # the root a fragment is parsed in (prefixed with "_", a name no text can close)
+FRAGMENT_ROOT = "nmt_fragment"  # the root a fragment is parsed in, as "_nmt_fragment" (not counted in its depth)
 
 
 def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, str]]:
@@ -191,7 +191,7 @@ def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, s
         element = Element(name, tag, f"</{name}>", verbatim=stack[-1].verbatim or _no_translate(pairs))
         stack[-1].children.append(element)
         stack.append(element)
-        _check_depth(len(stack) - 1)
+        _check_depth(len(stack) - 1 - fragment)
 
     def end(name):
         element = stack.pop()
