@@ -49,6 +49,14 @@ class _Sentence:
     all_caps: bool
     masks: list[tuple[str, tuple[int, int]]]  # the masks in this sentence and their ranges in the masked run
 
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """Where the masks end in ``model_input``: the tokenizer keeps a mask's digits apart from what follows
+        ("X1." as "X1", "."), so that the model copies the mask and not the punctuation with it."""
+        if len(self.model_input) != len(self.text):
+            return ()
+        return tuple(end - self.offset for _, (_, end) in self.masks)
+
 
 @dataclasses.dataclass
 class _Run:
@@ -76,6 +84,12 @@ class Prepared:
     @property
     def sentences(self) -> list[str]:
         return [s.model_input for run in self.runs for s in run.sentences]
+
+    @property
+    def boundaries(self) -> list[tuple[int, ...]]:
+        """Per sentence (in :attr:`sentences` order), the offsets where its masks end: the ``boundaries`` of
+        Translator.tokenize and of the tokenizer's source_pieces."""
+        return [s.boundaries for run in self.runs for s in run.sentences]
 
     @property
     def runs(self) -> list[_Run]:
@@ -159,7 +173,8 @@ def _source_ranges(sentence: _Sentence, tokenizer) -> list[tuple[int, int]]:
     changed the sentence's length (no alignment then)."""
     if len(sentence.model_input) != len(sentence.text):
         return []
-    return [(sentence.offset + s, sentence.offset + e) for s, e in tokenizer.source_char_spans(sentence.model_input)]
+    return [(sentence.offset + s, sentence.offset + e)
+            for s, e in tokenizer.source_char_spans(sentence.model_input, sentence.boundaries)]
 
 
 def _upper(target: protect.Target, originals: dict[str, str]) -> None:
@@ -446,8 +461,8 @@ def translate(translator, texts: list[str], options=None, format: Format = "text
     """
     options = dataclasses.replace(options or translator.default_options, return_attention=True)
     prepared = [prepare(t, format, True, terms) for t in texts]
-    sentences = [s for p in prepared for s in p.sentences]
-    hyps = translator.translate_ids([translator.tokenize(s) for s in sentences], options)
+    sentences = [(s, b) for p in prepared for s, b in zip(p.sentences, p.boundaries)]
+    hyps = translator.translate_ids([translator.tokenize(s, b) for s, b in sentences], options)
     out, j = [], 0
     for p in prepared:
         n = len(p.sentences)

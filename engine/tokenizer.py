@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import sentencepiece as spm
 
@@ -12,15 +13,42 @@ import sentencepiece as spm
 TOKENIZER_FILES = {"sentencepiece": ("spm.model",), "marian": ("source.spm", "target.spm", "vocab.json")}
 
 
-def char_spans(sp: spm.SentencePieceProcessor, text: str) -> list[tuple[int, int]]:
-    """Each source piece's character range in ``text`` (sentencepiece reports UTF-8 byte offsets into the text as
-    given, before its own normalization), for aligning markup and protected spans with attention columns."""
+def _pieces_with_spans(sp: spm.SentencePieceProcessor, text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Each source piece with its character range in ``text`` (sentencepiece reports UTF-8 byte offsets into the
+    text as given, before its own normalization), for aligning markup and protected spans with attention columns."""
     encoded = text.encode("utf-8")
-    spans = []
-    for piece in sp.encode(text, return_type="proto").pieces:
-        spans.append((len(encoded[:piece.begin].decode("utf-8", "ignore")),
-                      len(encoded[:piece.end].decode("utf-8", "ignore"))))
-    return spans
+    return [(piece.piece, (len(encoded[:piece.begin].decode("utf-8", "ignore")),
+                           len(encoded[:piece.end].decode("utf-8", "ignore"))))
+            for piece in sp.encode(text, return_type="proto").pieces]
+
+
+def split_at_boundaries(pieces: list[tuple[str, tuple[int, int]]], text: str, boundaries: tuple[int, ...],
+                        known: Callable[[str], bool]) -> list[tuple[str, tuple[int, int]]]:
+    """Pieces (with their character ranges in ``text``) cut where a piece runs across one of ``boundaries``
+    (character offsets in ``text``), when the piece and both parts are in the vocabulary (``known``); otherwise
+    left whole.
+
+    Why: a protected span's mask ends in digits, and the vocabulary has pieces such as "1." and "2,", so "open X1."
+    reaches the model as "▁X", "1." and the model can carry the period along with the mask ("X1. konnte nicht
+    geöffnet werden"). Cut as "▁X", "1", "." the mask is the letter-digit pair the model copies and the period
+    stays at the sentence's end (engine/protect.py).
+    """
+    if not boundaries:
+        return pieces
+    out = []
+    for piece, (begin, end) in pieces:
+        tail = []
+        for b in sorted((b for b in boundaries if begin < b < end), reverse=True):
+            right = text[b:end]
+            left = piece[:len(piece) - len(right)]
+            if (not right.strip() or right != right.strip() or not piece.endswith(right) or not left
+                    or not (known(piece) and known(left) and known(right))):
+                continue
+            tail.append((right, (b, end)))
+            piece, end = left, b
+        out.append((piece, (begin, end)))
+        out.extend(reversed(tail))
+    return out
 
 
 class SentencePieceTokenizer:
@@ -30,20 +58,28 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
         self.unk_id = self.sp.unk_id()
 
-    def encode_source(self, text: str) -> list[int]:
-        """Source ids, eos not appended."""
-        return self.sp.encode(text)
+    def encode_source(self, text: str, boundaries: tuple[int, ...] = ()) -> list[int]:
+        """Source ids, eos not appended; pieces cut at ``boundaries`` (:func:`split_at_boundaries`)."""
+        if not boundaries:
+            return self.sp.encode(text)
+        return [self.sp.piece_to_id(p) for p, _ in self._split(text, boundaries)]
+
+    def _split(self, text: str, boundaries: tuple[int, ...]) -> list[tuple[str, tuple[int, int]]]:
+        return split_at_boundaries(_pieces_with_spans(self.sp, text), text, boundaries,
+                                   lambda p: self.sp.piece_to_id(p) != self.unk_id)
 
     def encode_target(self, text: str) -> list[int]:
         """Target ids (for a forced target prefix)."""
         return self.sp.encode(text)
 
-    def source_pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+    def source_pieces(self, text: str, boundaries: tuple[int, ...] = ()) -> list[str]:
+        if not boundaries:
+            return self.sp.encode(text, out_type=str)
+        return [p for p, _ in self._split(text, boundaries)]
 
-    def source_char_spans(self, text: str) -> list[tuple[int, int]]:
+    def source_char_spans(self, text: str, boundaries: tuple[int, ...] = ()) -> list[tuple[int, int]]:
         """Character range of each source piece in ``text`` (eos excluded)."""
-        return char_spans(self.sp, text)
+        return [span for _, span in self._split(text, boundaries)]
 
     def target_pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
@@ -77,18 +113,24 @@ class MarianTokenizer:
     def _ids(self, pieces: list[str]) -> list[int]:
         return [self.vocab.get(p, self.unk_id) for p in pieces]
 
-    def encode_source(self, text: str) -> list[int]:
-        return self._ids(self.source.encode(text, out_type=str))
+    def encode_source(self, text: str, boundaries: tuple[int, ...] = ()) -> list[int]:
+        """Source ids, eos not appended; pieces cut at ``boundaries`` (:func:`split_at_boundaries`)."""
+        return self._ids(self.source_pieces(text, boundaries))
+
+    def _split(self, text: str, boundaries: tuple[int, ...]) -> list[tuple[str, tuple[int, int]]]:
+        return split_at_boundaries(_pieces_with_spans(self.source, text), text, boundaries, self.vocab.__contains__)
 
     def encode_target(self, text: str) -> list[int]:
         return self._ids(self.target.encode(text, out_type=str))
 
-    def source_pieces(self, text: str) -> list[str]:
-        return self.source.encode(text, out_type=str)
+    def source_pieces(self, text: str, boundaries: tuple[int, ...] = ()) -> list[str]:
+        if not boundaries:
+            return self.source.encode(text, out_type=str)
+        return [p for p, _ in self._split(text, boundaries)]
 
-    def source_char_spans(self, text: str) -> list[tuple[int, int]]:
+    def source_char_spans(self, text: str, boundaries: tuple[int, ...] = ()) -> list[tuple[int, int]]:
         """Character range of each source piece in ``text`` (eos excluded)."""
-        return char_spans(self.source, text)
+        return [span for _, span in self._split(text, boundaries)]
 
     def target_pieces(self, ids: list[int]) -> list[str]:
         return [self.pieces.get(i, "<unk>") for i in ids]

@@ -86,9 +86,10 @@ class Translator:
         self.ops = self.model.ops
         self.load_seconds = time.perf_counter() - started
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, boundaries: tuple[int, ...] = ()) -> list[int]:
         """Source token ids with eos appended; [] for empty text or text of only whitespace and invisible format
-        characters (segmentation.is_blank).
+        characters (segmentation.is_blank). ``boundaries``: character offsets where a piece must end when the
+        vocabulary allows (the ends of protected spans' masks: engine/tokenizer.py, split_at_boundaries).
 
         Raises:
             InputTooLongError: more than ``max_src_tokens`` tokens.
@@ -101,7 +102,7 @@ class Translator:
         except UnicodeEncodeError as e:
             raise InvalidRequestError(f"the text is not valid Unicode: a lone surrogate at character {e.start}"
                                       ) from None
-        ids = self.tokenizer.encode_source(text) + [self.eos_id]
+        ids = self.tokenizer.encode_source(text, boundaries) + [self.eos_id]
         if len(ids) > self.max_src_tokens:
             raise InputTooLongError(len(ids), self.max_src_tokens)
         return ids

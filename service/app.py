@@ -526,8 +526,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                     else [None] * len(seg.sentences))
         translation = self._render(translator, seg, hyps, unknowns, req.return_scores)
         if req.return_attention:
-            translation.attention = [self._attention(translator, sentence, h[0]) for sentence, h in
-                                     zip(seg.sentences, hyps)]
+            translation.attention = [self._attention(translator, sentence, boundaries, h[0])
+                                     for sentence, boundaries, h in zip(seg.sentences, seg.boundaries, hyps)]
         return translation
 
     @staticmethod
@@ -547,8 +547,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             prefix_ids = translator.tokenizer.encode_target(prefix) if prefix else None
             if prefix_ids and len(prefix_ids) > limit:
                 raise InvalidRequestError(f"target_prefix[{i}] has {len(prefix_ids)} tokens > limit {limit}")
-            for j, sentence in enumerate(seg.sentences):
-                sentences.append(_Sentence(translator.tokenize(sentence), prefix_ids if j == 0 else None))
+            for j, (sentence, boundaries) in enumerate(zip(seg.sentences, seg.boundaries)):
+                sentences.append(_Sentence(translator.tokenize(sentence, boundaries), prefix_ids if j == 0 else None))
         return segmented, sentences
 
     def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> None:
@@ -694,10 +694,11 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return schemas.Translation(text=joined[0].text, score=joined[0].score, n_best=joined)
 
     @staticmethod
-    def _attention(translator: Translator, sentence: str, hyp: Hypothesis) -> schemas.SentenceAttention:
+    def _attention(translator: Translator, sentence: str, boundaries: tuple[int, ...],
+                   hyp: Hypothesis) -> schemas.SentenceAttention:
         tokenizer = translator.tokenizer
         return schemas.SentenceAttention(
-            source_tokens=tokenizer.source_pieces(sentence) + tokenizer.target_pieces([translator.eos_id]),
+            source_tokens=tokenizer.source_pieces(sentence, boundaries) + tokenizer.target_pieces([translator.eos_id]),
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
 

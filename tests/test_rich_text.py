@@ -127,6 +127,41 @@ def test_a_mask_the_model_drops_goes_after_its_aligned_target_token():
     assert protect.unmask("X57 X5 X7.", {"X5": "%s", "X7": "%X"}) == "X57 %s %X."
 
 
+def test_a_mask_keeps_its_own_piece_before_punctuation(translator):
+    # The vocabulary has "1." and "2,": "open X1." was "▁X", "1." and the model moved the period along with the
+    # mask ("%s. konnte nicht geöffnet werden."). Cut at the mask's end, the mask is copied and the period stays.
+    tokenizer = translator.tokenizer
+    text = "Error in X1, line X2."
+    assert tokenizer.source_pieces(text) == ["▁Error", "▁in", "▁X", "1,", "▁line", "▁X", "2."]  # what it is for
+    bounds = (len("Error in X1"), len(text) - 1)
+    assert tokenizer.source_pieces(text, bounds) == ["▁Error", "▁in", "▁X", "1", ",", "▁line", "▁X", "2", "."]
+    spans = tokenizer.source_char_spans(text, bounds)
+    assert [text[s:e].strip() for s, e in spans] == ["Error", "in", "X", "1", ",", "line", "X", "2", "."]
+    assert translator.tokenize(text, bounds)[:-1] == [tokenizer.sp.piece_to_id(p)
+                                                      for p in tokenizer.source_pieces(text, bounds)]
+    # Boundaries where pieces end already change nothing.
+    assert tokenizer.source_pieces("Open the file.", (4, 8, 13)) == tokenizer.source_pieces("Open the file.")
+    assert tokenizer.source_pieces(text, ()) == tokenizer.source_pieces(text)
+    prepared = rich_text.prepare("Could not open %s. Error in %s, line %d.")
+    assert [s[e - 1] for s, bs in zip(prepared.sentences, prepared.boundaries) for e in bs] == ["1", "2", "3"]
+    for source in ["Could not open %s.", "Unable to save %s.", "Cannot connect to %s."]:
+        out = translate(translator, source)
+        assert "%s." not in out and out.endswith(".") and out.count("%s") == 1, out
+
+
+def test_split_at_boundaries_cuts_only_into_known_pieces():
+    from engine.tokenizer import split_at_boundaries
+
+    text = "see X12.:"
+    pieces = [("▁see", (0, 3)), ("▁X", (3, 5)), ("12.:", (5, 9))]
+    known = {"▁see", "▁X", "12.:", "12", ".:", ".", ":", "12."}.__contains__
+    assert split_at_boundaries(pieces, text, (7, 8), known) == [
+        ("▁see", (0, 3)), ("▁X", (3, 5)), ("12", (5, 7)), (".", (7, 8)), (":", (8, 9))]
+    assert split_at_boundaries(pieces, text, (7,), {"12.:", "12"}.__contains__) == pieces  # "." unknown
+    assert split_at_boundaries(pieces, text, (6,), known) == pieces  # "1" unknown
+    assert split_at_boundaries(pieces, text, (), known) is pieces
+
+
 def test_spans_found_and_not_found():
     text = ("See https://example.org/a?b=1, mail me@example.com, open /usr/share/doc or C:\\Temp\\x.txt, "
             "$HOME and ${USER}, %5.2f %-10s %(n)d %1 {0} {{count}}, on 2024-05-01 at 10:30, v1.2.3, 42 and 3,5.")

@@ -279,6 +279,10 @@ def test_return_attention_over_http(service):
         assert a["source_tokens"][-1] == "</s>" and len(a["weights"]) == len(a["target_tokens"])
         for row in a["weights"]:
             assert len(row) == len(a["source_tokens"]) and abs(sum(row) - 1) < 1e-3
+    # A masked placeholder's digits are a piece of their own, before the period (the tokens the model saw).
+    r = post(service, {"text": "Could not open %s.", "return_attention": True})
+    (a,) = r.json()["translations"][0]["attention"]
+    assert a["source_tokens"][-4:] == ["▁X", "1", ".", "</s>"] and len(a["weights"][0]) == len(a["source_tokens"])
 
 
 def test_several_models_side_by_side(service, translator):
