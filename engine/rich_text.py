@@ -122,7 +122,8 @@ class Prepared:
     def _target(self, run: _Run, sentence: _Sentence, hyp: Hypothesis, tokenizer,
                 unknowns: list[str] | None) -> protect.Target:
         queue = iter(unknowns or [])
-        pieces = [(next(queue, "⁇") if i == tokenizer.unk_id and unknowns is not None else p)
+        # an unk with no unknown left to copy shows as "⁇", as sentencepiece decodes it (its piece reads "<unk>")
+        pieces = [next(queue, "⁇") if i == tokenizer.unk_id else p
                   for i, p in zip(hyp.tokens, tokenizer.target_pieces(hyp.tokens))]
         target = protect.Target.from_pieces(pieces)
         attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None

@@ -88,6 +88,10 @@ class SentencePieceTokenizer:
         """Source substrings the vocabulary maps to unk, in order."""
         return [p.surface for p in self.sp.encode(text, return_type="proto").pieces if p.id == self.unk_id]
 
+    def unknown_target_pieces(self, text: str) -> list[str]:
+        """Target-side substrings the vocabulary maps to unk, in order (a forced target prefix's)."""
+        return self.unknown_source_pieces(text)
+
     def decode_target(self, ids: list[int], unknowns: list[str] | None = None) -> str:
         """Ids -> text; with ``unknowns``, the k-th unk becomes the k-th unknown source substring."""
         if unknowns is None or self.unk_id not in ids:
@@ -137,6 +141,10 @@ class MarianTokenizer:
 
     def unknown_source_pieces(self, text: str) -> list[str]:
         return [p.surface for p in self.source.encode(text, return_type="proto").pieces if p.piece not in self.vocab]
+
+    def unknown_target_pieces(self, text: str) -> list[str]:
+        """Target-side substrings (target.spm) that vocab.json lacks, in order (a forced target prefix's)."""
+        return [p.surface for p in self.target.encode(text, return_type="proto").pieces if p.piece not in self.vocab]
 
     def decode_target(self, ids: list[int], unknowns: list[str] | None = None) -> str:
         queue = iter(unknowns or [])

@@ -514,17 +514,15 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
     def _translations(self, translator: Translator, req: schemas.TranslateRequest,
                       segmented: list[rich_text.Prepared], outcomes: list) -> list[schemas.Translation]:
         translations, cursor = [], 0
-        for seg in segmented:
+        for seg, prefix in zip(segmented, req.prefixes()):
             per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
             cursor += len(seg.sentences)
-            translations.append(self._translation(translator, req, seg, per_sentence))
+            translations.append(self._translation(translator, req, seg, prefix, per_sentence))
         return translations
 
     def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
-                     hyps: list[list[Hypothesis]]) -> schemas.Translation:
-        unknowns = ([translator.unknown_pieces(s) for s in seg.sentences] if req.replace_unknowns
-                    else [None] * len(seg.sentences))
-        translation = self._render(translator, seg, hyps, unknowns, req.return_scores)
+                     prefix: str | None, hyps: list[list[Hypothesis]]) -> schemas.Translation:
+        translation = self._render(translator, seg, hyps, _unknowns(translator, req, seg, prefix), req.return_scores)
         if req.return_attention:
             translation.attention = [self._attention(translator, sentence, boundaries, h[0])
                                      for sentence, boundaries, h in zip(seg.sentences, seg.boundaries, hyps)]
@@ -640,8 +638,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         began). ``finish(status)`` is called once when the stream ends."""
         translator, cursor = model.translator, 0
         try:
-            for index, seg in enumerate(segmented):
-                hyps = []
+            for index, (seg, prefix) in enumerate(zip(segmented, req.prefixes())):
+                hyps, unknowns = [], _unknowns(translator, req, seg, prefix)
                 for j in range(len(seg.sentences)):
                     if cursor + j == len(futures):
                         futures += submit_rest()
@@ -656,11 +654,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                     if done.error is not None:
                         raise done.error
                     hyps.append(self._hypotheses(done))
-                    unknowns = translator.unknown_pieces(seg.sentences[j]) if req.replace_unknowns else None
                     yield _record(type="sentence", index=index, sentence=j,
-                                  text=seg.render_sentence(j, hyps[-1][0], translator.tokenizer, unknowns))
+                                  text=seg.render_sentence(j, hyps[-1][0], translator.tokenizer, unknowns[j]))
                 cursor += len(seg.sentences)
-                translation = self._translation(translator, req, seg, hyps)
+                translation = self._translation(translator, req, seg, prefix, hyps)
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
             await _released(finish(200))  # before "done": the client may send its next request on reading it
             yield _record(type="done", model=model_id)
@@ -701,6 +698,19 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             source_tokens=tokenizer.source_pieces(sentence, boundaries) + tokenizer.target_pieces([translator.eos_id]),
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
+
+
+def _unknowns(translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
+              prefix: str | None) -> list[list[str] | None]:
+    """Per sentence of ``seg``, what its output's unk tokens become, in order: the source substrings the
+    vocabulary lacks (``replace_unknowns``), else None (shown as "⁇"). A forced ``target_prefix`` is the first
+    sentence's first tokens, and its own unknown characters (an emoji) come back as the client wrote them, first,
+    whatever ``replace_unknowns`` says: the prefix is kept whole."""
+    unknowns = [translator.unknown_pieces(s) if req.replace_unknowns else None for s in seg.sentences]
+    own = translator.tokenizer.unknown_target_pieces(prefix) if prefix and unknowns else []
+    if own:
+        unknowns[0] = own + (unknowns[0] if unknowns[0] is not None else ["⁇"] * translator.max_positions)
+    return unknowns
 
 
 def app_builder(args: dict | None = None) -> serve.Application:

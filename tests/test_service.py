@@ -252,6 +252,16 @@ def test_unknown_characters_over_http(service):
     raw = post(service, {**body, "replace_unknowns": False}).json()["translations"][0]["text"]
     assert "⁇" not in copied
     assert ("😀" in copied) == ("⁇" in raw)
+    # A prefix's own unknown characters come back as sent, and do not take the source's (they took 🍕 before).
+    body = {"text": "I love 🍕. It is good.", "target_prefix": "😀 Ich"}
+    for replace in (True, False):
+        r = post(service, {**body, "replace_unknowns": replace, "stream": True})
+        records = [json.loads(line) for line in r.text.splitlines()]
+        first, whole = records[0]["text"], records[2]["text"]
+        assert first.startswith("😀 Ich") and whole.startswith(first), records
+        assert ("🍕" in first) == replace and ("😀" not in first[1:])
+    records = post(service, {"text": body["text"], "replace_unknowns": False, "stream": True}).text.splitlines()
+    assert "⁇" in json.loads(records[0])["text"] and "<unk>" not in records[0]  # a sentence record read "<unk>"
 
 
 @pytest.mark.parametrize("body,fragment", [
