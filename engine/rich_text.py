@@ -135,7 +135,9 @@ class Prepared:
 
     def _render_run(self, run: _Run, hyps: list[Hypothesis], tokenizer, unknowns: list) -> str:
         if run.plain_path:
-            return run.layout.join([tokenizer.decode_target(h.tokens, u) for h, u in zip(hyps, unknowns)])
+            text = run.layout.join([tokenizer.decode_target(h.tokens, u) for h, u in zip(hyps, unknowns)])
+            # markup's text comes back as markup: "&lt;b&gt;" was decoded to "<b>" for the model
+            return text if self.format == "text" else markup.escape_text(text, self.references)
         pieces, offsets, tokens = [], {}, []  # tokens: (start, end) in the run's output, aligned source range
         position = 0
         for part in run.layout.layout:

@@ -149,6 +149,17 @@ def test_a_mask_keeps_its_own_piece_before_punctuation(translator):
         assert "%s." not in out and out.endswith(".") and out.count("%s") == 1, out
 
 
+def test_escaped_text_stays_escaped_without_inline_elements(translator):
+    # A block with nothing to mask or place took the plain path, which returned the decoded text: "A &lt;tag&gt;
+    # here." came back as "A <tag> hier.", a real element, and "&amp;" as a bare "&".
+    for source in ["<p>Tom &amp; Jerry &lt;img src=x onerror=alert(1)&gt;</p>", "Use &lt;b&gt; for bold."]:
+        out = translate(translator, source, "html")
+        assert html_tags(out) == re.findall(r"<(\w+)", source), out
+        text = re.sub(r"</?p>", "", out)  # the text between the source's own tags: escaped
+        assert "<" not in text and ">" not in text and re.fullmatch(r"(?:[^&]|&(?:amp|lt|gt);)*", text), out
+        well_formed(translate(translator, source, "xml"))
+
+
 def test_split_at_boundaries_cuts_only_into_known_pieces():
     from engine.tokenizer import split_at_boundaries
 
