@@ -236,6 +236,8 @@ def test_hostile_bodies_get_4xx_never_5xx(served):
         (served["lt"] + "/translate", b'{"q": {"a": 1}, "target": "de"}', {"Content-Type": "application/json"}),
         (served["lt"] + "/detect", b"", {"Content-Type": "application/json"}),
         (served["lt"] + "/translate", b"q=a&target=de", {"Content-Type": "text/plain"}),
+        (served["deepl"] + "v2/translate", b"text=caf%E9&target_lang=DE",  # Latin-1 escape: no UTF-8
+         {"Content-Type": "application/x-www-form-urlencoded"}),
     ]
     # Lone surrogate escapes, which Python's json module decodes (the tokenizer then failed: a 500).
     lone = [(served["lt"] + "/translate", b'{"q": "Hi \\ud800 there.", "source": "en", "target": "de"}'),

@@ -78,7 +78,7 @@ def parse_body(body: bytes, media_type: str) -> dict:
     the list of its values (DeepL repeats ``text``), so that forms and JSON bodies validate alike.
 
     Raises:
-        InvalidRequestError: not UTF-8, not a JSON object, bad form encoding or more than MAX_FORM_FIELDS fields.
+        InvalidRequestError: not UTF-8 (percent-escapes included), not a JSON object, bad form encoding or more than MAX_FORM_FIELDS fields.
     """
     try:
         text = body.decode("utf-8")
@@ -86,7 +86,9 @@ def parse_body(body: bytes, media_type: str) -> dict:
         raise InvalidRequestError(f"the body is not UTF-8 (byte {e.start})") from None
     if media_type == FORM:
         try:
-            fields = urllib.parse.parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+            # strict: a percent-escape that is not UTF-8 ("%FF") is refused, not silently turned into U+FFFD
+            fields = urllib.parse.parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS,
+                                           errors="strict")
         except ValueError as e:
             raise InvalidRequestError(f"bad form body: {e}") from None
         return {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
