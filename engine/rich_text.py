@@ -382,6 +382,8 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
         InvalidRequestError: malformed XML (format "xml"), with where it breaks.
     """
     text = segmentation.normalize(text)
+    if format == "xml":  # line breaks that XML 1.0 does not allow in a document: dropped, as other controls are
+        text = re.sub("[\x0b\x0c\x1c-\x1e]", "", text)
     prefix = protect.mask_prefix(text)
     counter = [1]
     if format == "text":

@@ -14,9 +14,11 @@ from functools import lru_cache
 
 import pysbd
 
-# C0/C1 control characters except tab, line feed and carriage return (line breaks are layout, kept).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_LINE_BREAK = re.compile(r"(\r\n|\n|\r)")
+# C0/C1 control characters except tab and the line breaks (layout, kept).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]")
+# What str.splitlines breaks at, but U+2028/U+2029, which pysbd already takes as sentence ends: a form feed or
+# vertical tab between two sentences was dropped, and the two were translated as one ("aus.Click die").
+_LINE_BREAK = re.compile(r"(\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85])")
 # Invisible format characters (zero-width space/joiners, word joiner, byte order mark, soft hyphen): a text of only
 # these and whitespace is blank, not a sentence (the model turned "\u200b\u200b\ufeff" into ".").
 _INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
