@@ -34,11 +34,11 @@ import ray
 from ray import serve
 from ray.exceptions import TaskCancelledError
 
-from engine import rich_text
+from engine import rich_text, segmentation
 from engine.async_engine import AsyncEngine
 from engine.core import Finished
 from engine.explain import Explainer
-from engine.errors import InvalidRequestError
+from engine.errors import InputTooLongError, InvalidRequestError
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
@@ -52,7 +52,7 @@ from service.compat.routes import CompatRoutes
 from service.config import PROJECT_ROOT, AppArgs, BatchConfig
 from service.http_app import api
 from service.page import PageRoutes
-from service.errors import (NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
+from service.errors import (BodyTimeoutError, NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
                             UnsupportedMediaTypeError, error_response, response_for,
                             validation_message)
 from service.metrics import ServiceMetrics, StepMetrics, count_done
@@ -93,6 +93,19 @@ def _record(**fields) -> bytes:
     return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
 
 
+def _unknowns(translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
+              prefix: str | None) -> list[list[str] | None]:
+    """Per sentence of ``seg``, what its output's unk tokens become, in order: the source substrings the
+    vocabulary lacks (``replace_unknowns``), else None (shown as "⁇"). A forced ``target_prefix`` is the first
+    sentence's first tokens, and its own unknown characters (an emoji) come back as the client wrote them, first,
+    whatever ``replace_unknowns`` says: the prefix is kept whole."""
+    unknowns = [translator.unknown_pieces(s) if req.replace_unknowns else None for s in seg.sentences]
+    own = translator.tokenizer.unknown_target_pieces(prefix) if prefix and unknowns else []
+    if own:
+        unknowns[0] = own + (unknowns[0] if unknowns[0] is not None else ["⁇"] * translator.max_positions)
+    return unknowns
+
+
 class _Outcome:
     """One request's end: its status counted once (model metrics, key metrics) and its key's admission released
     with it (service.api_keys.CHARGED_STATUSES: which statuses keep the characters charged)."""
@@ -102,11 +115,14 @@ class _Outcome:
         self.key_id: str | None = None
         self.ticket: int | None = None
         self.characters = 0
+        self.on_finish: Callable[[int], None] | None = None  # a stream's log line, written with its final status
 
     def finish(self, status: int) -> concurrent.futures.Future | None:
         """Counts the request and releases its admission; returns the release's future (None without one), which
         the response should wait for (:func:`_released`) so that its client's next request finds the slot free."""
         self.metrics.request(status, self.api)
+        if self.on_finish is not None:
+            self.on_finish(status)
         if self.access is not None:
             self.access.metrics.request(self.key_id, status, self.characters)
             if self.ticket is not None:
@@ -214,7 +230,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 raise RuntimeError(f"the engine of model {model_id} failed a health probe: {done.error}")
             model.report_load_times()
 
-    @api.get("/health", response_model=schemas.Health)
+    @api.api_route("/health", methods=["GET", "HEAD"], response_model=schemas.Health)  # HEAD: uptime checkers
     async def health(self) -> schemas.Health:
         translator = self.default.translator
         return schemas.Health(status="ok", model=self.args.model_id, provider=translator.provider,
@@ -307,11 +323,15 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = dialect.render_error(e)
-        if not isinstance(response, StreamingResponse):  # a stream counts its own outcome when it ends
+        def log_line(status: int) -> None:  # the key's id, never the key
+            log.info("%s %s status %d texts %d chars %d latency_ms %.1f key %s", dialect.name, route, status,
+                     len(texts), characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
+
+        if isinstance(response, StreamingResponse):  # its status (499, 504...) and time are known when it ends
+            outcome.on_finish = log_line
+        else:
             await _released(outcome.finish(response.status_code))
-        # The key's id, never the key.
-        log.info("%s %s status %d texts %d chars %d latency_ms %.1f key %s", dialect.name, route,
-                 response.status_code, len(texts), characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
+            log_line(response.status_code)
         if log.isEnabledFor(logging.DEBUG):  # request text only when debugging: it may be confidential
             log.debug("%s texts %r", route, texts)
         return response
@@ -323,18 +343,25 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         model.explainer.check_available()  # before any decoding
         if len(req.text) > self.args.max_chars_per_text:
             raise RequestTooLargeError(f"text has {len(req.text)} characters > limit {self.args.max_chars_per_text}")
-        src = translator.tokenize(req.text)
+        too_long = f"> limit {EXPLAIN_MAX_TOKENS} for explain (its weights grow with the square of the length)"
+        try:
+            src = translator.tokenize(req.text)
+        except InputTooLongError as e:  # past the model's own limit, which is not this route's
+            raise RequestTooLargeError(f"text has {e.n_tokens} tokens {too_long}") from None
         if not src:
             raise InvalidRequestError("text is empty")
         if len(src) > EXPLAIN_MAX_TOKENS:
-            raise RequestTooLargeError(f"text has {len(src)} tokens > limit {EXPLAIN_MAX_TOKENS} for explain (its "
-                                       f"weights grow with the square of the length)")
+            raise RequestTooLargeError(f"text has {len(src)} tokens {too_long}")
+        if req.target is None and len(sentences := segmentation.split(req.text).sentences) > 1:
+            # The model translates sentence by sentence; given several at once it tends to stop after the first.
+            raise InvalidRequestError(f"explain translates one sentence and the text has {len(sentences)}: send "
+                                      f"them one at a time, or give the translation to explain as 'target'")
         if req.target is not None:
             tgt = translator.tokenizer.encode_target(req.target)
             if len(tgt) + 1 > EXPLAIN_MAX_TOKENS:
                 raise RequestTooLargeError(f"target has {len(tgt)} tokens > limit {EXPLAIN_MAX_TOKENS - 1}")
         else:
-            self._admit(model, [_Sentence(src)], translator.default_options)
+            self._admit(model, [_Sentence(src)], translator.default_options, self.args.request_timeout_s)
             futures = self._submit(model, [_Sentence(src)], translator.default_options)
             [hyps] = await self._await_sentences(model, futures, time.monotonic() + self.args.request_timeout_s)
             tgt = hyps[0].tokens
@@ -393,6 +420,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 never in cookies) and cannot read the answer.
             RequestTooLargeError: a chunked body that grows past the limit (a declared Content-Length over it is
                 refused by service/http_security.py on every route, before this runs).
+            BodyTimeoutError: the body took longer than body_timeout_s (a slow client holds a request slot).
         """
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if form_ok and media_type == compat.FORM:
@@ -402,13 +430,23 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise UnsupportedMediaTypeError(f"Content-Type {media_type[:100]!r} is not JSON: send the body with "
                                             f"Content-Type: application/json" +
                                             (f" or {compat.FORM}" if form_ok else ""))
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise UnsupportedMediaTypeError(f"Content-Encoding {encoding[:50]!r} is not supported: send the body "
+                                            f"uncompressed")
         limit = self.args.max_body_bytes
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestTooLargeError(f"body > limit {limit} bytes")
-        return bytes(body), media_type
+        try:
+            async with asyncio.timeout(self.args.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise RequestTooLargeError(f"body > limit {limit} bytes")
+        except TimeoutError:
+            raise BodyTimeoutError(f"the body did not arrive within body_timeout_s={self.args.body_timeout_s} "
+                                   f"({len(body)} bytes received)") from None
+        # A UTF-8 byte order mark, which JSON parsers may ignore (RFC 8259, section 8.1), and some editors write.
+        return bytes(body).removeprefix(b"\xef\xbb\xbf"), media_type
 
     async def _translate(self, req: schemas.TranslateRequest,
                          finish: Callable[[int], concurrent.futures.Future | None]) -> JSONResponse | StreamingResponse:
@@ -491,11 +529,11 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise RequestTooLargeError(f"{len(sentences)} sentences > limit max_sentences_per_request="
                                        f"{self.args.max_sentences_per_request} "
                                        f"per request")
-        self._admit(model, sentences, options)
+        deadline += self.args.timeout_s_per_sentence * len(sentences)  # a document gets time for its size
+        self._admit(model, sentences, options, deadline - time.monotonic())
         if any(p.needs_attention for p in segmented) and not options.return_attention:
             # Markup, masks and casing are put back by alignment; the answer shows attention only when asked.
             options = dataclasses.replace(options, return_attention=True)
-        deadline += self.args.timeout_s_per_sentence * len(sentences)  # a document gets time for its size
         return options, segmented, sentences, deadline
 
     async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[rich_text.Prepared],
@@ -549,12 +587,16 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 sentences.append(_Sentence(translator.tokenize(sentence, boundaries), prefix_ids if j == 0 else None))
         return segmented, sentences
 
-    def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> None:
+    def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions,
+               time_left_s: float | None = None) -> None:
         """Admission by work (token-rows, AsyncEngine.work): a bulk request is refused past max_queued_work of all
         queued work; an interactive one (at most interactive_max_sentences sentences) only past twice that of the
         interactive work queued, so that interactive requests still get in while bulk ones (a document) fill the
         queue, and then join the running decode first under the engine's fairness; an idle engine admits anything
-        (max_sentences_per_request bounds a request).
+        (max_sentences_per_request bounds a request). A busy engine also refuses a request that the work ahead of
+        it and its own would not let finish within ``time_left_s`` (seconds to its deadline) at the replica's
+        recent rate (AsyncEngine.work_per_s): admitted, it would only be dropped at its deadline, a 504 after all
+        that work (a burst of clients retrying on 503 ended 113 of 200 requests so, with replicas sharing cores).
 
         Raises:
             OverloadedError: the replica has too much work queued (HTTP 503 with Retry-After).
@@ -563,16 +605,24 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         interactive = self._interactive(sentences)
         queued = model.engine.interactive_work if interactive else model.engine.queued_work
         limit = self.args.max_queued_work * (2 if interactive else 1)
-        if queued and queued + work > limit:
-            model.metrics.rejected.inc(1)
-            # Retry-After: when the queue will have drained enough at the engine's recent rate (at least
-            # retry_after_s, at most 60 s), so that refused clients do not come back every second and spend the
-            # CPU the engine needs on more refusals.
-            rate = model.engine.work_per_s
+        if not queued:
+            return
+        # Retry-After: when the queue will have drained enough at the engine's recent rate (at least
+        # retry_after_s, at most 60 s), so that refused clients do not come back every second and spend the
+        # CPU the engine needs on more refusals.
+        rate = model.engine.work_per_s
+        if queued + work > limit:
             wait = (queued + work - limit) / rate if rate > 0 else 0
-            retry_after = min(60, max(self.args.retry_after_s, math.ceil(wait)))
-            raise OverloadedError(f"this replica has {queued} token-rows of work queued (limit {limit} for a request "
-                                  f"of {len(sentences)} sentences); retry in {retry_after} s", retry_after)
+            reason = f"{queued} token-rows of work queued (limit {limit} for a request of {len(sentences)} sentences)"
+        elif time_left_s is not None and rate > 0 and (queued + work) / rate > time_left_s:
+            wait = (queued + work) / rate - time_left_s
+            reason = (f"{queued} token-rows of work queued, about {(queued + work) / rate:.0f} s with this request's "
+                      f"at its recent rate, past the request's deadline in {time_left_s:.0f} s")
+        else:
+            return
+        model.metrics.rejected.inc(1)
+        retry_after = min(60, max(self.args.retry_after_s, math.ceil(wait)))
+        raise OverloadedError(f"this replica has {reason}; retry in {retry_after} s", retry_after)
 
     def _interactive(self, sentences: list[_Sentence]) -> bool:
         return len(sentences) <= self.args.interactive_max_sentences
@@ -698,19 +748,6 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             source_tokens=tokenizer.source_pieces(sentence, boundaries) + tokenizer.target_pieces([translator.eos_id]),
             target_tokens=tokenizer.target_pieces(hyp.tokens),
             weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
-
-
-def _unknowns(translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
-              prefix: str | None) -> list[list[str] | None]:
-    """Per sentence of ``seg``, what its output's unk tokens become, in order: the source substrings the
-    vocabulary lacks (``replace_unknowns``), else None (shown as "⁇"). A forced ``target_prefix`` is the first
-    sentence's first tokens, and its own unknown characters (an emoji) come back as the client wrote them, first,
-    whatever ``replace_unknowns`` says: the prefix is kept whole."""
-    unknowns = [translator.unknown_pieces(s) if req.replace_unknowns else None for s in seg.sentences]
-    own = translator.tokenizer.unknown_target_pieces(prefix) if prefix and unknowns else []
-    if own:
-        unknowns[0] = own + (unknowns[0] if unknowns[0] is not None else ["⁇"] * translator.max_positions)
-    return unknowns
 
 
 def app_builder(args: dict | None = None) -> serve.Application:

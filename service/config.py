@@ -38,6 +38,8 @@ class AppArgs(BaseModel):
                                     "into paragraphs and sentences (413 beyond, naming this limit)")
     max_chars_per_request: int = Field(100_000, ge=1, description="characters in all texts of one request")
     max_body_bytes: int = Field(1_000_000, ge=1)
+    body_timeout_s: float = Field(10.0, gt=0, description="time to receive a request's whole body (408 past it): a "
+                                  "client that sends its body byte by byte holds a max_ongoing_requests slot")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request in the replica (504 past it)")
     timeout_s_per_sentence: float = Field(0.0, ge=0, description="added to a request's deadline for each of its "
                                           "sentences, so that a document of 1,000 sentences gets time for its size "

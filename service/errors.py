@@ -45,6 +45,11 @@ class RateLimitedError(EngineError):
         self.limit = limit
 
 
+class BodyTimeoutError(InvalidRequestError):
+    """The request body did not arrive within body_timeout_s (a client sending it byte by byte holds one of the
+    replica's max_ongoing_requests slots meanwhile). HTTP 408."""
+
+
 class UnsupportedMediaTypeError(InvalidRequestError):
     """A body that is not JSON by its Content-Type. HTTP 415."""
 
@@ -58,6 +63,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int, str]] = [
     (InputTooLongError, 413, "input_too_long"),
     (RequestTooLargeError, 413, "request_too_large"),
     (UnsupportedMediaTypeError, 415, "unsupported_media_type"),
+    (BodyTimeoutError, 408, "body_timeout"),
     (InvalidRequestError, 422, "invalid_request"),
     (EngineUnavailableError, 503, "unavailable"),
     (OverloadedError, 503, "overloaded"),

@@ -39,7 +39,7 @@ class StubMetrics:
     def add_pending(self, n: int) -> None:
         self.pending += n
 
-    def request(self, status: int) -> None:
+    def request(self, status: int, api: str = "native") -> None:
         self.statuses.append(status)
 
     def count(self, counter, n) -> None:
@@ -145,6 +145,30 @@ def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_alway
     refused = asyncio.run(main())
     assert refused.retry_after_s == 1 and "limit 1000" in str(refused)
     assert model.metrics.rejected.value == 2
+    model.engine.close()
+
+
+def test_admission_refuses_a_request_the_queue_would_not_let_finish_before_its_deadline(translator):
+    dep = replica(translator, max_queued_work=10**9, interactive_max_sentences=1)
+    model = dep.default
+    heavy = DecodingOptions(beam_size=4, min_length=100, max_length=100)
+
+    async def main():
+        futures = dep._submit(model, sentences(translator, SENTENCES[:4]), heavy)
+        model.engine.work_per_s = 100.0  # token-rows/s (the loop's own estimate moves it a little from here)
+        probe = sentences(translator, SENTENCES[4:6])
+        dep._admit(model, probe, DecodingOptions(), 1e9)  # far within the work limit, and in time
+        dep._admit(model, probe, DecodingOptions())  # no deadline given: the work limit alone
+        with pytest.raises(OverloadedError) as refused:
+            dep._admit(model, probe, DecodingOptions(), 0.01)
+        dep._abandon(model, futures)
+        await settle(model.engine)
+        dep._admit(model, probe, DecodingOptions(), 0.01)  # an idle engine admits anything
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert "past the request's deadline" in str(refused) and 1 <= refused.retry_after_s <= 60
+    assert model.metrics.rejected.value == 1
     model.engine.close()
 
 
@@ -262,4 +286,40 @@ def test_an_error_during_a_stream_ends_it_with_an_error_record(translator):
     assert [r["type"] for r in records] == ["sentence", "translation", "error"]  # never a silent cut
     assert records[-1]["status"] == 500 and records[-1]["error"]["type"] and records[-1]["error"]["message"]
     assert dep.default.metrics.statuses == [500]
+    dep.default.engine.close()
+
+
+def test_a_streams_log_line_gives_its_final_status_and_time(translator, caplog):
+    import json
+
+    from starlette.requests import Request
+
+    from service import schemas
+
+    greedy = DecodingOptions(beam_size=1)
+    (bad,) = translator.translate_ids([translator.tokenize(SENTENCES[0])], greedy)
+    dep = replica(translator, NaNAfterToken(translator.model, bad[0].tokens[1]))
+    body = json.dumps({"text": [SENTENCES[2], SENTENCES[0]], "beam_size": 1, "stream": True}).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    def parse(raw, _):
+        req = schemas.TranslateRequest.model_validate_json(raw)
+        return req, req.texts(), req.model
+
+    async def main():
+        request = Request({"type": "http", "method": "POST", "path": "/translate", "query_string": b"",
+                           "headers": [(b"content-type", b"application/json")]}, receive)
+        response = await dep._handle(request, "translate", parse, dep._translate)
+        logged_at_start = [r.getMessage() for r in caplog.records if "latency_ms" in r.getMessage()]
+        records = [json.loads(chunk) async for chunk in response.body_iterator]
+        return logged_at_start, records
+
+    with caplog.at_level("INFO", logger="service.app"):
+        logged_at_start, records = asyncio.run(main())
+    assert logged_at_start == []  # it was logged "status 200" when its headers went out
+    assert records[-1]["type"] == "error" and records[-1]["status"] == 500
+    (line,) = [r.getMessage() for r in caplog.records if "latency_ms" in r.getMessage()]
+    assert "translate status 500 texts 2" in line, line
     dep.default.engine.close()

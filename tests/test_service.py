@@ -40,7 +40,8 @@ def service(artifact, greedy_artifact, marian_artifact):
         {"artifact_dir": str(artifact), "model_id": "en-de", "models": {"en-de-greedy": str(greedy_artifact),
                                                                           "marian-test": str(marian_artifact)},
          "device": "cpu", "max_texts_per_request": 8,
-         "max_chars_per_text": 1500, "max_chars_per_request": 10_000, "max_body_bytes": 20_000})
+         "max_chars_per_text": 1500, "max_chars_per_request": 10_000, "max_body_bytes": 20_000,
+         "body_timeout_s": 2})
     serve.run(app, name="translation", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
@@ -281,6 +282,32 @@ def test_option_errors_are_422_naming_the_option(service, body, fragment):
     assert fragment in r.json()["error"]["message"]
 
 
+def test_a_body_sent_too_slowly_gets_408_and_frees_its_slot(service):
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(service["url"])
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50\r\n\r\n{\"te")  # then nothing: 2 of its 50 body bytes came
+        started = time.monotonic()
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "body_timeout_s=2" in answer and time.monotonic() - started < 15
+    assert post(service, {"text": "Hello."}).status_code == 200
+
+
+def test_head_compressed_and_bom_bodies(service):
+    r = requests.head(service["url"] + "/health", timeout=10)
+    assert r.status_code == 200 and r.content == b""
+    import gzip
+    r = requests.post(service["url"] + "/translate", data=gzip.compress(b'{"text": "Hello."}'), timeout=30,
+                      headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding 'gzip'" in r.json()["error"]["message"]  # was "Invalid JSON"
+    r = post(service, b'\xef\xbb\xbf{"text": "Hello."}')
+    assert r.status_code == 200 and r.json()["translations"][0]["text"]
+
+
 def test_return_attention_over_http(service):
     r = post(service, {"text": f"{SENTENCES[0]} {SENTENCES[2]}", "return_attention": True, "beam_size": 2})
     (t,) = r.json()["translations"]
@@ -368,6 +395,8 @@ def test_explain_gives_every_layer_and_head_matching_the_engine(service, transla
 @pytest.mark.parametrize("body,status,fragment", [
     ({"text": ""}, 422, "empty"),
     ({"text": "word " * 200}, 413, "limit 128"),
+    ({"text": "word " * 300}, 413, "limit 128"),  # past the model's own 256 too: it named 256
+    ({"text": "Select the cell. Click the button."}, 422, "one sentence and the text has 2"),
     ({"text": SENTENCES[0], "model": "nope"}, 422, "unknown model"),
     ({"text": ["a", "b"]}, 422, "text"),
     ({"txt": "a"}, 422, "text"),
