@@ -65,3 +65,14 @@ def test_every_line_break_separates_sentences_and_is_kept(separator):
     expected = (["Select the cell.", "Click the button."] if separator == "\x85"
                 else ["Select the cell.Click the button."])
     assert rich_text.prepare(f"<p>Select the cell.{separator}Click the button.</p>", "xml").sentences == expected
+
+
+def test_threads_splitting_at_once_split_as_one_thread_does():
+    # The service splits long texts on worker threads; through one shared pysbd Segmenter, texts split at the same
+    # time were mixed up (sentences merged into runs that the model returned untranslated).
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [" ".join(SENTENCES[k % len(SENTENCES)] for k in range(60)) + f" Number {i}." for i in range(32)]
+    expected = [segmentation.split(t).sentences for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda t: segmentation.split(t).sentences, texts)) == expected
