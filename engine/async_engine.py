@@ -20,6 +20,8 @@ from typing import Callable
 from engine.core import EngineCore, Finished
 from engine.options import DecodingOptions
 
+RATE_WEIGHT = 0.02  # of one step in the drain rate's moving averages
+
 log = logging.getLogger(__name__)
 
 
@@ -36,9 +38,11 @@ class AsyncEngine:
             of service/app.py).
         interactive_work: the part of queued_work submitted as interactive (small requests), which service/app.py
             admits against each other only, so that a document in the engine does not shut small requests out.
-        work_per_s: the work the engine has been finishing per second while busy (an exponential moving average
-            over steps, weight 0.05; 0 before the first sentence finishes): how fast a queue drains, for
-            Retry-After.
+        work_per_s: the work the engine has been finishing per second while busy: work finished over decoder time,
+            both as exponential moving averages over steps (weight 0.02 a step; 0 before the first sentence
+            finishes), a ratio of sums rather than an average of each step's ratio, which a step that finishes a
+            long sentence inflated (the first estimate was that one step's): how fast a queue drains, for admission
+            and Retry-After. ``set_rate`` sets it as if measured over a long time (tests, a known machine).
     """
 
     def __init__(self, core: EngineCore, name: str = "engine",
@@ -50,9 +54,14 @@ class AsyncEngine:
         self.queued_work = 0
         self.interactive_work = 0
         self.work_per_s = 0.0
+        self._done_ema = self._time_ema = 0.0  # work finished, seconds of steps
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
+
+    def set_rate(self, work_per_s: float, seconds: float = 1e6) -> None:
+        """Sets :attr:`work_per_s` as if measured over ``seconds`` of steps, so that the next steps hardly move it."""
+        self._done_ema, self._time_ema, self.work_per_s = work_per_s * seconds, seconds, work_per_s
 
     @staticmethod
     def work(src_ids: list[int], options: DecodingOptions) -> int:
@@ -62,7 +71,7 @@ class AsyncEngine:
         return options.beam_size * (len(src_ids) + max(len(src_ids), options.min_length))
 
     def submit(self, src_ids: list[int], options: DecodingOptions, *, target_prefix: list[int] | None = None,
-               group: object = None, interactive: bool = False) -> asyncio.Future:
+               group: object = None, interactive: bool = False, deadline: float | None = None) -> asyncio.Future:
         """Queues a sentence (arguments as :meth:`EngineCore.submit`, ``interactive``: counted in interactive_work
         too; validate lengths before: the core's
         InputTooLongError would come back as the future's exception). Call from the event loop that awaits it.
@@ -77,7 +86,7 @@ class AsyncEngine:
         future = loop.create_future()
         work = self.work(src_ids, options)
         self._count(work, interactive)
-        self._inbox.put(("submit", future, loop, (work, interactive), (src_ids, options, target_prefix, group)))
+        self._inbox.put(("submit", future, loop, (work, interactive), (src_ids, options, target_prefix, group, deadline)))
         self._wake.set()
         return future
 
@@ -124,9 +133,10 @@ class AsyncEngine:
                 self._count(-work[0], work[1])
                 _post(loop, _resolve, future, done)
             elapsed = time.monotonic() - started
-            if elapsed > 0 and (done_work or self.work_per_s):  # first estimate at the first finished sentence
-                rate = done_work / elapsed
-                self.work_per_s = 0.95 * self.work_per_s + 0.05 * rate if self.work_per_s else rate
+            self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
+            self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
+            if self._done_ema and self._time_ema > 0:
+                self.work_per_s = self._done_ema / self._time_ema
             if self.on_step is not None:
                 try:
                     self.on_step(self.core, finished)
@@ -148,12 +158,12 @@ class AsyncEngine:
                 if handle is not None:
                     self.core.abort(handle)
                 continue
-            _, future, loop, work, (src_ids, options, prefix, group) = message
+            _, future, loop, work, (src_ids, options, prefix, group, deadline) = message
             if future.done():  # cancelled before it reached the loop
                 self._count(-work[0], work[1])
                 continue
             try:
-                handle = self.core.submit(src_ids, options, target_prefix=prefix, group=group)
+                handle = self.core.submit(src_ids, options, target_prefix=prefix, group=group, deadline=deadline)
             except Exception as e:  # noqa: BLE001 - the caller's error, not the loop's
                 self._count(-work[0], work[1])
                 _post(loop, _fail, future, e)

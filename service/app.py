@@ -67,6 +67,9 @@ INLINE_RENDER_SENTENCES = 16
 # Source (and target) tokens /v1/explain takes: its weights grow with the square of the length (at 128 tokens,
 # about 2 MB of JSON for the bundled model).
 EXPLAIN_MAX_TOKENS = 128
+# A busy replica admits a request only if the work ahead of it and its own drain within this share of the time to
+# its deadline at the recent rate (the rest: the answer's rendering, the rate's error).
+DEADLINE_SHARE = 0.8
 
 
 @dataclasses.dataclass
@@ -458,9 +461,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             # The first sentence decodes alone (on an otherwise idle engine) and the rest join once it is done: on a
             # CPU a step costs more the more rows it holds, so the first sentence shows after about one sentence's
             # latency instead of a full batch's (the stream as a whole takes about one sentence longer).
-            futures = self._submit(model, sentences[:1], options)
+            futures = self._submit(model, sentences[:1], options, deadline)
             return StreamingResponse(self._stream(model_id, model, req, segmented, futures, deadline,
-                                                  lambda: self._submit(model, sentences[1:], options), finish),
+                                                  lambda: self._submit(model, sentences[1:], options, deadline),
+                                                  finish),
                                      media_type="application/x-ndjson")
         translations = await self._decode(model, req, segmented, sentences, options, deadline)
         body = schemas.TranslateResponse(model=model_id, translations=translations)
@@ -540,7 +544,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                       sentences: list[_Sentence], options: DecodingOptions,
                       deadline: float) -> list[schemas.Translation]:
         """Submits the sentences, waits for all of them and joins each text's back into its layout."""
-        futures = self._submit(model, sentences, options)
+        futures = self._submit(model, sentences, options, deadline)
         outcomes = await self._await_sentences(model, futures, deadline)
         # Off the event loop: a document's markup placement and n_best joins are Python work of up to seconds,
         # which the loop (other requests, health checks) should not wait on. Plain text of a few sentences is joined
@@ -594,7 +598,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         interactive work queued, so that interactive requests still get in while bulk ones (a document) fill the
         queue, and then join the running decode first under the engine's fairness; an idle engine admits anything
         (max_sentences_per_request bounds a request). A busy engine also refuses a request that the work ahead of
-        it and its own would not let finish within ``time_left_s`` (seconds to its deadline) at the replica's
+        it and its own would not let finish within DEADLINE_SHARE of ``time_left_s`` (seconds to its deadline; the
+        rest for the answer's rendering and the rate's error) at the replica's
         recent rate (AsyncEngine.work_per_s): admitted, it would only be dropped at its deadline, a 504 after all
         that work (a burst of clients retrying on 503 ended 113 of 200 requests so, with replicas sharing cores).
 
@@ -614,8 +619,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         if queued + work > limit:
             wait = (queued + work - limit) / rate if rate > 0 else 0
             reason = f"{queued} token-rows of work queued (limit {limit} for a request of {len(sentences)} sentences)"
-        elif time_left_s is not None and rate > 0 and (queued + work) / rate > time_left_s:
-            wait = (queued + work) / rate - time_left_s
+        elif time_left_s is not None and rate > 0 and (queued + work) / rate > DEADLINE_SHARE * time_left_s:
+            wait = (queued + work) / rate - DEADLINE_SHARE * time_left_s
             reason = (f"{queued} token-rows of work queued, about {(queued + work) / rate:.0f} s with this request's "
                       f"at its recent rate, past the request's deadline in {time_left_s:.0f} s")
         else:
@@ -627,13 +632,16 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
     def _interactive(self, sentences: list[_Sentence]) -> bool:
         return len(sentences) <= self.args.interactive_max_sentences
 
-    def _submit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions) -> list[asyncio.Future]:
-        group = object()  # the request: the engine's fairness unit
+    def _submit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions,
+                deadline: float | None = None) -> list[asyncio.Future]:
+        """Queues a request's sentences as one group (the engine's fairness unit) with its ``deadline``
+        (time.monotonic() seconds), which orders it among running requests (engine/core.py, policy point 2)."""
+        group = object()
         interactive = self._interactive(sentences)
         model.metrics.add_pending(len(sentences))
         model.metrics.count(model.metrics.source_tokens, sum(len(s.src_ids) for s in sentences))
         futures = [model.engine.submit(s.src_ids, options, target_prefix=s.prefix, group=group,
-                                       interactive=interactive) for s in sentences]
+                                       interactive=interactive, deadline=deadline) for s in sentences]
         for future in futures:
             future.add_done_callback(functools.partial(count_done, model.metrics))
         return futures

@@ -132,7 +132,7 @@ def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_alway
         with pytest.raises(OverloadedError) as refused:
             dep._admit(model, sentences(translator, SENTENCES[4:6]), DecodingOptions())
         dep._admit(model, sentences(translator, SENTENCES[4:5]), DecodingOptions())  # interactive: still in
-        model.engine.work_per_s = 10.0  # token-rows/s: the queue drains slowly, so Retry-After grows
+        model.engine.set_rate(10.0)  # token-rows/s: the queue drains slowly, so Retry-After grows
         second = sentences(translator, SENTENCES[4:6])
         excess = model.engine.queued_work + sum(AsyncEngine.work(s.src_ids, DecodingOptions()) for s in second) - 1000
         with pytest.raises(OverloadedError) as later:
@@ -155,7 +155,7 @@ def test_admission_refuses_a_request_the_queue_would_not_let_finish_before_its_d
 
     async def main():
         futures = dep._submit(model, sentences(translator, SENTENCES[:4]), heavy)
-        model.engine.work_per_s = 100.0  # token-rows/s (the loop's own estimate moves it a little from here)
+        model.engine.set_rate(100.0)  # token-rows/s
         probe = sentences(translator, SENTENCES[4:6])
         dep._admit(model, probe, DecodingOptions(), 1e9)  # far within the work limit, and in time
         dep._admit(model, probe, DecodingOptions())  # no deadline given: the work limit alone

@@ -168,6 +168,25 @@ def test_fairness_a_new_request_starts_at_the_next_step(translator):
     assert finished_order.index(probe) < finished_order.index(bulk[2])
 
 
+def test_running_requests_join_in_deadline_order(translator):
+    """Among requests already running, the one with the earliest deadline fills freed rows first, so it finishes
+    first instead of every request staying partly done (fewest rows first, the rule before, kept them level)."""
+    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    src, options = translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4)
+    late = [core.submit(src, options, group="late", deadline=200.0) for _ in range(4)]
+    early = [core.submit(src, options, group="early", deadline=100.0) for _ in range(4)]
+    finished_at, step = {}, 0
+    while core.has_work:
+        step += 1
+        finished_at.update((d.handle, step) for d in core.step())
+    # Both start at once (a request with nothing running goes first); then "early" takes the freed rows.
+    assert finished_at[late[0]] == finished_at[early[0]]
+    assert max(finished_at[h] for h in early) < max(finished_at[h] for h in late)
+    assert finished_at[early[2]] < finished_at[late[1]]
+    assert not core._deadlines and not core._started  # forgotten once a request has nothing waiting
+
+
 def test_aborted_sentences_free_their_rows_and_others_are_unharmed(translator, alone):
     core = translator.new_core()
     handles = [core.submit(translator.tokenize(s), OPTIONS[1]) for s in SENTENCES]
