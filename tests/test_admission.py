@@ -149,19 +149,23 @@ def test_admission_refuses_bulk_past_the_work_limit_admits_interactive_and_alway
 
 
 def test_admission_refuses_a_request_the_queue_would_not_let_finish_before_its_deadline(translator):
-    dep = replica(translator, max_queued_work=10**9, interactive_max_sentences=1)
+    dep = replica(translator, max_queued_work=8000, interactive_max_sentences=1)
     model = dep.default
     heavy = DecodingOptions(beam_size=4, min_length=100, max_length=100)
 
     async def main():
+        first = dep._submit(model, sentences(translator, SENTENCES[:1]), heavy)
+        model.engine.set_rate(1.0)  # token-rows/s: far too slow, but under 1/8 of max_queued_work is queued
+        dep._admit(model, sentences(translator, SENTENCES[4:6]), DecodingOptions(), 0.01)
         futures = dep._submit(model, sentences(translator, SENTENCES[:4]), heavy)
+        assert model.engine.queued_work * 8 >= 8000
         model.engine.set_rate(100.0)  # token-rows/s
         probe = sentences(translator, SENTENCES[4:6])
         dep._admit(model, probe, DecodingOptions(), 1e9)  # far within the work limit, and in time
         dep._admit(model, probe, DecodingOptions())  # no deadline given: the work limit alone
         with pytest.raises(OverloadedError) as refused:
             dep._admit(model, probe, DecodingOptions(), 0.01)
-        dep._abandon(model, futures)
+        dep._abandon(model, futures + first)
         await settle(model.engine)
         dep._admit(model, probe, DecodingOptions(), 0.01)  # an idle engine admits anything
         return refused.value
