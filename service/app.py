@@ -52,8 +52,8 @@ from service.compat.routes import CompatRoutes
 from service.config import PROJECT_ROOT, AppArgs, BatchConfig
 from service.http_app import api
 from service.page import PageRoutes
-from service.errors import (BodyTimeoutError, NotConfiguredError, OverloadedError, RequestTimeoutError, RequestTooLargeError,
-                            UnsupportedMediaTypeError, error_response, response_for,
+from service.errors import (BodyTimeoutError, NotConfiguredError, OverloadedError, RequestTimeoutError,
+                            RequestTooLargeError, UnsupportedMediaTypeError, error_response, response_for,
                             validation_message)
 from service.metrics import ServiceMetrics, StepMetrics, count_done
 
@@ -330,6 +330,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             raise
         except Exception as e:  # noqa: BLE001 - the edge: never a stack trace to the client
             response = dialect.render_error(e)
+
         def log_line(status: int) -> None:  # the key's id, never the key
             log.info("%s %s status %d texts %d chars %d latency_ms %.1f key %s", dialect.name, route, status,
                      len(texts), characters, 1000 * (time.perf_counter() - started), outcome.key_id or "-")
