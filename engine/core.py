@@ -87,7 +87,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engine.errors import InputTooLongError, NumericalError
-from engine.options import DecodingOptions
+from engine.options import DecodingOptions, check_target_lengths
 from engine.rules import Rules, Sampling
 from engine.candidates import TopCandidates
 from engine.search import BeamSearch, GreedySearch, Hypothesis, SentenceSearch, ban
@@ -248,9 +248,12 @@ class EngineCore:
 
         Raises:
             InputTooLongError: more source tokens than the model's positions.
+            InvalidRequestError: a target_prefix longer than ``max_length`` or the model's positions, or a
+                min_length past the model's positions (it could not be met).
         """
         if len(src_ids) > self.max_positions:
             raise InputTooLongError(len(src_ids), self.max_positions)
+        check_target_lengths(options, self.max_positions, len(target_prefix or ()))
         handle = next(self._handles)
         if not src_ids:
             self._done_early.append(Finished(handle, []))
@@ -345,8 +348,8 @@ class EngineCore:
 
     def _search(self, src_len: int, options: DecodingOptions, prefix: list[int] | None) -> SentenceSearch:
         limit = options.length_limit(src_len, self.max_positions)
-        if prefix:  # a forced prefix always fits: it extends the limit if needed
-            limit = max(limit, min(len(prefix) + 1, self.max_positions - 1))
+        if prefix:  # a forced prefix (at most max_length, submit) extends the source's bound, with room for eos
+            limit = max(limit, min(len(prefix) + 1, options.max_length, self.max_positions - 1))
         rules = Rules(min_length=options.min_length, no_repeat_ngram_size=options.no_repeat_ngram_size,
                       repetition_penalty=options.repetition_penalty,
                       prefixes=(tuple(prefix),) if prefix else None, banned_ids=self.banned_ids)

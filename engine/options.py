@@ -94,3 +94,23 @@ class DecodingOptions:
         raised to min_length when that is larger (an explicit min_length wins over the source-length bound)."""
         bound = max(min(self.max_length, int(self.max_length_a * src_len) + self.max_length_b), self.min_length)
         return max(1, min(bound, max_positions - 1))
+
+
+def check_target_lengths(options: DecodingOptions, max_positions: int, prefix_tokens: int = 0,
+                         prefix_name: str = "target_prefix") -> None:
+    """Checks what a model of ``max_positions`` positions can generate against the options and a forced target
+    prefix of ``prefix_tokens`` tokens: the prefix must fit in ``max_length`` and leave a position for eos, and
+    ``min_length`` must be reachable (a model generates at most max_positions - 1 tokens: the decoder start takes
+    a position). Longer ``max_length`` values are capped (DecodingOptions.length_limit), as generate() does.
+    ``prefix_name`` names the prefix in the message (e.g. "target_prefix[2]").
+
+    Raises:
+        InvalidRequestError: the prefix is too long or min_length cannot be met (HTTP 422).
+    """
+    most = max_positions - 1
+    if prefix_tokens > min(options.max_length, most - 1):
+        bound = (f"max_length={options.max_length}" if options.max_length < most - 1
+                 else f"limit {most - 1} of the model's positions")
+        raise InvalidRequestError(f"{prefix_name} has {prefix_tokens} tokens > {bound}")
+    if options.min_length > most:
+        raise InvalidRequestError(f"min_length={options.min_length} > {most}, the most tokens this model generates")

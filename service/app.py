@@ -39,7 +39,7 @@ from engine.async_engine import AsyncEngine
 from engine.core import Finished
 from engine.explain import Explainer
 from engine.errors import InputTooLongError, InvalidRequestError
-from engine.options import DecodingOptions
+from engine.options import DecodingOptions, check_target_lengths
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
 from engine.translator import Translator
@@ -502,6 +502,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         """
         translator = model.translator
         options = req.decoding_options(translator.default_options)
+        check_target_lengths(options, translator.max_positions)
         texts, prefixes = req.texts(), req.prefixes()
         if len(texts) > self.args.max_texts_per_request:
             raise RequestTooLargeError(f"{len(texts)} texts > limit max_texts_per_request="
@@ -582,16 +583,16 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
 
         Raises:
             InputTooLongError: an over-long sentence.
-            InvalidRequestError: malformed XML.
+            InvalidRequestError: malformed XML; a target_prefix longer than max_length.
         """
         terms = tuple(req.protected_terms)
         segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms) for text in texts]
         sentences = []
-        limit = translator.max_positions - 2  # room for the decoder start and eos
+        options = req.decoding_options(translator.default_options)
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
             prefix_ids = translator.tokenizer.encode_target(prefix) if prefix else None
-            if prefix_ids and len(prefix_ids) > limit:
-                raise InvalidRequestError(f"target_prefix[{i}] has {len(prefix_ids)} tokens > limit {limit}")
+            if prefix_ids:
+                check_target_lengths(options, translator.max_positions, len(prefix_ids), f"target_prefix[{i}]")
             for j, (sentence, boundaries) in enumerate(zip(seg.sentences, seg.boundaries)):
                 sentences.append(_Sentence(translator.tokenize(sentence, boundaries), prefix_ids if j == 0 else None))
         return segmented, sentences

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from engine.async_engine import AsyncEngine
 from engine.explain import Explainer
-from engine.errors import NumericalError
+from engine.errors import InvalidRequestError, NumericalError
 from engine.options import DecodingOptions
 from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
 from service.errors import OverloadedError, RequestTimeoutError
@@ -225,6 +225,25 @@ def test_a_request_with_no_sentences_queues_nothing(translator):
                                           time.monotonic() + 1)
 
     assert asyncio.run(main()) == [] and dep.default.engine.core.stats.steps == 0
+    dep.default.engine.close()
+
+
+def test_options_the_model_cannot_meet_are_refused_before_anything_is_queued(translator):
+    """A target_prefix longer than max_length (it was decoded one token past it) and a min_length past the model's
+    positions (it was lowered silently) are 422s that name the value."""
+    from service.schemas import TranslateRequest
+
+    dep, most = replica(translator), translator.max_positions - 1
+
+    async def main():
+        with pytest.raises(InvalidRequestError, match=r"target_prefix\[1\] has \d+ tokens > max_length=2"):
+            await dep._accept(dep.default, TranslateRequest(text=["Hi.", "Click the button."], max_length=2,
+                                                            target_prefix=[None, "Bitte klicken Sie"]))
+        with pytest.raises(InvalidRequestError, match=f"min_length={most + 1} > {most}"):
+            await dep._accept(dep.default, TranslateRequest(text="Hi.", min_length=most + 1, max_length=4096))
+
+    asyncio.run(main())
+    assert dep.default.engine.queued_work == 0 and dep.default.metrics.pending == 0
     dep.default.engine.close()
 
 

@@ -85,6 +85,30 @@ def test_target_prefix_forces_the_start(translator, beam_size):
     assert [h.tokens for h in out[1]] == [h.tokens for h in free[0]]  # the unprefixed neighbour is unaffected
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_target_prefix_fits_in_max_length_or_is_refused(translator, beam_size):
+    """A prefix of max_length tokens gives the prefix alone (it got one token more, past max_length); a longer one
+    is refused, as the service's 422, instead of overrunning max_length."""
+    prefix = translator.tokenizer.encode_target("Bitte klicken Sie auf die Schaltfläche")
+    n, src = len(prefix), [translator.tokenize(SENTENCES[0])]
+    (out,) = translator.translate_ids(src, DecodingOptions(beam_size=beam_size, max_length=n),
+                                      target_prefixes=[prefix])
+    assert out[0].tokens[:n] == prefix and len(out[0].tokens) == n
+    with pytest.raises(InvalidRequestError, match=f"target_prefix has {n} tokens > max_length={n - 1}"):
+        translator.translate_ids(src, DecodingOptions(beam_size=beam_size, max_length=n - 1),
+                                 target_prefixes=[prefix])
+
+
+def test_a_min_length_the_model_cannot_reach_is_refused(translator):
+    """The model generates at most max_positions - 1 tokens: a min_length past that is an error, not silently
+    lowered; at that limit it is met."""
+    most, src = translator.max_positions - 1, [translator.tokenize(SENTENCES[0])]
+    with pytest.raises(InvalidRequestError, match=f"min_length={most + 1} > {most}"):
+        translator.translate_ids(src, DecodingOptions(beam_size=1, min_length=most + 1, max_length=4096))
+    (out,) = translator.translate_ids(src, DecodingOptions(beam_size=1, min_length=most, max_length=4096))
+    assert len(out[0].tokens) == most
+
+
 def test_length_penalty_changes_the_ranking_by_length(translator):
     src = [translator.tokenize(s) for s in SENTENCES]
     short = translator.translate_ids(src, DecodingOptions(beam_size=4, length_penalty=0.0))
