@@ -211,6 +211,9 @@ def test_deepl_errors_are_its_own(served, no_deepl_retries):
         client.translate_text("Hi.", target_lang="DE", formality="more")
     assert raised.value.http_status_code == 400
     assert client.translate_text("Hi.", target_lang="DE", formality="prefer_more").text  # falls back, as DeepL's
+    with pytest.raises(deepl.DeepLException, match="Value for 'formality' not supported: 'bogus'") as raised:
+        client.translate_text("Hi.", target_lang="DE", formality="bogus")
+    assert raised.value.http_status_code == 400
     with pytest.raises(deepl.DeepLException, match=f"max_chars_per_text={MAX_CHARS}") as raised:
         client.translate_text("x" * (MAX_CHARS + 1), target_lang="DE")
     assert raised.value.http_status_code == 413

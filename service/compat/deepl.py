@@ -28,6 +28,7 @@ QUOTA_EXCEEDED = 456  # DeepL's status for a used-up character quota
 UNLIMITED = 1_000_000_000_000  # DeepL's character_limit of an account without one
 # Our status -> DeepL's.
 _STATUS = {401: 403, 415: 400, 422: 400}
+FORMALITIES = ("default", "more", "less", "prefer_more", "prefer_less")  # DeepL's values
 
 
 def render_error(exc: Exception) -> JSONResponse:
@@ -73,7 +74,10 @@ def _check_supported(req: TranslateRequest) -> None:
         raise InvalidRequestError("Parameter 'text' not specified.")
     if req.glossary_id is not None:
         raise InvalidRequestError("glossaries are not supported by this service")
-    if req.formality not in (None, "default", "prefer_more", "prefer_less"):
+    if req.formality not in (None, *FORMALITIES):
+        raise InvalidRequestError(f"Value for 'formality' not supported: {req.formality!r} is none of "
+                                  f"{', '.join(FORMALITIES)}")
+    if req.formality in ("more", "less"):
         raise InvalidRequestError(f"'formality' is not supported for target_lang {req.target_lang!r}")
 
 
