@@ -24,6 +24,7 @@ import numpy as np
 from engine import casing, markup, protect, segmentation
 from engine.errors import InvalidRequestError
 from engine.search import Hypothesis
+from engine.tokenizer import UNK_TEXT
 
 Format = Literal["text", "html", "xml"]
 # An element copied verbatim inside a run stands in its text as one private-use character that the text lacks.
@@ -122,8 +123,8 @@ class Prepared:
     def _target(self, run: _Run, sentence: _Sentence, hyp: Hypothesis, tokenizer,
                 unknowns: list[str] | None) -> protect.Target:
         queue = iter(unknowns or [])
-        # an unk with no unknown left to copy shows as "⁇", as sentencepiece decodes it (its piece reads "<unk>")
-        pieces = [next(queue, "⁇") if i == tokenizer.unk_id else p
+        # an unk with no unknown left to copy shows as sentencepiece decodes it (its piece reads "<unk>")
+        pieces = [next(queue, UNK_TEXT) if i == tokenizer.unk_id else p
                   for i, p in zip(hyp.tokens, tokenizer.target_pieces(hyp.tokens))]
         target = protect.Target.from_pieces(pieces)
         attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None

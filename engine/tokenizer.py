@@ -11,6 +11,9 @@ import sentencepiece as spm
 
 # Files each tokenizer type reads from the artifact folder (export copies them).
 TOKENIZER_FILES = {"sentencepiece": ("spm.model",), "marian": ("source.spm", "target.spm", "vocab.json")}
+# An output unk with no unknown source substring left to copy (the model wrote more unks than the source had
+# unknowns): shown as sentencepiece shows unk, not dropped, so that the text says a word is missing.
+UNK_TEXT = "\u2047"  # ⁇
 
 
 def _pieces_with_spans(sp: spm.SentencePieceProcessor, text: str) -> list[tuple[str, tuple[int, int]]]:
@@ -93,11 +96,12 @@ class SentencePieceTokenizer:
         return self.unknown_source_pieces(text)
 
     def decode_target(self, ids: list[int], unknowns: list[str] | None = None) -> str:
-        """Ids -> text; with ``unknowns``, the k-th unk becomes the k-th unknown source substring."""
+        """Ids -> text; with ``unknowns``, the k-th unk becomes the k-th unknown source substring (UNK_TEXT past
+        the last)."""
         if unknowns is None or self.unk_id not in ids:
             return self.sp.decode(ids)
         queue = iter(unknowns)
-        return self.sp.decode_pieces([next(queue, "") if i == self.unk_id else self.sp.id_to_piece(i) for i in ids])
+        return self.sp.decode_pieces([next(queue, UNK_TEXT) if i == self.unk_id else self.sp.id_to_piece(i) for i in ids])
 
 
 class MarianTokenizer:
@@ -151,7 +155,7 @@ class MarianTokenizer:
         pieces = []
         for i in ids:
             if i == self.unk_id:
-                pieces.append(next(queue, "") if unknowns is not None else "<unk>")
+                pieces.append(next(queue, UNK_TEXT) if unknowns is not None else "<unk>")
             else:
                 pieces.append(self.pieces[i])
         # As Hugging Face's MarianTokenizer: pieces the target model lacks keep their "▁", which marks a space.

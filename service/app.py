@@ -109,7 +109,7 @@ def _unknowns(translator: Translator, req: schemas.TranslateRequest, seg: rich_t
     unknowns = [translator.unknown_pieces(s) if req.replace_unknowns else None for s in seg.sentences]
     own = translator.tokenizer.unknown_target_pieces(prefix) if prefix and unknowns else []
     if own:
-        unknowns[0] = own + (unknowns[0] if unknowns[0] is not None else ["⁇"] * translator.max_positions)
+        unknowns[0] = own + (unknowns[0] or [])  # the model's own unks then show as UNK_TEXT
     return unknowns
 
 

@@ -126,6 +126,17 @@ def test_unknown_characters_are_copied_or_shown_as_unk(translator):
     assert "⁇" not in translator.detokenize(hyp.tokens, translator.unknown_pieces(text))
 
 
+def test_an_unk_past_the_source_unknowns_shows_as_unk(translator):
+    """The model may write more unks than the source has unknown substrings: the extra one shows as "⁇" (it was
+    dropped on the plain-text path and shown on the markup path)."""
+    tok = translator.tokenizer
+    words = tok.encode_target("Klicken Sie hier")
+    ids = words[:1] + [tok.unk_id] + words[1:] + [tok.unk_id, translator.eos_id]
+    text = translator.detokenize(ids, ["😀"])
+    assert text.count("😀") == 1 and text.count("⁇") == 1 and text.index("😀") < text.index("⁇"), text
+    assert text.replace("😀", "").replace("⁇", "").split() == translator.detokenize(words).split()
+
+
 def test_model_config_supplies_per_request_defaults(artifact, tmp_path):
     from engine.runtime import EngineConfig
     from engine.translator import Translator
