@@ -112,14 +112,24 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+# The compatible APIs' error bodies (service/compat): DeepL's {"message": ...}, LibreTranslate's {"error": ...}, so
+# that their clients read the message of a 404 or 405 under their prefix too.
+COMPAT_ERROR_KEYS = {"/deepl/": "message", "/libretranslate/": "error"}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, "validation_error", validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail))
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        """What the router raises itself (404: no such route, 405: another method; its Allow header kept), in the
+        error shape of the API the path belongs to."""
+        for prefix, key in COMPAT_ERROR_KEYS.items():
+            if request.url.path.startswith(prefix):
+                return JSONResponse({key: str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc.status_code, "http_error", str(exc.detail), exc.headers)
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:

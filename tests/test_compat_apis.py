@@ -189,6 +189,29 @@ def test_deepl_languages_and_usage(served):
     usage = client.get_usage()
     assert usage.character.count - before == len(SENTENCES[0]) + len(SENTENCES[2])
     assert not usage.character.limit_reached
+    # DeepL's v2 takes POST for both too (form or query parameters).
+    auth = {"Authorization": "DeepL-Auth-Key " + served["keys"]["erin"]}
+    r = requests.post(served["deepl"] + "v2/languages", data={"type": "target"}, headers=auth, timeout=30)
+    assert r.status_code == 200 and [x["language"] for x in r.json()] == ["DE"], r.text
+    r = requests.post(served["deepl"] + "v2/usage", headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["character_count"] == usage.character.count, r.text
+
+
+def test_unknown_routes_and_methods_answer_in_each_apis_error_shape(served):
+    """404 and 405 under a compatible API's prefix come in its error body (a client shows its message); no slash
+    redirect (Starlette's would send the client to the request's Host)."""
+    auth = {"Authorization": "DeepL-Auth-Key " + served["keys"]["bob"]}
+    r = requests.get(served["deepl"] + "v2/glossaries", headers=auth, timeout=30)
+    assert r.status_code == 404 and set(r.json()) == {"message"}, r.text
+    r = requests.delete(served["deepl"] + "v2/translate", headers=auth, timeout=30)
+    assert r.status_code == 405 and set(r.json()) == {"message"} and r.headers["Allow"] == "POST", r.text
+    r = requests.get(served["lt"] + "/nothing", timeout=30)
+    assert r.status_code == 404 and set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.text
+    r = requests.get(served["url"] + "/translate", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "http_error" and r.headers["Allow"] == "POST"
+    r = requests.post(served["url"] + "/translate/", json={"text": "Hi."}, headers={"Host": "evil.example"},
+                      allow_redirects=False, timeout=30)
+    assert r.status_code == 404 and "Location" not in r.headers, (r.status_code, r.headers)
 
 
 def test_deepl_errors_are_its_own(served, no_deepl_retries):

@@ -47,7 +47,7 @@ class CompatRoutes:
         return await self._handle(request, "translate", deepl.parse_translate,
                                   lambda req, _: deepl.translate(self, req), deepl.DIALECT)
 
-    @api.get("/deepl/v2/languages", tags=["DeepL"])
+    @api.api_route("/deepl/v2/languages", methods=["GET", "POST"], tags=["DeepL"])  # DeepL takes both
     async def deepl_languages(self, request: Request) -> JSONResponse:
         """DeepL's languages: type=source (default) or target, in the query or (as the deepl library sends it) in
         a form body."""
@@ -60,7 +60,7 @@ class CompatRoutes:
 
         return await self._lookup(deepl.DIALECT, run, request)
 
-    @api.get("/deepl/v2/usage", tags=["DeepL"])
+    @api.api_route("/deepl/v2/usage", methods=["GET", "POST"], tags=["DeepL"])
     async def deepl_usage(self, request: Request) -> JSONResponse:
         """DeepL's usage: the key's characters today (UTC) and its per-day limit."""
         return await self._lookup(deepl.DIALECT, lambda key_id: deepl.usage(self, key_id), request)
