@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.errors import InvalidRequestError
 
+
 # Kinds of span, most specific first: an earlier kind wins where two overlap.
 PATTERNS: list[tuple[str, str]] = [
     ("url", r"\b(?:https?|ftp)://[^\s<>\"']*[^\s<>\"'.,;:!?)\]]|\bwww\.[\w-]+(?:\.[\w-]+)+(?:/[^\s<>\"']*[^\s<>\"'.,;:!?)\]])?"),
@@ -38,6 +39,10 @@ PATTERNS: list[tuple[str, str]] = [
     ("number", r"(?<![\w.,])\d+(?:[.,]\d+)*(?![\w])"),
 ]
 _SPANS = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in PATTERNS))
+# Emoji: pictographs (U+1F000-U+1FAFF), the BMP's symbol and dingbat blocks, and what joins or modifies them (ZWJ,
+# variation selector 16, keycap, tags, skin tones: inside the first range).
+_EMOJI_JOINERS = re.compile("[\u200d\ufe0f\u20e3\U000e0020-\U000e007f]")
+_EMOJI = re.compile("[\U0001f000-\U0001faff\u2600-\u27bf\u2b00-\u2bff\u200d\ufe0f\u20e3\U000e0020-\U000e007f]+")
 _MASK_PREFIXES = ("X", "Y", "Z", "Q", "XQ", "QX", "ZX", "XZ")
 _WORD_RUN = re.compile(r"\w*")
 _CAPITALS = string.ascii_uppercase
@@ -53,10 +58,18 @@ class Span:
         return source[self.start:self.end]
 
 
-def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
+def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, int]] = ()) -> list[Span]:
     """Non-overlapping protected spans of ``text``, in order: the client's ``terms`` (exact, case-sensitive, longest
     first, as whole words: a term that starts or ends with a letter or digit does not match inside a longer word,
-    so "pass" leaves "password" alone), then PATTERNS."""
+    so "pass" leaves "password" alone), then the emoji (kind "emoji") within the ``unknown`` character ranges
+    (a tokenizer's unknown_source_spans: what the model's vocabulary lacks), then PATTERNS.
+
+    Only emoji of the unknown ranges: the bundled model drops many of them (an emoji put at the start, middle or
+    end of 100 test sentences: 20 lost through its unk token, 13 of them in the middle; 0 masked, at a small cost
+    to the words around: chrF against the sentence's own translation without the emoji 86.6 -> 82.3, BLEU 26.3 ->
+    26.0), while it copies the other unknowns (accents, other scripts, typographic quotes) through its unk token
+    well enough that masking them was worse (150 training sentences with such characters: BLEU 38.72 -> 36.17,
+    41 sentences worse and 32 better by chrF)."""
     term_spans: list[Span] = []
     covered = bytearray(len(text))  # characters a term took: an overlap test per match in O(its length)
     for term in sorted({t for t in terms if t.strip()}, key=len, reverse=True):
@@ -66,6 +79,10 @@ def find_spans(text: str, terms: tuple[str, ...] = ()) -> list[Span]:
             if not any(covered[m.start():m.end()]):
                 term_spans.append(Span(m.start(), m.end(), "term"))
                 covered[m.start():m.end()] = b"\x01" * (m.end() - m.start())
+    for emoji in (m for start, end in unknown for m in _EMOJI.finditer(text, start, end)):
+        if not any(covered[emoji.start():emoji.end()]) and _EMOJI_JOINERS.sub("", emoji.group()):
+            term_spans.append(Span(emoji.start(), emoji.end(), "emoji"))
+            covered[emoji.start():emoji.end()] = b"\x01" * (emoji.end() - emoji.start())
     taken, last_end = list(term_spans), 0
     for m in _SPANS.finditer(text):  # in order and apart from each other: only terms and a widened span can clash
         start, end = m.start(), m.end()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import re
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from engine.search import Hypothesis
 from engine.tokenizer import UNK_TEXT
 
 Format = Literal["text", "html", "xml"]
+UnknownSpans = Callable[[str], list[tuple[int, int]]]  # text -> character ranges the model's vocabulary lacks
 # An element copied verbatim inside a run stands in its text as one private-use character that the text lacks.
 _ITEM_CHARS = range(0xE000, 0xF900)
 _PUNCTUATION = ",.;:!?"
@@ -326,10 +327,19 @@ def _emit(text: str, placed: list[_Placed], lo: int, hi: int, references: dict[s
 
 
 def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sentences: bool, terms: tuple[str, ...],
-              prefix: str, counter: list[int], escape, item_char: str | None = None) -> _Run:
+              prefix: str, counter: list[int], escape, item_char: str | None = None,
+              unknown_spans: UnknownSpans | None = None) -> _Run:
     """A run from its plain text (``item_char`` where ``items`` go, in order), inline spans over it, and masks
     numbered from ``counter[0]`` (advanced)."""
-    found = protect.find_spans(plain, terms)
+    unknown = []
+    for start, end in unknown_spans(plain) if unknown_spans else ():
+        # an item's character (itself unknown to the model) is masked as markup: an unknown run is cut around it
+        for i in range(start, end + 1):
+            if i == end or plain[i] == item_char:
+                if i > start:
+                    unknown.append((start, i))
+                start = i + 1
+    found = protect.find_spans(plain, terms, unknown)
     item_spans = ([protect.Span(m.start(), m.end(), "markup") for m in re.finditer(item_char, plain)]
                   if item_char else [])
     spans_to_mask = sorted(item_spans + [s for s in found if not item_char or item_char not in s.text(plain)],
@@ -376,8 +386,10 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
 
 
 def prepare(text: str, format: Format = "text", split_sentences: bool = True,
-            terms: tuple[str, ...] = ()) -> Prepared:
-    """Parses ``text`` as ``format`` and makes its runs.
+            terms: tuple[str, ...] = (), unknown_spans: UnknownSpans | None = None) -> Prepared:
+    """Parses ``text`` as ``format`` and makes its runs. ``unknown_spans`` (a tokenizer's
+    ``unknown_source_spans``): what the model's vocabulary lacks, masked and copied like placeholders; None: left
+    to the model (it writes unk for some, drops others).
 
     Raises:
         InvalidRequestError: malformed XML (format "xml"), with where it breaks.
@@ -388,7 +400,8 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
     prefix = protect.mask_prefix(text)
     counter = [1]
     if format == "text":
-        run = _make_run(text, [], [], split_sentences, terms, prefix, counter, lambda s: s)
+        run = _make_run(text, [], [], split_sentences, terms, prefix, counter, lambda s: s,
+                        unknown_spans=unknown_spans)
         return Prepared(format, [run], {}, not run.plain_path)
     root, references = markup.parse_html(text) if format == "html" else markup.parse_xml(text)
     parts: list = []
@@ -426,7 +439,8 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
         if segmentation.is_blank(joined.replace(item_char, "")):
             parts.append("".join(markup.serialize(n, references) for n in nodes))
         else:
-            parts.append(_make_run(joined, spans, items, True, terms, prefix, counter, escape, item_char))
+            parts.append(_make_run(joined, spans, items, True, terms, prefix, counter, escape, item_char,
+                                   unknown_spans))
         nodes.clear()
 
     def walk(element: markup.Element) -> None:
@@ -458,15 +472,15 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
 
 def translate(translator, texts: list[str], options=None, format: Format = "text",
               terms: tuple[str, ...] = ()) -> list[str]:
-    """Translates whole texts offline (no service): each parsed as ``format``, its sentences decoded together with
-    attention, put back by :meth:`Prepared.render`. ``translator``: engine.translator.Translator; ``options``: its
+    """Translates whole texts offline (no service): each parsed as ``format`` (emoji masked, as the service's
+    replace_unknowns does), its sentences decoded together with attention, put back by :meth:`Prepared.render`. ``translator``: engine.translator.Translator; ``options``: its
     DecodingOptions (default: the model's).
 
     Raises:
         InvalidRequestError: malformed XML; InputTooLongError: an over-long sentence.
     """
     options = dataclasses.replace(options or translator.default_options, return_attention=True)
-    prepared = [prepare(t, format, True, terms) for t in texts]
+    prepared = [prepare(t, format, True, terms, translator.tokenizer.unknown_source_spans) for t in texts]
     sentences = [(s, b) for p in prepared for s, b in zip(p.sentences, p.boundaries)]
     hyps = translator.translate_ids([translator.tokenize(s, b) for s, b in sentences], options)
     out, j = [], 0

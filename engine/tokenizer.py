@@ -25,6 +25,20 @@ def _pieces_with_spans(sp: spm.SentencePieceProcessor, text: str) -> list[tuple[
             for piece in sp.encode(text, return_type="proto").pieces]
 
 
+def _strip_spaces(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` without the whitespace at their ends (a piece's range may hold the space its "▁" stands for);
+    empty ones dropped."""
+    out = []
+    for start, end in spans:
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if start < end:
+            out.append((start, end))
+    return out
+
+
 def split_at_boundaries(pieces: list[tuple[str, tuple[int, int]]], text: str, boundaries: tuple[int, ...],
                         known: Callable[[str], bool]) -> list[tuple[str, tuple[int, int]]]:
     """Pieces (with their character ranges in ``text``) cut where a piece runs across one of ``boundaries``
@@ -95,6 +109,12 @@ class SentencePieceTokenizer:
         """Target-side substrings the vocabulary maps to unk, in order (a forced target prefix's)."""
         return self.unknown_source_pieces(text)
 
+    def unknown_source_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character ranges of ``text`` that the vocabulary maps to unk, in order; sentencepiece keeps a run of
+        unknown characters in one piece ("😀🙈", "中文", "Русский")."""
+        return _strip_spaces(text, [span for piece, span in _pieces_with_spans(self.sp, text)
+                                    if self.sp.piece_to_id(piece) == self.unk_id])
+
     def decode_target(self, ids: list[int], unknowns: list[str] | None = None) -> str:
         """Ids -> text; with ``unknowns``, the k-th unk becomes the k-th unknown source substring (UNK_TEXT past
         the last)."""
@@ -145,6 +165,11 @@ class MarianTokenizer:
 
     def unknown_source_pieces(self, text: str) -> list[str]:
         return [p.surface for p in self.source.encode(text, return_type="proto").pieces if p.piece not in self.vocab]
+
+    def unknown_source_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character ranges of ``text`` whose source pieces vocab.json lacks, in order."""
+        return _strip_spaces(text, [span for piece, span in _pieces_with_spans(self.source, text)
+                                    if piece not in self.vocab])
 
     def unknown_target_pieces(self, text: str) -> list[str]:
         """Target-side substrings (target.spm) that vocab.json lacks, in order (a forced target prefix's)."""

@@ -586,7 +586,9 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             InvalidRequestError: malformed XML; a target_prefix longer than max_length.
         """
         terms = tuple(req.protected_terms)
-        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms) for text in texts]
+        # Characters the vocabulary lacks are masked and copied (replace_unknowns), as placeholders are.
+        unknown = translator.tokenizer.unknown_source_spans if req.replace_unknowns else None
+        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms, unknown) for text in texts]
         sentences = []
         options = req.decoding_options(translator.default_options)
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):

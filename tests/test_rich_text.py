@@ -160,6 +160,20 @@ def test_escaped_text_stays_escaped_without_inline_elements(translator):
         well_formed(translate(translator, source, "xml"))
 
 
+def test_emoji_are_masked_and_come_back_while_other_unknowns_go_through_unk(translator):
+    """Emoji in the vocabulary's unknown ranges are masked (the model dropped each of these sentences' emoji);
+    accents and other scripts, which the model copies through its unk token, are not."""
+    text = "Mixed 中文 and Andrè 🧑\u200d💻 here 👍🏽!"
+    found = protect.find_spans(text, (), translator.tokenizer.unknown_source_spans(text))
+    assert [(s.text(text), s.kind) for s in found] == [("🧑\u200d💻", "emoji"), ("👍🏽", "emoji")]
+    assert protect.find_spans("a \u200d b", (), [(2, 3)]) == []  # a joiner alone is no emoji
+    for source, emoji in [("The paper was rejected on account of 😀 its length.", "😀"),
+                          ("You 🚀 can change these settings.", "🚀"),
+                          ("<p>That group name or ID does not 🧑\u200d💻 exist.</p>", "🧑\u200d💻")]:
+        out = translate(translator, source, "html" if source.startswith("<") else "text")
+        assert out.count(emoji) == 1, (source, out)
+
+
 def test_split_at_boundaries_cuts_only_into_known_pieces():
     from engine.tokenizer import split_at_boundaries
 
