@@ -65,9 +65,10 @@ def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, 
     (a tokenizer's unknown_source_spans: what the model's vocabulary lacks), then PATTERNS.
 
     Only emoji of the unknown ranges: the bundled model drops many of them (an emoji put at the start, middle or
-    end of 100 test sentences: 20 lost through its unk token, 13 of them in the middle; 0 masked, at a small cost
-    to the words around: chrF against the sentence's own translation without the emoji 86.6 -> 82.3, BLEU 26.3 ->
-    26.0), while it copies the other unknowns (accents, other scripts, typographic quotes) through its unk token
+    end of 100 test sentences: 20 lost through its unk token, 13 of them in the middle; 0 masked; with the masks at
+    a sentence's edges kept out of the model's input, engine/rich_text.py, the words around moved less than with
+    the unk token: chrF against the sentence's own translation without the emoji 86.6 -> 92.0, BLEU 26.3 -> 28.2,
+    28.9 without the emoji; in the middle 83.4 -> 78.6), while it copies the other unknowns (accents, other scripts, typographic quotes) through its unk token
     well enough that masking them was worse (150 training sentences with such characters: BLEU 38.72 -> 36.17,
     41 sentences worse and 32 better by chrF)."""
     term_spans: list[Span] = []

@@ -50,6 +50,11 @@ class _Sentence:
     model_input: str  # what the model translates (sentence-cased when all capitals)
     all_caps: bool
     masks: list[tuple[str, tuple[int, int]]]  # the masks in this sentence and their ranges in the masked run
+    # Emoji masks (and their spaces) at the sentence's start and end, kept out of the model's input and put back
+    # around its translation: a mask at the start changed the words after it (chrF of the rest against the
+    # sentence's own translation 81.6 with the unk token, 72.9 masked, over 33 test sentences).
+    lead: str = ""
+    trail: str = ""
 
     @property
     def boundaries(self) -> tuple[int, ...]:
@@ -117,7 +122,7 @@ class Prepared:
             if j < k + len(run.sentences):
                 sentence = run.sentences[j - k]
                 target = self._target(run, sentence, hyp, tokenizer, unknowns)
-                return protect.unmask(target.text, {m: run.originals[m] for m, _ in sentence.masks})
+                return protect.unmask(sentence.lead + target.text + sentence.trail, run.originals)
             k += len(run.sentences)
         raise IndexError(j)
 
@@ -140,7 +145,7 @@ class Prepared:
             text = run.layout.join([tokenizer.decode_target(h.tokens, u) for h, u in zip(hyps, unknowns)])
             # markup's text comes back as markup: "&lt;b&gt;" was decoded to "<b>" for the model
             return text if self.format == "text" else markup.escape_text(text, self.references)
-        pieces, offsets, tokens = [], {}, []  # tokens: (start, end) in the run's output, aligned source range
+        pieces, tokens = [], []  # tokens: (start, end) in the run's output, aligned source range
         position = 0
         for part in run.layout.layout:
             if isinstance(part, str):
@@ -149,6 +154,8 @@ class Prepared:
                 continue
             sentence, hyp = run.sentences[part], hyps[part]
             target = self._target(run, sentence, hyp, tokenizer, unknowns[part])
+            pieces.append(sentence.lead)
+            position += len(sentence.lead)
             attention = np.asarray(hyp.attention, dtype=np.float32) if hyp.attention else None
             source_ranges = _source_ranges(sentence, tokenizer)
             for k, (start, end) in enumerate(target.token_ranges):
@@ -157,9 +164,8 @@ class Prepared:
                     aligned = source_ranges[int(np.argmax(attention[k, :len(source_ranges)]))]
                 tokens.append((position + start, position + end, aligned, attention[k] if aligned else None,
                                source_ranges))
-            offsets[part] = position
-            pieces.append(target.text)
-            position += len(target.text)
+            pieces.append(target.text + sentence.trail)
+            position += len(target.text) + len(sentence.trail)
         text = "".join(pieces)
         if self.format == "text":
             return protect.unmask(text, run.originals)
@@ -364,14 +370,21 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
         originals[masked.mask(i)] = next(items_iter) if span.kind == "markup" else escape(span.text(plain))
     layout = segmentation.split(masked.text, split_sentences)
     keep = re.compile(re.escape(prefix) + r"\d+") if spans_to_mask else None
+    emoji = [masked.mask(i) for i, span in enumerate(spans_to_mask) if span.kind == "emoji"]
+    edges = None
+    if emoji and not spans:  # (inline elements are placed by the alignment of the words they cover: not here)
+        one = "(?:" + "|".join(re.escape(m) for m in sorted(emoji, key=len, reverse=True)) + r")(?!\d)"
+        edges = re.compile(rf"^((?:{one}\s+)*)(.*?)((?:\s+{one})*)$", re.S)
     sentences, position, next_mask = [], 0, 0
     for part in layout.layout:
         if isinstance(part, str):
             position += len(part)
             continue
-        text = layout.sentences[part]
-        offset = masked.text.find(text, position)
+        whole = layout.sentences[part]
+        offset = masked.text.find(whole, position)
         offset = position if offset < 0 else offset
+        lead, text, trail = edges.match(whole).groups() if edges else ("", whole, "")
+        offset += len(lead)
         caps = casing.is_all_caps(text, keep)
         masks = []  # masks and sentences are both in text order: one pass over the masks
         while next_mask < len(masked.mask_offsets) and masked.mask_offsets[next_mask][1] <= offset + len(text):
@@ -379,8 +392,9 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
             if r[0] >= offset:
                 masks.append((masked.mask(next_mask), r))
             next_mask += 1
-        sentences.append(_Sentence(text, offset, casing.to_sentence_case(text, keep) if caps else text, caps, masks))
-        position = offset + len(text)
+        sentences.append(_Sentence(text, offset, casing.to_sentence_case(text, keep) if caps else text, caps, masks,
+                                   lead, trail))
+        position = offset + len(text) + len(trail)
     plain_path = not spans_to_mask and not spans and not any(s.all_caps for s in sentences)
     return _Run(masked.text, layout, sentences, originals, spans, to_masked, plain_path)
 

@@ -1,6 +1,7 @@
 """Real-world text on the bundled model, offline (engine/rich_text.py): markup kept and well-formed, protected spans
 copied exactly once, capitals restored; plain text unchanged by the new path."""
 
+import dataclasses
 import re
 import xml.etree.ElementTree as ET
 
@@ -172,6 +173,23 @@ def test_emoji_are_masked_and_come_back_while_other_unknowns_go_through_unk(tran
                           ("<p>That group name or ID does not 🧑\u200d💻 exist.</p>", "🧑\u200d💻")]:
         out = translate(translator, source, "html" if source.startswith("<") else "text")
         assert out.count(emoji) == 1, (source, out)
+
+
+def test_emoji_at_a_sentences_edges_stay_out_of_the_models_input(translator):
+    """An emoji mask at a sentence's start or end is not translated: the model translates the sentence as if it
+    were not there (a mask at the start changed the words after it) and a streamed sentence record carries it."""
+    source = "🎉 You can change these settings. Save the file 👍🏽\n\n✅ Done 🚀 now."
+    prepared = rich_text.prepare(source, "text", True, (), translator.tokenizer.unknown_source_spans)
+    assert prepared.sentences[:2] == ["You can change these settings.", "Save the file"]
+    assert re.fullmatch(r"Done X\d now\.", prepared.sentences[2])  # in the middle: masked, for the model to place
+    clean = translate(translator, "You can change these settings. Save the file")
+    out = translate(translator, source)
+    assert out.startswith(f"🎉 {clean} 👍🏽\n\n✅ ") and out.count("🚀") == 1, out
+    hyps = translator.translate_ids([translator.tokenize(s, b) for s, b in zip(prepared.sentences,
+                                                                               prepared.boundaries)],
+                                    dataclasses.replace(translator.default_options, return_attention=True))
+    records = [prepared.render_sentence(j, h[0], translator.tokenizer, []) for j, h in enumerate(hyps)]
+    assert records[0].startswith("🎉 ") and records[1].endswith(" 👍🏽") and records[2].startswith("✅ ")
 
 
 def test_split_at_boundaries_cuts_only_into_known_pieces():
