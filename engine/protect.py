@@ -58,6 +58,11 @@ class Span:
         return source[self.start:self.end]
 
 
+def holds_emoji(text: str) -> bool:
+    """Whether ``text`` has a character of the emoji ranges (find_spans masks emoji only)."""
+    return _EMOJI.search(text) is not None
+
+
 def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, int]] = ()) -> list[Span]:
     """Non-overlapping protected spans of ``text``, in order: the client's ``terms`` (exact, case-sensitive, longest
     first, as whole words: a term that starts or ends with a letter or digit does not match inside a longer word,

@@ -338,7 +338,8 @@ def _make_run(plain: str, spans: list[InlineSpan], items: list[str], split_sente
     """A run from its plain text (``item_char`` where ``items`` go, in order), inline spans over it, and masks
     numbered from ``counter[0]`` (advanced)."""
     unknown = []
-    for start, end in unknown_spans(plain) if unknown_spans else ():
+    # (the tokenizer's pass only where an emoji may be: 0.14 s for 100,000 characters, the check 0.005 s)
+    for start, end in unknown_spans(plain) if unknown_spans and protect.holds_emoji(plain) else ():
         # an item's character (itself unknown to the model) is masked as markup: an unknown run is cut around it
         for i in range(start, end + 1):
             if i == end or plain[i] == item_char:
