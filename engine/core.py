@@ -31,7 +31,9 @@ Scheduling policy, decided at the start of every step:
    ``max_batch_rows`` and its source against ``max_batch_tokens`` (live sentences x longest live source: the padded
    cross-attention memory, as the encoder's chunks were bounded before). Which sentence joins next: the first
    waiting one of a group (a request) none of whose sentences has joined yet, so that a request starts at the next
-   step whatever else is queued; then that of the group with the earliest deadline (the service gives each request
+   step whatever else is queued, a small request's (at most SMALL_REQUEST sentences) before a larger one's (bulk
+   requests that had not started, with deadlines earlier than a probe's, filled the overdraw below and held
+   1-sentence probes for up to 10 s, 2026-12-06); then that of the group with the earliest deadline (the service gives each request
    request_timeout_s plus a time per sentence, so a large request's is later and it fills only what the others
    leave); then the group that holds the fewest rows now, ties to the group that arrived first. Earliest deadline
    first, not fewest rows, among running requests: sharing rows evenly among many bulk requests kept every one
@@ -422,10 +424,14 @@ class EngineCore:
         if live and not room and all(rows_of_group[g] for g in self._waiting):
             return []
         arrival = {group: i for i, group in enumerate(self._waiting)}
+
+        def order(g: object) -> tuple:
+            small = sentences_of_group[g] + len(self._waiting[g]) <= SMALL_REQUEST
+            return (g in self._started, not small, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g], arrival[g])
+
         joining = []
         while self._waiting:
-            group = min(self._waiting, key=lambda g: (g in self._started, self._deadlines.get(g, NO_DEADLINE),
-                                                      rows_of_group[g], arrival[g]))
+            group = min(self._waiting, key=order)
             sentence = self._waiting[group][0]
             new_longest = max(longest, len(sentence.src_ids))
             fits = (rows + sentence.search.max_rows <= self.max_batch_rows

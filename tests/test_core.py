@@ -168,6 +168,26 @@ def test_fairness_a_new_request_starts_at_the_next_step(translator):
     assert finished_order.index(probe) < finished_order.index(bulk[2])
 
 
+def test_a_small_request_starts_before_bulk_requests_that_have_not_started(translator):
+    """Bulk requests that have not started, whatever their deadlines, do not keep a small request (at most
+    SMALL_REQUEST sentences) from starting at the next step: joining in deadline order, they filled the overdraw
+    and the probe waited."""
+    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    src, options = translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4)
+    for _ in range(5):
+        core.submit(src, options, group="running", deadline=50.0)
+    core.step()  # "running" holds the 8 rows
+    for g in ("b1", "b2", "b3"):
+        for _ in range(5):
+            core.submit(src, options, group=g, deadline=100.0)
+    probe = core.submit(src, options, group="probe", deadline=200.0)
+    core.step()
+    assert probe in {s.handle for s in core._live}
+    while core.has_work:
+        core.step()
+
+
 def test_running_requests_join_in_deadline_order(translator):
     """Among requests already running, the one with the earliest deadline fills freed rows first, so it finishes
     first instead of every request staying partly done (fewest rows first, the rule before, kept them level)."""
