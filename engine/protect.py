@@ -66,16 +66,17 @@ def holds_emoji(text: str) -> bool:
 def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, int]] = ()) -> list[Span]:
     """Non-overlapping protected spans of ``text``, in order: the client's ``terms`` (exact, case-sensitive, longest
     first, as whole words: a term that starts or ends with a letter or digit does not match inside a longer word,
-    so "pass" leaves "password" alone), then the emoji (kind "emoji") within the ``unknown`` character ranges
-    (a tokenizer's unknown_source_spans: what the model's vocabulary lacks), then PATTERNS.
+    so "pass" leaves "password" alone), then PATTERNS, then the emoji (kind "emoji") within the ``unknown``
+    character ranges (a tokenizer's unknown_source_spans: what the model's vocabulary lacks) that none of those
+    took, with the digits right after one ("🥇1st": a digit after a mask would read as its number).
 
-    Only emoji of the unknown ranges: the bundled model drops many of them (an emoji put at the start, middle or
-    end of 100 test sentences: 20 lost through its unk token, 13 of them in the middle; 0 masked; with the masks at
-    a sentence's edges kept out of the model's input, engine/rich_text.py, the words around moved less than with
-    the unk token: chrF against the sentence's own translation without the emoji 86.6 -> 92.0, BLEU 26.3 -> 28.2,
-    28.9 without the emoji; in the middle 83.4 -> 78.6), while it copies the other unknowns (accents, other scripts, typographic quotes) through its unk token
-    well enough that masking them was worse (150 training sentences with such characters: BLEU 38.72 -> 36.17,
-    41 sentences worse and 32 better by chrF)."""
+    Only emoji of the unknown ranges: the bundled model drops many of them (an emoji put at the start, middle or end
+    of 100 test sentences: 20 lost through its unk token, 13 of them in the middle; 0 masked; with the masks at a
+    sentence's edges kept out of the model's input, engine/rich_text.py, the words around moved less than with the
+    unk token: chrF against the sentence's own translation without the emoji 86.6 -> 92.0, BLEU 26.3 -> 28.2, 28.9
+    without the emoji; in the middle 83.4 -> 78.6), while it copies the other unknowns (accents, other scripts,
+    typographic quotes) through its unk token well enough that masking them was worse (150 training sentences with
+    such characters: BLEU 38.72 -> 36.17, 41 sentences worse and 32 better by chrF)."""
     term_spans: list[Span] = []
     covered = bytearray(len(text))  # characters a term took: an overlap test per match in O(its length)
     for term in sorted({t for t in terms if t.strip()}, key=len, reverse=True):
@@ -85,10 +86,6 @@ def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, 
             if not any(covered[m.start():m.end()]):
                 term_spans.append(Span(m.start(), m.end(), "term"))
                 covered[m.start():m.end()] = b"\x01" * (m.end() - m.start())
-    for emoji in (m for start, end in unknown for m in _EMOJI.finditer(text, start, end)):
-        if not any(covered[emoji.start():emoji.end()]) and _EMOJI_JOINERS.sub("", emoji.group()):
-            term_spans.append(Span(emoji.start(), emoji.end(), "emoji"))
-            covered[emoji.start():emoji.end()] = b"\x01" * (emoji.end() - emoji.start())
     taken, last_end = list(term_spans), 0
     for m in _SPANS.finditer(text):  # in order and apart from each other: only terms and a widened span can clash
         start, end = m.start(), m.end()
@@ -96,7 +93,16 @@ def find_spans(text: str, terms: tuple[str, ...] = (), unknown: list[tuple[int, 
             end = _WORD_RUN.match(text, end).end()
         if start >= last_end and not any(covered[start:end]):
             taken.append(Span(start, end, m.lastgroup))
+            covered[start:end] = b"\x01" * (end - start)
             last_end = end
+    # Emoji last: one inside a URL or placeholder stays part of it ("https://example.com/🎁/card" is one span).
+    for emoji in (m for start, end in unknown for m in _EMOJI.finditer(text, start, end)):
+        start, end = emoji.start(), emoji.end()
+        if end < len(text) and text[end].isdigit() and not covered[end]:  # "🥇1st": the digits go with the mask
+            end = _WORD_RUN.match(text, end).end()
+        if not any(covered[start:end]) and _EMOJI_JOINERS.sub("", emoji.group()):
+            taken.append(Span(start, end, "emoji"))
+            covered[start:end] = b"\x01" * (end - start)
     return sorted(taken, key=lambda s: s.start)
 
 

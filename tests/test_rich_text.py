@@ -192,6 +192,28 @@ def test_emoji_at_a_sentences_edges_stay_out_of_the_models_input(translator):
     assert records[0].startswith("🎉 ") and records[1].endswith(" 👍🏽") and records[2].startswith("✅ ")
 
 
+def test_emoji_beside_digits_and_inside_urls_or_placeholders(translator):
+    """An emoji inside a URL or placeholder stays part of it (it took the URL's protection away); digits right after
+    an emoji go with its mask ("🥇1st" read as mask "X11" and lost "1st"); the edges of a sentence are found in one
+    pass over it."""
+    spans = translator.tokenizer.unknown_source_spans
+    for text, want in [("See https://example.com/blog/happy-🎉 for the photos.",
+                        [("https://example.com/blog/happy-🎉", "url")]),
+                       ("Hello {🎉} and 🎉", [("{🎉}", "braces"), ("🎉", "emoji")]),
+                       ("🥇1st place", [("🥇1st", "emoji")]),
+                       ("⭐5 stars", [("⭐", "emoji"), ("5", "number")])]:
+        assert [(s.text(text), s.kind) for s in protect.find_spans(text, (), spans(text))] == want, text
+    for source in ["🥇1st place", "Room 🛏2B is free", "Download it from https://shop.example.com/🎁/card today."]:
+        out = translate(translator, source)
+        for kept in ("🥇1st", "🛏2B", "https://shop.example.com/🎁/card"):
+            assert kept not in source or kept in out, (source, out)
+    masks = {"X1", "X2", "X12"}
+    assert rich_text._edges("X1 X12 Hi there X2", masks) == ("X1 X12 ", "Hi there", " X2")
+    assert rich_text._edges("X1 X2", masks) == ("X1 ", "X2", "")  # the model always gets a sentence
+    assert rich_text._edges("aX1 b X12", masks) == ("", "aX1 b", " X12")
+    assert rich_text._edges("X1" + " " * 50_000 + "a b", masks) == ("X1" + " " * 50_000, "a b", "")
+
+
 def test_split_at_boundaries_cuts_only_into_known_pieces():
     from engine.tokenizer import split_at_boundaries
 
