@@ -586,9 +586,12 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             InvalidRequestError: malformed XML; a target_prefix longer than max_length.
         """
         terms = tuple(req.protected_terms)
-        # Characters the vocabulary lacks are masked and copied (replace_unknowns), as placeholders are.
+        # Emoji are masked and copied (replace_unknowns), as placeholders are; not in a text with a target_prefix,
+        # which the model's input must start as the client's prefix does (an emoji kept out of the input would come
+        # back before the prefix, one masked would come back beside the prefix's own).
         unknown = translator.tokenizer.unknown_source_spans if req.replace_unknowns else None
-        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms, unknown) for text in texts]
+        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms,
+                                       unknown if prefix is None else None) for text, prefix in zip(texts, prefixes)]
         sentences = []
         options = req.decoding_options(translator.default_options)
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):

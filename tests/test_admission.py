@@ -247,6 +247,18 @@ def test_options_the_model_cannot_meet_are_refused_before_anything_is_queued(tra
     dep.default.engine.close()
 
 
+def test_a_text_with_a_target_prefix_keeps_its_emoji_in_the_models_input(translator):
+    """The prefix is forced on the model's output of the input as sent: an emoji kept out of the input came back
+    before the prefix ("🎉 🎉 Hallo Welt"); a text without a prefix still has its edge emoji kept out."""
+    from service.schemas import TranslateRequest
+
+    dep = replica(translator)
+    req = TranslateRequest(text=["🎉 Hello world", "🎉 Hello world"], target_prefix=["🎉 Hallo", None])
+    segmented, sentences = dep._prepare(translator, req.texts(), req.prefixes(), req)
+    assert segmented[0].sentences == ["🎉 Hello world"] and segmented[1].sentences == ["Hello world"]
+    dep.default.engine.close()
+
+
 def test_the_engine_loop_survives_callers_that_leave(translator):
     """Cancelled awaits (clients gone) abort their sentences; the loop goes on serving the next caller."""
     dep = replica(translator)
