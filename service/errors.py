@@ -126,8 +126,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         """What the router raises itself (404: no such route, 405: another method; its Allow header kept), in the
         error shape of the API the path belongs to."""
+        path, root = request.url.path, request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # under Serve's route prefix
         for prefix, key in COMPAT_ERROR_KEYS.items():
-            if request.url.path.startswith(prefix):
+            if path.startswith(prefix):
                 return JSONResponse({key: str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
         return error_response(exc.status_code, "http_error", str(exc.detail), exc.headers)
 

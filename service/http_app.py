@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from service import http_security
 from service.errors import install_handlers
 
-api = FastAPI(title="Translation service", version="0.1.0", redirect_slashes=False,
+api = FastAPI(title="Translation service", version="0.1.0",
               description="English->German Transformer on ONNX Runtime, batched by Ray Serve. Also speaks the "
                           "LibreTranslate API under /libretranslate and the DeepL API v2 under /deepl.")
 install_handlers(api)

@@ -50,10 +50,10 @@ class CompatRoutes:
     @api.api_route("/deepl/v2/languages", methods=["GET", "POST"], tags=["DeepL"])  # DeepL takes both
     async def deepl_languages(self, request: Request) -> JSONResponse:
         """DeepL's languages: type=source (default) or target, in the query or (as the deepl library sends it) in
-        a form body."""
+        a form or JSON body."""
         async def run(_: str | None) -> JSONResponse:
             kind = request.query_params.get("type")
-            if kind is None and request.headers.get("content-type", "").startswith(compat.FORM):
+            if kind is None and request.headers.get("content-type", "").startswith((compat.FORM, "application/json")):
                 body, media_type = await self._read_body(request, form_ok=True)
                 kind = compat.parse_body(body, media_type).get("type")
             return deepl.languages(self, str(kind or "source"))
