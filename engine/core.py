@@ -33,11 +33,11 @@ Scheduling policy, decided at the start of every step:
    waiting one of a group (a request) none of whose sentences has joined yet, so that a request starts at the next
    step whatever else is queued, a small request's (at most SMALL_REQUEST sentences) before a larger one's (bulk
    requests that had not started, with deadlines earlier than a probe's, filled the overdraw below and held
-   1-sentence probes for up to 10 s, 2026-12-06); then that of the group with the earliest deadline (the service gives each request
-   request_timeout_s plus a time per sentence, so a large request's is later and it fills only what the others
-   leave); then the group that holds the fewest rows now, ties to the group that arrived first. Earliest deadline
-   first, not fewest rows, among running requests: sharing rows evenly among many bulk requests kept every one
-   of them partly done until all finished at about the same time, past their deadlines (a burst of 200
+   1-sentence probes for up to 10 s, 2026-12-06); then that of the group with the earliest deadline (the service
+   gives each request request_timeout_s plus a time per sentence, so a large request's is later and it fills only
+   what the others leave); then the group that holds the fewest rows now, ties to the group that arrived first.
+   Earliest deadline first, not fewest rows, among running requests: sharing rows evenly among many bulk requests
+   kept every one of them partly done until all finished at about the same time, past their deadlines (a burst of 200
    60-sentence requests over HTTP ended 126 in 504, 2026-12-06); in deadline order they finish one after another.
    When that sentence does not fit, joining stops for this step (a smaller one does not overtake it, so a long
    sentence is never starved); an empty batch always takes one, and a group with nothing running may overdraw a
@@ -426,8 +426,9 @@ class EngineCore:
         arrival = {group: i for i, group in enumerate(self._waiting)}
 
         def order(g: object) -> tuple:
-            small = sentences_of_group[g] + len(self._waiting[g]) <= SMALL_REQUEST
-            return (g in self._started, not small, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g], arrival[g])
+            started = g in self._started
+            small = not started and sentences_of_group[g] + len(self._waiting[g]) <= SMALL_REQUEST
+            return (started, not small, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g], arrival[g])
 
         joining = []
         while self._waiting:
