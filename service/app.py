@@ -526,10 +526,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         # the event loop that serves every other request of this replica.
         try:
             if sum(len(t) for t in texts) <= INLINE_PREPARE_CHARS:  # a thread hop could wait behind bulk requests
-                segmented, sentences = self._prepare(translator, texts, prefixes, req)
+                segmented, sentences = self._prepare(translator, texts, prefixes, req, options)
             else:
                 segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
-                    self._prepare, translator, texts, prefixes, req),
+                    self._prepare, translator, texts, prefixes, req, options),
                     timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             model.metrics.timeouts.inc(1)
@@ -577,9 +577,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return translation
 
     @staticmethod
-    def _prepare(translator: Translator, texts: list[str], prefixes: list[str | None],
-                 req: schemas.TranslateRequest) -> tuple[list[rich_text.Prepared], list[_Sentence]]:
-        """Parses texts (req.format), masks their protected spans, splits them into sentences and tokenizes them.
+    def _prepare(translator: Translator, texts: list[str], prefixes: list[str | None], req: schemas.TranslateRequest,
+                 options: DecodingOptions) -> tuple[list[rich_text.Prepared], list[_Sentence]]:
+        """Parses texts (req.format), masks their protected spans, splits them into sentences and tokenizes them;
+        ``options``: the request's (its max_length bounds a target_prefix).
 
         Raises:
             InputTooLongError: an over-long sentence.
@@ -593,7 +594,6 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms,
                                        unknown if prefix is None else None) for text, prefix in zip(texts, prefixes)]
         sentences = []
-        options = req.decoding_options(translator.default_options)
         for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
             prefix_ids = translator.tokenizer.encode_target(prefix) if prefix else None
             if prefix_ids:

@@ -254,7 +254,8 @@ def test_a_text_with_a_target_prefix_keeps_its_emoji_in_the_models_input(transla
 
     dep = replica(translator)
     req = TranslateRequest(text=["🎉 Hello world", "🎉 Hello world"], target_prefix=["🎉 Hallo", None])
-    segmented, sentences = dep._prepare(translator, req.texts(), req.prefixes(), req)
+    segmented, sentences = dep._prepare(translator, req.texts(), req.prefixes(), req,
+                                        req.decoding_options(translator.default_options))
     assert segmented[0].sentences == ["🎉 Hello world"] and segmented[1].sentences == ["Hello world"]
     dep.default.engine.close()
 
