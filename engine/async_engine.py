@@ -99,6 +99,17 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def settings(self) -> dict[str, int]:
+        """The core's budgets: max_batch_rows, max_batch_tokens."""
+        return {"max_batch_rows": self.core.max_batch_rows, "max_batch_tokens": self.core.max_batch_tokens}
+
+    def configure(self, **settings: int) -> None:
+        """Sets the core's budgets (max_batch_rows, max_batch_tokens): plain attribute writes, which the loop reads
+        at its next schedule."""
+        for name, value in settings.items():
+            setattr(self.core, name, value)
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Stops the loop after its current step; sentences still in it are aborted."""
         self._closed = True

@@ -16,6 +16,9 @@ class InputTooLongError(InvalidRequestError):
         super().__init__(f"source has {n_tokens} tokens > limit {limit}; split the text into shorter sentences")
         self.n_tokens, self.limit = n_tokens, limit
 
+    def __reduce__(self):  # rebuilt from its fields, not its message (an engine process sends it over a pipe)
+        return type(self), (self.n_tokens, self.limit)
+
 
 class EngineUnavailableError(EngineError):
     """The engine cannot serve (model not loaded, provider failed). HTTP 503."""

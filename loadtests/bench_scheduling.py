@@ -410,10 +410,10 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list[str], d: Durations,
-                   emit, capacity: float | None = None) -> dict:
-    """Starts the service with ``scheduling``, runs scenarios 5, 1, 2, 4, 6, 3 (``emit`` gets each result dict),
-    stops it. Scenario 1 loads ``capacity`` sentences/s times each fraction (None: this run's own saturation).
-    Returns {scenario: figures}."""
+                   emit, capacity: float | None = None, engine_process: bool = False) -> dict:
+    """Starts the service with ``scheduling`` (and its engine in a process of its own with ``engine_process``),
+    runs scenarios 5, 1, 2, 4, 6, 3 (``emit`` gets each result dict), stops it. Scenario 1 loads ``capacity``
+    sentences/s times each fraction (None: this run's own saturation). Returns {scenario: figures}."""
     from dataclasses import replace
 
     from engine.runtime import EngineConfig
@@ -431,7 +431,8 @@ def run_scheduling(scheduling: str, artifact: str, threads: int, sentences: list
     options = translator.default_options
     base_url, metrics_url, shutdown = start_service(
         artifact, threads, 512, scheduling, device="cpu",
-        max_queued_work=AppArgs.model_fields["max_queued_work"].default, max_chars_per_text=MAX_CHARS_PER_TEXT)
+        max_queued_work=AppArgs.model_fields["max_queued_work"].default, max_chars_per_text=MAX_CHARS_PER_TEXT,
+        engine_process=engine_process)
     try:
         # 5: saturation, HTTP then the engine alone on the same sentences (service idle)
         sat_sentences = sentences[:d.engine_sentences]
@@ -493,6 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds-long windows: runs, no figures
     p.add_argument("--schedulings", default=",".join(SCHEDULINGS), help="comma-separated, default both")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the replica's engine core in a process of its own (AppArgs.engine_process)")
     args = p.parse_args(argv)
     d = SMOKE if args.smoke else QUICK if args.quick else FULL
     schedulings = [s.strip() for s in args.schedulings.split(",") if s.strip()]
@@ -502,13 +505,14 @@ def main(argv: list[str] | None = None) -> dict:
     capacity = None  # one offered load for both: fractions of the first run's (static's) saturation
     for s in schedulings:
         results[s] = run_scheduling(s, args.artifact, args.threads, sentences, d,
-                                    lambda r: print(json.dumps(r), flush=True), capacity)
+                                    lambda r: print(json.dumps(r), flush=True), capacity, args.engine_process)
         capacity = capacity or results[s]["saturation"]["sentences_per_s"]
     checks = evaluate_targets(results)
     print()
     print(format_report(results, checks))
     print(f"\n{time.perf_counter() - started:.0f} s; clients, server and engine-alone runs share this machine")
-    report = dict(artifact=args.artifact, threads=args.threads, durations=dataclasses.asdict(d),
+    report = dict(artifact=args.artifact, threads=args.threads, engine_process=args.engine_process,
+                  durations=dataclasses.asdict(d),
                   beam_mix=BEAM_MIX, load_fractions=LOAD_FRACTIONS, max_chars_per_text=MAX_CHARS_PER_TEXT,
                   results=results, targets=checks)
     if args.json:

@@ -36,6 +36,7 @@ from ray.exceptions import TaskCancelledError
 
 from engine import rich_text, segmentation
 from engine.async_engine import AsyncEngine
+from engine.process_engine import CoreSpec, ProcessEngine
 from engine.core import Finished
 from engine.explain import Explainer
 from engine.errors import InputTooLongError, InvalidRequestError
@@ -81,7 +82,7 @@ class _Model:
     translator: Translator
     metrics: ServiceMetrics
     explainer: Explainer
-    engine: AsyncEngine | None = None
+    engine: AsyncEngine | ProcessEngine | None = None
     warmup_seconds: float = 0.0
 
     def report_load_times(self) -> None:
@@ -176,7 +177,11 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             if self.args.warmup:
                 model.warmup_seconds = model.translator.warmup()
             model.report_load_times()
-            model.engine = AsyncEngine(model.translator.new_core(), model_id, StepMetrics(model.metrics))
+            if self.args.engine_process:
+                model.engine = ProcessEngine(CoreSpec(str(folder), engine_config, self.args.warmup), model_id,
+                                             StepMetrics(model.metrics))
+            else:
+                model.engine = AsyncEngine(model.translator.new_core(), model_id, StepMetrics(model.metrics))
             log.info("model %s loaded from %s on %s, %s scheduling", model_id, folder, model.translator.provider,
                      self.args.scheduling)
             self.models[model_id] = model
@@ -208,16 +213,14 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         except ValidationError as e:
             if not self._configured:
                 raise
-            core = self.default.engine.core
+            settings = self.default.engine.settings
             log.error("user_config %r rejected, keeping max_batch_rows=%d max_batch_tokens=%d: %s", user_config,
-                      core.max_batch_rows, core.max_batch_tokens, validation_message(e.errors()))
+                      settings["max_batch_rows"], settings["max_batch_tokens"], validation_message(e.errors()))
             return
+        settings = {name: value for name, value in (("max_batch_rows", config.max_batch_rows),
+                                                    ("max_batch_tokens", config.max_batch_tokens)) if value is not None}
         for model in self.models.values():
-            # Plain attribute writes the engine thread reads at its next schedule.
-            if config.max_batch_rows is not None:
-                model.engine.core.max_batch_rows = config.max_batch_rows
-            if config.max_batch_tokens is not None:
-                model.engine.core.max_batch_tokens = config.max_batch_tokens
+            model.engine.configure(**settings)  # read by the engine loop at its next schedule
         self._configured = True
 
     async def check_health(self) -> None:

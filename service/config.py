@@ -26,6 +26,9 @@ class AppArgs(BaseModel):
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="continuous: sentences join a running decode between steps; static: a batch "
                                   "decodes to completion before the next forms (kept to measure against)")
+    engine_process: bool = Field(False, description="run each model's engine core in a child process of the replica "
+                                 "(engine/process_engine.py) instead of a thread, so that request handling and "
+                                 "decoding do not share one GIL")
     max_batches: int = Field(MAX_BATCHES, ge=1, le=16, description="continuous: batches of small requests and of "
                              "larger ones that decode side by side, sharing decoder time (engine/core.py); 1: one "
                              "batch for every sentence")

@@ -1,0 +1,348 @@
+"""An engine core in a process of its own, fed over a pipe: AsyncEngine's interface (engine/async_engine.py).
+
+Why a process: with the step loop on a thread, a replica's request handling (HTTP, validation, splitting, JSON) and
+the loop's host work (the search, numpy, the graphs' bindings) share one GIL, so neither runs while the other holds
+it, and a thread waiting for the GIL waits up to the switch interval (README.md, Continuous batching, "What limits
+the goals not met"). vLLM's V1 engine runs its core in a separate process for the same reason.
+
+The parent keeps what admission reads at once (queued_work, interactive_work, work_per_s) and one asyncio future per
+sentence; a reader thread resolves them from the child's step reports. The child builds its core from a picklable
+recipe (:class:`CoreSpec`), takes submits, aborts and settings between steps, and sends after each step the
+sentences that left and the core's counters (for the on_step callback, as a :class:`CoreView`). Nothing a caller
+does can stop the child's loop: a step's failure fails its sentences, as on a thread. If the child dies, every
+pending future fails with EngineUnavailableError and ``alive`` turns False, so a replica's health check fails and
+Serve replaces the replica. No Ray and no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable
+
+from engine.async_engine import RATE_WEIGHT, AsyncEngine, _fail, _post, _resolve
+from engine.core import CoreStats, EngineCore, Finished
+from engine.errors import EngineError, EngineUnavailableError
+from engine.options import DecodingOptions
+from engine.runtime import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreSpec:
+    """How the child process builds its core: ``Translator(artifact_dir, config).new_core()``, warmed up first
+    (Translator.warmup) when ``warmup``."""
+
+    artifact_dir: str
+    config: EngineConfig
+    warmup: bool = True
+
+    def build(self) -> EngineCore:
+        from engine.translator import Translator  # in the child: the parent needs none of it to start one
+
+        translator = Translator(Path(self.artifact_dir), self.config)
+        if self.warmup:
+            translator.warmup()
+        return translator.new_core()
+
+
+@dataclasses.dataclass
+class CoreView:
+    """What the on_step callback reads of the child's core after a step (EngineCore's attributes of these names)."""
+
+    stats: CoreStats
+    live_sentences: int
+    live_rows: int
+    waiting: int
+
+
+class ProcessEngine:
+    """Runs a core built from ``spec`` in a child process (a new interpreter, not a fork: a replica has threads,
+    which a fork would copy in whatever state they hold); ``name`` names its reader thread.
+
+    Args:
+        spec: the child's core (:class:`CoreSpec`).
+        on_step: called on the parent's reader thread after every step with a :class:`CoreView` and the sentences
+            that left (metrics); its exceptions are logged and ignored.
+        start_timeout_s: how long the child may take to load and warm up its model (seconds).
+
+    Attributes: as :class:`AsyncEngine` (queued_work, interactive_work, work_per_s).
+
+    Raises:
+        EngineUnavailableError: the child failed to build its core or did not report ready in time.
+    """
+
+    work = staticmethod(AsyncEngine.work)
+
+    def __init__(self, spec: CoreSpec, name: str = "engine",
+                 on_step: Callable[[CoreView, list[Finished]], None] | None = None,
+                 start_timeout_s: float = 300.0) -> None:
+        self.on_step = on_step
+        self.queued_work = self.interactive_work = 0
+        self.work_per_s = 0.0
+        self._done_ema = self._time_ema = 0.0
+        self._lock = threading.Lock()  # the counters, the futures and the group ids: event loops and the reader
+        self._send_lock = threading.Lock()  # one writer at a time on the pipe
+        self._futures: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, tuple[int, bool], object]] = {}
+        self._ids: dict[asyncio.Future, int] = {}
+        self._groups: dict[object, list[int]] = {}  # group -> [its id in the child, sentences pending]
+        self._next_id = itertools.count()
+        self._closed = False
+        self.settings = {"max_batch_rows": spec.config.max_batch_rows,
+                         "max_batch_tokens": spec.config.max_batch_tokens}
+        # A fresh interpreter on `python -m engine.process_engine FD` rather than multiprocessing's spawn, which
+        # re-runs the parent's main module in the child (a Ray worker's, a test runner's); one socket both ways.
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen([sys.executable, "-m", "engine.process_engine", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        try:
+            self._conn.send(spec)
+            if not self._conn.poll(start_timeout_s):
+                raise EngineUnavailableError(f"the engine process did not start within {start_timeout_s:.0f} s")
+            kind, detail = self._conn.recv()
+            if kind != "ready":
+                raise EngineUnavailableError(f"the engine process failed to start: {detail}")
+        except (EOFError, OSError) as e:
+            self._stop(5.0)
+            raise EngineUnavailableError(f"the engine process exited while starting (code "
+                                         f"{self._process.returncode}): {e}") from None
+        except EngineUnavailableError:
+            self._stop(5.0)
+            raise
+        self._reader = threading.Thread(target=self._read, name=f"engine-{name}-reader", daemon=True)
+        self._reader.start()
+
+    # ---- the caller's side (event loops) -----------------------------------------------------------------------
+
+    def submit(self, src_ids: list[int], options: DecodingOptions, *, target_prefix: list[int] | None = None,
+               group: object = None, interactive: bool = False, deadline: float | None = None) -> asyncio.Future:
+        """As :meth:`AsyncEngine.submit` (``deadline`` in time.monotonic() seconds, one clock for both processes).
+
+        Raises:
+            RuntimeError: the engine was closed.
+            EngineUnavailableError: the engine process has exited.
+        """
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        if not self.alive:
+            raise EngineUnavailableError(f"the engine process has exited (code {self._process.returncode})")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        work = (self.work(src_ids, options), interactive)
+        with self._lock:
+            sentence = next(self._next_id)
+            entry = self._groups.setdefault(group, [sentence, 0]) if group is not None else None
+            if entry is not None:
+                entry[1] += 1
+            self._futures[sentence] = (future, loop, work, group)
+            self._ids[future] = sentence
+            self._count(*work)
+        try:
+            self._send(("submit", sentence, list(src_ids), options, target_prefix,
+                        None if entry is None else entry[0], deadline))
+        except (OSError, ValueError):  # the child went away since the check above
+            pass
+        if not self._reader.is_alive():  # its end came before this sentence was registered: fail it here
+            self._settle(sentence, _fail, EngineUnavailableError("the engine process has exited"))
+        return future
+
+    def abort(self, future: asyncio.Future) -> None:
+        """Drops the sentence of ``future`` at the child's next step (its future then resolves as aborted)."""
+        sentence = self._ids.get(future)
+        if sentence is not None:
+            try:
+                self._send(("abort", sentence))
+            except (OSError, ValueError):  # the child is gone: the reader fails the sentence
+                pass
+
+    def configure(self, **settings: int) -> None:
+        """Sets the core's budgets (max_batch_rows, max_batch_tokens), which its next schedule reads."""
+        self.settings.update(settings)
+        self._send(("configure", settings))
+
+    def set_rate(self, work_per_s: float, seconds: float = 1e6) -> None:
+        """As :meth:`AsyncEngine.set_rate`."""
+        self._done_ema, self._time_ema, self.work_per_s = work_per_s * seconds, seconds, work_per_s
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None and self._reader.is_alive()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stops the child after its current step; sentences still in it are failed ("the engine was closed")."""
+        self._closed = True
+        try:
+            self._send(("close",))
+        except (OSError, ValueError):  # the child is gone already
+            pass
+        self._stop(timeout_s)
+        self._reader.join(timeout_s)
+        self._conn.close()
+
+    def _stop(self, timeout_s: float) -> None:
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout_s)
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _count(self, work: int, interactive: bool) -> None:  # under self._lock
+        self.queued_work += work
+        if interactive:
+            self.interactive_work += work
+
+    # ---- the reader thread -------------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "failed":
+                self._settle(message[1], _fail, message[2])
+                continue
+            _, finished, view, elapsed = message
+            done_work = sum(self._settle(sentence, _resolve, done) for sentence, done in finished)
+            self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
+            self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
+            if self._done_ema and self._time_ema > 0:
+                self.work_per_s = self._done_ema / self._time_ema
+            if self.on_step is not None:
+                try:
+                    self.on_step(view, [done for _, done in finished])
+                except Exception:  # noqa: BLE001 - metrics must not stop the reader
+                    log.exception("on_step callback failed")
+        # The child is gone: nothing will resolve what it held.
+        try:
+            code = self._process.wait(5.0)
+        except subprocess.TimeoutExpired:  # it closed its end but runs on: end it
+            self._process.kill()
+            code = self._process.wait()
+        error = (RuntimeError("the engine was closed") if self._closed
+                 else EngineUnavailableError(f"the engine process exited (code {code})"))
+        if not self._closed:
+            log.error("engine process exited (code %s); failing its %d sentences", code, len(self._futures))
+        for sentence in list(self._futures):
+            self._settle(sentence, _fail, error)
+
+    def _settle(self, sentence: int, callback: Callable, value: object) -> int:
+        """Resolves (or fails) sentence ``sentence``'s future on its loop; returns its work (0 if unknown)."""
+        with self._lock:
+            entry = self._futures.pop(sentence, None)
+            if entry is None:
+                return 0
+            future, loop, work, group = entry
+            self._ids.pop(future, None)
+            self._count(-work[0], work[1])
+            if group is not None:
+                held = self._groups[group]
+                held[1] -= 1
+                if not held[1]:
+                    del self._groups[group]
+        _post(loop, callback, future, value)
+        return work[0]
+
+
+# ---- the child process -------------------------------------------------------------------------------------------
+
+def _child_main(conn: Connection) -> None:
+    """The child's loop: AsyncEngine._run's, with the socket as its inbox and its reports. Its first message is the
+    :class:`CoreSpec`."""
+    try:
+        spec = conn.recv()
+        core = spec.build()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    handles: dict[int, int] = {}  # sentence id (the parent's) -> core handle
+    sentences: dict[int, int] = {}  # core handle -> sentence id
+    while True:
+        # Block while idle (no batch timer); between steps take in everything that came.
+        wait = None if not core.has_work else 0
+        while conn.poll(wait):
+            wait = 0
+            try:
+                message = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if message[0] == "close":
+                failed = core.fail_all(RuntimeError("the engine was closed"))
+                conn.send(("step", [(sentences.pop(d.handle), d) for d in failed if d.handle in sentences],
+                           _view(core), 0.0))
+                return
+            if message[0] == "abort":
+                if message[1] in handles:
+                    core.abort(handles[message[1]])
+            elif message[0] == "configure":
+                for name, value in message[1].items():
+                    setattr(core, name, value)
+            else:
+                _, sentence, src_ids, options, prefix, group, deadline = message
+                try:
+                    handle = core.submit(src_ids, options, target_prefix=prefix, group=group, deadline=deadline)
+                except Exception as e:  # noqa: BLE001 - the caller's error, not the loop's
+                    conn.send(("failed", sentence, _portable(e)))
+                    continue
+                handles[sentence], sentences[handle] = handle, sentence
+        if not core.has_work:
+            continue
+        started = time.monotonic()
+        try:
+            finished = core.step()
+        except Exception as e:  # noqa: BLE001 - the loop must survive anything
+            log.exception("engine core failed; failing its sentences")
+            finished = core.fail_all(e)
+        elapsed = time.monotonic() - started
+        report = []
+        for done in finished:
+            sentence = sentences.pop(done.handle, None)
+            if sentence is None:
+                continue
+            del handles[sentence]
+            if done.error is not None:
+                done.error = _portable(done.error)
+            report.append((sentence, done))
+        conn.send(("step", report, _view(core), elapsed))
+
+
+def _view(core: EngineCore) -> CoreView:
+    return CoreView(dataclasses.replace(core.stats), core.live_sentences, core.live_rows, core.waiting)
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling (most do); else an EngineError with its message (an exception whose
+    __init__ takes other arguments than its message cannot be rebuilt from its pickle)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip
+        return EngineError(f"{type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-process %(message)s")
+    # The module's own import, not __main__'s copy: what the child pickles must name engine.process_engine.
+    from engine.process_engine import _child_main as child_main
+
+    child_main(Connection(int(sys.argv[1])))
