@@ -30,10 +30,12 @@ Scheduling policy, decided at the start of every step:
 2. Waiting sentences join while the running batches have room. A sentence reserves its most rows (beam_size) against
    ``max_batch_rows`` and its source against ``max_batch_tokens`` (live sentences x longest live source: the padded
    cross-attention memory, as the encoder's chunks were bounded before). Which sentence joins next: the first
-   waiting one of a group (a request) none of whose sentences has joined yet, so that a request starts at the next
-   step whatever else is queued, a small request's (at most SMALL_REQUEST sentences) before a larger one's (bulk
+   waiting one of a small request (at most SMALL_REQUEST sentences), all of whose sentences join together (bulk
    requests that had not started, with deadlines earlier than a probe's, filled the overdraw below and held
-   1-sentence probes for up to 10 s, 2026-12-06); then that of the group with the earliest deadline (the service
+   1-sentence probes for up to 10 s, 2026-12-06; and a probe that pysbd split in two waited 6-11 s for its second
+   sentence, which queued as a running request's, until a quarter of the budget was free); then the first of a
+   larger group (a request) none of whose sentences has joined yet, so that a request starts at the next step
+   whatever else is queued; then that of the group with the earliest deadline (the service
    gives each request request_timeout_s plus a time per sentence, so a large request's is later and it fills only
    what the others leave); then the group that holds the fewest rows now, ties to the group that arrived first.
    Earliest deadline first, not fewest rows, among running requests: sharing rows evenly among many bulk requests
@@ -41,11 +43,11 @@ Scheduling policy, decided at the start of every step:
    60-sentence requests over HTTP ended 126 in 504, 2026-12-06); in deadline order they finish one after another.
    When that sentence does not fit, joining stops for this step (a smaller one does not overtake it, so a long
    sentence is never starved); an empty batch always takes one, and a group with nothing running may overdraw a
-   full budget by one sentence (up to twice the budget), so a short request starts at the next step even while a
-   large one fills the batch. The joiners are encoded in one encoder call, so joins are batched where that costs
-   no latency: the remaining sentences of a request that is already running refill the batch only once a quarter
-   of a budget is free (a rule from when each join also copied the whole cache; not re-measured since joins stopped
-   copying).
+   full budget by one sentence, a small request by all of its sentences (up to twice the budget), so a short
+   request starts, and finishes, as if alone even while a large one fills the batch. The joiners are encoded in
+   one encoder call, so joins are batched where that costs no latency: the remaining sentences of a larger request
+   that is already running refill the batch only once a quarter of a budget is free (a rule from when each join
+   also copied the whole cache; not re-measured since joins stopped copying).
    Policy "static" (the former behaviour) lets sentences join only an empty batch: each batch then decodes to
    completion before the next forms. The service keeps it to measure against.
    Policy "refill" lets them join only a batch that has drained to its tail: at most 1/REFILL_FRACTION (1/8) of
@@ -421,14 +423,20 @@ class EngineCore:
         # no cache now. A request with nothing running joins at once.
         room = (self.max_batch_rows - rows >= self.max_batch_rows / 4
                 and self.max_batch_tokens - n_sentences * longest >= self.max_batch_tokens / 4)
-        if live and not room and all(rows_of_group[g] for g in self._waiting):
+
+        def small(g: object) -> bool:  # a small request: its sentences live or waiting
+            return sentences_of_group[g] + len(self._waiting[g]) <= SMALL_REQUEST
+
+        def urgent(g: object) -> bool:  # joins now, overdrawing a full budget if it must
+            return rows_of_group[g] == 0 or small(g)
+
+        if live and not room and not any(urgent(g) for g in self._waiting):
             return []
         arrival = {group: i for i, group in enumerate(self._waiting)}
 
         def order(g: object) -> tuple:
-            started = g in self._started
-            small = not started and sentences_of_group[g] + len(self._waiting[g]) <= SMALL_REQUEST
-            return (started, not small, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g], arrival[g])
+            return (not small(g), g in self._started, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g],
+                    arrival[g])
 
         joining = []
         while self._waiting:
@@ -437,15 +445,15 @@ class EngineCore:
             new_longest = max(longest, len(sentence.src_ids))
             fits = (rows + sentence.search.max_rows <= self.max_batch_rows
                     and (n_sentences + 1) * new_longest <= self.max_batch_tokens)
-            # A group with nothing running may overdraw a full budget by one sentence (up to twice the budget), so
-            # that a short request never waits for a large one's sentences to finish before it starts.
-            starved = (self.policy == "continuous" and rows_of_group[group] == 0
+            # A group with nothing running may overdraw a full budget by one sentence, and a small request by all
+            # of its sentences (up to twice the budget), so that a short request never waits for a large one's
+            # sentences to finish before it starts or before its second sentence does.
+            starved = (self.policy == "continuous" and urgent(group)
                        and rows + sentence.search.max_rows <= 2 * self.max_batch_rows
                        and (n_sentences + 1) * new_longest <= 2 * self.max_batch_tokens)
             if not (fits or starved) and (n_sentences or joining):
                 break
-            sentence.small = (self.max_batches > 1
-                              and sentences_of_group[group] + len(self._waiting[group]) <= SMALL_REQUEST)
+            sentence.small = self.max_batches > 1 and small(group)
             sentences_of_group[group] += 1
             self._waiting[group].popleft()
             self._started.add(group)
