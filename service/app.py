@@ -2,11 +2,12 @@
 
 One deployment holds both the HTTP ingress and the engine: on this machine a separate ingress deployment halved the
 requests/s Serve could route. Each model has one engine core whose step loop runs on a thread of its own
-(engine/async_engine.py), or in a child process with ``engine_process`` (engine/process_engine.py); a request's sentences are submitted to it as soon as they are tokenized, join the running
-decode at its next step beside every other request's sentences whatever their options, and the request is answered
-when its last sentence finishes (or, with ``stream``, sentence by sentence). Scheduling and fairness live in the
-engine (engine/core.py); this layer only admits work, maps errors to HTTP and counts. Several models can be served
-side by side by one replica (``models`` in the args); a request names one with ``model``.
+(engine/async_engine.py), or in a child process with ``engine_process`` (engine/process_engine.py); a request's
+sentences are submitted to it as soon as they are tokenized, join the running decode at its next step beside every
+other request's sentences whatever their options, and the request is answered when its last sentence finishes (or,
+with ``stream``, sentence by sentence). Scheduling and fairness live in the engine (engine/core.py); this layer
+only admits work, maps errors to HTTP and counts. Several models can be served side by side by one replica
+(``models`` in the args); a request names one with ``model``.
 
 Deploy with ``serve run deploy/serve_config.yaml`` (import path ``service.app:app_builder``).
 """
