@@ -59,6 +59,19 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
+    def _after_step(self, done_work: int, elapsed: float, core, finished: list[Finished]) -> None:
+        """After each step (on the loop's thread): the drain rate's moving averages take the step's finished work
+        and its seconds; then the on_step callback."""
+        self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
+        self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
+        if self._done_ema and self._time_ema > 0:
+            self.work_per_s = self._done_ema / self._time_ema
+        if self.on_step is not None:
+            try:
+                self.on_step(core, finished)
+            except Exception:  # noqa: BLE001 - metrics must not stop decoding
+                log.exception("on_step callback failed")
+
     def set_rate(self, work_per_s: float, seconds: float = 1e6) -> None:
         """Sets :attr:`work_per_s` as if measured over ``seconds`` of steps, so that the next steps hardly move it."""
         self._done_ema, self._time_ema, self.work_per_s = work_per_s * seconds, seconds, work_per_s
@@ -143,16 +156,7 @@ class AsyncEngine:
                 done_work += work[0]
                 self._count(-work[0], work[1])
                 _post(loop, _resolve, future, done)
-            elapsed = time.monotonic() - started
-            self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
-            self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
-            if self._done_ema and self._time_ema > 0:
-                self.work_per_s = self._done_ema / self._time_ema
-            if self.on_step is not None:
-                try:
-                    self.on_step(self.core, finished)
-                except Exception:  # noqa: BLE001 - metrics must not stop decoding
-                    log.exception("on_step callback failed")
+            self._after_step(done_work, time.monotonic() - started, self.core, finished)
         for done in self.core.fail_all(RuntimeError("the engine was closed")):
             entry = futures.pop(done.handle, None)
             if entry is not None:

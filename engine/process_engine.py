@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
-from engine.async_engine import RATE_WEIGHT, AsyncEngine, _fail, _post, _resolve
+from engine.async_engine import AsyncEngine, _fail, _post, _resolve
 from engine.core import CoreStats, EngineCore, Finished
 from engine.errors import EngineError, EngineUnavailableError
 from engine.options import DecodingOptions
@@ -175,9 +175,8 @@ class ProcessEngine:
         self.settings.update(settings)
         self._send(("configure", settings))
 
-    def set_rate(self, work_per_s: float, seconds: float = 1e6) -> None:
-        """As :meth:`AsyncEngine.set_rate`."""
-        self._done_ema, self._time_ema, self.work_per_s = work_per_s * seconds, seconds, work_per_s
+    set_rate = AsyncEngine.set_rate
+    _after_step = AsyncEngine._after_step  # the drain rate and on_step, on the reader thread
 
     @property
     def alive(self) -> bool:
@@ -223,15 +222,7 @@ class ProcessEngine:
                 continue
             _, finished, view, elapsed = message
             done_work = sum(self._settle(sentence, _resolve, done) for sentence, done in finished)
-            self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
-            self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
-            if self._done_ema and self._time_ema > 0:
-                self.work_per_s = self._done_ema / self._time_ema
-            if self.on_step is not None:
-                try:
-                    self.on_step(view, [done for _, done in finished])
-                except Exception:  # noqa: BLE001 - metrics must not stop the reader
-                    log.exception("on_step callback failed")
+            self._after_step(done_work, elapsed, view, [done for _, done in finished])
         # The child is gone: nothing will resolve what it held.
         try:
             code = self._process.wait(5.0)
