@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -49,13 +50,27 @@ class CoreSpec:
     config: EngineConfig
     warmup: bool = True
 
-    def build(self) -> EngineCore:
+    def build(self) -> tuple[EngineCore, "ModelInChild"]:
+        """The core, and what the parent's Translator needs to know of its model."""
         from engine.translator import Translator  # in the child: the parent needs none of it to start one
 
         translator = Translator(Path(self.artifact_dir), self.config)
-        if self.warmup:
-            translator.warmup()
-        return translator.new_core()
+        warmup_seconds = translator.warmup() if self.warmup else 0.0
+        return translator.new_core(), ModelInChild(translator.provider, getattr(translator.model, "float16", False),
+                                                   translator.load_seconds, warmup_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInChild:
+    """The child's model as the parent's Translator holds it (``Translator(..., model=engine.model)``): its provider
+    and precision, for reports; no sessions, so the model is loaded once, in the child. ``load_seconds`` and
+    ``warmup_seconds``: the child's (seconds)."""
+
+    provider: str
+    float16: bool
+    load_seconds: float
+    warmup_seconds: float
+    ops = None  # the parent decodes nothing
 
 
 @dataclasses.dataclass
@@ -93,21 +108,23 @@ class ProcessEngine:
         self.queued_work = self.interactive_work = 0
         self.work_per_s = 0.0
         self._done_ema = self._time_ema = 0.0
-        self._lock = threading.Lock()  # the counters, the futures and the group ids: event loops and the reader
-        self._send_lock = threading.Lock()  # one writer at a time on the pipe
+        self._lock = threading.Lock()  # the counters, the futures, the group ids and _dead: event loops, the reader
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the writer thread: the event loop never blocks
         self._futures: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, tuple[int, bool], object]] = {}
         self._ids: dict[asyncio.Future, int] = {}
         self._groups: dict[object, list[int]] = {}  # group -> [its id in the child, sentences pending]
         self._next_id = itertools.count()
-        self._closed = False
+        self._closed = self._dead = False
         self.settings = {"max_batch_rows": spec.config.max_batch_rows,
                          "max_batch_tokens": spec.config.max_batch_tokens}
         # A fresh interpreter on `python -m engine.process_engine FD` rather than multiprocessing's spawn, which
         # re-runs the parent's main module in the child (a Ray worker's, a test runner's); one socket both ways.
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # A session of its own: a Ctrl-C meant for the replica's process group must not kill the engine under
+        # requests the replica is draining; the child ends when its socket closes.
         self._process = subprocess.Popen([sys.executable, "-m", "engine.process_engine", str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], env=env)
+                                         pass_fds=[theirs.fileno()], env=env, start_new_session=True)
         theirs.close()
         self._conn = Connection(ours.detach())
         try:
@@ -117,6 +134,7 @@ class ProcessEngine:
             kind, detail = self._conn.recv()
             if kind != "ready":
                 raise EngineUnavailableError(f"the engine process failed to start: {detail}")
+            self.model: ModelInChild = detail
         except (EOFError, OSError) as e:
             self._stop(5.0)
             raise EngineUnavailableError(f"the engine process exited while starting (code "
@@ -126,6 +144,8 @@ class ProcessEngine:
             raise
         self._reader = threading.Thread(target=self._read, name=f"engine-{name}-reader", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name=f"engine-{name}-writer", daemon=True)
+        self._writer.start()
 
     # ---- the caller's side (event loops) -----------------------------------------------------------------------
 
@@ -139,12 +159,12 @@ class ProcessEngine:
         """
         if self._closed:
             raise RuntimeError("the engine is closed")
-        if not self.alive:
-            raise EngineUnavailableError(f"the engine process has exited (code {self._process.returncode})")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         work = (self.work(src_ids, options), interactive)
-        with self._lock:
+        with self._lock:  # registered before the reader's last sweep, or refused after it (_dead)
+            if self._dead:
+                raise EngineUnavailableError(f"the engine process has exited (code {self._process.returncode})")
             sentence = next(self._next_id)
             entry = self._groups.setdefault(group, [sentence, 0]) if group is not None else None
             if entry is not None:
@@ -152,28 +172,20 @@ class ProcessEngine:
             self._futures[sentence] = (future, loop, work, group)
             self._ids[future] = sentence
             self._count(*work)
-        try:
-            self._send(("submit", sentence, list(src_ids), options, target_prefix,
-                        None if entry is None else entry[0], deadline))
-        except (OSError, ValueError):  # the child went away since the check above
-            pass
-        if not self._reader.is_alive():  # its end came before this sentence was registered: fail it here
-            self._settle(sentence, _fail, EngineUnavailableError("the engine process has exited"))
+        self._outbox.put(("submit", sentence, list(src_ids), options, target_prefix,
+                          None if entry is None else entry[0], deadline))
         return future
 
     def abort(self, future: asyncio.Future) -> None:
         """Drops the sentence of ``future`` at the child's next step (its future then resolves as aborted)."""
         sentence = self._ids.get(future)
         if sentence is not None:
-            try:
-                self._send(("abort", sentence))
-            except (OSError, ValueError):  # the child is gone: the reader fails the sentence
-                pass
+            self._outbox.put(("abort", sentence))
 
     def configure(self, **settings: int) -> None:
         """Sets the core's budgets (max_batch_rows, max_batch_tokens), which its next schedule reads."""
+        self._outbox.put(("configure", dict(settings)))
         self.settings.update(settings)
-        self._send(("configure", settings))
 
     set_rate = AsyncEngine.set_rate
     _after_step = AsyncEngine._after_step  # the drain rate and on_step, on the reader thread
@@ -185,10 +197,8 @@ class ProcessEngine:
     def close(self, timeout_s: float = 5.0) -> None:
         """Stops the child after its current step; sentences still in it are failed ("the engine was closed")."""
         self._closed = True
-        try:
-            self._send(("close",))
-        except (OSError, ValueError):  # the child is gone already
-            pass
+        self._outbox.put(("close",))
+        self._writer.join(timeout_s)
         self._stop(timeout_s)
         self._reader.join(timeout_s)
         self._conn.close()
@@ -200,9 +210,17 @@ class ProcessEngine:
             self._process.kill()
             self._process.wait(timeout_s)
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+    def _write(self) -> None:
+        """The writer thread: sends what the callers queued, in order, until "close" (or the child is gone; then
+        the reader fails what is pending)."""
+        while True:
+            message = self._outbox.get()
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return
+            if message[0] == "close":
+                return
 
     def _count(self, work: int, interactive: bool) -> None:  # under self._lock
         self.queued_work += work
@@ -215,14 +233,20 @@ class ProcessEngine:
         while True:
             try:
                 message = self._conn.recv()
+                if message[0] == "failed":
+                    self._settle(message[1], _fail, message[2])
+                    continue
+                _, finished, view, elapsed = message
+                done_work = sum(self._settle(sentence, _resolve, done) for sentence, done in finished)
+                self._after_step(done_work, elapsed, view, [done for _, done in finished])
             except (EOFError, OSError):
                 break
-            if message[0] == "failed":
-                self._settle(message[1], _fail, message[2])
-                continue
-            _, finished, view, elapsed = message
-            done_work = sum(self._settle(sentence, _resolve, done) for sentence, done in finished)
-            self._after_step(done_work, elapsed, view, [done for _, done in finished])
+            except Exception:  # noqa: BLE001 - a report that cannot be read: end the child, fail what it held
+                log.exception("unreadable report from the engine process; stopping it")
+                self._process.kill()
+                break
+        with self._lock:
+            self._dead = True  # submit refuses from now on: no future registers after the sweep below
         # The child is gone: nothing will resolve what it held.
         try:
             code = self._process.wait(5.0)
@@ -261,11 +285,11 @@ def _child_main(conn: Connection) -> None:
     :class:`CoreSpec`."""
     try:
         spec = conn.recv()
-        core = spec.build()
+        core, model = spec.build()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", model))
     handles: dict[int, int] = {}  # sentence id (the parent's) -> core handle
     sentences: dict[int, int] = {}  # core handle -> sentence id
     while True:
@@ -279,8 +303,7 @@ def _child_main(conn: Connection) -> None:
                 return
             if message[0] == "close":
                 failed = core.fail_all(RuntimeError("the engine was closed"))
-                conn.send(("step", [(sentences.pop(d.handle), d) for d in failed if d.handle in sentences],
-                           _view(core), 0.0))
+                _report(conn, [(sentences.pop(d.handle), d) for d in failed if d.handle in sentences], core, 0.0)
                 return
             if message[0] == "abort":
                 if message[1] in handles:
@@ -312,13 +335,27 @@ def _child_main(conn: Connection) -> None:
                 continue
             del handles[sentence]
             if done.error is not None:
-                done.error = _portable(done.error)
+                done = dataclasses.replace(done, error=_portable(done.error))
             report.append((sentence, done))
-        conn.send(("step", report, _view(core), elapsed))
+        _report(conn, report, core, elapsed)
 
 
-def _view(core: EngineCore) -> CoreView:
-    return CoreView(dataclasses.replace(core.stats), core.live_sentences, core.live_rows, core.waiting)
+def _report(conn: Connection, report: list[tuple[int, Finished]], core: EngineCore, elapsed: float) -> None:
+    """Sends a step's report; a sentence whose result cannot be pickled fails alone (EngineError), not the child."""
+    view = CoreView(dataclasses.replace(core.stats), core.live_sentences, core.live_rows, core.waiting)
+    try:
+        conn.send(("step", report, view, elapsed))
+    except (OSError, EOFError):
+        raise
+    except Exception:  # noqa: BLE001 - pickling: find the sentences at fault
+        safe = []
+        for sentence, done in report:
+            try:
+                pickle.dumps(done)
+            except Exception as e:  # noqa: BLE001 - any pickling failure
+                done = Finished(done.handle, [], EngineError(f"the result could not be sent: {e}"))
+            safe.append((sentence, done))
+        conn.send(("step", safe, view, elapsed))
 
 
 def _portable(error: Exception) -> Exception:

@@ -173,16 +173,24 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                                      max_batches=self.args.max_batches)
         self.models: dict[str, _Model] = {}
         for model_id, folder in self.args.artifact_paths().items():
-            translator = Translator(folder, engine_config)
-            model = _Model(translator, ServiceMetrics(model_id), Explainer(folder, translator.bos_id))
-            if self.args.warmup:
-                model.warmup_seconds = model.translator.warmup()
-            model.report_load_times()
+            metrics = ServiceMetrics(model_id)
             if self.args.engine_process:
-                model.engine = ProcessEngine(CoreSpec(str(folder), engine_config, self.args.warmup), model_id,
-                                             StepMetrics(model.metrics))
+                # The model is loaded (and warmed up) once, in the child; the replica's Translator only tokenizes.
+                engine = ProcessEngine(CoreSpec(str(folder), engine_config, self.args.warmup), model_id,
+                                       StepMetrics(metrics))
+                translator = Translator(folder, engine_config, model=engine.model)
+                translator.load_seconds = engine.model.load_seconds
             else:
-                model.engine = AsyncEngine(model.translator.new_core(), model_id, StepMetrics(model.metrics))
+                translator, engine = Translator(folder, engine_config), None
+            model = _Model(translator, metrics, Explainer(folder, translator.bos_id))
+            if self.args.warmup and engine is None:
+                model.warmup_seconds = translator.warmup()
+            elif self.args.warmup:  # the child warmed its model up; the replica's own part is the splitter
+                started = time.perf_counter()
+                segmentation.warmup()
+                model.warmup_seconds = engine.model.warmup_seconds + time.perf_counter() - started
+            model.report_load_times()
+            model.engine = engine or AsyncEngine(translator.new_core(), model_id, StepMetrics(metrics))
             log.info("model %s loaded from %s on %s, %s scheduling", model_id, folder, model.translator.provider,
                      self.args.scheduling)
             self.models[model_id] = model

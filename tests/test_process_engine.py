@@ -4,6 +4,8 @@ settings and errors that cross the pipe, a child that dies, and the replica's re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -11,20 +13,32 @@ import time
 
 import pytest
 
-from engine.errors import EngineUnavailableError, InputTooLongError
+from engine.errors import EngineUnavailableError, InputTooLongError, NumericalError
 from engine.options import DecodingOptions
 from engine.process_engine import CoreSpec, CoreView, ProcessEngine
 from engine.runtime import EngineConfig
 
-from conftest import SENTENCES
+from conftest import SENTENCES, NaNAfterToken
 
 MIXED = [DecodingOptions(beam_size=1), DecodingOptions(beam_size=4), DecodingOptions(beam_size=4, n_best=2),
          DecodingOptions(beam_size=1, sampling_topk=5, sampling_temperature=0.8, seed=7),
          DecodingOptions(beam_size=2, no_repeat_ngram_size=2, length_penalty=1.0)]
 
 
-def start(artifact, on_step=None) -> ProcessEngine:
-    return ProcessEngine(CoreSpec(str(artifact), EngineConfig(device="cpu"), warmup=False), "test", on_step)
+def start(artifact, on_step=None, spec=CoreSpec) -> ProcessEngine:
+    return ProcessEngine(spec(str(artifact), EngineConfig(device="cpu"), warmup=False), "test", on_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaNSpec(CoreSpec):
+    """The child's model writes NaN log-probs for rows whose last token is ``token`` (conftest.NaNAfterToken)."""
+
+    token: int = 0
+
+    def build(self):
+        core, model = super().build()
+        core.model = NaNAfterToken(core.model, self.token)
+        return core, model
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +113,29 @@ def test_errors_and_settings_cross_the_pipe(engine, translator):
     together, alone = asyncio.run(main())
     assert together == 4 and alone < 4
     assert engine.settings["max_batch_rows"] == 512
+
+
+def test_a_sentence_that_fails_in_the_child_fails_alone(artifact, translator):
+    """A sentence whose step gives NaN fails with NumericalError; a sentence of another request beside it gets its
+    translation, and the engine process stays up (the child died of such a sentence, taking every other one with
+    it, when it wrote the error into the frozen Finished)."""
+    greedy = DecodingOptions(beam_size=1)
+    bad, good = translator.tokenize(SENTENCES[0]), translator.tokenize(SENTENCES[5])
+    poisoned = translator.translate_ids([bad], greedy)[0][0].tokens[1]
+    want = translator.translate_ids([good], greedy)[0][0].tokens
+    assert poisoned not in want
+    engine = start(artifact, spec=functools.partial(NaNSpec, token=poisoned))
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(engine.submit(bad, greedy, group="a"),
+                                                     engine.submit(good, greedy, group="b")), 60)
+
+    try:
+        failed, ok = asyncio.run(main())
+        assert isinstance(failed.error, NumericalError) and ok.error is None and ok.hypotheses[0].tokens == want
+        assert engine.alive and engine.queued_work == 0
+    finally:
+        engine.close()
 
 
 def test_a_killed_engine_process_fails_its_sentences_and_reports_itself_dead(artifact, translator):
