@@ -21,7 +21,12 @@ class InputTooLongError(InvalidRequestError):
 
 
 class EngineUnavailableError(EngineError):
-    """The engine cannot serve (model not loaded, provider failed). HTTP 503."""
+    """The engine cannot serve (model not loaded, provider failed, its process exited). HTTP 503, with a
+    Retry-After of ``retry_after_s`` seconds when given."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NumericalError(EngineError):

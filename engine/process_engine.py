@@ -40,6 +40,10 @@ from engine.runtime import EngineConfig
 
 log = logging.getLogger(__name__)
 
+# Retry-After of the 503s a dead child's sentences get: Serve replaces a replica that fails 3 health checks about
+# 10 s apart (25-28 s from a killed child to translations again, in a trial over HTTP).
+RESTART_RETRY_S = 30
+
 
 @dataclasses.dataclass(frozen=True)
 class CoreSpec:
@@ -164,7 +168,8 @@ class ProcessEngine:
         work = (self.work(src_ids, options), interactive)
         with self._lock:  # registered before the reader's last sweep, or refused after it (_dead)
             if self._dead:
-                raise EngineUnavailableError(f"the engine process has exited (code {self._process.returncode})")
+                raise EngineUnavailableError(f"the engine process has exited (code {self._process.returncode})",
+                                             RESTART_RETRY_S)
             sentence = next(self._next_id)
             entry = self._groups.setdefault(group, [sentence, 0]) if group is not None else None
             if entry is not None:
@@ -254,7 +259,7 @@ class ProcessEngine:
             self._process.kill()
             code = self._process.wait()
         error = (RuntimeError("the engine was closed") if self._closed
-                 else EngineUnavailableError(f"the engine process exited (code {code})"))
+                 else EngineUnavailableError(f"the engine process exited (code {code})", RESTART_RETRY_S))
         if not self._closed:
             log.error("engine process exited (code %s); failing its %d sentences", code, len(self._futures))
         for sentence in list(self._futures):

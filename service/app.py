@@ -37,10 +37,10 @@ from ray.exceptions import TaskCancelledError
 
 from engine import rich_text, segmentation
 from engine.async_engine import AsyncEngine
-from engine.process_engine import CoreSpec, ProcessEngine
+from engine.process_engine import RESTART_RETRY_S, CoreSpec, ProcessEngine
 from engine.core import Finished
 from engine.explain import Explainer
-from engine.errors import InputTooLongError, InvalidRequestError
+from engine.errors import EngineUnavailableError, InputTooLongError, InvalidRequestError
 from engine.options import DecodingOptions, check_target_lengths
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
@@ -251,6 +251,12 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
 
     @api.api_route("/health", methods=["GET", "HEAD"], response_model=schemas.Health)  # HEAD: uptime checkers
     async def health(self) -> schemas.Health:
+        """The replica's limits; 503 while an engine's loop or process is down (until Serve's own check, every 10
+        s, has replaced the replica, translations get 503: an uptime checker must see it too)."""
+        for model_id, model in self.models.items():
+            if not model.engine.alive:
+                raise EngineUnavailableError(f"the engine of model {model_id} is not running; this replica is being "
+                                             f"replaced", RESTART_RETRY_S)
         translator = self.default.translator
         return schemas.Health(status="ok", model=self.args.model_id, provider=translator.provider,
                               max_src_tokens=translator.max_src_tokens,

@@ -146,14 +146,30 @@ def test_a_killed_engine_process_fails_its_sentences_and_reports_itself_dead(art
         future = engine.submit(src, DecodingOptions(beam_size=4, min_length=200, max_length=200))
         await asyncio.sleep(0.3)
         os.kill(engine._process.pid, signal.SIGKILL)
-        with pytest.raises(EngineUnavailableError, match="exited"):
+        with pytest.raises(EngineUnavailableError, match="exited") as failed:
             await asyncio.wait_for(future, 30)
+        assert failed.value.retry_after_s > 0
         with pytest.raises(EngineUnavailableError):
             engine.submit(src, DecodingOptions())
 
     asyncio.run(main())
     assert not engine.alive and engine.queued_work == 0
     engine.close()
+
+
+def test_health_is_a_503_with_retry_after_while_an_engine_is_down(artifact, translator):
+    """GET /health answered "ok" for the 25-28 s a replica whose engine process was killed took to be replaced,
+    while every translation got 503."""
+    from test_admission import replica
+
+    from service.errors import response_for
+
+    dep = replica(translator)
+    dep.default.engine.close()  # its loop ends: alive is False, as for a dead child
+    with pytest.raises(EngineUnavailableError, match="en-de is not running") as down:
+        asyncio.run(dep.health())
+    response = response_for(down.value)
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
 
 
 def test_a_child_that_cannot_build_its_core_fails_the_start(tmp_path):
