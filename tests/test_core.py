@@ -150,11 +150,16 @@ def test_refill_policy_joins_a_batch_drained_to_its_tail(translator, artifact, d
         assert_same(got[i], hyps)
 
 
+def eight_row_core(translator) -> EngineCore:
+    """A continuous core whose step holds 8 rows (two beam-4 sentences): budgets that one request fills."""
+    return EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
+                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+
+
 def test_fairness_a_new_request_starts_at_the_next_step(translator):
     """A group (request) with nothing running joins at the next step, overdrawing a budget that a large request
     fills, and ahead of that request's waiting sentences."""
-    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
-                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    core = eight_row_core(translator)
     bulk = [core.submit(translator.tokenize(s), DecodingOptions(beam_size=4), group="bulk") for s in SENTENCES]
     core.step()  # two bulk sentences (8 rows reserved) run
     assert core.live_sentences == 2
@@ -172,8 +177,7 @@ def test_a_small_request_starts_before_bulk_requests_that_have_not_started(trans
     """Bulk requests that have not started, whatever their deadlines, do not keep a small request (at most
     SMALL_REQUEST sentences) from starting at the next step: joining in deadline order, they filled the overdraw
     and the probe waited."""
-    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
-                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    core = eight_row_core(translator)
     src, options = translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4)
     for _ in range(5):
         core.submit(src, options, group="running", deadline=50.0)
@@ -192,8 +196,7 @@ def test_every_sentence_of_a_small_request_starts_at_the_next_step(translator):
     """A small request of two sentences (a probe that the splitter cut in two) joins whole beside a request that
     fills the budget: its second sentence queued as a running request's and waited until a quarter of the budget
     was free (6-11 s over HTTP with 32 bulk clients)."""
-    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
-                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    core = eight_row_core(translator)
     src, options = translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4)
     for _ in range(6):
         core.submit(src, options, group="bulk", deadline=50.0)
@@ -210,8 +213,7 @@ def test_running_requests_join_in_deadline_order(translator):
     """Among larger requests already running, the one with the earliest deadline fills freed rows first, so it
     finishes first instead of every request staying partly done (fewest rows first, the rule before, kept them
     level)."""
-    core = EngineCore(translator.model, bos_id=translator.bos_id, eos_id=translator.eos_id,
-                      pad_id=translator.pad_id, max_positions=translator.max_positions, max_batch_rows=8)
+    core = eight_row_core(translator)
     src, options = translator.tokenize(SENTENCES[0]), DecodingOptions(beam_size=4)
     late = [core.submit(src, options, group="late", deadline=200.0) for _ in range(SMALL_REQUEST + 2)]
     early = [core.submit(src, options, group="early", deadline=100.0) for _ in range(SMALL_REQUEST + 2)]
