@@ -118,9 +118,10 @@ say "nmt-serve:cpu: runs as uid 1000, no compiler, no torch"
 $COMPOSE down -v --remove-orphans >/dev/null 2>&1 || true
 say "$COMPOSE up -d ray-head ray-worker prometheus (project $COMPOSE_PROJECT_NAME)"
 $COMPOSE up -d --no-build ray-head ray-worker prometheus
-if ! python3 deploy/compose_check.py; then
+if ! python3 deploy/compose_check.py | tee "$STATE/check.log"; then
   say "a check failed; the containers' last log lines:"
   for c in $($COMPOSE ps -q); do echo "--- $(docker inspect -f '{{.Name}}' "$c")"; docker logs --tail 30 "$c" 2>&1; done
+  say "the check that failed: $(grep FAILED "$STATE/check.log" || echo '(no FAILED line)')"
   exit 1
 fi
 [ "$KEEP" = 0 ] || { trap - EXIT; say "left running (--keep)"; exit 0; }

@@ -26,7 +26,11 @@ def test_compose_stack_builds_serves_scales_survives_a_killed_worker_and_leaves_
                             text=True, timeout=3400, stdin=subprocess.DEVNULL)
     sys.stdout.write(result.stdout[-20000:])  # shown by pytest -rP, or on failure
     sys.stderr.write(result.stderr[-5000:])
-    assert result.returncode == 0, f"compose check failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    # The check's own lines last: a CI report shows the end of the message, and the containers' logs come after
+    # the line that says which check failed and why (a CI failure once showed only the logs).
+    own = "\n".join(line[:2000] for line in result.stdout.splitlines() if line.startswith("[compose_check"))
+    assert result.returncode == 0, (f"compose check failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}\n"
+                                    f"--- the check's own lines:\n{own[-6000:]}")
     for line in ("ok 1 health and README curl", "ok 2 Prometheus", "ok 3 scale to 3 workers under load",
                  "ok 4 worker killed mid-load", "ok 3 back to 1 worker", "5. down -v: no container",
                  "compose check passed"):
