@@ -43,6 +43,8 @@ class AsyncEngine:
             finishes), a ratio of sums rather than an average of each step's ratio, which a step that finishes a
             long sentence inflated (the first estimate was that one step's): how fast a queue drains, for admission
             and Retry-After. ``set_rate`` sets it as if measured over a long time (tests, a known machine).
+        stalled_s: seconds the engine has held work without finishing a step (0 while it holds none): a step that
+            hangs (a kernel that never returns, a stopped process) shows here, for health checks.
     """
 
     def __init__(self, core: EngineCore, name: str = "engine",
@@ -55,6 +57,7 @@ class AsyncEngine:
         self.interactive_work = 0
         self.work_per_s = 0.0
         self._done_ema = self._time_ema = 0.0  # work finished, seconds of steps
+        self._progress_at = time.monotonic()  # the last step's end, or the submit that gave an idle engine work
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -62,6 +65,7 @@ class AsyncEngine:
     def _after_step(self, done_work: int, elapsed: float, core, finished: list[Finished]) -> None:
         """After each step (on the loop's thread): the drain rate's moving averages take the step's finished work
         and its seconds; then the on_step callback."""
+        self._progress_at = time.monotonic()
         self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
         self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
         if self._done_ema and self._time_ema > 0:
@@ -111,6 +115,10 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def stalled_s(self) -> float:
+        return time.monotonic() - self._progress_at if self.queued_work > 0 else 0.0
 
     @property
     def settings(self) -> dict[str, int]:
@@ -189,6 +197,8 @@ class AsyncEngine:
 
     def _count(self, work: int, interactive: bool) -> None:
         with self._lock:
+            if work > 0 and self.queued_work <= 0:  # an idle engine's work: stalled_s counts from here
+                self._progress_at = time.monotonic()
             self.queued_work += work
             if interactive:
                 self.interactive_work += work

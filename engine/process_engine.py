@@ -97,7 +97,7 @@ class ProcessEngine:
             that left (metrics); its exceptions are logged and ignored.
         start_timeout_s: how long the child may take to load and warm up its model (seconds).
 
-    Attributes: as :class:`AsyncEngine` (queued_work, interactive_work, work_per_s).
+    Attributes: as :class:`AsyncEngine` (queued_work, interactive_work, work_per_s, stalled_s).
 
     Raises:
         EngineUnavailableError: the child failed to build its core or did not report ready in time.
@@ -112,6 +112,7 @@ class ProcessEngine:
         self.queued_work = self.interactive_work = 0
         self.work_per_s = 0.0
         self._done_ema = self._time_ema = 0.0
+        self._progress_at = time.monotonic()
         self._lock = threading.Lock()  # the counters, the futures, the group ids and _dead: event loops, the reader
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the writer thread: the event loop never blocks
         self._futures: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, tuple[int, bool], object]] = {}
@@ -194,6 +195,7 @@ class ProcessEngine:
 
     set_rate = AsyncEngine.set_rate
     _after_step = AsyncEngine._after_step  # the drain rate and on_step, on the reader thread
+    stalled_s = AsyncEngine.stalled_s  # a child that stops (SIGSTOP, a hung kernel) holds its work unreported
 
     @property
     def alive(self) -> bool:
@@ -228,6 +230,8 @@ class ProcessEngine:
                 return
 
     def _count(self, work: int, interactive: bool) -> None:  # under self._lock
+        if work > 0 and self.queued_work <= 0:  # an idle engine's work: stalled_s counts from here
+            self._progress_at = time.monotonic()
         self.queued_work += work
         if interactive:
             self.interactive_work += work

@@ -232,12 +232,24 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             model.engine.configure(**settings)  # read by the engine loop at its next schedule
         self._configured = True
 
-    async def check_health(self) -> None:
-        """Serve's liveness probe: raises if an engine's step loop is dead or cannot decode a one-token sentence
-        through it within 30 s (then Serve restarts the replica)."""
+    def _engine_down(self) -> str | None:
+        """Why an engine cannot serve (its loop or process ended, or it has held work without finishing a step for
+        ``engine_stall_s`` seconds, the args), or None."""
         for model_id, model in self.models.items():
             if not model.engine.alive:
-                raise RuntimeError(f"the engine loop of model {model_id} is not running")
+                return f"the engine of model {model_id} is not running"
+            stalled = model.engine.stalled_s
+            if stalled > self.args.engine_stall_s:
+                return f"the engine of model {model_id} has not finished a decoder step in {stalled:.0f} s"
+        return None
+
+    async def check_health(self) -> None:
+        """Serve's liveness probe: raises if an engine is down (:meth:`_engine_down`) or cannot decode a one-token
+        sentence within 30 s (then Serve restarts the replica)."""
+        down = self._engine_down()
+        if down:
+            raise RuntimeError(down)
+        for model_id, model in self.models.items():
             future = model.engine.submit([model.translator.eos_id], DecodingOptions(beam_size=1, max_length=1),
                                          group="health")
             try:
@@ -251,12 +263,11 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
 
     @api.api_route("/health", methods=["GET", "HEAD"], response_model=schemas.Health)  # HEAD: uptime checkers
     async def health(self) -> schemas.Health:
-        """The replica's limits; 503 while an engine's loop or process is down (until Serve's own check, every 10
-        s, has replaced the replica, translations get 503: an uptime checker must see it too)."""
-        for model_id, model in self.models.items():
-            if not model.engine.alive:
-                raise EngineUnavailableError(f"the engine of model {model_id} is not running; this replica is being "
-                                             f"replaced", RESTART_RETRY_S)
+        """The replica's limits; 503 while an engine is down or hung (:meth:`_engine_down`: until Serve's own check,
+        every 10 s, has replaced the replica, translations get 503 or wait: an uptime checker must see it too)."""
+        down = self._engine_down()
+        if down:
+            raise EngineUnavailableError(f"{down}; this replica is being replaced", RESTART_RETRY_S)
         translator = self.default.translator
         return schemas.Health(status="ok", model=self.args.model_id, provider=translator.provider,
                               max_src_tokens=translator.max_src_tokens,

@@ -29,6 +29,10 @@ class AppArgs(BaseModel):
     engine_process: bool = Field(False, description="run each model's engine core in a child process of the replica "
                                  "(engine/process_engine.py) instead of a thread, so that request handling and "
                                  "decoding do not share one GIL")
+    engine_stall_s: float = Field(30.0, gt=0, description="an engine that has held work this long without finishing "
+                                  "a decoder step is hung (a stopped process, a kernel that never returns): /health "
+                                  "answers 503 and Serve's health check fails, so the replica is replaced; a step "
+                                  "takes milliseconds to a fraction of a second")
     max_batches: int = Field(MAX_BATCHES, ge=1, le=16, description="continuous: batches of small requests and of "
                              "larger ones that decode side by side, sharing decoder time (engine/core.py); 1: one "
                              "batch for every sentence")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,23 @@ class NaNAfterToken:
         log_probs, k, v, attention = self.model.step(tokens, *args, **kwargs)
         log_probs[tokens[:, 0] == self.token] = float("nan")
         return log_probs, k, v, attention
+
+
+class BlockingStep:
+    """Wraps an engine model: each decoder step waits until ``release`` is set (a step that hangs); ``entered`` is
+    set once a step has started."""
+
+    def __init__(self, model) -> None:
+        self.model, self.release, self.entered = model, threading.Event(), threading.Event()
+        self.ops, self.top_k, self.io_binding = model.ops, model.top_k, model.io_binding
+
+    def encode(self, *args):
+        return self.model.encode(*args)
+
+    def step(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(60)
+        return self.model.step(*args, **kwargs)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from engine.async_engine import AsyncEngine
 from engine.explain import Explainer
-from engine.errors import InvalidRequestError, NumericalError
+from engine.errors import EngineUnavailableError, InvalidRequestError, NumericalError
 from engine.options import DecodingOptions
 from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
 from service.errors import OverloadedError, RequestTimeoutError
@@ -359,3 +359,37 @@ def test_a_streams_log_line_gives_its_final_status_and_time(translator, caplog):
     (line,) = [r.getMessage() for r in caplog.records if "latency_ms" in r.getMessage()]
     assert "translate status 500 texts 2" in line, line
     dep.default.engine.close()
+
+
+def test_a_hung_engine_fails_health_while_it_holds_work_and_recovers_when_its_step_returns(translator):
+    """A step that never returns (a hung kernel; a stopped engine process, tests/test_process_engine.py) left
+    /health answering "ok" for the 90 s Serve's probes took to replace the replica. An engine holding work without
+    finishing a step for engine_stall_s makes /health a 503 and Serve's check fail at once; an idle engine never
+    counts as stalled, and one whose step returns serves again."""
+    from conftest import BlockingStep
+
+    model = BlockingStep(translator.model)
+    dep = replica(translator, model, engine_stall_s=0.3)
+    engine = dep.default.engine
+
+    async def main():
+        await asyncio.sleep(0.5)
+        assert engine.stalled_s == 0 and dep._engine_down() is None  # idle for longer than the limit: not stalled
+        future = engine.submit(translator.tokenize(SENTENCES[0]), DecodingOptions())
+        assert await asyncio.to_thread(model.entered.wait, 10)
+        await asyncio.sleep(0.5)
+        assert engine.stalled_s > 0.3, engine.stalled_s
+        with pytest.raises(EngineUnavailableError, match="has not finished a decoder step") as down:
+            await dep.health()
+        assert down.value.retry_after_s > 0
+        with pytest.raises(RuntimeError, match="has not finished a decoder step"):
+            await dep.check_health()
+        model.release.set()
+        done = await asyncio.wait_for(future, 30)
+        return done
+
+    done = asyncio.run(main())
+    assert done.error is None and done.hypotheses[0].tokens == translator.translate_ids(
+        [translator.tokenize(SENTENCES[0])], DecodingOptions())[0][0].tokens
+    assert engine.stalled_s == 0 and dep._engine_down() is None
+    engine.close()

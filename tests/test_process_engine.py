@@ -157,6 +157,33 @@ def test_a_killed_engine_process_fails_its_sentences_and_reports_itself_dead(art
     engine.close()
 
 
+def test_a_stopped_engine_process_counts_as_stalled_while_it_holds_work(artifact, translator):
+    """A SIGSTOPped child passed /health for about 94 s (a break-it trial): its stalled_s now grows while it holds
+    work (the replica's health turns 503 past engine_stall_s: tests/test_admission.py), and falls to 0 once it
+    goes on and finishes."""
+    engine = start(artifact)
+    src = translator.tokenize(SENTENCES[2])
+
+    async def main():
+        await asyncio.sleep(0.3)
+        assert engine.stalled_s == 0
+        future = engine.submit(src, DecodingOptions(beam_size=4, min_length=200, max_length=200))
+        os.kill(engine._process.pid, signal.SIGSTOP)  # at once: the sentence must not finish first
+        try:
+            await asyncio.sleep(1.0)
+            assert engine.stalled_s > 0.8 and engine.alive
+        finally:
+            os.kill(engine._process.pid, signal.SIGCONT)
+        done = await asyncio.wait_for(future, 60)
+        assert done.error is None and len(done.hypotheses[0].tokens) == 200
+
+    try:
+        asyncio.run(main())
+        assert engine.stalled_s == 0 and engine.queued_work == 0
+    finally:
+        engine.close()
+
+
 def test_health_is_a_503_with_retry_after_while_an_engine_is_down(artifact, translator):
     """GET /health answered "ok" for the 25-28 s a replica whose engine process was killed took to be replaced,
     while every translation got 503."""
