@@ -3,7 +3,8 @@
     bash scripts/serve.sh &                       # or any running deployment on this machine
     .venv/bin/python -m loadtests.soak --minutes 10 --clients 4 --out soak.json
 
-The replica's process id comes from GET /health and its RSS from /proc, so the service must run on this machine.
+The replica's process id comes from GET /health and its RSS from /proc (with its child processes': the engine
+process of ``engine_process: true``), so the service must run on this machine.
 Memory growth is measured from the first sample after ``--warmup-min`` to the last; the run prints a table of
 samples and a JSON summary (requests, errors by status, latency p50/p99 in seconds, RSS in MiB, growth %).
 Traffic goes only to ``--url`` (default loopback) and stops by itself.
@@ -30,6 +31,26 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children, theirs, and so on (an engine process of the replica: engine_process)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            out += [child] + descendants(child)
+    return out
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of ``pid`` and its descendants, MiB (processes that end while counted count 0)."""
+    total = 0.0
+    for p in [pid] + descendants(pid):
+        try:
+            total += rss_mib(p)
+        except (OSError, RuntimeError):
+            pass
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,14 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     while (elapsed := time.monotonic() - started) < args.minutes * 60:
         with lock:
             total, errors = sum(statuses.values()), sum(v for k, v in statuses.items() if k != 200)
-        sample = dict(minute=round(elapsed / 60, 2), rss_mib=round(rss_mib(pid), 1), requests=total, errors=errors)
+        sample = dict(minute=round(elapsed / 60, 2), rss_mib=round(tree_rss_mib(pid), 1), requests=total,
+                      errors=errors)
         samples.append(sample)
         print(f"{sample['minute']:>7} {sample['rss_mib']:>8} {total:>9} {errors:>7}", flush=True)
         time.sleep(args.sample_every_s)
     stop.set()
     for t in threads:
         t.join(timeout=70)
-    samples.append(dict(minute=round((time.monotonic() - started) / 60, 2), rss_mib=round(rss_mib(pid), 1),
+    samples.append(dict(minute=round((time.monotonic() - started) / 60, 2), rss_mib=round(tree_rss_mib(pid), 1),
                         requests=sum(statuses.values()),
                         errors=sum(v for k, v in statuses.items() if k != 200)))
     after_warmup = next(s for s in samples if s["minute"] >= args.warmup_min)
