@@ -156,6 +156,12 @@ class _HtmlBuilder(html.parser.HTMLParser):
             if len(char) == 1 and char not in "&<>\"'" and (ord(char) > 127 or not char.isprintable()):
                 self.references.setdefault(char, m.group())
         self.feed(source)
+        if self.rawdata.startswith(("<!", "<?")):
+            # An unterminated comment, declaration or processing instruction runs to the end of the document, as in
+            # browsers (HTML's eof-in-comment): written back as it came, never translated (html.parser would hand
+            # it over as text, which came back as "&lt;!-- ..." with the rest of the document translated).
+            self.stack[-1].children.append(Raw(self.rawdata))
+            self.rawdata = ""
         self.close()
         self._pop_to(1)  # what is still open at the end closes with the document
 

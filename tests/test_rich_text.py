@@ -94,6 +94,17 @@ def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
     assert "Open the file" not in out and "2024" in out  # translated, numbers kept
 
 
+@pytest.mark.parametrize("tail", ["<!-- a note the page keeps", "<![CDATA[ raw data", "<? an instruction",
+                                  "<!-- unterminated <b>bold</b> text"])
+def test_an_unterminated_comment_runs_to_the_end_and_comes_back_as_it_came(translator, tail):
+    """A break-it trial sent an unterminated "<!--" in format html and got "&lt;!&gt;--" back, the rest of the page
+    translated as text. Browsers make it a comment to the end of the document (eof-in-comment): kept verbatim."""
+    source = "<p>The file could not be opened.</p>" + tail
+    out = translate(translator, source, "html")
+    assert out.endswith(tail) and out.count(tail) == 1, out
+    assert out.startswith("<p>") and "The file could not be opened" not in out  # the paragraph is translated
+
+
 def test_xml_inline_elements_and_malformed_xml(translator):
     source = '<?xml version="1.0"?><doc><title>The printer</title><para>Select <emph>the cell</emph>.</para></doc>'
     out = translate(translator, source, "xml")
