@@ -103,7 +103,8 @@ class AsyncEngine:
         future = loop.create_future()
         work = self.work(src_ids, options)
         self._count(work, interactive)
-        self._inbox.put(("submit", future, loop, (work, interactive), (src_ids, options, target_prefix, group, deadline)))
+        self._inbox.put(("submit", future, loop, (work, interactive),
+                         (src_ids, options, target_prefix, group, deadline)))
         self._wake.set()
         return future
 
