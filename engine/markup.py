@@ -156,7 +156,13 @@ class _HtmlBuilder(html.parser.HTMLParser):
             if len(char) == 1 and char not in "&<>\"'" and (ord(char) > 127 or not char.isprintable()):
                 self.references.setdefault(char, m.group())
         self.feed(source)
-        if self.rawdata.startswith(("<!", "<?")):
+        if self.cdata_elem is not None and self.rawdata:
+            # A <script> or <style> with no end tag: html.parser holds its content back and close() dropped it.
+            # It runs to the end of the document, as in browsers; written back as it came, with no end tag added.
+            self.handle_data(self.rawdata)
+            self.stack[-1].end_tag = ""
+            self.rawdata = ""
+        elif self.rawdata.startswith(("<!", "<?")):
             # An unterminated comment, declaration or processing instruction runs to the end of the document, as in
             # browsers (HTML's eof-in-comment): written back as it came, never translated (html.parser would hand
             # it over as text, which came back as "&lt;!-- ..." with the rest of the document translated).

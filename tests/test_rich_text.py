@@ -95,10 +95,12 @@ def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
 
 
 @pytest.mark.parametrize("tail", ["<!-- a note the page keeps", "<![CDATA[ raw data", "<? an instruction",
-                                  "<!-- unterminated <b>bold</b> text"])
-def test_an_unterminated_comment_runs_to_the_end_and_comes_back_as_it_came(translator, tail):
+                                  "<!-- unterminated <b>bold</b> text", "<script>if (a<b) {x='</div>'}",
+                                  "<style>body{color:red}"])
+def test_an_unterminated_comment_or_script_runs_to_the_end_and_comes_back_as_it_came(translator, tail):
     """A break-it trial sent an unterminated "<!--" in format html and got "&lt;!&gt;--" back, the rest of the page
-    translated as text. Browsers make it a comment to the end of the document (eof-in-comment): kept verbatim."""
+    translated as text, and an unclosed <script> or <style> came back empty. Browsers run each to the end of the
+    document (eof-in-comment, eof in script data): kept verbatim."""
     source = "<p>The file could not be opened.</p>" + tail
     out = translate(translator, source, "html")
     assert out.endswith(tail) and out.count(tail) == 1, out
