@@ -283,6 +283,34 @@ class _Alignment:
         return furthest if furthest >= 0 else None
 
 
+def _whole_words(text: str, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` of ``text`` with an edge that falls inside a word (subword tokens: "Dan" + "n") moved to the
+    word's start or end, whichever keeps the span holding the word's larger part ("Dan<i>n schließen</i>" was
+    output); a span inside one word takes the whole word."""
+    def word(i: int) -> tuple[int, int] | None:  # the word that i splits, if it splits one
+        if not (0 < i < len(text) and text[i - 1].isalnum() and text[i].isalnum()):
+            return None
+        lo, hi = i, i
+        while lo > 0 and text[lo - 1].isalnum():
+            lo -= 1
+        while hi < len(text) and text[hi].isalnum():
+            hi += 1
+        return lo, hi
+
+    first, last = word(start), word(end)
+    if first is not None and first == last:  # both edges inside one word
+        return first
+    new_start = start if first is None else (
+        first[0] if 2 * (first[1] - start) > first[1] - first[0] else first[1])
+    new_end = end if last is None else (last[1] if 2 * (end - last[0]) > last[1] - last[0] else last[0])
+    if (first or last) and not any(c.isalnum() for c in text[new_start:new_end]):
+        # Less than half of each word it touched, and nothing between: the word it held the larger share of.
+        share_first = (first[1] - start) / (first[1] - first[0]) if first else -1.0
+        share_last = (end - last[0]) / (last[1] - last[0]) if last else -1.0
+        return first if share_first >= share_last else last
+    return new_start, new_end
+
+
 def _place(span: InlineSpan, run: _Run, alignment: _Alignment, text: str, masks: list[tuple[int, int]]) -> _Placed:
     """Where an inline element goes in the run's output: the hull of the target tokens aligned to its source
     characters; else the token giving them the most attention; else an empty element at the end. Never inside a
@@ -290,7 +318,7 @@ def _place(span: InlineSpan, run: _Run, alignment: _Alignment, text: str, masks:
     a, b = run.to_masked[span.start], run.to_masked[span.end]
     hull = alignment.hull(a, b) if a < b else None
     if hull is not None:
-        start, end = hull
+        start, end = _whole_words(text, *hull)
     else:  # an empty element, or no attention: after the token aligned before it, else at the end
         before = alignment.end_before(a)
         start = end = before if before is not None else (0 if a == 0 else len(text))

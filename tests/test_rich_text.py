@@ -94,6 +94,19 @@ def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
     assert "Open the file" not in out and "2024" in out  # translated, numbers kept
 
 
+def test_an_inline_element_never_splits_a_word(translator):
+    """A break-it trial got "Dan<i>n schließen und beenden</i>." for "Then <i>close & exit</i>.": the subword
+    "n" of "Dann" aligned into the element. Each edge now takes or leaves the whole word."""
+    for source in ("Then <i>close & exit</i>.", "Then <a href='#'>close the window</a>.",
+                   "<p>Then <em>close</em> the <strong>file</strong> and <u>exit</u>.</p>",
+                   "Press <b>Ctrl+S</b> to save the file.", "Open the <i>file</i> and <b>save</b> it."):
+        out = translate(translator, source, "html")
+        assert html_tags(out) == html_tags(source), out
+        for edge in re.finditer(r"<[^>]*>", out):
+            before, after = out[:edge.start()], out[edge.end():]
+            assert not (before[-1:].isalnum() and after[:1].isalnum()), (source, out)
+
+
 @pytest.mark.parametrize("tail", ["<!-- a note the page keeps", "<![CDATA[ raw data", "<? an instruction",
                                   "<!-- unterminated <b>bold</b> text", "<script>if (a<b) {x='</div>'}",
                                   "<style>body{color:red}"])
