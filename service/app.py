@@ -711,8 +711,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     model.metrics.timeouts.inc(1)
-                    raise RequestTimeoutError(f"request not finished within request_timeout_s="
-                                              f"{self.args.request_timeout_s}; its work was dropped")
+                    raise RequestTimeoutError(self._timeout_message())
                 done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
                     if future.result().error is not None:
@@ -721,6 +720,14 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             self._abandon(model, futures)
             raise
         return [self._hypotheses(f.result()) for f in futures]
+
+    def _timeout_message(self) -> str:
+        """The 504's message: the deadline's parts (a stream of 64 sentences said "within request_timeout_s=30.0"
+        and ended at 36.4 s, its deadline grown by timeout_s_per_sentence)."""
+        per_sentence = (f" + timeout_s_per_sentence={self.args.timeout_s_per_sentence} per sentence"
+                        if self.args.timeout_s_per_sentence else "")
+        return (f"request not finished within its deadline (request_timeout_s={self.args.request_timeout_s}"
+                f"{per_sentence}); its work was dropped")
 
     @staticmethod
     def _hypotheses(done: Finished) -> list[Hypothesis]:
@@ -749,8 +756,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                         done = await asyncio.wait_for(asyncio.shield(future), max(timeout, 0))
                     except asyncio.TimeoutError:
                         model.metrics.timeouts.inc(1)
-                        raise RequestTimeoutError(f"request not finished within request_timeout_s="
-                                                  f"{self.args.request_timeout_s}; its work was dropped") from None
+                        raise RequestTimeoutError(self._timeout_message()) from None
                     if done.error is not None:
                         raise done.error
                     hyps.append(self._hypotheses(done))

@@ -100,14 +100,15 @@ def test_a_failing_sentence_stops_its_siblings_and_leaves_nothing_behind(transla
 
 
 def test_the_deadline_covers_queueing_and_decoding_and_drops_the_work(translator):
-    dep = replica(translator)
+    dep = replica(translator, timeout_s_per_sentence=0.1)
     model = dep.default
     heavy = DecodingOptions(beam_size=16, min_length=200, max_length=200)
 
     async def main():
         futures = dep._submit(model, sentences(translator, SENTENCES[:3]), heavy)
         started = time.monotonic()
-        with pytest.raises(RequestTimeoutError):
+        # The message names both parts of the deadline (a 64-sentence stream's said 30 s and ended at 36.4 s).
+        with pytest.raises(RequestTimeoutError, match=r"request_timeout_s=30.0 \+ timeout_s_per_sentence=0.1 per"):
             await dep._await_sentences(model, futures, started + 0.3)
         waited = time.monotonic() - started
         await settle(model.engine)
