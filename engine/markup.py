@@ -238,6 +238,12 @@ def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, s
             if not source.lstrip().startswith("<?xml"):  # a fragment's own error, at the text's own column
                 e = inner
                 e.offset -= len(opening) if e.lineno == 1 else 0
+                lines = source.split("\n")
+                if e.lineno > len(lines) or (e.lineno == len(lines) and e.offset >= len(lines[-1])):
+                    # At the root this service wrapped the text in: an element the text left open (expat says
+                    # "mismatched tag", at a column past the text's end).
+                    raise InvalidRequestError(f"malformed XML: an element is not closed by the end of the text "
+                                              f"(line {len(lines)}, column {len(lines[-1]) + 1})") from None
             raise InvalidRequestError(f"malformed XML at line {e.lineno}, column {e.offset + 1}: "
                                       f"{xml.parsers.expat.ErrorString(e.code)}") from None
         root.children = wrapper.children

@@ -127,6 +127,11 @@ def test_xml_inline_elements_and_malformed_xml(translator):
     assert out.count("<emph>") == 1 and "<title>" in out
     with pytest.raises(InvalidRequestError, match=r"malformed XML at line 2, column \d+: mismatched tag"):
         rich_text.prepare("<doc>\n<para>Broken</doc>", "xml")
+    # An element left open said "mismatched tag" at a column past the text (the root the service wraps it in).
+    for text, where in (("<a>", "line 1, column 4"), ("Save <b>the file.", "line 1, column 18"),
+                        ("line one\n<b>two", "line 2, column 7")):
+        with pytest.raises(InvalidRequestError, match=f"an element is not closed by the end of the text \\({where}\\)"):
+            rich_text.prepare(text, "xml")
 
 
 def test_protected_terms_are_copied_exactly(translator):
