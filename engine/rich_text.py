@@ -464,7 +464,8 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
     Raises:
         InvalidRequestError: malformed XML (format "xml"), with where it breaks.
     """
-    text = segmentation.normalize(text)
+    if format != "html":  # HTML: its text nodes only (flatten below), so that verbatim parts come back as they came
+        text = segmentation.normalize(text)
     if format == "xml":  # line breaks that XML 1.0 does not allow in a document: dropped, as other controls are
         text = re.sub("[\x0b\x0c\x1c-\x1e]", "", text)
     prefix = protect.mask_prefix(text)
@@ -494,7 +495,7 @@ def prepare(text: str, format: Format = "text", split_sentences: bool = True,
         def flatten(node_list, into):
             for node in node_list:
                 if isinstance(node, markup.Text):
-                    add(node.text)
+                    add(segmentation.normalize(node.text) if format == "html" else node.text)
                 elif isinstance(node, markup.Raw) or node.verbatim or not node.children and node.end_tag == "":
                     add(item_char)
                     items.append(node.markup if isinstance(node, markup.Raw) else markup.serialize(node, references))

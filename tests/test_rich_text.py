@@ -94,6 +94,20 @@ def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
     assert "Open the file" not in out and "2024" in out  # translated, numbers kept
 
 
+def test_html_verbatim_parts_come_back_byte_for_byte(translator):
+    """A break-it trial found script, code and comment contents NFC-normalized and stripped of control characters
+    (the whole text was, before parsing): "e\u0301" came back precomposed, "\x01" and "\x7f" dropped. Only the
+    text to translate is normalized now."""
+    verbatim = ["<script>var s='e\u0301\x01\x7f';</script>", "<code>e\u0301 \x01</code>", "<!-- e\u0301\x01 -->",
+                "<pre>A\u030a\x7f</pre>"]
+    out = translate(translator, "<p>Save the file.</p>" + "".join(verbatim), "html")
+    for part in verbatim:
+        assert out.count(part) == 1, (part, out)
+    # The text to translate still is: its decomposed accent and control character give what the composed form does.
+    assert (translate(translator, "<p>The cafe\u0301 is \x01open.</p>", "html")
+            == translate(translator, "<p>The caf\u00e9 is open.</p>", "html"))
+
+
 def test_an_inline_element_never_splits_a_word(translator):
     """A break-it trial got "Dan<i>n schließen und beenden</i>." for "Then <i>close & exit</i>.": the subword
     "n" of "Dann" aligned into the element. Each edge now takes or leaves the whole word."""
