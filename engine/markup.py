@@ -132,7 +132,20 @@ class _HtmlBuilder(html.parser.HTMLParser):
             if self.stack[i].name == tag:
                 self._pop_to(i, closed_by_tag=True)  # closes what was left open inside it (as browsers do)
                 return
-        # A stray end tag: dropped, so that the output stays well-formed.
+        # A stray end tag: dropped, so that the output stays well-formed; but "</br>", which browsers take for a
+        # line break (sloppy pages have it), is kept as a line break is.
+        if tag == "br":
+            self.stack[-1].children.append(Raw("</br>"))
+
+    def parse_bogus_comment(self, i, report=1):
+        """"<!" or "</" not followed by a comment, declaration or tag ("<! note>", "</ x>"): a comment up to the next
+        ">" for browsers, kept as it came (html.parser's handle_comment would write it back as "<!-- note-->")."""
+        end = self.rawdata.find(">", i + 2)
+        if end == -1:
+            return -1
+        if report:
+            self.stack[-1].children.append(Raw(self.rawdata[i:end + 1]))
+        return end + 1
 
     def handle_data(self, data):
         top = self.stack[-1]

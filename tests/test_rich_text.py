@@ -108,6 +108,15 @@ def test_html_verbatim_parts_come_back_byte_for_byte(translator):
             == translate(translator, "<p>The caf\u00e9 is open.</p>", "html"))
 
 
+def test_a_bogus_comment_and_a_stray_br_end_tag_come_back_as_they_came(translator):
+    """A break-it trial: "<!- x ->" came back as "<!--- x --->", and "</br>" (a line break to browsers) was
+    dropped as a stray end tag."""
+    out = translate(translator, "<p>Save <!- x -> the file.</p>", "html")
+    assert out.count("<!- x ->") == 1 and "<!--" not in out, out
+    out = translate(translator, "<p>Save the file.</br>Close the window.</p>", "html")
+    assert out.count("</br>") == 1 and out.startswith("<p>") and out.endswith("</p>"), out
+
+
 def test_an_inline_element_never_splits_a_word(translator):
     """A break-it trial got "Dan<i>n schließen und beenden</i>." for "Then <i>close & exit</i>.": the subword
     "n" of "Dann" aligned into the element. Each edge now takes or leaves the whole word."""
