@@ -43,6 +43,8 @@ class AsyncEngine:
             finishes), a ratio of sums rather than an average of each step's ratio, which a step that finishes a
             long sentence inflated (the first estimate was that one step's): how fast a queue drains, for admission
             and Retry-After. ``set_rate`` sets it as if measured over a long time (tests, a known machine).
+        finished_work: :meth:`work` of every sentence finished since the start (or as set_rate implies): how much
+            the rate has behind it (service/app.py checks deadlines against the rate only once it is enough).
         stalled_s: seconds the engine has held work without finishing a step (0 while it holds none): a step that
             hangs (a kernel that never returns, a stopped process) shows here, for health checks.
     """
@@ -57,6 +59,7 @@ class AsyncEngine:
         self.interactive_work = 0
         self.work_per_s = 0.0
         self._done_ema = self._time_ema = 0.0  # work finished, seconds of steps
+        self.finished_work = 0
         self._progress_at = time.monotonic()  # the last step's end, or the submit that gave an idle engine work
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -66,6 +69,7 @@ class AsyncEngine:
         """After each step (on the loop's thread): the drain rate's moving averages take the step's finished work
         and its seconds; then the on_step callback."""
         self._progress_at = time.monotonic()
+        self.finished_work += done_work
         self._done_ema = (1 - RATE_WEIGHT) * self._done_ema + done_work
         self._time_ema = (1 - RATE_WEIGHT) * self._time_ema + elapsed
         if self._done_ema and self._time_ema > 0:
@@ -79,6 +83,7 @@ class AsyncEngine:
     def set_rate(self, work_per_s: float, seconds: float = 1e6) -> None:
         """Sets :attr:`work_per_s` as if measured over ``seconds`` of steps, so that the next steps hardly move it."""
         self._done_ema, self._time_ema, self.work_per_s = work_per_s * seconds, seconds, work_per_s
+        self.finished_work = max(self.finished_work, int(work_per_s * seconds))
 
     @staticmethod
     def work(src_ids: list[int], options: DecodingOptions) -> int:

@@ -97,7 +97,7 @@ class ProcessEngine:
             that left (metrics); its exceptions are logged and ignored.
         start_timeout_s: how long the child may take to load and warm up its model (seconds).
 
-    Attributes: as :class:`AsyncEngine` (queued_work, interactive_work, work_per_s, stalled_s).
+    Attributes: as :class:`AsyncEngine` (queued_work, interactive_work, work_per_s, finished_work, stalled_s).
 
     Raises:
         EngineUnavailableError: the child failed to build its core or did not report ready in time.
@@ -112,6 +112,7 @@ class ProcessEngine:
         self.queued_work = self.interactive_work = 0
         self.work_per_s = 0.0
         self._done_ema = self._time_ema = 0.0
+        self.finished_work = 0
         self._progress_at = time.monotonic()
         self._lock = threading.Lock()  # the counters, the futures, the group ids and _dead: event loops, the reader
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the writer thread: the event loop never blocks

@@ -74,7 +74,11 @@ EXPLAIN_MAX_TOKENS = 128
 DEADLINE_SHARE = 0.8
 # ... checked only once max_queued_work / 8 is queued: a small queue drains within any deadline at a sane rate, and
 # a rate measured while a new replica warmed up on busy cores can be absurdly low (10 token-rows/s: it refused 24
-# requests during the compose check's scale-out, "1056 token-rows queued, about 113 s").
+# requests during the compose check's scale-out, "1056 token-rows queued, about 113 s"), and only once the engine
+# has finished as much work itself: before, its rate counts the few sentences finished beside seconds of steps of
+# sentences still decoding (a new replica under 48 clients refused 15 requests in a fresh-clone CI run here: "8448
+# token-rows queued,
+# about 12259 s").
 DEADLINE_CHECK_FRACTION = 8
 
 
@@ -638,9 +642,9 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         interactive work queued, so that interactive requests still get in while bulk ones (a document) fill the
         queue, and then join the running decode first under the engine's fairness; an idle engine admits anything
         (max_sentences_per_request bounds a request). A busy engine with at least max_queued_work /
-        DEADLINE_CHECK_FRACTION queued also refuses a request that the work ahead of it and its own would not let
-        finish within DEADLINE_SHARE of ``time_left_s`` (seconds to its deadline; the
-        rest for the answer's rendering and the rate's error) at the replica's
+        DEADLINE_CHECK_FRACTION queued, which has finished as much work since it started, also refuses a request
+        that the work ahead of it and its own would not let finish within DEADLINE_SHARE of ``time_left_s``
+        (seconds to its deadline; the rest for the answer's rendering and the rate's error) at the replica's
         recent rate (AsyncEngine.work_per_s): admitted, it would only be dropped at its deadline, a 504 after all
         that work (a burst of clients retrying on 503 ended 113 of 200 requests so, with replicas sharing cores).
 
@@ -661,6 +665,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             wait = (queued + work - limit) / rate if rate > 0 else 0
             reason = f"{queued} token-rows of work queued (limit {limit} for a request of {len(sentences)} sentences)"
         elif (time_left_s is not None and rate > 0 and queued * DEADLINE_CHECK_FRACTION >= self.args.max_queued_work
+              and model.engine.finished_work * DEADLINE_CHECK_FRACTION >= self.args.max_queued_work
               and (queued + work) / rate > DEADLINE_SHARE * time_left_s):
             wait = (queued + work) / rate - DEADLINE_SHARE * time_left_s
             reason = (f"{queued} token-rows of work queued, about {(queued + work) / rate:.0f} s with this request's "

@@ -177,6 +177,31 @@ def test_admission_refuses_a_request_the_queue_would_not_let_finish_before_its_d
     model.engine.close()
 
 
+def test_a_fresh_engines_rate_refuses_nothing_before_it_has_finished_enough_work(translator):
+    """A new replica under 48 clients refused 15 requests in a fresh-clone CI run's compose check: "8448 token-rows
+    of work queued, about 12259 s ... at its recent rate": that rate counted a health probe finished beside seconds
+    of steps of sentences still decoding. The deadline check waits until the engine has finished max_queued_work /
+    DEADLINE_CHECK_FRACTION of work itself."""
+    dep = replica(translator, max_queued_work=8000, interactive_max_sentences=1)
+    model = dep.default
+    heavy = DecodingOptions(beam_size=4, min_length=100, max_length=100)
+
+    async def main():
+        futures = dep._submit(model, sentences(translator, SENTENCES[:5]), heavy)
+        assert model.engine.queued_work * 8 >= 8000 and model.engine.finished_work == 0
+        model.engine.work_per_s = 0.7  # token-rows/s, what that replica measured
+        probe = sentences(translator, SENTENCES[4:6])
+        dep._admit(model, probe, DecodingOptions(), 0.01)  # admitted: the rate has almost nothing behind it
+        model.engine.finished_work = 1000  # 8000 / 8 finished: now the rate counts
+        with pytest.raises(OverloadedError, match="past the request's deadline"):
+            dep._admit(model, probe, DecodingOptions(), 0.01)
+        dep._abandon(model, futures)
+        await settle(model.engine)
+
+    asyncio.run(main())
+    model.engine.close()
+
+
 def test_a_document_filling_the_queue_does_not_shut_interactive_requests_out(translator):
     dep = replica(translator, max_queued_work=200, interactive_max_sentences=2)
     model = dep.default
