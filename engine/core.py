@@ -581,7 +581,8 @@ class EngineCore:
         if batch.cross is None:
             # In-place ops: spare slots from the start, so that the next joiners write into them.
             slots = self._fit(len(joining), 0)
-            batch.cross = self.ops.resize(cross, len(joining), slots, src_width) if self.ops.in_place else cross
+            batch.cross = (self.ops.resize(cross, len(joining), slots, src_width, unread_rows=True)
+                           if self.ops.in_place else cross)
             batch.src_mask = src_mask
             # One buffer per tensor: the step writes into each.
             batch.self_ = self._spare_buffers(len(joining)) or [
@@ -591,7 +592,7 @@ class EngineCore:
             slots = self._fit(sentences + len(joining), self.ops.shape(batch.cross[0])[0])
             if width != self.ops.shape(batch.cross[0])[2] or (self.ops.in_place
                                                              and slots != self.ops.shape(batch.cross[0])[0]):
-                batch.cross = self.ops.resize(batch.cross, sentences, slots, width)
+                batch.cross = self.ops.resize(batch.cross, sentences, slots, width, unread_rows=True)
             batch.cross = self.ops.write_rows(batch.cross, sentences, cross)
             batch.src_mask = np.concatenate([np.pad(batch.src_mask, ((0, 0), (0, width - batch.src_mask.shape[1]))),
                                              np.pad(src_mask, ((0, 0), (0, width - src_width)))])
@@ -676,7 +677,7 @@ class EngineCore:
             slots_now = self.ops.shape(batch.cross[0])[0]
             fit = self._fit(len(live), slots_now)
             if src_width < width or fit != slots_now:  # the longest source left: cross-attention reads less
-                batch.cross = self.ops.resize(batch.cross, len(live), fit, src_width)
+                batch.cross = self.ops.resize(batch.cross, len(live), fit, src_width, unread_rows=True)
             batch.src_mask = np.ascontiguousarray(batch.src_mask[:len(live), :src_width])
         else:
             batch.live = keep

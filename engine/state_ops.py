@@ -9,7 +9,7 @@ host (CTranslate2 and FasterTransformer keep the cache on the device for the sam
 
 Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
 rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity, unread_tail=False,
-cached=None)`` (a bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src, length, rows)``
+cached=None, unread_rows=False)`` (a bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src, length, rows)``
 (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs, start, ys)`` (joining
 sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for tools and tests that
 read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and positions, a move copies only
@@ -68,15 +68,23 @@ class NumpyOps:
 
     @staticmethod
     def resize(xs: list[np.ndarray], used: int, rows: int, capacity: int,
-               unread_tail: bool = False, cached: int | None = None) -> list[np.ndarray]:
+               unread_tail: bool = False, cached: int | None = None, unread_rows: bool = False) -> list[np.ndarray]:
         """Per tensor: a zeroed [rows, n_heads, capacity, d_head] holding x's first ``used`` rows (their first
         min(capacity, x's) positions); ``xs`` itself when it has that shape already. ``unread_tail``: the rest is
         left uninitialized instead of zeroed, for a self-attention cache whose step reads no position past a row's
         length (GroupQueryAttention: engine/contract.py); zeroing a grown cache was 3% of a greedy int8 run (the
         500 test sentences), memory that nothing reads. With it, ``cached`` (the most positions a row has cached)
-        limits the copy to those: a buffer of 32 positions whose rows hold 20 copies 20."""
+        limits the copy to those: a buffer of 32 positions whose rows hold 20 copies 20. ``unread_rows``: the rows
+        past ``used`` are left uninitialized (the used rows' positions past x's stay zeroed), for buffers whose
+        spare rows are written before any step reads them: the cross K/V, whose slots ``write_rows`` fills whole
+        (zeroing them was about 5% of a greedy int8 run of the 500 test sentences)."""
         if NumpyOps.shape(xs[0])[0] == rows and NumpyOps.shape(xs[0])[2] == capacity:
             return xs
+        if unread_rows and not unread_tail:
+            out = resized(xs, used, rows, capacity, lambda x, shape: _uninitialized(shape, dtype=x.dtype))
+            for x, z in zip(xs, out):
+                z[:used, :, x.shape[2]:] = 0  # masked, but read: a NaN there would survive the softmax's 0 weight
+            return out
         alloc = _uninitialized if unread_tail else np.zeros
         return resized(xs, used, rows, capacity, lambda x, shape: alloc(shape, dtype=x.dtype),
                        cached if unread_tail else None)
@@ -231,10 +239,10 @@ class OrtValueOps:
             raise ValueError(f"an OrtValue buffer of {x.shape()[0]} rows, {rows} in use")
         return x
 
-    def resize(self, xs: list[ort.OrtValue], used: int, rows: int, capacity: int,
-               unread_tail: bool = False, cached: int | None = None) -> list[ort.OrtValue]:
-        """As :meth:`NumpyOps.resize`, on the device (always zeroed and copied whole: ``unread_tail`` and ``cached``
-        are accepted and ignored)."""
+    def resize(self, xs: list[ort.OrtValue], used: int, rows: int, capacity: int, unread_tail: bool = False,
+               cached: int | None = None, unread_rows: bool = False) -> list[ort.OrtValue]:
+        """As :meth:`NumpyOps.resize`, on the device (always zeroed and copied whole: ``unread_tail``, ``cached`` and
+        ``unread_rows`` are accepted and ignored)."""
         shape = self.shape(xs[0])
         if shape[0] == rows and shape[2] == capacity:
             return xs

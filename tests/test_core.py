@@ -350,8 +350,8 @@ class CountingOps(NumpyOps):
     def __init__(self) -> None:
         self.calls = []
 
-    def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None):
-        out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached)
+    def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None, unread_rows=False):
+        out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached, unread_rows)
         if out is not xs:
             self.calls.append(("resize", used))
         return out
@@ -461,8 +461,8 @@ def test_a_static_batch_only_grows_its_buffers(translator, policy):
     shapes = []
 
     class Recording(NumpyOps):
-        def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None):
-            out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached)
+        def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None, unread_rows=False):
+            out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached, unread_rows)
             if out is not xs and unread_tail:  # the self-attention buffers (GroupQueryAttention's)
                 shapes.append((xs[0].shape[0], xs[0].shape[2], rows, capacity))
             return out
@@ -504,6 +504,15 @@ def test_caches_grown_without_zeroing_decode_as_zeroed_ones(translator, alone, m
     for (_, s, o), hyps in zip(arrivals, got):
         assert_same(hyps, alone(s, o))
     assert poisoned and any(shape[2] > 8 for shape in poisoned)  # rows widened and positions grew
+    # The cross K/V's spare slots are left uninitialized too (NumpyOps.resize, unread_rows): joiners with ever
+    # longer sources widen the running sentences' cross K/V, whose new positions must be zero, not NaN.
+    poisoned.clear()
+    arrivals = [(0, 2, 0), (1, 1, 1), (2, 3, 0), (3, 7, 4)]
+    got = run(translator.new_core("continuous"), [(step, translator.tokenize(SENTENCES[s]), OPTIONS[o], i)
+                                                  for i, (step, s, o) in enumerate(arrivals)])
+    for (_, s, o), hyps in zip(arrivals, got):
+        assert_same(hyps, alone(s, o))
+    assert poisoned
 
 
 def test_device_ops_encode_joiners_of_any_length_order(artifact, alone):

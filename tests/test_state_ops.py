@@ -190,3 +190,21 @@ def test_a_resize_with_unread_tails_copies_only_the_cached_positions(monkeypatch
     assert not whole[:4, :, 8:].any() and not whole[4:].any()
     shrunk = NumpyOps.resize([x], used=3, rows=3, capacity=8, unread_tail=True, cached=8)[0]
     np.testing.assert_array_equal(shrunk, x[:3])
+
+
+def test_a_resize_with_unread_rows_zeroes_only_what_the_used_rows_gained(monkeypatch):
+    """NumpyOps.resize(unread_rows=True) (the cross K/V): the used rows whole, zero at their new positions (a step
+    reads those, masked: a NaN there would survive the softmax's 0 weight), the spare rows as the allocator gave
+    them (NaN here), which write_rows fills whole before a step reads them."""
+    import engine.state_ops
+
+    monkeypatch.setattr(engine.state_ops, "_uninitialized", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    x = np.arange(5 * 2 * 8 * 3, dtype=np.float32).reshape(5, 2, 8, 3) + 1
+    grown = NumpyOps.resize([x], used=4, rows=6, capacity=12, unread_rows=True)[0]
+    assert grown.shape == (6, 2, 12, 3)
+    np.testing.assert_array_equal(grown[:4, :, :8], x[:4])
+    assert not grown[:4, :, 8:].any() and np.isnan(grown[4:]).all()
+    joined = NumpyOps.write_rows([grown], 4, [np.ones((2, 2, 7, 3), np.float32)])[0]
+    assert not np.isnan(joined).any() and not joined[4:, :, 7:].any()
+    narrowed = NumpyOps.resize([x], used=3, rows=4, capacity=6, unread_rows=True)[0]
+    np.testing.assert_array_equal(narrowed[:3], x[:3, :, :6])
