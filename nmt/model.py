@@ -115,8 +115,8 @@ class MultiHeadAttention(nn.Module):
         *project_kv(x), bias) with the q, k, v projections one [d_model, 3 d_model] GEMM and every projection 2-D, so
         that ONNX Runtime runs each as one Gemm with its bias. bias broadcastable to [batch, n_heads, length,
         length]. Returns [batch * length, d_model]; inference only (no dropout)."""
-        qkv = self._step_qkv_packed(x).view(batch, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [batch, n_heads, length, d_head]
+        qkv = self._step_qkv_packed(x).view(batch, length, 3 * self.n_heads, self.d_head).transpose(1, 2)
+        q, k, v = qkv.split(self.n_heads, dim=1)  # each [batch, n_heads, length, d_head]
         weights = torch.softmax((q * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
         context = (weights @ v).transpose(1, 2).reshape(batch * length, self.n_heads * self.d_head)
         return context @ self.out_proj.weight.t() + self.out_proj.bias
@@ -390,9 +390,9 @@ class Transformer(nn.Module):
         projections = [p for layer in self.decoder_layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
         weight = torch.cat([p.weight for p in projections])
         kv_bias = torch.cat([p.bias for p in projections])
-        kv = (x @ weight.t() + kv_bias).view(batch, length, len(projections), self.cfg.n_heads, self.cfg.d_head)
-        kv = kv.permute(2, 0, 3, 1, 4)  # [2 n_decoder_layers, batch, n_heads, src_len, d_head]
-        return list(kv[0::2].unbind(0)), list(kv[1::2].unbind(0))
+        kv = (x @ weight.t() + kv_bias).view(batch, length, len(projections) * self.cfg.n_heads, self.cfg.d_head)
+        kv = kv.transpose(1, 2).split(self.cfg.n_heads, dim=1)  # K0, V0, K1, ...: [batch, n_heads, src_len, d_head]
+        return list(kv[0::2]), list(kv[1::2])
 
     def cross_kv(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """memory [batch, src_len, d_model] -> cross K and V per decoder layer, each [batch, n_heads, src_len,
