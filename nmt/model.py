@@ -110,13 +110,18 @@ class MultiHeadAttention(nn.Module):
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         return y @ weight.t() + bias
 
+    def _rows_heads(self, y: Tensor, batch: int, length: int) -> Tensor:
+        """[batch * length, d_model] -> [batch, n_heads, length, d_head]: one copy (the transpose)."""
+        return y.view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+
     def self_attend_rows(self, x: Tensor, batch: int, length: int, bias: Tensor) -> Tensor:
         """Self-attention of x [batch * length, d_model] (each sentence's positions together): attend(x,
-        *project_kv(x), bias) with the q, k, v projections one [d_model, 3 d_model] GEMM and every projection 2-D, so
-        that ONNX Runtime runs each as one Gemm with its bias. bias broadcastable to [batch, n_heads, length,
-        length]. Returns [batch * length, d_model]; inference only (no dropout)."""
-        qkv = self._step_qkv_packed(x).view(batch, length, 3 * self.n_heads, self.d_head).transpose(1, 2)
-        q, k, v = qkv.split(self.n_heads, dim=1)  # each [batch, n_heads, length, d_head]
+        *project_kv(x), bias) with every projection 2-D, so that ONNX Runtime runs each as one Gemm with its bias.
+        q, k and v are three GEMMs, each output transposed into heads once: one packed [d_model, 3 d_model] GEMM
+        needed a Split (or Slice and Squeeze) copy of its output on top, 9% of the int8 encoder graph (the encoder
+        over the 500 test sentences: int8 -9%, float32 -5%, README Performance). bias broadcastable to [batch,
+        n_heads, length, length]. Returns [batch * length, d_model]; inference only (no dropout)."""
+        q, k, v = (self._rows_heads(p(x), batch, length) for p in (self.q_proj, self.k_proj, self.v_proj))
         weights = torch.softmax((q * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
         context = (weights @ v).transpose(1, 2).reshape(batch * length, self.n_heads * self.d_head)
         return context @ self.out_proj.weight.t() + self.out_proj.bias
@@ -378,9 +383,10 @@ class Transformer(nn.Module):
     def encode_cross_kv(self, src_ids: Tensor, src_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """cross_kv(encode(src_ids, src_mask)) for inference, the form the ONNX encoder graph is exported from:
         hidden states kept 2-D [batch * src_len, d_model], so that every projection is one Gemm with its bias (the
-        FFN's first fused with its ReLU), q, k and v one GEMM, and every decoder layer's cross K and V one GEMM of
-        [d_model, 2 n_decoder_layers d_model] (the step's graph had the same treatment, README Performance).
-        Returns per decoder layer K and V, each [batch, n_heads, src_len, d_head]; no dropout."""
+        FFN's first fused with its ReLU), and each cross K and V its own GEMM whose output is transposed into heads
+        once, the graph's output (packed into one GEMM they were copied three or four times more: permute, slices,
+        split, squeeze; self_attend_rows). Returns per decoder layer K and V, each [batch, n_heads, src_len,
+        d_head]; no dropout."""
         batch, length = src_ids.shape
         positions = torch.arange(length, device=src_ids.device)
         x = self.embed_tokens(src_ids, positions).reshape(batch * length, self.cfg.d_model)
@@ -388,11 +394,8 @@ class Transformer(nn.Module):
         for layer in self.encoder_layers:
             x = layer.forward_rows(x, batch, length, bias)
         projections = [p for layer in self.decoder_layers for p in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)]
-        weight = torch.cat([p.weight for p in projections])
-        kv_bias = torch.cat([p.bias for p in projections])
-        kv = (x @ weight.t() + kv_bias).view(batch, length, len(projections) * self.cfg.n_heads, self.cfg.d_head)
-        kv = kv.transpose(1, 2).split(self.cfg.n_heads, dim=1)  # K0, V0, K1, ...: [batch, n_heads, src_len, d_head]
-        return list(kv[0::2]), list(kv[1::2])
+        kv = [p(x).view(batch, length, self.cfg.n_heads, self.cfg.d_head).transpose(1, 2) for p in projections]
+        return kv[0::2], kv[1::2]
 
     def cross_kv(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """memory [batch, src_len, d_model] -> cross K and V per decoder layer, each [batch, n_heads, src_len,
