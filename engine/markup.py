@@ -193,7 +193,9 @@ def parse_html(source: str) -> tuple[Element, dict[str, str]]:
     return builder.root, builder.references
 
 
-FRAGMENT_ROOT = "nmt_fragment"  # the root a fragment is parsed in, as "_nmt_fragment" (not counted in its depth)
+FRAGMENT_ROOT = "_nmt_fragment"  # the root a fragment is parsed in (not counted in its depth), made longer when the
+# text holds that name: a stray end tag of it in the text would otherwise close the root and get expat's error about
+# the root's end instead of its own
 
 
 def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, str]]:
@@ -244,9 +246,12 @@ def parse_xml(source: str, fragment: bool = False) -> tuple[Element, dict[str, s
             raise
         # Not one document: text around elements, or several top-level elements ("Press <b>Ctrl+S</b> to
         # save."), as DeepL takes. Parsed inside a root of its own, whose content is the text's.
-        opening = f"<_{FRAGMENT_ROOT}>"
+        name = FRAGMENT_ROOT
+        while name in source:
+            name += "_"
+        opening = f"<{name}>"
         try:
-            wrapper = parse_xml(f"{opening}{source}</_{FRAGMENT_ROOT}>", fragment=True)[0].children[0]
+            wrapper = parse_xml(f"{opening}{source}</{name}>", fragment=True)[0].children[0]
         except xml.parsers.expat.ExpatError as inner:
             if not source.lstrip().startswith("<?xml"):  # a fragment's own error, at the text's own column
                 e = inner

@@ -155,6 +155,13 @@ def test_xml_inline_elements_and_malformed_xml(translator):
                         ("line one\n<b>two", "line 2, column 7")):
         with pytest.raises(InvalidRequestError, match=f"an element is not closed by the end of the text \\({where}\\)"):
             rich_text.prepare(text, "xml")
+    # A stray end tag named like the root the service wraps a fragment in closed that root: expat then spoke of the
+    # root's end ("not closed by the end of the text", "junk after document element") instead of the tag.
+    for text, column in (("Save </_nmt_fragment> the file.", 8), ("x</_nmt_fragment><b>y</b>", 4)):
+        with pytest.raises(InvalidRequestError, match=f"malformed XML at line 1, column {column}: mismatched tag"):
+            rich_text.prepare(text, "xml")
+    out = translate(translator, "<_nmt_fragment>Save</_nmt_fragment> the file.", "xml")
+    assert out.count("<_nmt_fragment>") == 1 and out.count("</_nmt_fragment>") == 1, out
 
 
 def test_protected_terms_are_copied_exactly(translator):
