@@ -30,8 +30,8 @@ class TorchOps:
         return x[:rows]
 
     @staticmethod
-    def resize(xs: list[torch.Tensor], used: int, rows: int, capacity: int,
-               unread_tail: bool = False, cached: int | None = None, unread_rows: bool = False) -> list[torch.Tensor]:
+    def resize(xs: list[torch.Tensor], used: int, rows: int, capacity: int, unread_tail: bool = False,
+               cached: int | None = None, unread_rows: bool = False) -> list[torch.Tensor]:
         """As NumpyOps.resize; always zeroed and copied whole (the eager model masks its cache with an additive
         bias; ``unread_tail``, ``cached`` and ``unread_rows`` are accepted and ignored)."""
         return resized(xs, used, rows, capacity, lambda x, shape: x.new_zeros(shape))
