@@ -7,7 +7,7 @@ align to (service of engine/rich_text.py). What must not be translated is copied
 script, style, textarea; inline code, kbd, samp, var; any element with translate="no" or class "notranslate"; and
 void elements (img, input) inside a run are kept as protected spans. Block boundaries (p, li, td, h1-h6, div, br,
 ...) split runs, so each block is its own segment. Attributes are kept; the character references of the input
-(&nbsp;, &#169;, ...) come back in the same form.
+(&nbsp;, &#169;, ...) come back in the same form, unless the text also writes that character as itself.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def _no_translate(attrs: list[tuple[str, str | None]]) -> bool:
         if key == "class" and "notranslate" in (value or "").split():
             return True
     return False
+
+
+_REFERENCE = re.compile(r"&(#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 
 
 class _HtmlBuilder(html.parser.HTMLParser):
@@ -164,9 +167,13 @@ class _HtmlBuilder(html.parser.HTMLParser):
         self.stack[-1].children.append(Raw(f"<![{data}]]>" if data.startswith("CDATA[") else f"<![{data}]>"))
 
     def feed_source(self, source: str) -> None:
-        for m in re.finditer(r"&(#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);", source):
+        # A character the text also writes as itself comes back as itself: one "&#10;" in an attribute turned every
+        # newline of the page into "&#10;", and the references' positions are not tracked through translation.
+        literal = set(_REFERENCE.sub("", source))
+        for m in _REFERENCE.finditer(source):
             char = html.unescape(m.group())
-            if len(char) == 1 and char not in "&<>\"'" and (ord(char) > 127 or not char.isprintable()):
+            if (len(char) == 1 and char not in "&<>\"'" and (ord(char) > 127 or not char.isprintable())
+                    and char not in literal):
                 self.references.setdefault(char, m.group())
         self.feed(source)
         if self.cdata_elem is not None and self.rawdata:

@@ -94,6 +94,15 @@ def test_markup_structure_attributes_entities_and_verbatim_parts(translator):
     assert "Open the file" not in out and "2024" in out  # translated, numbers kept
 
 
+def test_a_character_the_text_also_writes_as_itself_comes_back_as_itself(translator):
+    """A break-it trial: one "&#10;" (here in an attribute) made every newline of the page "&#10;", in <pre> and
+    between elements too. A reference whose character the text never writes as itself still comes back as written."""
+    source = '<p title="a&#10;b">Save the file.</p>\n<pre>line 1\nline 2</pre>\n<p>Line two &copy; 2024.</p>'
+    out = translate(translator, source, "html")
+    assert out.count("&#10;") == 1 and '<p title="a&#10;b">' in out, out
+    assert "</p>\n<pre>line 1\nline 2</pre>\n<p>" in out and out.count("&copy;") == 1, out
+
+
 def test_html_verbatim_parts_come_back_byte_for_byte(translator):
     """A break-it trial found script, code and comment contents NFC-normalized and stripped of control characters
     (the whole text was, before parsing): "e\u0301" came back precomposed, "\x01" and "\x7f" dropped. Only the
