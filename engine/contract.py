@@ -14,12 +14,12 @@ decoder_step.onnx
     sentence's: engine.runtime.cross_slots); self_k_i, self_v_i float32 [rows, n_heads, capacity,
     d_head] (capacity > every position; row r's keys/values at 0 .. positions[r] - 1, what follows them unread);
     cross_k_i, cross_v_i as the encoder's, once per sentence
-    -> log_probs float32 [rows, vocab]; attention [sentences, n_heads, slots, src_len] (the last decoder layer's
-    cross-attention weights per slot, as its softmax left them, float32 (a float16 copy casts them); row r's
-    alignment is the mean over heads of slot row_slot[r] of the flattened [sentences * slots], which the engine
-    computes only when a client asks); new_self_k_i, new_self_v_i [rows, n_heads, capacity, d_head]: the caches
-    with this step's key/value at positions[r]. Bound to the same buffers as self_k_i, self_v_i (I/O binding), the
-    step writes one position per row in place (engine/runtime.py does so).
+    -> logits float32 [rows, vocab] (the output layer's, before the log-softmax); attention [sentences, n_heads,
+    slots, src_len] (the last decoder layer's cross-attention weights per slot, as its softmax left them, float32
+    (a float16 copy casts them); row r's alignment is the mean over heads of slot row_slot[r] of the flattened
+    [sentences * slots], which the engine computes only when a client asks); new_self_k_i, new_self_v_i [rows,
+    n_heads, capacity, d_head]: the caches with this step's key/value at positions[r]. Bound to the same buffers as
+    self_k_i, self_v_i (I/O binding), the step writes one position per row in place (engine/runtime.py does so).
 Cross K/V are inputs of the step, never outputs: re-emitting them every step is a known slowdown.
 explain.onnx (optional: serving never runs it; engine/explain.py does, when a client asks)
     src_ids, src_mask as above; tgt_in int64 [batch, tgt_len] (bos, then the target tokens)
@@ -40,9 +40,12 @@ math in standard ONNX ops (``self_attention`` "standard"); the engine runs both 
 concatenated the cache every step, a copy of all of it. Format 6 outputs the cross-attention weights per slot
 instead of each row's mean over heads: the mean and the row gather were nodes that ran every step for the few
 requests that ask for alignments (1-5% of an int8 step), and on CUDA their result was copied to the host every step.
+Format 7 outputs logits instead of log-probs: the engine applies the log-softmax itself (engine/runtime.py), and
+skips it for steps whose rows all make a greedy choice without scores, which the argmax of the logits gives (7-9% of
+an int8 step of 8-40 rows; CTranslate2's greedy search computes log-probs only when scores are asked for too).
 """
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 SELF_ATTENTION = ("gqa", "standard")  # how a decoder step computes its self-attention (format 5)
 OPSET = 18
 MANIFEST = "manifest.json"
@@ -104,8 +107,8 @@ def decoder_inputs(n_layers: int) -> tuple[str, ...]:
 
 
 def decoder_outputs(n_layers: int) -> tuple[str, ...]:
-    """log_probs, attention, then new_self_k_*, new_self_v_*."""
-    return ("log_probs", "attention") + _per_layer("new_self_k", n_layers) + _per_layer("new_self_v", n_layers)
+    """logits, attention, then new_self_k_*, new_self_v_*."""
+    return ("logits", "attention") + _per_layer("new_self_k", n_layers) + _per_layer("new_self_v", n_layers)
 
 
 def dynamic_axes(name: str) -> dict[int, str]:

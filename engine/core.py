@@ -192,8 +192,9 @@ class EngineCore:
         model: encode(src_ids, src_mask) -> (cross_k, cross_v); step(tokens, self_k, self_v, cross_k, cross_v,
             src_mask, top_k, positions=, row_sentence=, check_nan=False) -> (log_probs or TopCandidates, self_k,
             self_v, attention), writing the caches in place or returning new ones; ``ops`` (engine/state_ops.py)
-            for its state tensors; optionally ``top_k(log_probs, k)`` and ``io_binding`` (engine/runtime.py's
-            OnnxModel has all of these).
+            for its state tensors; optionally ``top_k(log_probs, k)``, ``io_binding`` and ``logits_on_request``
+            (True: step takes ``log_softmax=False`` and then gives logits; engine/runtime.py's OnnxModel has all
+            of these).
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
         policy: "continuous", "refill" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
@@ -229,6 +230,7 @@ class EngineCore:
         # Top-k where the log-probs are (engine/top_k.py): beam search always gains; greedy search only when the
         # log-probs would otherwise cross from a device (on the CPU an argmax is cheaper than TopK).
         self.has_top_k = hasattr(model, "top_k")
+        self.logits_on_request = bool(getattr(model, "logits_on_request", False))
         self.device_top_k = self.has_top_k and bool(getattr(model, "io_binding", False))
         self.stats = CoreStats()
         self._handles = itertools.count()
@@ -361,7 +363,8 @@ class EngineCore:
             sampling = (Sampling(topk=options.sampling_topk, topp=options.sampling_topp,
                                  temperature=options.sampling_temperature, seed=options.seed)
                         if options.sampling else None)
-            return GreedySearch(limit, self.bos_id, self.eos_id, rules, sampling, options.return_attention)
+            return GreedySearch(limit, self.bos_id, self.eos_id, rules, sampling, options.return_attention,
+                                options.return_scores)
         return BeamSearch(limit, self.bos_id, self.eos_id, options.beam_size, options.length_penalty, options.n_best,
                           rules, options.return_attention)
 
@@ -720,10 +723,13 @@ class EngineCore:
         cross = [self.ops.view(x, len(live)) for x in batch.cross]
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.
         device_top = k is not None and self.device_top_k and all(wants_top)
+        # Rows that all take an argmax and report no score read the logits: no log-softmax over the vocabulary.
+        logits_only = {"log_softmax": False} if (k is None and self.logits_on_request and all(
+            isinstance(s.search, GreedySearch) and s.search.reads_logits for s in live)) else {}
         scores, self_k, self_v, attention = self.model.step(
             tokens, caches[:n_layers], caches[n_layers:], cross[:n_layers], cross[n_layers:],
             batch.src_mask, k if device_top else None, positions=positions, row_sentence=row_sentence,
-            check_nan=False)
+            check_nan=False, **logits_only)
         returned = list(self_k) + list(self_v)
         if any(r is not c for r, c in zip(returned, caches)):  # a model that returns new caches (a scripted one)
             batch.self_ = returned

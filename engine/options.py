@@ -34,6 +34,9 @@ class DecodingOptions:
         seed: sampling seed; the same seed gives the same output. None: every sentence draws fresh entropy.
         return_attention: per output token, the cross-attention weights over the source tokens of the last
             decoder layer, averaged over its heads.
+        return_scores: False: a greedy hypothesis's score may be NaN, which lets a step of greedy sentences that
+            need no other rule skip the log-softmax over the vocabulary (engine/core.py); beam search always
+            scores (its ranking is the score). CTranslate2's ``return_scores``, whose default is False there.
 
     Raises:
         InvalidRequestError: on construction, when a value is out of range (message names value and range).
@@ -53,6 +56,7 @@ class DecodingOptions:
     sampling_temperature: float = 1.0
     seed: int | None = None
     return_attention: bool = False
+    return_scores: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

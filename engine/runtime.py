@@ -14,7 +14,7 @@ from onnx import TensorProto
 from engine import contract
 from engine.core import MAX_BATCHES
 from engine.errors import EngineUnavailableError, NumericalError
-from engine.top_k import TopK
+from engine.top_k import LogSoftmax, TopK
 from engine.state_ops import NumpyOps, OrtValueOps
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class OnnxModel:
         EngineUnavailableError: device "cuda" was asked for and CUDA does not work.
     """
 
+    logits_on_request = True  # step(log_softmax=False) gives the graph's logits (engine/core.py reads them)
+
     def __init__(self, artifact_dir: str | Path, cfg: EngineConfig, n_layers: int,
                  self_attention: str | None = None) -> None:
         artifact_dir = Path(artifact_dir)
@@ -177,6 +179,7 @@ class OnnxModel:
         # additive bias, which an uninitialized NaN would survive, so its caches stay zeroed.
         self.cache_tail_unread = self_attention == "gqa"
         self.top_k = TopK(providers, options, self.vocab_size)
+        self.log_softmax = LogSoftmax(providers, options, self.device_type)
         self._thread = threading.local()  # the decoder step's kept IOBindings (_kept_binding)
         log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
 
@@ -204,8 +207,9 @@ class OnnxModel:
         return caches[:n], caches[n:]
 
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k: int | None = None, *,
-             positions: np.ndarray, row_sentence: np.ndarray | None = None, check_nan: bool = True):
-        """One decoder step (engine/contract.py, format 6); per-layer lists of state tensors (as :meth:`encode` and
+             positions: np.ndarray, row_sentence: np.ndarray | None = None, check_nan: bool = True,
+             log_softmax: bool = True):
+        """One decoder step (engine/contract.py, format 7); per-layer lists of state tensors (as :meth:`encode` and
         :meth:`empty_cache` make them); tokens int64 [rows, 1], positions int64 [rows] (each row's cached length)
         and src_mask bool [sentences, src_len] are numpy. The self-attention caches self_k, self_v [rows, n_heads,
         capacity, d_head] (capacity > every position) are bound as both input and output of the graph, so this
@@ -215,8 +219,10 @@ class OnnxModel:
 
         Returns (scores, self_k, self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or with
         ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding the
-        full log-probs then never leave the device); self_k, self_v the lists given, written; attention float32
-        [rows, src_len] (a :class:`RowAttention`, computed when read).
+        full log-probs then never leave the device), or with ``log_softmax`` False (and no ``top_k``) the graph's
+        logits [rows, vocab], whose argmax is the log-probs' (a row's log-softmax subtracts one number from each of
+        its logits) without the pass over the vocabulary that gives each token's log-prob; self_k, self_v the
+        lists given, written; attention float32 [rows, src_len] (a :class:`RowAttention`, computed when read).
 
         Raises:
             ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
@@ -242,10 +248,10 @@ class OnnxModel:
                 _bind_input(binding, name, value)
         on_device = self.io_binding and top_k  # bound first: get_outputs() lists in binding order
         if on_device:  # only the top-k leave the device
-            binding.bind_output("log_probs", self.device_type)
+            binding.bind_output("logits", self.device_type)
         else:
-            log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)
-            binding.bind_output("log_probs", "cpu", 0, np.float32, log_probs.shape, log_probs.ctypes.data)
+            log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)  # the logits, made log-probs in place
+            binding.bind_output("logits", "cpu", 0, np.float32, log_probs.shape, log_probs.ctypes.data)
         # Per slot, as the softmax left it: few steps have a sentence that reads it (RowAttention). On the CPU into
         # an array of ours (get_outputs() costs more); on a device it stays there unless read.
         if self.device_type == "cpu":
@@ -273,6 +279,8 @@ class OnnxModel:
             outputs = binding.get_outputs()  # in binding order: log_probs, attention, the caches
             log_probs = outputs[0] if on_device else log_probs
             attention = outputs[1] if self.device_type != "cpu" else attention
+        if log_softmax or top_k:
+            log_probs = self.log_softmax(log_probs)
         attention = RowAttention(attention, row_slot)
         scores = self.top_k(log_probs, top_k) if top_k else log_probs
         # NaN is how a float16 overflow shows (inf - inf in LayerNorm or softmax); -inf is a legitimate log-prob.

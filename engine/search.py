@@ -148,13 +148,15 @@ class SentenceSearch:
 
 class GreedySearch(SentenceSearch):
     """Greedy search, or random sampling when ``sampling`` is given and not greedy (its own generator, seeded
-    with ``sampling.seed``, so the output does not depend on the other sentences of the batch)."""
+    with ``sampling.seed``, so the output does not depend on the other sentences of the batch). With ``scores``
+    False its hypothesis's score is NaN, and a :attr:`plain` search reads logits where the step gives them
+    (:attr:`reads_logits`): the same choice, since a row's log-softmax subtracts one number from all its logits."""
 
     max_rows = 1
 
     def __init__(self, limit: int, bos_id: int, eos_id: int, rules: Rules = Rules(),
-                 sampling: Sampling | None = None, return_attention: bool = False) -> None:
-        self.limit, self.eos_id, self.rules = limit, eos_id, rules
+                 sampling: Sampling | None = None, return_attention: bool = False, scores: bool = True) -> None:
+        self.limit, self.eos_id, self.rules, self.scores = limit, eos_id, rules, scores
         self.sampling = sampling if sampling is not None and not sampling.greedy else None
         self.rng = np.random.default_rng(sampling.seed) if self.sampling is not None else None
         self.return_attention = return_attention
@@ -170,6 +172,12 @@ class GreedySearch(SentenceSearch):
         """No sampling and no rule but bans and min_length: its choice is the argmax of its banned row, which
         :meth:`batch_choose` makes for many sentences at once."""
         return self.top_k is not None  # what top_k_for gives such a search, and only such a one
+
+    @property
+    def reads_logits(self) -> bool:
+        """Its choice needs no log-probs: :attr:`plain` and no score asked for (a step of such rows only may skip
+        the log-softmax, engine/core.py)."""
+        return not self.scores and self.plain
 
     @staticmethod
     def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],
@@ -212,13 +220,14 @@ class GreedySearch(SentenceSearch):
             token_log_prob = log_probs[0, token]
         if math.isnan(token_log_prob):  # argmax returns a NaN if the row has one; the core checks top-k rows itself
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
-        self.score += token_log_prob
+        if self.scores:  # else token_log_prob may be a logit (reads_logits)
+            self.score += token_log_prob
         if token != self.eos_id:
             self.tokens.append(token)
             if self.return_attention:
                 self.attention.append(np.array(attention[0], dtype=np.float32))
         if token == self.eos_id or step + 1 >= self.limit:
-            score = float(self.score)
+            score = float(self.score) if self.scores else math.nan
             self.hypotheses = [Hypothesis(self.tokens, score, score, self.attention if self.return_attention
                                           else None)]
             self.done, self.n_rows = True, 0

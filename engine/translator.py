@@ -33,7 +33,8 @@ class Translation:
 
     Attributes:
         text: the best translation, detokenized.
-        score: its summed natural-log probability (eos included); 0.0 for empty input.
+        score: its summed natural-log probability (eos included); 0.0 for empty input; NaN from greedy search
+            with ``DecodingOptions.return_scores`` False.
         n_best: (text, score) pairs, best first by the length-normalized ranking score; n_best[0] is ``text``.
         n_tokens: generated target tokens of the best hypothesis (eos excluded).
     """

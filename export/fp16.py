@@ -14,7 +14,8 @@ What float16 gets wrong stays float32 ("safe LayerNorm/softmax"):
   precomputed table): float16 rounds position x frequency to 11 bits, up to 0.12 rad off at position 250, and
   the encodings to 11 bits; measured, that moved log-probs little, but the table is one [steps, d_model]
   computation or lookup, so float32 costs nothing;
-- the graph outputs log_probs and attention, which the search reads (in float16, near-equal log-probs would tie).
+- the graph outputs logits and attention, which the search reads (in float16, near-equal logits would tie; the
+  engine's log-softmax of the logits runs in float32, as it did inside the graph before format 7).
 Agreement with float32 goes into the manifest (export/lossy_copy.py); ``--device`` says where it is measured.
 """
 
@@ -31,7 +32,7 @@ from engine import contract
 from export.lossy_copy import PARITY_SENTENCES, read_sentences, write_lossy_copy
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean"]
-FLOAT32_OUTPUTS = ["log_probs", "attention"]
+FLOAT32_OUTPUTS = ["logits", "attention"]
 POSITION_TABLE = "position_table"  # the decoder step's initializer (nmt.model.Transformer.position_table)
 METHOD = f"onnxruntime.transformers.float16; float32 kept for {', '.join(FLOAT32_OPS)}, the sinusoidal positions " \
          f"and the outputs {', '.join(FLOAT32_OUTPUTS)}"

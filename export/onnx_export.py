@@ -62,7 +62,7 @@ class _EncoderGraph(torch.nn.Module):
 
 
 class _DecoderStepGraph(torch.nn.Module):
-    """Flat per-layer inputs and outputs in contract.decoder_inputs / decoder_outputs order (format 6)."""
+    """Flat per-layer inputs and outputs in contract.decoder_inputs / decoder_outputs order (format 7: logits)."""
 
     def __init__(self, model: Transformer, self_attention: str = "gqa") -> None:
         super().__init__()
@@ -73,10 +73,10 @@ class _DecoderStepGraph(torch.nn.Module):
     def forward(self, tokens, positions, src_mask, slot_rows, row_slot, *caches):
         n = self.n_layers
         self_k, self_v, cross_k, cross_v = (list(caches[i * n:(i + 1) * n]) for i in range(4))
-        log_probs, new_k, new_v, attention = self.model.decode_step_cached(
+        logits, new_k, new_v, attention = self.model.decode_step_cached(
             tokens, positions, self_k, self_v, cross_k, cross_v, src_mask, slot_rows, row_slot, self.custom_op,
-            attention_per_slot=True)
-        return (log_probs, attention, *new_k, *new_v)
+            attention_per_slot=True, log_softmax=False)
+        return (logits, attention, *new_k, *new_v)
 
 
 def _register_gqa_schema() -> None:

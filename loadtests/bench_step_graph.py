@@ -56,7 +56,7 @@ def as_graph_types(session: ort.InferenceSession, feed: dict) -> dict:
 
 
 def run_step(session: ort.InferenceSession, feed: dict) -> None:
-    """One call, each cache bound as input and output (written in place), log_probs and attention to the host."""
+    """One call, each cache bound as input and output (written in place), logits and attention to the host."""
     binding = session.io_binding()
     for name, value in feed.items():
         if name.startswith("self_"):
@@ -64,7 +64,7 @@ def run_step(session: ort.InferenceSession, feed: dict) -> None:
             binding.bind_output(f"new_{name}", "cpu", 0, value.dtype, value.shape, value.ctypes.data)
         else:
             binding.bind_cpu_input(name, value)
-    binding.bind_output("log_probs", "cpu")
+    binding.bind_output("logits", "cpu")
     binding.bind_output("attention", "cpu")
     session.run_with_iobinding(binding)
 

@@ -67,14 +67,16 @@ class EngineSystem:
         self.name, self.translator = name, translator
 
     def translate(self, texts: list[str], beam_size: int) -> tuple[list[str], int]:
-        # The same length bound as CTranslate2 gets (one per call there): 256 tokens.
-        options = DecodingOptions(beam_size=beam_size, length_penalty=0.0, max_length=256, max_length_a=1000.0)
+        # The same length bound as CTranslate2 gets (one per call there): 256 tokens. No scores, as CTranslate2's
+        # translate_batch and transformers' generate() by default (greedy steps then skip the log-softmax).
+        options = DecodingOptions(beam_size=beam_size, length_penalty=0.0, max_length=256, max_length_a=1000.0,
+                                  return_scores=False)
         out = self.translator.translate(texts, options)
         return [t.text for t in out], sum(t.n_tokens + 1 for t in out)
 
     def fixed(self, texts: list[str], beam_size: int, length: int) -> int:
         options = DecodingOptions(beam_size=beam_size, min_length=length, max_length=length, max_length_a=0.0,
-                                  max_length_b=length)
+                                  max_length_b=length, return_scores=False)
         hyps = self.translator.translate_ids([self.translator.tokenize(t) for t in texts], options)
         return sum(len(h[0].tokens) for h in hyps)
 

@@ -14,7 +14,8 @@ are its own, so that rows which joined a running batch at different steps share 
 
 :meth:`Transformer.decode_step_cached` is the same step over a preallocated cache [rows, n_heads, capacity, d_head]
 in which each row's keys/values start at position 0 and the step writes the next one at the row's own position
-(:func:`cached_self_attention`): what the exported decoder step computes (engine/contract.py, format 6).
+(:func:`cached_self_attention`): what the exported decoder step computes (engine/contract.py, format 7: up to
+the logits).
 """
 
 from __future__ import annotations
@@ -499,10 +500,10 @@ class Transformer(nn.Module):
 
     def decode_step_cached(self, tokens: Tensor, positions: Tensor, self_k: list[Tensor], self_v: list[Tensor],
                            cross_k: list[Tensor], cross_v: list[Tensor], src_mask: Tensor, slot_rows: Tensor,
-                           row_slot: Tensor, custom_op: bool = True, attention_per_slot: bool = False
-                           ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+                           row_slot: Tensor, custom_op: bool = True, attention_per_slot: bool = False,
+                           log_softmax: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
         """:meth:`decode_step` over a preallocated cache, what the exported decoder step computes (engine/contract.py,
-        format 6).
+        format 7: with ``log_softmax`` False).
 
         Args:
             tokens: int64 [rows, 1]; positions: int64 [rows], each row's position = its cached length.
@@ -514,9 +515,11 @@ class Transformer(nn.Module):
             attention_per_slot: return the last layer's cross-attention weights as the softmax left them, [sentences,
                 n_heads, slots, src_len] (what the exported step outputs, engine/contract.py format 6), instead of
                 each row's mean over heads.
+            log_softmax: False returns the output layer's logits instead of log-probs (what the exported step
+                outputs: the engine applies the log-softmax only where a search reads log-probs).
         Returns:
-            log_probs float32 [rows, vocab]; the caches, same shapes, with this step's keys/values at positions;
-            attention float32 [rows, src_len] as :meth:`decode_step` (or per slot, above).
+            log_probs (or logits) float32 [rows, vocab]; the caches, same shapes, with this step's keys/values at
+            positions; attention float32 [rows, src_len] as :meth:`decode_step` (or per slot, above).
         """
         y = self.embed_step(tokens[:, 0], positions)
         cross_bias = padding_bias(src_mask)
@@ -526,7 +529,8 @@ class Transformer(nn.Module):
                                                        cross_bias, slot_rows, row_slot, custom_op)
             new_k.append(k)
             new_v.append(v)
-        log_probs = torch.log_softmax(self.output_logits(y), dim=-1)
+        logits = self.output_logits(y)
+        log_probs = torch.log_softmax(logits, dim=-1) if log_softmax else logits
         return log_probs, new_k, new_v, (cross_weights if attention_per_slot
                                          else slot_attention_rows(cross_weights, row_slot))
 

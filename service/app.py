@@ -534,7 +534,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             OverloadedError: admission refused (503).
         """
         translator = model.translator
-        options = req.decoding_options(translator.default_options)
+        # Scores the client will not see need not be computed (greedy steps then skip the log-softmax).
+        options = dataclasses.replace(req.decoding_options(translator.default_options), return_scores=req.return_scores)
         check_target_lengths(options, translator.max_positions)
         texts, prefixes = req.texts(), req.prefixes()
         if len(texts) > self.args.max_texts_per_request:

@@ -209,3 +209,33 @@ def test_token_id_sources_longer_than_the_model_allows_are_refused(translator):
     too_long = [5] * translator.max_src_tokens + [translator.eos_id]
     with pytest.raises(InputTooLongError, match="limit"):
         translator.translate_ids([too_long], DecodingOptions())
+
+
+def test_greedy_without_scores_skips_the_log_softmax_and_chooses_the_same_tokens(translator, monkeypatch):
+    """Format 7: the step gives logits and the engine applies the log-softmax itself; a step whose rows all take a
+    plain argmax and report no score skips it (a row's log-softmax moves all its logits by one number). Beside a
+    beam-4 sentence, which reads log-probs, it runs, and the scoreless sentence still decodes as alone."""
+    calls = []
+    log_softmax = translator.model.log_softmax
+    monkeypatch.setattr(translator.model, "log_softmax", lambda x: calls.append(len(x)) or log_softmax(x))
+    src = [translator.tokenize(s) for s in SENTENCES]
+    for extra in (dict(), dict(min_length=12)):  # min_length bans eos in the logits as in the log-probs
+        scored = translator.translate_ids(src, DecodingOptions(beam_size=1, **extra))
+        assert calls and all(math.isfinite(h[0].score) for h in scored)
+        calls.clear()
+        scoreless = translator.translate_ids(src, DecodingOptions(beam_size=1, return_scores=False, **extra))
+        assert calls == []
+        assert [h[0].tokens for h in scoreless] == [h[0].tokens for h in scored]
+        assert all(math.isnan(h[0].score) for h in scoreless)
+    core = translator.new_core()
+    greedy, beam = DecodingOptions(beam_size=1, return_scores=False), DecodingOptions(beam_size=4)
+    handles = [(core.submit(ids, greedy), core.submit(ids, beam)) for ids in src]
+    results = {}
+    while core.has_work:
+        results.update((done.handle, done.hypotheses) for done in core.step())
+    assert calls  # the beam rows' steps
+    alone_greedy, alone_beam = translator.translate_ids(src, DecodingOptions(beam_size=1)), translator.translate_ids(
+        src, beam)
+    for (g, b), s, a in zip(handles, alone_greedy, alone_beam):
+        assert results[g][0].tokens == s[0].tokens and math.isnan(results[g][0].score)
+        assert [(h.tokens, h.score) for h in results[b]] == [(h.tokens, h.score) for h in a]

@@ -133,7 +133,7 @@ def test_the_decoder_step_writes_its_cache_through_group_query_attention(exporte
     artifact, manifest = exported
     graph = onnx.load(str(artifact / contract.DECODER_STEP_FILE)).graph
     assert [n.op_type for n in graph.node].count("GroupQueryAttention") == torch_model.cfg.n_decoder_layers
-    assert manifest["self_attention"] == "gqa" and manifest["format_version"] == contract.FORMAT_VERSION == 6
+    assert manifest["self_attention"] == "gqa" and manifest["format_version"] == contract.FORMAT_VERSION == 7
 
 
 def test_the_decoder_step_outputs_cross_attention_per_slot_as_its_softmax_left_it(exported):
@@ -145,6 +145,32 @@ def test_the_decoder_step_outputs_cross_attention_per_slot_as_its_softmax_left_i
     producer = next(n for n in graph.node if "attention" in n.output)
     assert producer.op_type == "Softmax"
     assert not any(n.op_type == "ReduceMean" for n in graph.node)
+
+
+@torch.no_grad()
+def test_the_decoder_step_outputs_logits_whose_log_softmax_is_the_models_log_probs(exported, torch_model):
+    """Format 7: no LogSoftmax in the graph (greedy steps without scores skip it, engine/core.py); the engine's
+    own log-softmax of the logits gives the PyTorch model's log-probs, and an argmax over either is the same."""
+    from engine.runtime import EngineConfig, OnnxModel
+
+    artifact, _ = exported
+    graph = onnx.load(str(artifact / contract.DECODER_STEP_FILE)).graph
+    assert graph.output[0].name == "logits" and not any(n.op_type == "LogSoftmax" for n in graph.node)
+    _, step = sample_inputs(torch_model)
+    n = torch_model.cfg.n_decoder_layers
+    feeds = dict(zip(contract.decoder_inputs(n), (x.numpy().copy() for x in step)))
+    tokens, positions, src_mask, slot_rows, row_slot = step[:5]
+    self_k, self_v, cross_k, cross_v = ([x.clone() for x in step[5 + i * n:5 + (i + 1) * n]] for i in range(4))
+    want = torch_model.decode_step_cached(tokens, positions, self_k, self_v, cross_k, cross_v, src_mask, slot_rows,
+                                          row_slot)[0].numpy()
+    logits = ort.InferenceSession(str(artifact / contract.DECODER_STEP_FILE),
+                                  providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    model = OnnxModel(artifact, EngineConfig(device="cpu"), n)
+    log_probs = model.log_softmax(logits.copy())
+    np.testing.assert_allclose(log_probs, want, atol=1e-4)
+    assert (log_probs.argmax(axis=1) == logits.argmax(axis=1)).all()
+    with pytest.raises(ValueError, match="in place"):
+        model.log_softmax(np.asfortranarray(logits))
 
 
 @torch.no_grad()

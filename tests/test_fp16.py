@@ -46,7 +46,7 @@ def test_state_is_float16_and_the_outputs_float32(fp16):
     decoder = onnx.load(str(folder / "decoder_step.onnx"))
     types = {v.name: v.type.tensor_type.elem_type for v in list(decoder.graph.input) + list(decoder.graph.output)}
     assert types["self_k_0"] == types["cross_v_0"] == types["new_self_v_0"] == TensorProto.FLOAT16
-    assert types["log_probs"] == types["attention"] == TensorProto.FLOAT
+    assert types["logits"] == types["attention"] == TensorProto.FLOAT
     matmuls = _input_types(folder / "decoder_step.onnx")["MatMul"]
     assert matmuls.count(TensorProto.FLOAT16) == len(matmuls)
 

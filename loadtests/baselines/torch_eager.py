@@ -80,6 +80,7 @@ class TorchStepModel:
     """
 
     ops = TorchOps()
+    logits_on_request = True  # step(log_softmax=False), as OnnxModel
 
     def __init__(self, model: Transformer, device: str = "cpu") -> None:
         self.device = torch.device(device)
@@ -98,14 +99,15 @@ class TorchStepModel:
 
     @torch.inference_mode()
     def step(self, tokens, self_k, self_v, cross_k, cross_v, src_mask, top_k=None, *, positions, row_sentence=None,
-             check_nan=True):
-        """One decoder step, shapes as OnnxModel.step (format 6); full log-probs only (``top_k`` must be None).
-        The caches come back as new tensors (``Transformer.decode_step_cached`` in plain PyTorch ops)."""
+             check_nan=True, log_softmax=True):
+        """One decoder step, shapes as OnnxModel.step (format 7); full log-probs (or with ``log_softmax`` False,
+        logits) only: ``top_k`` must be None. The caches come back as new tensors (``Transformer.decode_step_cached``
+        in plain PyTorch ops)."""
         assert top_k is None, "the PyTorch baseline returns full log-probs"
         slot_rows, row_slot = cross_slots(np.arange(len(tokens)) if row_sentence is None else row_sentence)
         log_probs, new_k, new_v, attention = self.model.decode_step_cached(
             self._in(tokens), self._in(positions), self_k, self_v, cross_k, cross_v, self._in(src_mask),
-            self._in(slot_rows), self._in(row_slot), custom_op=False)
+            self._in(slot_rows), self._in(row_slot), custom_op=False, log_softmax=log_softmax)
         return log_probs.cpu().numpy(), new_k, new_v, attention.cpu().numpy()
 
 
