@@ -127,12 +127,15 @@ class SentenceSearch:
         top_k: how many best tokens per row the strategy needs (None: full log-probs).
         done: True once the sentence is finished; ``hypotheses`` is then its result, best first.
         max_rows: the most rows it can ever hold (what the scheduler budgets for it).
+        reads_logits: its choice is the same from logits as from log-probs, and it reports no score (a step whose
+            sentences all are so may skip the log-softmax, engine/core.py).
     """
 
     n_rows: int
     last_tokens: np.ndarray
     top_k: int | None
     done: bool = False
+    reads_logits: bool = False
     hypotheses: list[Hypothesis]
     max_rows: int
 
@@ -161,6 +164,7 @@ class GreedySearch(SentenceSearch):
         self.rng = np.random.default_rng(sampling.seed) if self.sampling is not None else None
         self.return_attention = return_attention
         self.top_k = top_k_for(rules, 1, self.sampling)
+        self.reads_logits = not scores and self.plain  # an argmax, no score: logits do
         self.tokens: list[int] = []
         self.score = np.float32(0.0)
         self.attention: list[np.ndarray] = []
@@ -173,11 +177,6 @@ class GreedySearch(SentenceSearch):
         :meth:`batch_choose` makes for many sentences at once."""
         return self.top_k is not None  # what top_k_for gives such a search, and only such a one
 
-    @property
-    def reads_logits(self) -> bool:
-        """Its choice needs no log-probs: :attr:`plain` and no score asked for (a step of such rows only may skip
-        the log-softmax, engine/core.py)."""
-        return not self.scores and self.plain
 
     @staticmethod
     def batch_choose(searches: list[tuple[int, "GreedySearch", int, int]],
