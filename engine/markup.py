@@ -282,7 +282,11 @@ def _check_depth(depth: int) -> None:
 
 
 def _quote(value: str) -> str:
-    return '"' + html.escape(value, quote=True).replace("&#x27;", "'") + '"'
+    """An XML attribute value in double quotes. Tab, newline and carriage return are written as references: a parser
+    turns them into spaces where they stand literally (XML 1.0 section 3.3.3), so "&#10;" written back as a newline
+    would have become a space in the client's parser."""
+    escaped = html.escape(value, quote=True).replace("&#x27;", "'")
+    return '"' + escaped.replace("\t", "&#9;").replace("\n", "&#10;").replace("\r", "&#13;") + '"'
 
 
 def _mark_inline(element: Element) -> None:

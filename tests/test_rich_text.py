@@ -171,6 +171,12 @@ def test_xml_inline_elements_and_malformed_xml(translator):
             rich_text.prepare(text, "xml")
     out = translate(translator, "<_nmt_fragment>Save</_nmt_fragment> the file.", "xml")
     assert out.count("<_nmt_fragment>") == 1 and out.count("</_nmt_fragment>") == 1, out
+    # Tab, newline and carriage return written as references in an attribute keep their meaning: written back
+    # literally, the client's parser reads each as a space.
+    source = '<doc><a title="one&#10;two&#9;three&#13;" alt="a\nb">Save the file.</a></doc>'
+    out = translate(translator, source, "xml")
+    assert ET.fromstring(out).find("a").attrib == ET.fromstring(source).find("a").attrib == {
+        "title": "one\ntwo\tthree\r", "alt": "a b"}, out
 
 
 def test_protected_terms_are_copied_exactly(translator):
