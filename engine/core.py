@@ -723,9 +723,10 @@ class EngineCore:
         cross = [self.ops.view(x, len(live)) for x in batch.cross]
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.
         device_top = k is not None and self.device_top_k and all(wants_top)
-        # Rows that all take an argmax and report no score read the logits: no log-softmax over the vocabulary.
-        logits_only = ({"log_softmax": False} if k is None and self.logits_on_request
-                       and all(s.search.reads_logits for s in live) else {})
+        # Rows that all take an argmax and report no score read the logits (or, on a device, their top-1): no
+        # log-softmax over the vocabulary.
+        logits_only = ({"log_softmax": False} if self.logits_on_request and all(s.search.reads_logits for s in live)
+                       else {})
         scores, self_k, self_v, attention = self.model.step(
             tokens, caches[:n_layers], caches[n_layers:], cross[:n_layers], cross[n_layers:],
             batch.src_mask, k if device_top else None, positions=positions, row_sentence=row_sentence,

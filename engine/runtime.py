@@ -219,10 +219,11 @@ class OnnxModel:
 
         Returns (scores, self_k, self_v, attention): scores are log_probs float32 [rows, vocab] (numpy), or with
         ``top_k`` each row's top_k best tokens only (:class:`TopCandidates`, engine/top_k.py; with I/O binding the
-        full log-probs then never leave the device), or with ``log_softmax`` False (and no ``top_k``) the graph's
-        logits [rows, vocab], whose argmax is the log-probs' (a row's log-softmax subtracts one number from each of
-        its logits) without the pass over the vocabulary that gives each token's log-prob; self_k, self_v the
-        lists given, written; attention float32 [rows, src_len] (a :class:`RowAttention`, computed when read).
+        full log-probs then never leave the device); with ``log_softmax`` False the graph's logits [rows, vocab]
+        instead of log-probs (or their top-k), whose order in a row is the log-probs' (a row's log-softmax subtracts
+        one number from each of its logits), without the pass over the vocabulary that gives log-probs; self_k,
+        self_v the lists given, written; attention float32 [rows, src_len] (a :class:`RowAttention`, computed when
+        read).
 
         Raises:
             ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
@@ -279,7 +280,7 @@ class OnnxModel:
             outputs = binding.get_outputs()  # in binding order: log_probs, attention, the caches
             log_probs = outputs[0] if on_device else log_probs
             attention = outputs[1] if self.device_type != "cpu" else attention
-        if log_softmax or top_k:
+        if log_softmax:
             log_probs = self.log_softmax(log_probs)
         attention = RowAttention(attention, row_slot)
         scores = self.top_k(log_probs, top_k) if top_k else log_probs

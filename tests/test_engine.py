@@ -239,3 +239,18 @@ def test_greedy_without_scores_skips_the_log_softmax_and_chooses_the_same_tokens
     for (g, b), s, a in zip(handles, alone_greedy, alone_beam):
         assert results[g][0].tokens == s[0].tokens and math.isnan(results[g][0].score)
         assert [(h.tokens, h.score) for h in results[b]] == [(h.tokens, h.score) for h in a]
+    # The device path (I/O binding; CUDA's, here on the CPU provider): greedy reads each row's top-1 where the
+    # step ran, of the logits when no score is asked for.
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    device = Translator(translator.artifact_dir, EngineConfig(device="cpu", io_binding=True))
+    assert device.new_core().device_top_k
+    device_calls = []
+    device_log_softmax = device.model.log_softmax
+    monkeypatch.setattr(device.model, "log_softmax", lambda x: device_calls.append(1) or device_log_softmax(x))
+    scoreless = device.translate_ids(src, DecodingOptions(beam_size=1, return_scores=False))
+    assert device_calls == [] and [h[0].tokens for h in scoreless] == [h[0].tokens for h in alone_greedy]
+    scored = device.translate_ids(src, DecodingOptions(beam_size=1))
+    assert device_calls and [(h[0].tokens, h[0].score) for h in scored] == [(h[0].tokens, h[0].score)
+                                                                            for h in alone_greedy]
