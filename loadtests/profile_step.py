@@ -4,8 +4,9 @@
 
 For each batch of 1, 4 and 32 test sentences (decoded together) and beam 1 and 4, translates enough batches to
 run about 300 decoder steps, then prints one table row: ms per decoder step (wall), the share of the step spent
-in the decoder graph, the encoder graph, the TopK graph, and on the host (everything else: the search, the beam
-reorder of the cache in numpy, joins), and the decoder graph's five largest kernels by op type (from ONNX
+in the decoder graph, the encoder graph, the TopK graph, the log-softmax of the step's logits (lsm; artifact format
+7: beam steps run it, greedy steps without scores, as decoded here, skip it), and on the host (everything else:
+the search, the beam reorder of the cache in numpy, joins), and the decoder graph's five largest kernels by op type (from ONNX
 Runtime's own profiler: ``SessionOptions.enable_profiling``; Gemm there is every linear layer and the output
 projection, FusedGemm the FFN's first layer with its ReLU, FusedMatMul and MatMul attention's per-head products).
 Run it on a quiet machine: shares hold up under load better than times, but neither
@@ -81,9 +82,11 @@ def profile(artifact: Path, sources: list[str], batch: int, beam_size: int, thre
     model.top_k.session = _Timed(model.top_k.session)  # the one-node TopK graph, and the two-stage one (CPU)
     model.top_k.blocked = _Timed(model.top_k.blocked) if model.top_k.blocked else None
     top_k_sessions = [s for s in (model.top_k.session, model.top_k.blocked) if s]
-    decoding = DecodingOptions(beam_size=beam_size)
+    model.log_softmax.host = model.log_softmax.session = _Timed(model.log_softmax.host)  # the CPU's (format 7)
+    # No scores, as the service decodes a request that does not ask for them: greedy steps skip the log-softmax.
+    decoding = DecodingOptions(beam_size=beam_size, return_scores=False)
     translator.translate(sources[:batch], decoding)  # warm-up
-    model.decoder.seconds = model.encoder.seconds = 0.0
+    model.decoder.seconds = model.encoder.seconds = model.log_softmax.host.seconds = 0.0
     for s in top_k_sessions:
         s.seconds = 0.0
     stats, wall, i = CoreStats(), 0.0, 0
@@ -97,7 +100,7 @@ def profile(artifact: Path, sources: list[str], batch: int, beam_size: int, thre
     shares = kernel_shares(profile_file)
     os.remove(profile_file)
     graph = {"decoder": model.decoder.seconds, "encoder": model.encoder.seconds,
-             "top_k": sum(s.seconds for s in top_k_sessions)}
+             "top_k": sum(s.seconds for s in top_k_sessions), "log_softmax": model.log_softmax.host.seconds}
     return dict(sentences=batch, beam_size=beam_size, steps=stats.steps,
                 rows_per_step=round(stats.rows / stats.steps, 1),
                 ms_per_step=round(wall / stats.steps * 1e3, 3),
@@ -115,14 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sources = [en for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")][:500]
     print(f"{'sent':>4} {'beam':>4} {'rows':>6} {'ms/step':>8} {'decoder':>8} {'encoder':>8} {'top_k':>6} "
-          f"{'host':>6}  decoder kernels (share of the decoder graph's kernel time)")
+          f"{'lsm':>6} {'host':>6}  decoder kernels (share of the decoder graph's kernel time)")
     for batch in (1, 4, 32):
         for beam_size in (1, 4):
             r = profile(Path(args.artifact), sources, batch, beam_size, args.threads, args.steps)
             s = r["share"]
             kernels = ", ".join(f"{op} {v:.0%}" for op, v in r["decoder_kernels"].items())
             print(f"{batch:>4} {beam_size:>4} {r['rows_per_step']:>6} {r['ms_per_step']:>8} {s['decoder']:>8.0%} "
-                  f"{s['encoder']:>8.0%} {s['top_k']:>6.0%} {s['host']:>6.0%}  {kernels}", flush=True)
+                  f"{s['encoder']:>8.0%} {s['top_k']:>6.0%} {s['log_softmax']:>6.0%} {s['host']:>6.0%}  {kernels}",
+                  flush=True)
 
 
 if __name__ == "__main__":

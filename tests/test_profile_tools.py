@@ -40,6 +40,9 @@ def test_step_profile_accounts_for_the_whole_step(artifact):
     # host is the rest of the wall time: >= 0 only if the graph timers do not overlap or count outside the wall.
     assert shares["host"] >= 0 and all(0 < shares[g] < 1 for g in ("decoder", "encoder"))
     assert shares["decoder"] > 0.3 and shares["top_k"] > 0  # beam 4 reads each row's top-k from the TopK graph
+    assert shares["log_softmax"] > 0  # of the logits, which beam search reads as log-probs (format 7)
+    greedy = profile(artifact, SENTENCES, batch=2, beam_size=1, threads=1, target_steps=20)["share"]
+    assert greedy["log_softmax"] == 0 and greedy["top_k"] == 0  # an argmax of the logits, no score asked for
     # The linear layers and the output projection run as Gemm kernels (the step is 2-D): the largest share, and
     # most of the decoder's kernel time.
     assert max(r["decoder_kernels"], key=r["decoder_kernels"].get) == "Gemm"
