@@ -78,6 +78,20 @@ def test_cuda_batch_invariance(cuda):
         assert alone[0].tokens == hyps[0].tokens
 
 
+def test_greedy_without_scores_on_cuda_takes_the_top_1_of_the_logits(cuda, monkeypatch):
+    """Format 7 on the device: a greedy step whose sentences report no score skips the log-softmax and reads each
+    row's top-1 of the logits where the step ran; the tokens are those of the scored search."""
+    calls = []
+    log_softmax = cuda.model.log_softmax
+    monkeypatch.setattr(cuda.model, "log_softmax", lambda x: calls.append(1) or log_softmax(x))
+    src = [cuda.tokenize(s) for s in PARITY_SENTENCES]
+    scored = cuda.translate_ids(src, DecodingOptions(beam_size=1))
+    assert calls
+    calls.clear()
+    scoreless = cuda.translate_ids(src, DecodingOptions(beam_size=1, return_scores=False))
+    assert calls == [] and [h[0].tokens for h in scoreless] == [h[0].tokens for h in scored]
+
+
 def test_float16_on_cuda_agrees_with_float32(standard, cpu, tmp_path):
     """The float16 copy of the standard-ops step (on an H200, 2026-12-04, the same check in
     scripts/gpu/fp16_paths.py: 24 of 24 parity sentences identical under greedy search)."""
