@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
 
 API = "http://127.0.0.1:8000"
 PROMETHEUS = "http://127.0.0.1:9090"
@@ -65,7 +66,8 @@ def http(url: str, body: bytes | None = None, timeout_s: float = 60) -> tuple[in
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-    except (OSError, urllib.error.URLError) as error:  # refused, reset, timed out
+    except (OSError, urllib.error.URLError, HTTPException) as error:
+        # refused, reset, timed out, or cut mid-body (IncompleteRead: a replica killed while answering)
         return 0, repr(error).encode()
 
 
