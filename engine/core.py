@@ -30,10 +30,12 @@ Scheduling policy, decided at the start of every step:
 2. Waiting sentences join while the running batches have room. A sentence reserves its most rows (beam_size) against
    ``max_batch_rows`` and its source against ``max_batch_tokens`` (live sentences x longest live source: the padded
    cross-attention memory, as the encoder's chunks were bounded before). Which sentence joins next: the first
-   waiting one of a small request (at most SMALL_REQUEST sentences), all of whose sentences join together (bulk
-   requests that had not started, with deadlines earlier than a probe's, filled the overdraw below and held
-   1-sentence probes for up to 10 s, 2026-12-06; and a probe that pysbd split in two waited 6-11 s for its second
-   sentence, which queued as a running request's, until a quarter of the budget was free); then the first of a
+   waiting one of a small request (at most SMALL_REQUEST sentences), all of whose sentences join together, the
+   rest of one that has started before any that has not (bulk requests that had not started, with deadlines
+   earlier than a probe's, filled the overdraw below and held 1-sentence probes for up to 10 s, 2026-12-06; a probe
+   that pysbd split in two waited 6-11 s for its second sentence, which queued as a running request's, until a
+   quarter of the budget was free; and at saturation, 64 one-sentence clients, such a second sentence waited 2-6
+   s behind new one-sentence requests until the queue emptied); then the first of a
    larger group (a request) none of whose sentences has joined yet, so that a request starts at the next step
    whatever else is queued; then that of the group with the earliest deadline (the service
    gives each request request_timeout_s plus a time per sentence, so a large request's is later and it fills only
@@ -438,8 +440,11 @@ class EngineCore:
         arrival = {group: i for i, group in enumerate(self._waiting)}
 
         def order(g: object) -> tuple:
-            return (not small(g), g in self._started, self._deadlines.get(g, NO_DEADLINE), rows_of_group[g],
-                    arrival[g])
+            # A small request that has started goes first (its sentences join together); a larger one after
+            # those that have not (every request starts at the next step).
+            started = g in self._started
+            return (not small(g), not started if small(g) else started, self._deadlines.get(g, NO_DEADLINE),
+                    rows_of_group[g], arrival[g])
 
         joining = []
         while self._waiting:
