@@ -442,8 +442,8 @@ class EngineCore:
         def order(g: object) -> tuple:
             # A small request that has started goes first (its sentences join together); a larger one after
             # those that have not (every request starts at the next step).
-            started = g in self._started
-            return (not small(g), not started if small(g) else started, self._deadlines.get(g, NO_DEADLINE),
+            is_small, started = small(g), g in self._started
+            return (not is_small, not started if is_small else started, self._deadlines.get(g, NO_DEADLINE),
                     rows_of_group[g], arrival[g])
 
         joining = []
