@@ -3,12 +3,14 @@
     .venv/bin/python -m loadtests.bench_http --artifact artifacts/en-de --threads 1 --clients 1,4,16,64,128 \
         --seconds 10 --json http.json
 
-Starts Ray Serve in this process (one replica on loopback), sends one test sentence per POST /translate and prints
-one JSON line per level: sentences/s, requests, errors (non-200 or exception), latency p50/p90/p99 in seconds and the
-mean decoder rows per step (sentences x live beams, from the service's metrics on Ray's metrics port). The open
-loop sends at ``--open-rate`` sentences/s (Poisson arrivals; 0 = 70% of the best closed-loop rate) and measures
-latency from each request's scheduled send time, so a slow server cannot slow the offered load down. The clients
-share the machine with the server: on 2 cores they take CPU from it, most at 64 and 128 clients.
+Starts Ray Serve in this process (one replica on loopback; its engine core in a child process, as
+deploy/serve_config.yaml runs it, or on a thread of the replica with ``--engine thread``), sends one test sentence
+per POST /translate and prints one JSON line per level: sentences/s, requests, errors (non-200 or exception),
+latency p50/p90/p99 in seconds and the mean decoder rows per step (sentences x live beams, from the service's
+metrics on Ray's metrics port). The open loop sends at ``--open-rate`` sentences/s (Poisson arrivals; 0 = 70% of
+the best closed-loop rate) and measures latency from each request's scheduled send time, so a slow server cannot
+slow the offered load down. The clients share the machine with the server: on 2 cores they take CPU from it, most
+at 64 and 128 clients.
 """
 
 from __future__ import annotations
@@ -226,11 +228,14 @@ def open_loop(url: str, sentences: list[str], rate_per_s: float, seconds: float,
 
 def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels: list[int], seconds: float,
                        open_rate: float = 0.0, *, max_batch_rows: int = 512, scheduling: str = "continuous",
-                       body_options: dict | None = None, on_level: Callable[[dict], None] | None = None) -> dict:
+                       body_options: dict | None = None, on_level: Callable[[dict], None] | None = None,
+                       engine_process: bool = False) -> dict:
     """Starts the service, runs the closed-loop sweep and one open-loop run, stops the service. ``open_rate`` in
-    sentences/s; 0 = 70% of the best closed-loop sentences/s. ``on_level`` is called with each level's result."""
+    sentences/s; 0 = 70% of the best closed-loop sentences/s. ``on_level`` is called with each level's result;
+    ``engine_process``: the replica's engine core in a child process (AppArgs.engine_process)."""
     sentences = [en for en, _ in read_pairs(Path(corpus) / "test.tsv.gz")]
-    base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_rows, scheduling)
+    base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_rows, scheduling,
+                                                  engine_process=engine_process)
     levels: list[dict] = []
     try:
         for clients in clients_levels:
@@ -248,7 +253,7 @@ def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels:
     finally:
         shutdown()
     return dict(artifact=artifact, threads=threads, max_batch_rows=max_batch_rows, scheduling=scheduling,
-                body_options=body_options or {}, levels=levels)
+                engine_process=engine_process, body_options=body_options or {}, levels=levels)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -262,13 +267,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-batch-rows", type=int, default=512)
     p.add_argument("--scheduling", choices=["continuous", "static"], default="continuous")
     p.add_argument("--beam-size", type=int, help="beam size per request (default: the model's)")
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="the replica's engine core in a child process (AppArgs.engine_process, as the shipped "
+                        "deploy/serve_config.yaml runs it) or on a thread of the replica")
     p.add_argument("--json", help="write the list of levels here")
     args = p.parse_args(argv)
     result = run_http_benchmark(args.artifact, args.corpus, args.threads,
                                 [int(c) for c in args.clients.split(",") if c.strip()], args.seconds, args.open_rate,
                                 max_batch_rows=args.max_batch_rows, scheduling=args.scheduling,
                                 body_options={"beam_size": args.beam_size} if args.beam_size else None,
-                                on_level=lambda level: print(json.dumps(level), flush=True))
+                                on_level=lambda level: print(json.dumps(level), flush=True),
+                                engine_process=args.engine == "process")
     if args.json:
         Path(args.json).write_text(json.dumps(result["levels"], indent=1) + "\n")
     return result["levels"]

@@ -6,7 +6,8 @@
 For each scheduling ("static": a batch decodes to completion before the next forms; "continuous": sentences join the
 running decode between steps) this starts the service once (loadtests/bench_http.start_service: local Ray, one
 replica, device cpu, ``--threads`` ONNX Runtime threads, max_batch_rows 512, the service's default admission limit
-max_queued_work) and runs, in this order:
+max_queued_work; the engine core in a child process of the replica, as deploy/serve_config.yaml runs it, or with
+``--engine thread`` on a thread of the replica) and runs, in this order:
 
     5 saturation        64 closed-loop clients, 1 test sentence per request, beam 4, for N s: sentences/s, and the
                         engine alone (Translator.translate_ids, same scheduling, same threads, this process, the
@@ -494,8 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds-long windows: runs, no figures
     p.add_argument("--schedulings", default=",".join(SCHEDULINGS), help="comma-separated, default both")
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--engine-process", action="store_true",
-                   help="the replica's engine core in a process of its own (AppArgs.engine_process)")
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="the replica's engine core in a child process (AppArgs.engine_process, as the shipped "
+                        "deploy/serve_config.yaml runs it) or on a thread of the replica")
     args = p.parse_args(argv)
     d = SMOKE if args.smoke else QUICK if args.quick else FULL
     schedulings = [s.strip() for s in args.schedulings.split(",") if s.strip()]
@@ -505,13 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
     capacity = None  # one offered load for both: fractions of the first run's (static's) saturation
     for s in schedulings:
         results[s] = run_scheduling(s, args.artifact, args.threads, sentences, d,
-                                    lambda r: print(json.dumps(r), flush=True), capacity, args.engine_process)
+                                    lambda r: print(json.dumps(r), flush=True), capacity, args.engine == "process")
         capacity = capacity or results[s]["saturation"]["sentences_per_s"]
     checks = evaluate_targets(results)
     print()
     print(format_report(results, checks))
     print(f"\n{time.perf_counter() - started:.0f} s; clients, server and engine-alone runs share this machine")
-    report = dict(artifact=args.artifact, threads=args.threads, engine_process=args.engine_process,
+    report = dict(artifact=args.artifact, threads=args.threads, engine_process=args.engine == "process",
                   durations=dataclasses.asdict(d),
                   beam_mix=BEAM_MIX, load_fractions=LOAD_FRACTIONS, max_chars_per_text=MAX_CHARS_PER_TEXT,
                   results=results, targets=checks)

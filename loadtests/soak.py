@@ -4,7 +4,8 @@
     .venv/bin/python -m loadtests.soak --minutes 10 --clients 4 --out soak.json
 
 The replica's process id comes from GET /health and its RSS from /proc (with its child processes': the engine
-process of ``engine_process: true``), so the service must run on this machine.
+process of ``engine_process: true``; each sample also keeps every process's own), so the service must run on this
+machine.
 Memory growth is measured from the first sample after ``--warmup-min`` to the last; the run prints a table of
 samples and a JSON summary (requests, errors by status, latency p50/p99 in seconds, RSS in MiB, growth %).
 Traffic goes only to ``--url`` (default loopback) and stops by itself.
@@ -42,15 +43,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def tree_rss_mib(pid: int) -> float:
-    """RSS of ``pid`` and its descendants, MiB (processes that end while counted count 0)."""
-    total = 0.0
+def tree_rss_mib(pid: int) -> dict[int, float]:
+    """RSS of ``pid`` and of each of its descendants, MiB, by process id (a process that ends while counted is
+    left out)."""
+    out = {}
     for p in [pid] + descendants(pid):
         try:
-            total += rss_mib(p)
+            out[p] = round(rss_mib(p), 1)
         except (OSError, RuntimeError):
             pass
-    return total
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,21 +95,25 @@ def main(argv: list[str] | None = None) -> None:
         t.start()
     samples = []
     started = time.monotonic()
-    print(f"{'minute':>7} {'rss_mib':>8} {'requests':>9} {'errors':>7}")
-    while (elapsed := time.monotonic() - started) < args.minutes * 60:
+    print(f"{'minute':>7} {'rss_mib':>8} {'requests':>9} {'errors':>7}  rss_mib by process (the replica first)")
+
+    def sample(elapsed: float) -> dict:
         with lock:
             total, errors = sum(statuses.values()), sum(v for k, v in statuses.items() if k != 200)
-        sample = dict(minute=round(elapsed / 60, 2), rss_mib=round(tree_rss_mib(pid), 1), requests=total,
-                      errors=errors)
-        samples.append(sample)
-        print(f"{sample['minute']:>7} {sample['rss_mib']:>8} {total:>9} {errors:>7}", flush=True)
+        by_process = tree_rss_mib(pid)
+        return dict(minute=round(elapsed / 60, 2), rss_mib=round(sum(by_process.values()), 1), requests=total,
+                    errors=errors, rss_mib_by_process={str(p): v for p, v in by_process.items()})
+
+    while (elapsed := time.monotonic() - started) < args.minutes * 60:
+        samples.append(sample(elapsed))
+        s = samples[-1]
+        print(f"{s['minute']:>7} {s['rss_mib']:>8} {s['requests']:>9} {s['errors']:>7}  "
+              f"{' '.join(map(str, s['rss_mib_by_process'].values()))}", flush=True)
         time.sleep(args.sample_every_s)
     stop.set()
     for t in threads:
         t.join(timeout=70)
-    samples.append(dict(minute=round((time.monotonic() - started) / 60, 2), rss_mib=round(tree_rss_mib(pid), 1),
-                        requests=sum(statuses.values()),
-                        errors=sum(v for k, v in statuses.items() if k != 200)))
+    samples.append(sample(time.monotonic() - started))
     after_warmup = next(s for s in samples if s["minute"] >= args.warmup_min)
     q = statistics.quantiles(latencies, n=100)
     summary = dict(minutes=args.minutes, clients=args.clients, requests=sum(statuses.values()),

@@ -2,7 +2,7 @@
 code path (I/O binding: decoder state as OrtValues, row gather/concat graphs, top-k where the log-probs are), so
 a change to the graphs or the artifact format can be checked before a GPU is lent.
 
-    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the four that need CUDA itself must fail
+    .venv/bin/python scripts/gpu/cpu_dry_run.py tests       # tests/gpu; the five that need CUDA itself must fail
     .venv/bin/python scripts/gpu/cpu_dry_run.py benchmark --quick --skip-base --artifact artifacts/en-de
 
 The benchmark's figures go to .gpu/dry_run/ unless --out says otherwise, never over loadtests/results/ (the CPU
@@ -21,13 +21,20 @@ import engine.runtime as runtime  # noqa: E402
 _config = runtime.EngineConfig
 
 
-def _cuda_on_the_cpu(**kwargs):
-    if kwargs.get("device") == "cuda":
-        kwargs.update(device="cpu", io_binding=True)
-    return _config(**kwargs)
+class _CudaOnTheCpu(_config):
+    """EngineConfig whose device "cuda" is the CPU with I/O binding. Named and placed as EngineConfig, so that a
+    config pickled for an engine process (engine/process_engine.py) unpickles there as a plain one, already
+    rewritten."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("device") == "cuda":
+            kwargs.update(device="cpu", io_binding=True)
+        super().__init__(*args, **kwargs)
 
 
-runtime.EngineConfig = _cuda_on_the_cpu  # before the modules below import it
+_CudaOnTheCpu.__name__ = _CudaOnTheCpu.__qualname__ = _config.__qualname__
+_CudaOnTheCpu.__module__ = _config.__module__
+runtime.EngineConfig = _CudaOnTheCpu  # before the modules below import it
 
 if sys.argv[1] == "tests":
     import pytest

@@ -111,3 +111,32 @@ def test_cuda_refuses_a_float16_step_with_group_query_attention(artifact, tmp_pa
     assert half["self_attention"] == "gqa"
     with pytest.raises(ValueError, match="--self-attention standard"):
         Translator(tmp_path / "fp16", EngineConfig(device="cuda"))
+
+
+def test_the_engine_process_decodes_on_cuda_like_the_engine_in_this_process(artifact, cuda):
+    """The shipped CPU configs run the engine core in a child process (engine_process: true; device auto takes
+    CUDA where it works): the child's model reports the CUDA provider and its translations are the in-process CUDA
+    engine's, token for token, beam 4 and greedy side by side."""
+    import asyncio
+
+    from engine.process_engine import CoreSpec, ProcessEngine
+
+    engine = ProcessEngine(CoreSpec(str(artifact), EngineConfig(device="cuda", max_batch_tokens=16384), warmup=False),
+                           "gpu-test")
+    try:
+        src = [cuda.tokenize(s) for s in SENTENCES]
+        options = [DecodingOptions(beam_size=4), DecodingOptions(beam_size=1)]
+
+        async def main():
+            futures = [engine.submit(s, o, group=i) for i, s in enumerate(src) for o in options]
+            return await asyncio.wait_for(asyncio.gather(*futures), 120)
+
+        got = iter(asyncio.run(main()))
+        for s in src:
+            for o in options:
+                done = next(got)
+                assert done.error is None
+                assert [h.tokens for h in done.hypotheses] == [h.tokens for h in cuda.translate_ids([s], o)[0]]
+        assert engine.model.provider == "CUDAExecutionProvider"  # last: the CPU dry run checks the rest
+    finally:
+        engine.close()
