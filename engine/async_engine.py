@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from engine.core import EngineCore, Finished
+from engine.memory import PeriodicTrim
 from engine.options import DecodingOptions
 
 RATE_WEIGHT = 0.02  # of one step in the drain rate's moving averages
@@ -148,6 +149,7 @@ class AsyncEngine:
     def _run(self) -> None:
         futures: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
         handles: dict[asyncio.Future, int] = {}
+        trim = PeriodicTrim()  # the heap's free pages back to the system (engine/memory.py)
         while not self._closed:
             self._take_inbox(futures, handles)
             if not self.core.has_work:
@@ -171,6 +173,7 @@ class AsyncEngine:
                 self._count(-work[0], work[1])
                 _post(loop, _resolve, future, done)
             self._after_step(done_work, time.monotonic() - started, self.core, finished)
+            trim()
         for done in self.core.fail_all(RuntimeError("the engine was closed")):
             entry = futures.pop(done.handle, None)
             if entry is not None:

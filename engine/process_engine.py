@@ -35,6 +35,7 @@ from typing import Callable
 from engine.async_engine import AsyncEngine, _fail, _post, _resolve
 from engine.core import CoreStats, EngineCore, Finished
 from engine.errors import EngineError, EngineUnavailableError
+from engine.memory import PeriodicTrim
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 
@@ -302,6 +303,7 @@ def _child_main(conn: Connection) -> None:
     conn.send(("ready", model))
     handles: dict[int, int] = {}  # sentence id (the parent's) -> core handle
     sentences: dict[int, int] = {}  # core handle -> sentence id
+    trim = PeriodicTrim()  # the heap's free pages back to the system (engine/memory.py: RSS crept without)
     while True:
         # Block while idle (no batch timer); between steps take in everything that came.
         wait = None if not core.has_work else 0
@@ -348,6 +350,7 @@ def _child_main(conn: Connection) -> None:
                 done = dataclasses.replace(done, error=_portable(done.error))
             report.append((sentence, done))
         _report(conn, report, core, elapsed)
+        trim()
 
 
 def _report(conn: Connection, report: list[tuple[int, Finished]], core: EngineCore, elapsed: float) -> None:
