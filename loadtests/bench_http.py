@@ -152,14 +152,15 @@ async def _post(client: aiohttp.ClientSession, text: str, body_options: dict) ->
         return False
 
 
-async def _closed(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict,
-                  metrics_url: str | None, warmup_s: float) -> dict:
+async def _closed(url: str, sentences: list[str], clients: int, seconds: float,
+                  body_options: dict | Callable[[int], dict], metrics_url: str | None, warmup_s: float) -> dict:
     async with _session(url, clients) as client:
         async def worker(k: int, until: float, record: list | None) -> None:
             i = k  # clients start at different sentences, so that batches mix lengths
             while time.perf_counter() < until:
                 started = time.perf_counter()
-                ok = await _post(client, sentences[i % len(sentences)], body_options)
+                j = i % len(sentences)
+                ok = await _post(client, sentences[j], body_options(j) if callable(body_options) else body_options)
                 if record is not None:
                     done = time.perf_counter()
                     record.append((done, done - started, ok))
@@ -183,11 +184,14 @@ async def _closed(url: str, sentences: list[str], clients: int, seconds: float, 
                 mean_rows_per_step=_mean_rows(before, after))
 
 
-def closed_loop(url: str, sentences: list[str], clients: int, seconds: float, body_options: dict | None = None,
-                *, metrics_url: str | None = None, warmup_s: float = 2.0) -> dict:
+def closed_loop(url: str, sentences: list[str], clients: int, seconds: float,
+                body_options: dict | Callable[[int], dict] | None = None, *, metrics_url: str | None = None,
+                warmup_s: float = 2.0) -> dict:
     """``clients`` workers each POST one sentence to ``url``/translate and wait for the answer, for ``seconds`` s
-    after ``warmup_s`` s of warm-up. Returns sentences/s, requests, errors, latency p50/p90/p99 (s) and the mean
-    server batch size in sentences (None without ``metrics_url``)."""
+    after ``warmup_s`` s of warm-up. ``body_options``: the request body's options beside "text", one dict for every
+    request or a function of the sentence's index in ``sentences`` (options per sentence, e.g. a beam_size mix).
+    Returns sentences/s, requests, errors, latency p50/p90/p99 (s) and the mean decoder rows per step (None
+    without ``metrics_url``)."""
     return asyncio.run(_closed(url, sentences, clients, seconds, body_options or {}, metrics_url, warmup_s))
 
 

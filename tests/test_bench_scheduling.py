@@ -6,7 +6,7 @@ import statistics
 from engine.options import DecodingOptions
 
 from loadtests.bench_scheduling import (BEAM_MIX, beam_sizes, comparison_rows, evaluate_targets, format_report,
-                                        joined_texts, poisson_arrivals, stream_summary)
+                                        joined_texts, mixed_beams, poisson_arrivals, stream_summary)
 
 
 def test_poisson_arrivals_rate_order_and_seed():
@@ -29,6 +29,13 @@ def test_beam_mix_is_deterministic_and_follows_the_mix():
     for beam, p in BEAM_MIX:
         assert abs(b.count(beam) / len(b) - p) < 0.02, (beam, b.count(beam))
     assert abs(statistics.mean(b) - 4.0) < 0.2  # the mix averages 4 rows per sentence, like beam 4
+
+
+def test_the_capacity_run_gives_each_sentence_one_beam_from_the_mix():
+    options = mixed_beams(2000, seed=3)
+    assert [options(i) for i in range(2000)] == [options(i) for i in range(2000)]  # fixed per sentence
+    assert [options(i)["beam_size"] for i in range(2000)] == beam_sizes(2000, seed=3)
+    assert all(set(options(i)) == {"beam_size"} for i in range(10))
 
 
 def test_joined_texts_wraps_around():
