@@ -21,6 +21,7 @@ from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
 from export.onnx_export import sha256
+from export.publish import publish
 
 PARITY_SENTENCES = Path(__file__).with_name("parity_sentences.txt")
 
@@ -84,9 +85,7 @@ def write_lossy_copy(artifact: str | Path, out: str | Path, convert: ConvertFn, 
                                                         for s in sentences), 6)))
         manifest["files"] = {f.name: sha256(f) for f in sorted(tmp.iterdir()) if f.name != contract.MANIFEST}
         (tmp / contract.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(tmp, out)
+        publish(tmp, out)
     return manifest
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from engine import contract
 from engine.runtime import cross_slots
 from engine.tokenizer import TOKENIZER_FILES
+from export.publish import publish
 from nmt.config import ModelConfig
 from nmt.model import Transformer
 
@@ -238,9 +239,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_sentences:
                             f"differ from PyTorch over {parity['sentences']} sentences")
         if failures:
             raise ParityError("export parity failed: " + "; ".join(failures))
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(tmp, out)
+        publish(tmp, out)
     return manifest
 
 

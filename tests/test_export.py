@@ -219,3 +219,50 @@ def test_export_fails_loudly_when_parity_fails(tmp_path):
     with pytest.raises(ParityError, match="max abs log-prob difference"):
         export_checkpoint(CHECKPOINT, tmp_path / "out", PARITY_SENTENCES[:2], atol=1e-12)
     assert not (tmp_path / "out").exists()
+
+
+def _folder(path, files: dict) -> dict:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return files
+
+
+def _contents(path) -> dict:
+    return {f.name: f.read_text() for f in path.iterdir()}
+
+
+def test_publish_replaces_an_artifact_whole_and_leaves_nothing_beside_it(tmp_path):
+    from export.publish import publish
+
+    _folder(tmp_path / "art", {"encoder.onnx": "old", "stale.onnx": "old"})
+    new = _folder(tmp_path / "built", {"encoder.onnx": "new", "manifest.json": "{}"})
+    publish(tmp_path / "built", tmp_path / "art")
+    assert _contents(tmp_path / "art") == new  # the old folder's other files are gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "built"]  # no staging or old folder left
+    publish(tmp_path / "built", tmp_path / "fresh" / "art")  # a new path, parents made
+    assert _contents(tmp_path / "fresh" / "art") == new
+
+
+def test_publish_that_fails_while_copying_leaves_the_old_artifact_as_it_was(tmp_path, monkeypatch):
+    """A full disk halfway through the copy: the artifact a replica would load is still the old one, whole."""
+    import shutil
+
+    from export.publish import publish
+
+    old = _folder(tmp_path / "art", {"encoder.onnx": "old", "decoder_step.onnx": "old"})
+    _folder(tmp_path / "built", {"encoder.onnx": "new", "decoder_step.onnx": "new", "manifest.json": "{}"})
+    copied, real_copyfile = [], shutil.copyfile
+
+    def copy_then_fail(src, dst, **kwargs):
+        if copied:
+            raise OSError(28, "No space left on device")
+        copied.append(src)
+        return real_copyfile(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_fail)  # what copytree's copy2 calls for each file
+    with pytest.raises(OSError):  # shutil.Error, which copytree raises, is an OSError
+        publish(tmp_path / "built", tmp_path / "art")
+    assert copied  # it did fail halfway, not before the copy
+    assert _contents(tmp_path / "art") == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "built"]
