@@ -1,8 +1,10 @@
 """The ONNX contract: graph file names, input/output names and dynamic axes, shared by export and engine.
 
-Two graphs (DESIGN.md section 4), no If-merged decoder. The key/value cache is one tensor per decoder layer
-(i = 0 .. n_decoder_layers - 1), never one stacked tensor: a stacked cache costs a Split of every input and a
-Concat of every output each step, which ONNX Runtime's profile showed as 44% of the step (format_version 1).
+Two graphs for translation, an encoder and a decoder step, and no If-merged decoder (an If node around the
+decoder costs several times its speed); a third, explain.onnx, serves /v1/explain only. The key/value cache is one
+tensor per decoder layer (i = 0 .. n_decoder_layers - 1), never one stacked tensor: a stacked cache costs a Split of
+every input and a Concat of every output each step, which ONNX Runtime's profile showed as 44% of the step
+(format_version 1).
 
 encoder.onnx
     src_ids  int64 [sentences, src_len], src_mask bool [sentences, src_len] (True = real token)

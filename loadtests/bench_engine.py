@@ -5,7 +5,7 @@
 Prints one JSON line per decoding mode (greedy, beam 4), with the number of decoder steps and rows it took. The
 list is decoded as one caller's (``Translator.translate_ids``) under ``--policy`` (engine/core.py; "refill", the
 default there, "static" or "continuous"). Time on a quiet machine: another busy process on a
-2-core machine changes these figures several-fold (DESIGN.md section 8).
+2-core machine changes these figures several-fold (CTranslate2 with 2 threads beside one: 1627 to 37-550 tokens/s).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     .venv/bin/python -m loadtests.benchmark            # ~15 min on 2 cores; --quick for a smoke run
 
 Every system uses the same number of threads (--threads, default 1: on this 2-core machine a second thread shares a
-core with everything else, DESIGN.md section 8) and the same batching policy (sentences sorted by length, batches of
-at most --max-batch-tokens padded source tokens), and on each workload the systems take turns (best of --repeats
-rounds), so that this machine's drift over minutes falls on all of them alike. Systems:
+core with everything else, and a busy second core once cut CTranslate2 from 1627 to 37-550 tokens/s) and the same
+batching policy (sentences sorted by length, batches of at most --max-batch-tokens padded source tokens), and on
+each workload the systems take turns (best of --repeats rounds), so that this machine's drift over minutes falls on
+all of them alike. Systems:
     engine-fp32   our ONNX Runtime engine (engine/), the served artifact
     engine-int8   the same after export/quantize.py (dynamic int8)
     engine-fp16   the same after export/fp16.py (float16; made for CUDA, and this CPU has float16 kernels too)

@@ -10,7 +10,7 @@ the search, the beam reorder of the cache in numpy, joins), and the decoder grap
 Runtime's own profiler: ``SessionOptions.enable_profiling``; Gemm there is every linear layer and the output
 projection, FusedGemm the FFN's first layer with its ReLU, FusedMatMul and MatMul attention's per-head products).
 Run it on a quiet machine: shares hold up under load better than times, but neither
-is exact then (DESIGN.md section 8).
+is exact then.
 """
 
 from __future__ import annotations

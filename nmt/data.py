@@ -30,7 +30,8 @@ def train_sentencepiece(pairs: list[tuple[str, str]], model_prefix: str | Path, 
                         sample_size: int = 400_000, seed: int = 0) -> Path:
     """Trains one joint unigram sentencepiece model on both sides of ``pairs``; returns the .model path.
 
-    Joint so that source, target and output projection share one embedding (DESIGN.md section 2).
+    Joint so that source, target and output projection share one embedding (the output projection tied to the
+    embedding as in Vaswani et al. 2017, section 3.4).
     """
     sentences = [s for pair in pairs for s in pair]
     random.Random(seed).shuffle(sentences)

@@ -84,7 +84,7 @@ def test_float16_translates_close_to_float32(artifact, fp16):
 
 
 def test_a_float16_overflow_is_an_error_not_a_translation(fp16, tmp_path):
-    """DESIGN.md section 4: float16 must be checked for NaN/inf. Weights scaled past float16's range make the
+    """float16 output must be checked for NaN/inf (its largest value is 65504). Weights scaled past its range make the
     decoder overflow; the engine must raise NumericalError instead of decoding garbage."""
 
     from onnx import numpy_helper
