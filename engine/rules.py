@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-NEG_INF = -np.inf
+NEG_INF = -np.inf  # a banned token's log-prob: no search can pick it (nmt/model.py's MASK_BIAS is finite)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Same math as Hugging Face's MarianMTModel: post-norm residual blocks, token embe
 sinusoidal positions, one embedding matrix shared by source, target and the output projection.
 
 Masks: ``src_mask`` is bool [batch, src_len], True for a real token, False for padding. Attention turns masks into
-an additive bias (0 visible, ``NEG_INF`` hidden) so that padding never reaches a softmax's mass.
+an additive bias (0 visible, ``MASK_BIAS`` hidden) so that padding never reaches a softmax's mass.
 
 Incremental decoding (:meth:`Transformer.decode_step`) carries one self-attention key/value cache per decoder layer
 ([rows, n_heads, past_len, d_head]); the cross-attention keys/values are computed once from the encoder output
@@ -29,7 +29,7 @@ from nmt.config import ModelConfig
 
 # Large finite negative rather than -inf: a fully masked row (a pure-padding row) then gives a uniform softmax
 # instead of NaN.
-NEG_INF = -1e9
+MASK_BIAS = -1e9
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
@@ -52,13 +52,13 @@ def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
 
 def padding_bias(mask: Tensor) -> Tensor:
     """bool [batch, k_len] (True = attend) -> float32 additive bias [batch, 1, 1, k_len]."""
-    return torch.where(mask, 0.0, NEG_INF)[:, None, None, :]
+    return torch.where(mask, 0.0, MASK_BIAS)[:, None, None, :]
 
 
 def causal_bias(length: int, device: torch.device | None = None) -> Tensor:
     """Float32 [1, 1, length, length]: position t sees positions <= t only (paper section 3.2.3)."""
     hidden = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    return torch.where(hidden, NEG_INF, 0.0)[None, None]
+    return torch.where(hidden, MASK_BIAS, 0.0)[None, None]
 
 
 class MultiHeadAttention(nn.Module):
