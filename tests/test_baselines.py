@@ -103,3 +103,17 @@ def test_the_benchmark_makes_new_copies_of_a_re_exported_graph(artifact, tmp_pat
     manifest["files"][contract.DECODER_STEP_FILE] = "0" * 64  # what a re-export with another graph records
     (source / contract.MANIFEST).write_text(json.dumps(manifest))
     assert stale(copy, source)
+
+
+def test_a_benchmark_target_is_judged_on_the_unrounded_ratio():
+    """1479.8 / 1480.3 tokens/s (2026-12-07's float32 test beam-4 row) printed as 1.00 and was judged met."""
+    from loadtests.benchmark import targets
+
+    def row(system, tokens_per_s, model="bundled-en-de"):
+        return dict(model=model, workload="test", beam_size=4, system=system, tokens_per_s=tokens_per_s)
+
+    rows = [row("engine-fp32", 1479.8), row("ct2-fp32", 1480.3), row("engine-int8", 3000.0), row("ct2-int8", 2900.0)]
+    by_target = {c["target"]: c for c in targets(rows, None)}
+    fp32, int8 = by_target["engine fp32 / CTranslate2 fp32"], by_target["engine int8 / CTranslate2 int8"]
+    assert fp32["met"] is False and fp32["min"] == 1.0 and fp32["per_workload"][0]["exact"] < 1
+    assert int8["met"] is True and int8["min"] == 1.034
