@@ -260,6 +260,14 @@ def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels:
                 engine_process=engine_process, body_options=body_options or {}, levels=levels)
 
 
+def add_engine_argument(p: argparse.ArgumentParser) -> None:
+    """``--engine process|thread`` for the benchmarks that start the service: the replica's engine core in a child
+    process (AppArgs.engine_process; the default, as deploy/serve_config.yaml runs the CPU replica) or on a thread."""
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="the replica's engine core in a child process (AppArgs.engine_process, as the shipped "
+                        "deploy/serve_config.yaml runs it) or on a thread of the replica")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default="artifacts/en-de")
@@ -271,9 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-batch-rows", type=int, default=512)
     p.add_argument("--scheduling", choices=["continuous", "static"], default="continuous")
     p.add_argument("--beam-size", type=int, help="beam size per request (default: the model's)")
-    p.add_argument("--engine", choices=["process", "thread"], default="process",
-                   help="the replica's engine core in a child process (AppArgs.engine_process, as the shipped "
-                        "deploy/serve_config.yaml runs it) or on a thread of the replica")
+    add_engine_argument(p)
     p.add_argument("--json", help="write the list of levels here")
     args = p.parse_args(argv)
     result = run_http_benchmark(args.artifact, args.corpus, args.threads,

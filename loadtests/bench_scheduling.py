@@ -60,7 +60,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from loadtests.bench_http import _session, _stats, closed_loop, start_service
+from loadtests.bench_http import _session, _stats, add_engine_argument, closed_loop, start_service
 from nmt.data import read_pairs
 
 SCHEDULINGS = ("static", "continuous")
@@ -509,9 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds-long windows: runs, no figures
     p.add_argument("--schedulings", default=",".join(SCHEDULINGS), help="comma-separated, default both")
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--engine", choices=["process", "thread"], default="process",
-                   help="the replica's engine core in a child process (AppArgs.engine_process, as the shipped "
-                        "deploy/serve_config.yaml runs it) or on a thread of the replica")
+    add_engine_argument(p)
     args = p.parse_args(argv)
     d = SMOKE if args.smoke else QUICK if args.quick else FULL
     schedulings = [s.strip() for s in args.schedulings.split(",") if s.strip()]

@@ -46,6 +46,7 @@ from export.onnx_export import export_checkpoint
 from export.quantize import quantize_artifact
 from loadtests.base_model import make_base_checkpoint
 from loadtests.baselines.torch_eager import torch_translator
+from loadtests.bench_http import add_engine_argument
 from loadtests.flops import cuda_gemm_flops, flops_per_target_token, gemm_flops
 from nmt.config import ModelConfig
 from nmt.data import read_pairs
@@ -313,11 +314,12 @@ def targets(rows: list[dict], http: dict | None) -> list[dict]:
 
 
 def http_section(args) -> dict:
-    from loadtests.bench_http import run_http_benchmark  # local: starts Ray, only needed here
+    from loadtests.bench_http import run_http_benchmark  # local: pulls in Ray and the service, only needed here
 
     levels = [int(c) for c in args.clients.split(",")]
     result = run_http_benchmark(args.artifact, args.corpus, args.threads, levels, args.http_seconds, 0,
-                                on_level=lambda level: print(json.dumps(level), flush=True))
+                                on_level=lambda level: print(json.dumps(level), flush=True),
+                                engine_process=args.engine == "process")
     closed = [lv for lv in result["levels"] if lv["mode"] == "closed"]
     best = max(closed, key=lambda r: r["sentences_per_s"])
     # The service decodes with its defaults (beam 4, GNMT length penalty 0.6), one test line per request; compare
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-seconds", type=float, default=15.0, help="per concurrency level")
     p.add_argument("--skip-base", action="store_true", help="no Transformer-base model")
     p.add_argument("--skip-http", action="store_true")
+    add_engine_argument(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 100 test sentences, short HTTP levels")
     p.add_argument("--out", default="loadtests/results/benchmark")
     args = p.parse_args(argv)
