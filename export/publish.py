@@ -27,20 +27,19 @@ def publish(finished: str | Path, out: str | Path) -> None:
     finished, out = Path(finished), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    old = staging.with_name(staging.name.replace(".new-", ".old-", 1))  # unique as staging is
     try:
         shutil.copytree(finished, staging, dirs_exist_ok=True)
-        old = None
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
             os.rename(out, old)
         try:
             os.rename(staging, out)
         except OSError:
-            if old is not None:
+            if old.exists():
                 os.rename(old, out)
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old.parent)
+    if old.exists():
+        shutil.rmtree(old)
