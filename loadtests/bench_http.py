@@ -53,8 +53,9 @@ def _free_port() -> int:
 
 
 def start_service(artifact: str, threads: int, max_batch_rows: int = 512, scheduling: str = "continuous",
-                  device: str = "auto", **args) -> tuple[str, str, Callable[[], None]]:
-    """Starts a local Ray cluster and the service with one replica (``scheduling`` "continuous" or "static";
+                  device: str = "auto", replicas: int = 1, **args) -> tuple[str, str, Callable[[], None]]:
+    """Starts a local Ray cluster and the service with ``replicas`` replicas of 1 reserved CPU each
+    (``scheduling`` "continuous" or "static"; ``threads`` 0: one per reserved CPU, service.app.engine_threads;
     ``args``: more AppArgs); returns (base_url, metrics_url, shutdown)."""
     import ray
     from ray import serve
@@ -79,7 +80,7 @@ def start_service(artifact: str, threads: int, max_batch_rows: int = 512, schedu
                              scheduling=scheduling, max_queued_work=1 << 24), **args})
     # Every request of the replica in its engine at once; the proxy's queue holds the 128-client level.
     app = TranslatorDeployment.options(
-        num_replicas=1, max_ongoing_requests=256, max_queued_requests=1024,
+        num_replicas=replicas, max_ongoing_requests=256, max_queued_requests=1024,
         user_config={"max_batch_rows": max_batch_rows},
     ).bind(args.model_dump())
     try:
@@ -233,31 +234,35 @@ def open_loop(url: str, sentences: list[str], rate_per_s: float, seconds: float,
 def run_http_benchmark(artifact: str, corpus: str, threads: int, clients_levels: list[int], seconds: float,
                        open_rate: float = 0.0, *, max_batch_rows: int = 512, scheduling: str = "continuous",
                        body_options: dict | None = None, on_level: Callable[[dict], None] | None = None,
-                       engine_process: bool = False) -> dict:
+                       engine_process: bool = False, replicas: int = 1, intra_op_spinning: bool = False) -> dict:
     """Starts the service, runs the closed-loop sweep and one open-loop run, stops the service. ``open_rate`` in
     sentences/s; 0 = 70% of the best closed-loop sentences/s. ``on_level`` is called with each level's result;
-    ``engine_process``: the replica's engine core in a child process (AppArgs.engine_process)."""
+    ``engine_process``: the replica's engine core in a child process (AppArgs.engine_process); ``replicas`` and
+    ``intra_op_spinning`` (AppArgs) for the measurement of threads per replica (README.md, Deploy and scale)."""
     sentences = [en for en, _ in read_pairs(Path(corpus) / "test.tsv.gz")]
     base_url, metrics_url, shutdown = start_service(artifact, threads, max_batch_rows, scheduling,
-                                                  engine_process=engine_process)
+                                                  engine_process=engine_process, replicas=replicas,
+                                                  intra_op_spinning=intra_op_spinning)
     levels: list[dict] = []
+    setting = dict(threads=threads, replicas=replicas, intra_op_spinning=intra_op_spinning)
     try:
         for clients in clients_levels:
-            levels.append(dict(threads=threads, **closed_loop(base_url, sentences, clients, seconds, body_options,
-                                                              metrics_url=metrics_url)))
+            levels.append(dict(setting, **closed_loop(base_url, sentences, clients, seconds, body_options,
+                                                      metrics_url=metrics_url)))
             if on_level:
                 on_level(levels[-1])
         best = max((lv["sentences_per_s"] for lv in levels), default=0.0)
         rate = open_rate or round(0.7 * best, 2)
         if rate > 0:
-            levels.append(dict(threads=threads, **open_loop(base_url, sentences, rate, seconds, body_options,
-                                                            metrics_url=metrics_url)))
+            levels.append(dict(setting, **open_loop(base_url, sentences, rate, seconds, body_options,
+                                                    metrics_url=metrics_url)))
             if on_level:
                 on_level(levels[-1])
     finally:
         shutdown()
     return dict(artifact=artifact, threads=threads, max_batch_rows=max_batch_rows, scheduling=scheduling,
-                engine_process=engine_process, body_options=body_options or {}, levels=levels)
+                engine_process=engine_process, replicas=replicas, intra_op_spinning=intra_op_spinning,
+                body_options=body_options or {}, levels=levels)
 
 
 def add_engine_argument(p: argparse.ArgumentParser) -> None:
@@ -272,7 +277,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default="artifacts/en-de")
     p.add_argument("--corpus", default="../shared/corpus")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the replica")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of each replica's engine "
+                   "(0: one per CPU the replica reserves, 1)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas behind the ingress, 1 reserved CPU each")
+    p.add_argument("--intra-op-spinning", action="store_true", help="the engine's threads busy-wait between kernels "
+                   "(ONNX Runtime's default; the service's is off)")
     p.add_argument("--clients", default="1,4,16,64,128", help="closed-loop concurrency levels, comma-separated")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--open-rate", type=float, default=0.0, help="open-loop sentences/s; 0 = 70%% of the best closed")
@@ -287,7 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 max_batch_rows=args.max_batch_rows, scheduling=args.scheduling,
                                 body_options={"beam_size": args.beam_size} if args.beam_size else None,
                                 on_level=lambda level: print(json.dumps(level), flush=True),
-                                engine_process=args.engine == "process")
+                                engine_process=args.engine == "process", replicas=args.replicas,
+                                intra_op_spinning=args.intra_op_spinning)
     if args.json:
         Path(args.json).write_text(json.dumps(result["levels"], indent=1) + "\n")
     return result["levels"]

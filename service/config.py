@@ -22,7 +22,11 @@ class AppArgs(BaseModel):
     models: dict[str, str] = Field(default_factory=dict, description="more models served side by side: id -> "
                                                                      "artifact folder")
     device: str = "auto"
-    intra_op_threads: int = Field(0, ge=0)
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each engine; 0: as many as "
+                                  "the CPUs Ray reserves for the replica (ray_actor_options.num_cpus), at least 1 "
+                                  "(service.app.engine_threads)")
+    intra_op_spinning: bool = Field(False, description="those threads busy-wait between kernels (EngineConfig."
+                                    "intra_op_spinning): off, since a replica shares its cores")
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="continuous: sentences join a running decode between steps; static: a batch "
                                   "decodes to completion before the next forms (kept to measure against)")

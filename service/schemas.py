@@ -169,6 +169,8 @@ class Health(BaseModel):
     max_src_tokens: int
     max_texts_per_request: int
     max_chars_per_text: int
+    intra_op_threads: int = Field(description="ONNX Runtime intra-op threads of each engine (0: ONNX Runtime's "
+                                  "choice, every physical core)")
     replica: str = Field(description="Serve replica id that answered")
     node_id: str = Field(description="Ray node the replica runs on")
     pid: int = Field(description="process id of the replica")

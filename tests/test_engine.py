@@ -121,6 +121,33 @@ def test_max_batches_reaches_the_core_from_the_config_and_the_service_args(artif
         AppArgs(max_batches=0)
 
 
+def test_intra_op_threads_spin_only_when_asked(artifact):
+    """ONNX Runtime's intra-op threads busy-wait between kernels by default; the engine's sessions (decoder step,
+    encoder, top-k) turn that off unless EngineConfig.intra_op_spinning asks for it (a replica shares its cores)."""
+    from engine.runtime import EngineConfig
+    from engine.translator import Translator
+
+    key = "session.intra_op.allow_spinning"
+    quiet = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=2)).model
+    spinning = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=2, intra_op_spinning=True)).model
+    for session in (quiet.decoder, quiet.encoder, quiet.top_k.session):
+        options = session.get_session_options()
+        assert options.get_session_config_entry(key) == "0" and options.intra_op_num_threads == 2
+    assert spinning.decoder.get_session_options().get_session_config_entry(key) == "1"
+
+
+def test_a_replica_takes_as_many_threads_as_ray_reserved_cpus():
+    """service.app.engine_threads: intra_op_threads 0 in the service means the replica's reserved CPUs (at least
+    1), not ONNX Runtime's every physical core of the host; a count given is kept; no reservation, ONNX Runtime's
+    choice."""
+    from service.app import engine_threads
+
+    assert engine_threads(0, {"CPU": 2.0}) == 2
+    assert engine_threads(0, {"CPU": 0.5, "memory": 1e9}) == 1
+    assert engine_threads(3, {"CPU": 1.0}) == 3
+    assert engine_threads(0, {}) == 0
+
+
 def test_empty_and_whitespace_input_translate_to_empty_without_decoding(translator):
     stats = CoreStats()
     out = translator.translate(["", "   \n\t", "\u200b\u200b\ufeff "], DecodingOptions(), stats=stats)

@@ -82,6 +82,9 @@ def test_health_reports_model_and_provider(service):
     r = requests.get(service["url"] + "/health", timeout=10)
     assert r.status_code == 200
     assert r.json()["provider"] == "CPUExecutionProvider" and r.json()["model"] == "en-de"
+    # intra_op_threads 0 (the default): one thread per CPU Serve reserves for the replica (1 by default), not
+    # ONNX Runtime's every core of the host.
+    assert r.json()["intra_op_threads"] == 1
 
 
 def test_the_service_port_belongs_to_the_configured_ingress(service):
