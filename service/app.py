@@ -163,8 +163,8 @@ def engine_threads(requested: int, assigned: dict[str, float]) -> int:
     from ray_actor_options.num_cpus), rounded down, at least 1; 0 (ONNX Runtime's choice) where Ray reserved none.
 
     ONNX Runtime's own choice is every physical core of the host for every replica, so replicas that share a host
-    oversubscribe it: two replicas of 2 threads each on 2 cores served 98.6 sentences/s at 64 clients where two of
-    1 thread served 112.7 (README.md, Performance)."""
+    oversubscribe it: two replicas of 2 threads each on 2 cores served 70.1 sentences/s at 16 clients where two of
+    1 thread served 85.5 (README.md, Deploy and scale)."""
     if requested > 0:
         return requested
     cpus = assigned.get("CPU", 0.0)
@@ -211,8 +211,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                 model.warmup_seconds = engine.model.warmup_seconds + time.perf_counter() - started
             model.report_load_times()
             model.engine = engine or AsyncEngine(translator.new_core(), model_id, StepMetrics(metrics))
-            log.info("model %s loaded from %s on %s, %s scheduling, %s intra-op threads", model_id, folder,
-                     model.translator.provider, self.args.scheduling, self.threads or "all cores'")
+            log.info("model %s loaded from %s on %s, %s scheduling, intra-op threads: %s", model_id, folder,
+                     model.translator.provider, self.args.scheduling, self.threads or "every core")
             self.models[model_id] = model
         self.default = self.models[self.args.model_id]
         self._configured = False  # set by the first valid reconfigure
