@@ -48,14 +48,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", default="../shared/corpus")
     p.add_argument("--limit", type=int, default=200, help="test sentences to translate")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--intra-op-spinning", action="store_true", help="those threads busy-wait between kernels "
+                   "(ONNX Runtime's default; EngineConfig's is off)")
     p.add_argument("--repeats", type=int, default=3, help="best of N runs")
     p.add_argument("--policy", default="refill", choices=POLICIES, help="the engine core's scheduling")
     args = p.parse_args(argv)
     sources = [en for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")][: args.limit]
-    translator = Translator(args.artifact, EngineConfig(intra_op_threads=args.threads))
+    translator = Translator(args.artifact, EngineConfig(intra_op_threads=args.threads,
+                                                        intra_op_spinning=args.intra_op_spinning))
     for beam_size in (1, 4):
         result = run(translator, sources, DecodingOptions(beam_size=beam_size), args.repeats, args.policy)
-        print(json.dumps(dict(provider=translator.provider, threads=args.threads, **result)))
+        print(json.dumps(dict(provider=translator.provider, threads=args.threads,
+                              intra_op_spinning=args.intra_op_spinning, **result)))
 
 
 if __name__ == "__main__":
