@@ -20,10 +20,10 @@ positions its sentence has cached (``_relayout``). Buffers grow and shrink by do
 batch's buffers serve the next new one. Before this (2026-12-04), every join copied the whole cache into a bigger
 one and every reorder gathered every row at the oldest row's capacity: with 64 one-sentence clients at beam 4,
 engine alone, one continuous batch spent 3.2 of 9.9 s in those copies and ran at 0.83x static's sentences/s; now
-0.65 of 7.0 s, 1.07-1.11x static (README.md, Continuous batching). Ops that cannot write in place (OrtValueOps: the
-cache on a device) copy into exact-size buffers, as before. Cross-attention K/V are kept once per sentence (not per
-beam: format 4), padded to the batch's longest source, with the source mask; beams that reorder leave them as they
-are.
+0.65 of 7.0 s, 1.07-1.11x static (docs/performance.md, Continuous batching). Ops that cannot write in place
+(OrtValueOps: the cache on a device) copy into exact-size buffers, as before. Cross-attention K/V are kept once per
+sentence (not per beam: format 4), padded to the batch's longest source, with the source mask; beams that reorder
+leave them as they are.
 
 Scheduling policy, decided at the start of every step:
 1. Aborted sentences leave before the step computes them; their results are reported as aborted.
@@ -76,8 +76,8 @@ Scheduling policy, decided at the start of every step:
    their expensive ones instead of waiting on every one of them (a 1-sentence request beside three beam-16
    sentences 40 steps into 200, engine alone: 0.10-0.32 s in their batch, 0.05-0.14 s in its own). The price: a
    batch draining its last few rows gets an equal share too, and steps of few rows use the processor less well
-   (README.md, Continuous batching, gives both sides measured). Each sentence's strategy reads its rows' scores
-   and picks its next tokens. A sentence whose scores hold NaN, or whose strategy raises, fails alone; the others
+   (docs/performance.md, Continuous batching, gives both sides measured). Each sentence's strategy reads its rows'
+   scores and picks its next tokens. A sentence whose scores hold NaN, or whose strategy raises, fails alone; the others
    go on.
 """
 

@@ -6,7 +6,7 @@ heap, so pages freed below a block still in use stay in the process's RSS, and t
 climbs with the mix of sizes it has seen: the engine process under the soak's mixed load (4 clients, 1-8
 sentences, greedy or beam 4) went from a median of 198 to 237 MiB over 20 minutes (a run beside other work), and
 malloc_trim(0) took an idle one from 185.6 to 140.8 MiB, below its RSS before the load (153.6): memory held, not
-memory in use (README.md, Continuous batching). malloc_trim(0) releases every free page of every arena
+memory in use (docs/performance.md, Continuous batching). malloc_trim(0) releases every free page of every arena
 (glibc >= 2.8); elsewhere (musl, macOS) there is nothing to call and this does nothing.
 """
 

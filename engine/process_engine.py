@@ -2,8 +2,8 @@
 
 Why a process: with the step loop on a thread, a replica's request handling (HTTP, validation, splitting, JSON) and
 the loop's host work (the search, numpy, the graphs' bindings) share one GIL, so neither runs while the other holds
-it, and a thread waiting for the GIL waits up to the switch interval (README.md, Continuous batching, "What limits
-the goals not met"). vLLM's V1 engine runs its core in a separate process for the same reason.
+it, and a thread waiting for the GIL waits up to the switch interval (docs/performance.md, Continuous batching,
+"What limits the goals not met"). vLLM's V1 engine runs its core in a separate process for the same reason.
 
 The parent keeps what admission reads at once (queued_work, interactive_work, work_per_s) and one asyncio future per
 sentence; a reader thread resolves them from the child's step reports. The child builds its core from a picklable

@@ -52,7 +52,7 @@ class EngineConfig:
             Runtime I/O binding; beam reorder on the device, engine/state_ops.py); only the top-k scores and the
             attention come to the host. False: the state is numpy arrays, which the step writes in place (bound by
             pointer) and numpy reorders. None (default): on with CUDA, off on the CPU, where it measured slower
-            (ONNX Runtime's Gather costs more than numpy's take; README.md, Performance).
+            (ONNX Runtime's Gather costs more than numpy's take; docs/performance.md).
 
     Raises:
         ValueError: an unknown device or a negative count.
@@ -304,7 +304,7 @@ class OnnxModel:
         OrtValue cache: a fresh binding each step, which holds what it binds). A batch keeps its cache buffers
         between steps, so its steps bind only what is new (the per-step inputs, log_probs, attention); rebinding
         the 12 caches and 6 cross K/V of the bundled model each step cost about 50 us of a 0.8 ms one-row int8 step
-        (README.md, Performance). Kept per thread (an IOBinding is not thread-safe), keyed by the first cache's
+        (docs/performance.md). Kept per thread (an IOBinding is not thread-safe), keyed by the first cache's
         address, the last KEPT_BINDINGS used; what a binding was given is compared by address, shape and dtype on
         every use, so a key that meets another batch's buffers only rebinds."""
         first = self_k[0] if self_k else None

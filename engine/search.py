@@ -185,7 +185,7 @@ class GreedySearch(SentenceSearch):
         with ``row`` the search's row of log_probs float32 [rows, vocab] (the searches' rows are distinct, in any
         order; edited in place: eos before min_length, and the bans of a row whose best token is banned). Returns
         {key: (token, its log-prob)}, what :meth:`advance` would pick from the row (the first of equal maxima, as
-        argmax), without its rules pass over the row (host time per step: README.md, Performance,
+        argmax), without its rules pass over the row (host time per step: docs/performance.md,
         loadtests/bench_host_step.py)."""
         out = {}
         for key, search, step, row in searches:

@@ -37,7 +37,7 @@ def normalize(text: str) -> str:
 # pysbd compiles its patterns through the re module's cache (512 entries in CPython 3.11), and builds many of them
 # from the text itself (the abbreviations and quotes it finds), so on a long text those evict its fixed patterns,
 # which it then compiles again window after window: with room for REGEX_CACHE a 300-sentence text of the test split
-# is split in 54 ms instead of 93 ms here (README, Continuous batching). re._MAXCACHE is private, but every
+# is split in 54 ms instead of 93 ms here (docs/performance.md, Continuous batching). re._MAXCACHE is private, but every
 # CPython since 3.7 reads it at each call; where it is missing this does nothing.
 REGEX_CACHE = 2048
 if 0 < getattr(re, "_MAXCACHE", 0) < REGEX_CACHE:

@@ -8,7 +8,7 @@ Each client sends one text of 60 sentences (six test-like sentences in turn, the
 moment as the others, and sends it again after Retry-After for as long as it gets 503. Printed (one JSON object):
 status counts, each status's client-side seconds (first try to answer: min / p50 / max), tries in all, answers
 holding an English source sentence untranslated, /health's slowest answer meanwhile. The break-it run that this
-reproduces (2026-12-06, 200 clients) ended 126 of 200 in 504; README.md, Continuous batching, has the figures
+reproduces (2026-12-06, 200 clients) ended 126 of 200 in 504; docs/performance.md, Continuous batching, has the figures
 before and after deadline-ordered joins and deadline-aware admission.
 """
 

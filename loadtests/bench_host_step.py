@@ -8,7 +8,7 @@ limit) over a real-sized cache (3 layers, 4 heads, d_head 64), and its top-k as 
 and 40 sentences of greedy and beam-4 search (static policy, one batch), prints microseconds of host time per
 decoder step, best of 3 runs; with ``--compare-per-sentence``, also with the greedy choice made sentence by
 sentence (what GreedySearch.batch_choose replaced). A real step of the bundled model at 40 rows takes 3-7 ms in
-its graphs (README.md, Performance).
+its graphs (docs/performance.md).
 """
 
 from __future__ import annotations

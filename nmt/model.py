@@ -120,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         *project_kv(x), bias) with every projection 2-D, so that ONNX Runtime runs each as one Gemm with its bias.
         q, k and v are three GEMMs, each output transposed into heads once: one packed [d_model, 3 d_model] GEMM
         needed a Split (or Slice and Squeeze) copy of its output on top, 9% of the int8 encoder graph (the encoder
-        over the 500 test sentences: int8 -9%, float32 -5%, README Performance). bias broadcastable to [batch,
+        over the 500 test sentences: int8 -9%, float32 -5%, docs/performance.md). bias broadcastable to [batch,
         n_heads, length, length]. Returns [batch * length, d_model]; inference only (no dropout)."""
         q, k, v = (self._rows_heads(p(x), batch, length) for p in (self.q_proj, self.k_proj, self.v_proj))
         weights = torch.softmax((q * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
