@@ -137,6 +137,8 @@ def _export(module, args: tuple, names_in, names_out, path: Path, n_named_args: 
     wants dynamic_shapes in that structure.
     """
     dims: dict[str, torch.export.Dim] = {}
+    # max bounds only torch.export's reasoning while it traces; the ONNX graph's axes are named and unbounded
+    # (dim_param), so neither max_positions nor a batch's rows are limited by it at run time.
     shapes = [{axis: dims.setdefault(dim, torch.export.Dim(dim, min=0, max=4096))
                for axis, dim in contract.dynamic_axes(name).items()} or None for name in names_in]
     dynamic_shapes = tuple(shapes[:n_named_args])

@@ -219,6 +219,8 @@ def _(qkv, past_k, past_v, positions, n_heads):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
+# One function per name that nmt/config.py accepts (config.ACTIVATIONS, kept torch-free for the engine); a test
+# checks that the two name the same activations.
 _ACTIVATIONS = {"relu": torch.relu, "swish": nn.functional.silu, "gelu": nn.functional.gelu}
 
 

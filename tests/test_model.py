@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nmt.config import ModelConfig
+from nmt import model as nmt_model
+from nmt.config import ACTIVATIONS, ModelConfig
 from nmt.model import Transformer, sinusoidal_positions
 
 from conftest import SENTENCES
@@ -181,3 +182,17 @@ def test_output_projection_is_tied_to_embeddings():
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_the_config_accepts_builds_a_model(activation):
+    # config.ACTIVATIONS (names, torch-free) and the model's functions are two tables: a name added to one only
+    # would pass the config's check and fail at model build (or the reverse: a function no config can choose).
+    assert set(nmt_model._ACTIVATIONS) == set(ACTIVATIONS)
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                      activation=activation)
+    model = Transformer(cfg).eval()
+    src = torch.randint(4, 50, (2, 5))
+    with torch.no_grad():
+        out = model(src, src != 0, torch.randint(4, 50, (2, 3)))
+    assert torch.isfinite(out).all()
