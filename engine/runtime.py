@@ -32,13 +32,12 @@ class EngineConfig:
         intra_op_threads: ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (all physical cores).
         intra_op_spinning: whether those threads busy-wait for work between kernels (ONNX Runtime's
             ``session.intra_op.allow_spinning``, on in ONNX Runtime by default). Off by default: a replica shares
-            its cores with request handling and with other replicas, and spinning threads take the CPU those need.
-            Over HTTP on 2 cores (README.md, Deploy and scale), a replica of 2 threads served 33.8 sentences/s at
-            64 clients with spinning and 84.1 without. It matters only with more than one thread.
+            its cores with request handling and with other replicas, and spinning threads take the CPU those need
+            (measured over HTTP: README.md, Deploy and scale). It matters only with more than one thread.
         max_batch_tokens: upper bound on the padded source tokens of the sentences decoding together (sentences x
             longest source; engine/core.py). Bounds peak memory however many requests are queued. On the CPU
-            smaller batches also run faster, their KV cache staying in the processor's caches (README.md,
-            Performance, has the measurement); GPUs want large ones (32768).
+            smaller batches also run faster, their KV cache staying in the processor's caches
+            (docs/performance.md has the measurement); GPUs want large ones (32768).
         max_batch_rows: upper bound on decoder rows per step (sentences x beams, a sentence counted at its
             beam_size).
         scheduling: "continuous" (sentences join a running decode between steps), "static" (a batch decodes to
