@@ -158,7 +158,7 @@ class Translator:
         whose time is that of its last sentence, so the continuous policy's latency goals buy it nothing, and its
         early joins cost throughput (joiners longer than the running sentences widen every step, and two batches
         halve the rows of a step); "refill" decodes the list in static batches whose last few sentences decode in
-        the next batch's steps instead of in steps of 1-4 rows of their own (docs/performance.md, has the
+        the next batch's steps instead of in steps of 1-4 rows of their own (docs/performance.md has the
         measurements of each). The service decodes with the config's policy (:meth:`new_core`).
         ``is_cancelled(i)`` (i indexes ``src``) is polled every step; a cancelled sentence leaves and returns [].
         ``target_prefixes[i]``: target token ids forced at the start of sentence i's output (kept in the output).

@@ -163,8 +163,7 @@ def engine_threads(requested: int, assigned: dict[str, float]) -> int:
     from ray_actor_options.num_cpus), rounded down, at least 1; 0 (ONNX Runtime's choice) where Ray reserved none.
 
     ONNX Runtime's own choice is every physical core of the host for every replica, so replicas that share a host
-    oversubscribe it: two replicas of 2 threads each on 2 cores served 70.1 sentences/s at 16 clients where two of
-    1 thread served 85.5 (README.md, Deploy and scale)."""
+    oversubscribe it (measured over HTTP: README.md, Deploy and scale)."""
     if requested > 0:
         return requested
     cpus = assigned.get("CPU", 0.0)
