@@ -648,17 +648,22 @@ class EngineCore:
                 pending.append(i)
         dst = src = np.zeros(0, dtype=np.int64)
         length: list[int] = []
+        start: list[int] = []
         if pending:
             free = [r for r in range(n) if r not in occupied]  # as many as beams without a row
-            for i, r in zip(pending, free):
-                rows[i] = r
-            dst, src = np.asarray(free, dtype=np.int64), np.asarray([every[i] for i in pending], dtype=np.int64)
             step_of = [s.step for s, p in zip(keep, parents) for _ in range(len(p))]
             length = [step_of[i] for i in pending]  # each moved row's own cached positions
+            start = self._into_siblings(keep, parents, every, pending, free, rows)
+            rest = iter(free)  # the free rows no sibling took
+            for i in pending:
+                if rows[i] < 0:
+                    rows[i] = next(rest)
+            dst, src = (np.asarray([rows[i] for i in pending], dtype=np.int64),
+                        np.asarray([every[i] for i in pending], dtype=np.int64))
         shape = self.ops.shape(batch.self_[0])
         if self.ops.in_place and shape[0] < n:  # beams widened past the spare rows
             batch.self_ = self._resize_cache(batch, batch.rows, self._fit(n, shape[0]), shape[2])
-        batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n)
+        batch.self_ = self.ops.move_rows(batch.self_, dst, src, length, n, start=start)
         batch.rows = n
         batch.peak_rows = max(batch.peak_rows, n)
         start = 0
@@ -699,6 +704,37 @@ class EngineCore:
         rows_fit, capacity = self._fit(n, shape[0]), self._positions(batch.width, shape[2])
         if (rows_fit, capacity) != (shape[0], shape[2]) and (self.ops.in_place or capacity < shape[2]):
             batch.self_ = self._resize_cache(batch, n, rows_fit, capacity)
+
+    @staticmethod
+    def _into_siblings(keep: list[_Sentence], parents: list[np.ndarray], every: list[int], pending: list[int],
+                       free: list[int], rows: list[int]) -> list[int]:
+        """For _relayout: gives each moved beam (``pending``, ascending indices into ``every``, the parent row of
+        each new row), where it can, the row of a beam of its own sentence that ended at this step, taken from ``free`` and
+        written into ``rows``; returns per moved beam the first cache position its copy needs (0 for the others,
+        which take the free rows left, in order).
+
+        The two rows' caches already agree on every position of their common token prefix (a key/value depends
+        only on the tokens up to its position, and a beam's cache is its ancestors', copied), so only the positions
+        after it are copied: a fifth of the positions of the moves on the test split at beam 4 (docs/performance.md,
+        "Beams that reuse a sibling's row")."""
+        start = [0] * len(pending)
+        free_rows = set(free)
+        j, end = 0, 0  # pending[j]: the next moved beam; end: past the current sentence's new beams
+        for sentence, p in zip(keep, parents):
+            end += len(p)
+            if j == len(pending) or pending[j] >= end:
+                continue
+            alike = getattr(sentence.search, "cached_alike", None)
+            old = sentence.rows.tolist() if alike is not None else []
+            ended = [b for b, r in enumerate(old) if r in free_rows]  # its beams no new beam continues, in rows < n
+            while j < len(pending) and pending[j] < end:
+                if ended:  # the first such sibling: on the test split the best one would copy 1% fewer positions
+                    i, b = pending[j], ended.pop(0)
+                    rows[i], start[j] = old[b], min(alike(old.index(every[i]), b), sentence.step)
+                    free_rows.discard(old[b])
+                j += 1
+        free[:] = [r for r in free if r in free_rows]
+        return start
 
     # ---- one decoder step --------------------------------------------------------------------------------------
 

@@ -248,6 +248,7 @@ class BeamSearch(SentenceSearch):
         self.top_k = top_k_for(rules, 2 * beam_size)
         # The live beams' tokens, scores and attention; one live beam (bos) to start.
         self.live_tokens: list[list[int]] = [[]]
+        self._advanced_from = self.live_tokens  # the rows' tokens before the last advance (cached_alike)
         self.live_scores = np.zeros(1, dtype=np.float32)
         self.live_attention: list[list[np.ndarray]] = [[]]
         self.finished: list[Hypothesis] = []
@@ -319,7 +320,20 @@ class BeamSearch(SentenceSearch):
                 out[key] = (cand[j], flats[j], top.vocab)
         return out
 
+    def cached_alike(self, a: int, b: int) -> int:
+        """How many leading cache positions its rows ``a`` and ``b`` (beam indices at the step last advanced) hold
+        alike: bos and the tokens of their common prefix. A key/value depends only on the tokens up to its position,
+        and beams that share a prefix were one row until it ended (their caches are copies of it), so these positions
+        are equal bit for bit (the engine core copies only the others when a beam takes a sibling's row)."""
+        shared = 0
+        for x, y in zip(self._advanced_from[a], self._advanced_from[b]):
+            if x != y:
+                break
+            shared += 1
+        return shared + 1
+
     def advance(self, step, log_probs, top, attention, candidates=None):
+        self._advanced_from = self.live_tokens  # each row's tokens, for cached_alike (advance makes new lists)
         cand_scores, flats, vocab = candidates or self._candidates(step, log_probs, top)
         self.steps_done = step + 1
         new_tokens, new_scores, parents, new_attention = [], [], [], []

@@ -10,7 +10,7 @@ host (CTranslate2 and FasterTransformer keep the cache on the device for the sam
 Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
 rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity, unread_tail=False,
 cached=None, unread_rows=False)`` (a bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src,
-length, rows)`` (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs, start,
+length, rows, start)`` (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs, start,
 ys)`` (joining sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for tools
 and tests that read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and positions, a
 move copies only the moved rows' first ``length`` positions, and nothing else is copied. OrtValueOps cannot write
@@ -91,15 +91,18 @@ class NumpyOps:
 
     @staticmethod
     def move_rows(xs: list[np.ndarray], dst: np.ndarray, src: np.ndarray, length,
-                  rows: int | None = None) -> list[np.ndarray]:
+                  rows: int | None = None, start: list[int] | None = None) -> list[np.ndarray]:
         """In place, per tensor: rows ``dst`` (int64 [k]) get the first ``length`` positions of rows ``src``, all
         read before any is written (so a row may be both); ``length`` is one count for every move or a list of k,
         one per move (a row's own cached positions: a batch's rows differ in age when sentences joined it at
-        different steps). ``rows`` (the rows in use after) is not needed here. Returns ``xs``."""
+        different steps). ``start``: per move, how many leading positions the destination already holds equal
+        (a sibling beam's row, engine/core.py), left as they are when no row is both read and written; None: 0.
+        ``rows`` (the rows in use after) is not needed here. Returns ``xs``."""
         if not len(dst):
             return xs
         to, of = dst.tolist(), src.tolist()
         lengths = [int(length)] * len(to) if np.ndim(length) == 0 else [int(n) for n in length]
+        starts = start if start else [0] * len(to)
         # Rows that are not both read and written are copied one by one, each its own length: a fancy-index read
         # first copies every moved row into a temporary (40 rows, 15 moved, 24 positions, 6 tensors: 271 -> 238
         # us; 160 rows, 60 moved: 1.87 -> 1.14 ms). The core's moves are such (beams into rows no parent keeps,
@@ -109,9 +112,9 @@ class NumpyOps:
             n, h, c, d = x.shape
             flat = x.reshape(n, h, c * d)  # each (row, head) block's first length * d values are contiguous
             if one_by_one:
-                for a, b, m in zip(to, of, lengths):
+                for a, b, m, first in zip(to, of, lengths, starts):
                     width = min(m, c) * d
-                    flat[a, :, :width] = flat[b, :, :width]
+                    flat[a, :, first * d:width] = flat[b, :, first * d:width]
             else:
                 width = min(max(lengths), c) * d
                 flat[dst, :, :width] = flat[src, :, :width]
@@ -254,9 +257,9 @@ class OrtValueOps:
         return self.concat_rows(kept, [self.empty(xs[0], rows - used, 0)] * len(xs), capacity)
 
     def move_rows(self, xs: list[ort.OrtValue], dst: np.ndarray, src: np.ndarray, length: int,
-                  rows: int) -> list[ort.OrtValue]:
+                  rows: int, start: list[int] | None = None) -> list[ort.OrtValue]:
         """As :meth:`NumpyOps.move_rows`, into new buffers of exactly ``rows`` rows (row r < rows is old row r
-        unless moved; every position is copied): one Gather on the device."""
+        unless moved; every position is copied, so ``start`` is accepted and ignored): one Gather on the device."""
         if not len(dst) and self.shape(xs[0])[0] == rows:
             return xs
         index = np.arange(rows, dtype=np.int64)

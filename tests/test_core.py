@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from engine.core import SMALL_REQUEST, EngineCore, _Batch, _Sentence
 from engine.errors import NumericalError
 from engine.options import DecodingOptions
+from engine.search import BeamSearch
 from engine.state_ops import NumpyOps
 
 from conftest import SENTENCES, NaNAfterToken
@@ -372,7 +373,7 @@ class CountingOps(NumpyOps):
     """NumpyOps that records what it copies: (call, rows) per resize / move_rows / write_rows."""
 
     def __init__(self) -> None:
-        self.calls = []
+        self.calls, self.starts = [], []  # starts: per move_rows call, each move's first copied position
 
     def resize(self, xs, used, rows, capacity, unread_tail=False, cached=None, unread_rows=False):
         out = NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached, unread_rows)
@@ -380,10 +381,11 @@ class CountingOps(NumpyOps):
             self.calls.append(("resize", used))
         return out
 
-    def move_rows(self, xs, dst, src, length, rows=None):
+    def move_rows(self, xs, dst, src, length, rows=None, start=None):
         if len(dst):
             self.calls.append(("move_rows", len(dst)))
-        return NumpyOps.move_rows(xs, dst, src, length, rows)
+            self.starts.append(list(start or [0] * len(dst)))
+        return NumpyOps.move_rows(xs, dst, src, length, rows, start)
 
     def write_rows(self, xs, start, ys):
         self.calls.append(("write_rows", ys[0].shape[0]))
@@ -419,6 +421,30 @@ def test_relayout_copies_only_beams_without_their_parents_row_and_rows_past_the_
     # Copied: a's second beam of parent 4 and the rows at 4 (a's first beam) and 5 (c) past the new count of 4.
     assert ops.calls == [("move_rows", 3), ("move_rows", 1)]  # self rows, then the cross slot of c into b's
     assert batch.live == [a, c] and batch.cross[0][1, 0, 0, 0] == 2  # c's cross K/V moved into slot 1
+
+
+def test_a_beam_that_takes_a_sibling_row_copies_only_what_their_prefixes_do_not_share():
+    """_relayout: a beam whose parent's row is taken goes into the row of a beam of its own sentence that ended, and
+    only the positions past the two beams' common token prefix are copied (the rest are equal already)."""
+    ops = CountingOps()
+    core = EngineCore(_Model(ops), bos_id=2, eos_id=3, pad_id=0, max_positions=64)
+    search = BeamSearch(limit=20, bos_id=2, eos_id=3, beam_size=3, length_penalty=0.0)
+    # The three beams at the step just advanced (rows 0, 1, 2): bos 5 6 7, bos 5 6 8, bos 5 9 9. Now 4 positions
+    # are cached; a position holds the value of the tokens up to it, so beams 0 and 1 agree on positions 0-2.
+    search._advanced_from = [[5, 6, 7], [5, 6, 8], [5, 9, 9]]
+    buffer = np.zeros((4, 1, 8, 1), dtype=np.float32)
+    for row, tokens in enumerate(search._advanced_from):
+        buffer[row, 0, :4, 0] = [hash(tuple([2] + tokens[:p])) % 1000 for p in range(4)]
+    sentence = _Sentence(0, None, [5, 3], search, False, step=4, rows=np.asarray([0, 1, 2]))
+    batch = _Batch(live=[sentence], self_=[buffer], cross=[np.zeros((1, 1, 2, 1), np.float32)], rows=3,
+                   src_mask=np.ones((1, 2), dtype=bool))
+    want = buffer[0, 0, :4, 0].copy()
+    # The new beams continue beam 0 twice and beam 2 once; beam 1 ended.
+    core._relayout(batch, [sentence], [np.asarray([0, 0, 2])])
+    assert sentence.rows.tolist() == [0, 1, 2]  # the second child of beam 0 took the row of beam 1, its sibling
+    assert ops.calls == [("move_rows", 1)] and ops.starts == [[3]]  # positions 3.. only
+    np.testing.assert_array_equal(buffer[1, 0, :4, 0], want)
+    assert search.cached_alike(0, 2) == 2 and search.cached_alike(0, 0) == 4
 
 
 def test_a_join_copies_nothing_of_the_running_rows(translator):

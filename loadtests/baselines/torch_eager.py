@@ -38,7 +38,7 @@ class TorchOps:
 
     @staticmethod
     def move_rows(xs: list[torch.Tensor], dst: np.ndarray, src: np.ndarray, length: int,
-                  rows: int) -> list[torch.Tensor]:
+                  rows: int, start: list[int] | None = None) -> list[torch.Tensor]:
         if not len(dst) and xs[0].shape[0] == rows:
             return xs
         index = np.arange(rows, dtype=np.int64)
