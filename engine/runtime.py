@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -262,9 +263,12 @@ class OnnxModel:
         # Per slot, as the softmax left it: few steps have a sentence that reads it (RowAttention). On the CPU into
         # an array of ours (get_outputs() costs more); on a device it stays there unless read.
         if self.device_type == "cpu":
-            n_heads = self.ops.shape(cross_k[0])[1]
-            attention = np.empty((slot_rows.shape[0], n_heads, slot_rows.shape[1], src_mask.shape[1]), np.float32)
-            binding.bind_output("attention", "cpu", 0, np.float32, attention.shape, attention.ctypes.data)
+            shape = (slot_rows.shape[0], self.ops.shape(cross_k[0])[1], slot_rows.shape[1], src_mask.shape[1])
+            if kept is not None:
+                attention = kept.output("attention", shape)
+            else:
+                attention = np.empty(shape, np.float32)
+                binding.bind_output("attention", "cpu", 0, np.float32, shape, attention.ctypes.data)
         else:
             binding.bind_output("attention", self.device_type)
         # Past and present are one buffer: GroupQueryAttention then writes one position per row instead of
@@ -330,16 +334,30 @@ class _KeptBinding:
     C-contiguous: the caller keeps them alive through the run); binding again what it already holds is skipped."""
 
     def __init__(self, binding: ort.IOBinding) -> None:
-        self.binding, self._held = binding, {}
+        self.binding, self._held, self._last = binding, {}, {}
 
     def bind(self, name: str, array: np.ndarray, output: str | None = None) -> None:
         """``array`` as input ``name`` and, when ``output`` is given, as that output too (written in place)."""
+        last = self._last.get(name)
+        if last is not None and last() is array:  # the very array of the last step (EngineCore._views)
+            return
         held = (array.ctypes.data, array.shape, array.dtype)
         if self._held.get(name) != held:
             self.binding.bind_input(name, "cpu", 0, array.dtype, array.shape, held[0])
             if output is not None:
                 self.binding.bind_output(output, "cpu", 0, array.dtype, array.shape, held[0])
             self._held[name] = held
+        self._last[name] = weakref.ref(array)  # not a reference: a binding must not keep a replaced buffer alive
+
+    def output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` bound as output ``name``: the one of the last call while the shape is the
+        same (binding an output costs about 3 us). Valid until the next step's run writes it again."""
+        kept = self._held.get(name)
+        if kept is None or kept.shape != shape:
+            kept = np.empty(shape, np.float32)
+            self.binding.bind_output(name, "cpu", 0, np.float32, shape, kept.ctypes.data)
+            self._held[name] = kept
+        return kept
 
 
 class RowAttention:

@@ -10,10 +10,10 @@ host (CTranslate2 and FasterTransformer keep the cache on the device for the sam
 Both classes share one interface over a buffer [rows, n_heads, capacity, d_head] of which the core uses the first
 rows: ``shape(x)``, ``empty(like, rows, capacity)``, ``resize(xs, used, rows, capacity, unread_tail=False,
 cached=None, unread_rows=False)`` (a bigger or smaller buffer holding the used rows), ``move_rows(xs, dst, src,
-length, rows, start)`` (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs, start,
-ys)`` (joining sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for tools
-and tests that read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and positions, a
-move copies only the moved rows' first ``length`` positions, and nothing else is copied. OrtValueOps cannot write
+length, rows, start)`` (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs,
+start, ys)`` (joining sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for
+tools and tests that read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and
+positions, a move copies only the moved rows' positions from ``start`` to ``length``, and nothing else is copied. OrtValueOps cannot write
 into an OrtValue, so each of its calls makes buffers of exactly the rows asked for (a Gather or Pad graph on the
 device), as the engine did before.
 """

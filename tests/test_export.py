@@ -87,8 +87,9 @@ def test_a_position_past_the_capacity_is_refused(translator):
 
 
 def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifact):
-    """OnnxModel.step keeps its IOBinding between steps and binds again only what changed (by address, shape and
-    dtype): each step here changes something (new content only; another cache or cross K/V buffer at the same
+    """OnnxModel.step keeps its IOBinding between steps and binds again only what changed (the same array objects
+    as the last step, else by address, shape and dtype; its attention output while the shape is the same): each step
+    here changes something (new content only; another cache or cross K/V buffer at the same
     shape; a view of fewer rows of the same buffers; two rows of one sentence; cross K/V not C-contiguous) and
     must match a model that binds everything anew at each step, in log-probs and in the caches it writes."""
     from engine.runtime import EngineConfig
@@ -109,10 +110,12 @@ def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifac
     def both(k, v, ck, cv, mask, positions, row_sentence=None):
         ref_k, ref_v = [x.copy() for x in k], [x.copy() for x in v]
         tokens = rng.integers(4, kept.vocab_size, (len(positions), 1))
-        lp, *_ = kept.step(tokens, k, v, ck, cv, mask, positions=np.asarray(positions), row_sentence=row_sentence)
-        ref_lp, *_ = fresh.step(tokens, ref_k, ref_v, ck, cv, mask, positions=np.asarray(positions),
-                                row_sentence=row_sentence)
+        lp, _, _, attention = kept.step(tokens, k, v, ck, cv, mask, positions=np.asarray(positions),
+                                        row_sentence=row_sentence)
+        ref_lp, _, _, ref_attention = fresh.step(tokens, ref_k, ref_v, ck, cv, mask, positions=np.asarray(positions),
+                                                 row_sentence=row_sentence)
         np.testing.assert_allclose(lp, ref_lp, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(attention), np.asarray(ref_attention), atol=1e-6)  # a kept output
         for x, ref in zip(k + v, ref_k + ref_v):
             np.testing.assert_allclose(x, ref, atol=1e-6)
 
