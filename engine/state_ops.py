@@ -13,9 +13,9 @@ cached=None, unread_rows=False)`` (a bigger or smaller buffer holding the used r
 length, rows, start)`` (beams that reorder, rows that fill the holes left by finished sentences), ``write_rows(xs,
 start, ys)`` (joining sentences' cross K/V), ``view(x, rows)`` (the used rows, for a step) and ``to_numpy(xs)`` for
 tools and tests that read the state. NumpyOps works in place (``in_place``): its buffers keep spare rows and
-positions, a move copies only the moved rows' positions from ``start`` to ``length``, and nothing else is copied. OrtValueOps cannot write
-into an OrtValue, so each of its calls makes buffers of exactly the rows asked for (a Gather or Pad graph on the
-device), as the engine did before.
+positions, a move copies only the moved rows' positions from ``start`` to ``length``, and nothing else is copied.
+OrtValueOps cannot write into an OrtValue, so each of its calls makes buffers of exactly the rows asked for (a
+Gather or Pad graph on the device), as the engine did before.
 """
 
 from __future__ import annotations
