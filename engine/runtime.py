@@ -230,7 +230,9 @@ class OnnxModel:
         instead of log-probs (or their top-k), whose order in a row is the log-probs' (a row's log-softmax subtracts
         one number from each of its logits), without the pass over the vocabulary that gives log-probs; self_k,
         self_v the lists given, written; attention float32 [rows, src_len] (a :class:`RowAttention`, computed when
-        read).
+        read). On the CPU with numpy caches the log-probs (or logits) and the attention weights are buffers this
+        model keeps for those caches (binding an output costs about 3 us, and a fresh [rows, vocab] array more):
+        the next step over the same caches writes them again, so copy what must outlive it.
 
         Raises:
             ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
@@ -257,8 +259,10 @@ class OnnxModel:
         on_device = self.io_binding and top_k  # bound first: get_outputs() lists in binding order
         if on_device:  # only the top-k leave the device
             binding.bind_output("logits", self.device_type)
+        elif kept is not None:  # the logits, made log-probs in place; valid until this binding's next step
+            log_probs = kept.output("logits", (rows, self.vocab_size))
         else:
-            log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)  # the logits, made log-probs in place
+            log_probs = np.empty((rows, self.vocab_size), dtype=np.float32)
             binding.bind_output("logits", "cpu", 0, np.float32, log_probs.shape, log_probs.ctypes.data)
         # Per slot, as the softmax left it: few steps have a sentence that reads it (RowAttention). On the CPU into
         # an array of ours (get_outputs() costs more); on a device it stays there unless read.
