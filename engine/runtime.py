@@ -230,9 +230,9 @@ class OnnxModel:
         instead of log-probs (or their top-k), whose order in a row is the log-probs' (a row's log-softmax subtracts
         one number from each of its logits), without the pass over the vocabulary that gives log-probs; self_k,
         self_v the lists given, written; attention float32 [rows, src_len] (a :class:`RowAttention`, computed when
-        read). On the CPU with numpy caches the log-probs (or logits) and the attention weights are buffers this
-        model keeps for those caches (binding an output costs about 3 us, and a fresh [rows, vocab] array more):
-        the next step over the same caches writes them again, so copy what must outlive it.
+        read). On the CPU with numpy caches the log-probs (or logits) and the attention weights may be buffers this
+        model keeps for those caches (KEPT_OUTPUT_BYTES: binding an output costs about 3 us, and a fresh [rows,
+        vocab] array more): the next step over the same caches writes them again, so copy what must outlive it.
 
         Raises:
             ValueError: a position not below the caches' capacity, or a numpy cache that cannot be written in
@@ -331,6 +331,10 @@ class OnnxModel:
 
 
 KEPT_BINDINGS = 2 * MAX_BATCHES  # a core's batches, and their buffers' successors after a resize
+# The largest output a kept binding keeps between steps: the logits of 131 rows of an 8000-token vocabulary, or of
+# 18 rows of OPUS-MT's 58,101. Its steps gain a bind and an allocation (tens of us, measured at 1-32 rows); a
+# larger step takes milliseconds, and KEPT_BINDINGS such buffers per thread would hold their memory while idle.
+KEPT_OUTPUT_BYTES = 4 * 2**20
 
 
 class _KeptBinding:
@@ -338,7 +342,7 @@ class _KeptBinding:
     C-contiguous: the caller keeps them alive through the run); binding again what it already holds is skipped."""
 
     def __init__(self, binding: ort.IOBinding) -> None:
-        self.binding, self._held, self._last = binding, {}, {}
+        self.binding, self._held, self._last, self._outputs = binding, {}, {}, {}
 
     def bind(self, name: str, array: np.ndarray, output: str | None = None) -> None:
         """``array`` as input ``name`` and, when ``output`` is given, as that output too (written in place)."""
@@ -355,13 +359,18 @@ class _KeptBinding:
 
     def output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of ``shape`` bound as output ``name``: the one of the last call while the shape is the
-        same (binding an output costs about 3 us). Valid until the next step's run writes it again."""
-        kept = self._held.get(name)
-        if kept is None or kept.shape != shape:
-            kept = np.empty(shape, np.float32)
-            self.binding.bind_output(name, "cpu", 0, np.float32, shape, kept.ctypes.data)
-            self._held[name] = kept
-        return kept
+        same (binding an output costs about 3 us), if it is at most KEPT_OUTPUT_BYTES, else a new one each call.
+        Valid until the next step's run writes it again."""
+        kept = self._outputs.get(name)
+        if kept is not None and kept.shape == shape:
+            return kept
+        array = np.empty(shape, np.float32)
+        self.binding.bind_output(name, "cpu", 0, np.float32, shape, array.ctypes.data)
+        if array.nbytes <= KEPT_OUTPUT_BYTES:
+            self._outputs[name] = array
+        else:
+            self._outputs.pop(name, None)
+        return array
 
 
 class RowAttention:

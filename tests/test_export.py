@@ -86,15 +86,19 @@ def test_a_position_past_the_capacity_is_refused(translator):
                               positions=np.asarray([1]))
 
 
-def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifact):
+@pytest.mark.parametrize("kept_output_bytes", [None, 0], ids=["outputs-kept", "outputs-fresh"])
+def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifact, kept_output_bytes, monkeypatch):
     """OnnxModel.step keeps its IOBinding between steps and binds again only what changed (the same array objects
     as the last step, else by address, shape and dtype; its attention output while the shape is the same): each step
     here changes something (new content only; another cache or cross K/V buffer at the same
     shape; a view of fewer rows of the same buffers; two rows of one sentence; cross K/V not C-contiguous) and
     must match a model that binds everything anew at each step, in log-probs and in the caches it writes."""
+    from engine import runtime
     from engine.runtime import EngineConfig
     from engine.translator import Translator
 
+    if kept_output_bytes is not None:  # outputs too large to keep: a new one each step, bound each step
+        monkeypatch.setattr(runtime, "KEPT_OUTPUT_BYTES", kept_output_bytes)
     kept = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
     fresh = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
     fresh._kept_binding = lambda self_k: None  # the path that binds everything at every step
@@ -130,6 +134,10 @@ def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifac
     both(k, v, [x[:2] for x in ck], [x[:2] for x in cv], mask[:2], [5, 6, 7], row_sentence=np.asarray([0, 1, 0]))
     # Cross K/V that are not C-contiguous: the step binds contiguous copies, each alive until the run
     both(k, v, [np.asfortranarray(x) for x in ck], [np.asfortranarray(x) for x in cv], mask, [6, 7, 7])
+    # Two steps of one shape: the same logits buffer when kept, a new one each step when too large to keep.
+    first, second = (kept.step(np.full((3, 1), 5), k, v, ck, cv, mask, positions=np.asarray([0, 1, 2]))[0]
+                     for _ in range(2))
+    assert (first is second) == (kept_output_bytes is None)
 
 
 def test_the_decoder_step_writes_its_cache_through_group_query_attention(exported, torch_model):
