@@ -1,11 +1,11 @@
 """The top-k graphs (engine/top_k.py): the two-stage CPU graph returns what ONNX TopK over the whole row returns,
-values, ids and the order of ties, for any row."""
+values, ids and the order of ties, for any row; kept bindings follow every change of what they are given."""
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from engine.top_k import BLOCK, TopK
+from engine.top_k import BLOCK, LogSoftmax, TopK
 
 
 def reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,3 +60,27 @@ def test_blocked_top_k_nan_rows_and_large_k(options):
     np.testing.assert_array_equal(blocked(x[1:2], k).ids, reference(x[1:2], k)[1])
     with pytest.raises(ValueError, match="vocabulary"):
         blocked(x, 8001)
+
+
+def test_kept_bindings_follow_each_new_input_and_shape(options):
+    """TopK and LogSoftmax keep one binding per thread and bind again only an input or output at a new address or
+    shape: calls that alternate between arrays, shapes, k and a non-contiguous input each match the reference; a
+    top-k result is a kept buffer, rewritten by the next call of its shape."""
+    rng = np.random.default_rng(3)
+    top_k, log_softmax = TopK(["CPUExecutionProvider"], options, 8000), LogSoftmax(
+        ["CPUExecutionProvider"], options, "cpu")
+    a, b = (rng.standard_normal((4, 8000)).astype(np.float32) for _ in range(2))
+    c = rng.standard_normal((9, 8000)).astype(np.float32)
+    for x, k in ((a, 8), (b, 8), (a, 8), (c, 8), (c, 3), (a, 8), (np.asfortranarray(b), 5), (b[::2], 8)):
+        got = top_k(x, k)
+        want_values, want_ids = reference(np.ascontiguousarray(x), k)
+        np.testing.assert_array_equal(got.ids, want_ids)
+        np.testing.assert_array_equal(got.log_probs, want_values)
+    first = top_k(a, 8)
+    second = top_k(b, 8)
+    assert first.ids is second.ids  # one buffer, now b's
+    np.testing.assert_array_equal(first.ids, reference(b, 8)[1])
+    for x in (a, b, a, c):
+        expected = x - np.log(np.exp(x.astype(np.float64)).sum(axis=1, keepdims=True))
+        assert log_softmax(x) is x  # in place
+        np.testing.assert_allclose(x, expected, atol=1e-5)
