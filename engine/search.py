@@ -109,12 +109,12 @@ def _candidates_from_top(live_scores: np.ndarray, values: np.ndarray, ids: np.nd
     sentences, n, _ = values.shape
     cand = (live_scores[:, :, None] + values).reshape(sentences, -1)
     flats = (np.arange(n)[None, :, None] * vocab + ids).reshape(sentences, -1)
-    # Lower flat index first among equal scores: sort by flat, then stably by score. (Rows are in beam order and
-    # each row's equal log-probs in id order, but a beam score plus two different log-probs can round to the same
-    # float32 sum, and those must tie-break by id too.)
-    order = np.argsort(flats, axis=1, kind="stable")
-    cand, flats = np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
-    order = np.argsort(-cand, axis=1, kind="stable")[:, :k]
+    # Lower flat index first among equal scores: one lexicographic sort, by score, then by flat. (Rows are in beam
+    # order and each row's equal log-probs in id order, but a beam score plus two different log-probs can round to
+    # the same float32 sum, and those must tie-break by id too.) It replaced a stable sort by flat and then by
+    # score, with the same order, NaN last included (3,000 random cases with ties, -inf and NaN): 22.1 -> 12.8 us
+    # for 1 sentence of 4 beams x 9, 56.6 -> 34.9 us for 50.
+    order = np.lexsort((flats, -cand), axis=1)[:, :k]
     return np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
 
 

@@ -9,7 +9,7 @@ from engine.core import EngineCore
 from engine.options import DecodingOptions
 from engine.rules import Rules, Sampling
 from engine.candidates import TopCandidates
-from engine.search import BeamSearch, GreedySearch, Hypothesis, gnmt_length_penalty, top_k_for
+from engine.search import BeamSearch, GreedySearch, Hypothesis, _candidates_from_top, gnmt_length_penalty, top_k_for
 from engine.state_ops import NumpyOps
 
 PAD, UNK, BOS, EOS, A, B, C = range(7)
@@ -418,6 +418,27 @@ def test_top_k_breaks_ties_made_by_float32_rounding_like_the_full_search():
     want = decode(ScriptedModel(step), options(beam_size=2, n_best=2))
     assert want[0][0].tokens == [4]  # eos won the rounding tie
     assert decode(ScriptedTopKModel(step), options(beam_size=2, n_best=2)) == want
+
+
+def test_candidates_from_top_rank_by_score_then_lower_flat_index():
+    """_candidates_from_top against a plain Python sort of every candidate by (score best first, NaN last; then
+    flat index), on small random tables with many ties, -inf and NaN."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        sentences, n, width = (int(x) for x in rng.integers(1, 5, 3))
+        live = np.round(rng.standard_normal((sentences, n)), 1).astype(np.float32)
+        values = np.round(rng.standard_normal((sentences, n, width)), 0).astype(np.float32)
+        draw = rng.random(values.shape)
+        values[draw < 0.15], values[draw > 0.95] = -np.inf, np.nan
+        ids = np.stack([np.stack([rng.permutation(20)[:width] for _ in range(n)]) for _ in range(sentences)])
+        k = int(rng.integers(1, n * width + 1))
+        scores, flats = _candidates_from_top(live, values, ids, 20, k)
+        for j in range(sentences):
+            every = [(float(live[j, b] + values[j, b, c]), b * 20 + int(ids[j, b, c]))
+                     for b in range(n) for c in range(width)]
+            want = sorted(every, key=lambda e: (np.isnan(e[0]), 0.0 if np.isnan(e[0]) else -e[0], e[1]))[:k]
+            assert flats[j].tolist() == [f for _, f in want]
+            np.testing.assert_array_equal(scores[j], np.asarray([v for v, _ in want], np.float32))
 
 
 @pytest.mark.parametrize("seed", range(6))
