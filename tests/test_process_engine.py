@@ -79,8 +79,13 @@ def test_an_aborted_sentence_leaves_at_the_next_step(engine, translator):
     src = translator.tokenize(SENTENCES[1])
 
     async def main():
+        seen = len(engine.steps)
         future = engine.submit(src, DecodingOptions(beam_size=4, min_length=200, max_length=200))
-        await asyncio.sleep(0.3)
+        # Aborted once a step has reported it live, with 199 steps to go (a fixed 0.3 s sleep raced the decode).
+        deadline = time.monotonic() + 30
+        while not any(view.live_sentences for view, _ in engine.steps[seen:]):
+            assert time.monotonic() < deadline, "the sentence never started"
+            await asyncio.sleep(0.001)
         engine.abort(future)
         return await asyncio.wait_for(future, 30)
 
@@ -139,13 +144,20 @@ def test_a_sentence_that_fails_in_the_child_fails_alone(artifact, translator):
 
 
 def test_a_killed_engine_process_fails_its_sentences_and_reports_itself_dead(artifact, translator):
-    engine = start(artifact)
+    killed = []
+
+    def kill_at_the_first_step(view, finished):
+        # In the reader thread, at the first step's report: the sentence has 199 steps to go. (A fixed 0.3 s sleep
+        # before the kill raced the decode once a step got faster: the sentence finished first.)
+        if view.live_sentences and not killed:
+            killed.append(view.stats.steps)
+            os.kill(engine._process.pid, signal.SIGKILL)
+
+    engine = start(artifact, kill_at_the_first_step)
     src = translator.tokenize(SENTENCES[2])
 
     async def main():
         future = engine.submit(src, DecodingOptions(beam_size=4, min_length=200, max_length=200))
-        await asyncio.sleep(0.3)
-        os.kill(engine._process.pid, signal.SIGKILL)
         with pytest.raises(EngineUnavailableError, match="exited") as failed:
             await asyncio.wait_for(future, 30)
         assert failed.value.retry_after_s > 0
@@ -153,6 +165,7 @@ def test_a_killed_engine_process_fails_its_sentences_and_reports_itself_dead(art
             engine.submit(src, DecodingOptions())
 
     asyncio.run(main())
+    assert killed and killed[0] < 200  # killed while decoding, not after
     assert not engine.alive and engine.queued_work == 0
     engine.close()
 
