@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from onnx import TensorProto
 from engine import contract
 from engine.core import MAX_BATCHES
 from engine.errors import EngineUnavailableError, NumericalError
+from engine.kept_binding import KeptBinding
 from engine.top_k import LogSoftmax, TopK
 from engine.state_ops import NumpyOps, OrtValueOps
 
@@ -306,7 +306,7 @@ class OnnxModel:
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, self_k, self_v, attention
 
-    def _kept_binding(self, self_k: list) -> _KeptBinding | None:
+    def _kept_binding(self, self_k: list) -> KeptBinding | None:
         """The decoder step's IOBinding kept for the cache buffers of ``self_k`` (numpy, on the CPU), or None (an
         OrtValue cache: a fresh binding each step, which holds what it binds). A batch keeps its cache buffers
         between steps, so its steps bind only what is new (the per-step inputs, log_probs, attention); rebinding
@@ -323,7 +323,7 @@ class OnnxModel:
         key = first.ctypes.data
         binding = kept.pop(key, None)
         if binding is None:
-            binding = _KeptBinding(self.decoder.io_binding())
+            binding = KeptBinding(self.decoder.io_binding())
             if len(kept) >= KEPT_BINDINGS:
                 del kept[next(iter(kept))]  # the least recently used: dicts keep insertion order
         kept[key] = binding
@@ -331,48 +331,6 @@ class OnnxModel:
 
 
 KEPT_BINDINGS = 2 * MAX_BATCHES  # a core's batches, and their buffers' successors after a resize
-# The largest output a kept binding keeps between steps: the logits of 131 rows of an 8000-token vocabulary, or of
-# 18 rows of OPUS-MT's 58,101. Its steps gain a bind and an allocation (tens of us, measured at 1-32 rows); a
-# larger step takes milliseconds, and KEPT_BINDINGS such buffers per thread would hold their memory while idle.
-KEPT_OUTPUT_BYTES = 4 * 2**20
-
-
-class _KeptBinding:
-    """An IOBinding of the decoder step kept between steps, with what it holds bound by address (numpy arrays,
-    C-contiguous: the caller keeps them alive through the run); binding again what it already holds is skipped."""
-
-    def __init__(self, binding: ort.IOBinding) -> None:
-        self.binding, self._held, self._last, self._outputs = binding, {}, {}, {}
-
-    def bind(self, name: str, array: np.ndarray, output: str | None = None) -> None:
-        """``array`` as input ``name`` and, when ``output`` is given, as that output too (written in place)."""
-        last = self._last.get(name)
-        if last is not None and last() is array:  # the very array of the last step (EngineCore._views)
-            return
-        held = (array.ctypes.data, array.shape, array.dtype)
-        if self._held.get(name) != held:
-            self.binding.bind_input(name, "cpu", 0, array.dtype, array.shape, held[0])
-            if output is not None:
-                self.binding.bind_output(output, "cpu", 0, array.dtype, array.shape, held[0])
-            self._held[name] = held
-        self._last[name] = weakref.ref(array)  # not a reference: a binding must not keep a replaced buffer alive
-
-    def output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` bound as output ``name``: the one of the last call while the shape is the
-        same (binding an output costs about 3 us), if it is at most KEPT_OUTPUT_BYTES, else a new one each call.
-        Valid until the next step's run writes it again."""
-        kept = self._outputs.get(name)
-        if kept is not None and kept.shape == shape:
-            return kept
-        array = np.empty(shape, np.float32)
-        self.binding.bind_output(name, "cpu", 0, np.float32, shape, array.ctypes.data)
-        if array.nbytes <= KEPT_OUTPUT_BYTES:
-            self._outputs[name] = array
-        else:
-            self._outputs.pop(name, None)
-        return array
-
-
 class RowAttention:
     """A decoder step's alignments, float32 [rows, src_len] (each row's mean over heads of the last decoder layer's
     cross-attention weights), computed on first read from the weights per slot that the graph outputs, [sentences,

@@ -24,36 +24,20 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.candidates import TopCandidates
+from engine.kept_binding import KeptBinding
 from engine.state_ops import serialized_model
 
 BLOCK = 32  # tokens per block of the two-stage top-k: 16-64 measured alike at 40-160 rows, k 2-8
 
 
-class _HostBinding:
-    """An IOBinding of one session kept between calls on one thread (an IOBinding is not thread-safe), holding
-    numpy arrays bound by address: binding again what it holds already is skipped (binding by address costs about
-    3 us a tensor, a small share of a small step's top-k or log-softmax). ``outputs``: arrays its owner keeps."""
-
-    def __init__(self, session) -> None:
-        self.binding, self.held, self.outputs = session.io_binding(), {}, None
-
-    def bind(self, name: str, array: np.ndarray, output: bool = False) -> None:
-        """``array`` (C-contiguous; the caller keeps it alive through the run) as input or output ``name``."""
-        held = (array.ctypes.data, array.shape, array.dtype)
-        if self.held.get(name) != held:
-            bind = self.binding.bind_output if output else self.binding.bind_input
-            bind(name, "cpu", 0, array.dtype, array.shape, held[0])
-            self.held[name] = held
-
-
-def _kept(local: threading.local, session) -> _HostBinding:
+def _kept(local: threading.local, session) -> KeptBinding:
     """The calling thread's kept binding of ``session`` (made on first use)."""
     kept = getattr(local, "bindings", None)
     if kept is None:
         kept = local.bindings = {}
     binding = kept.get(id(session))
     if binding is None:
-        binding = kept[id(session)] = _HostBinding(session)
+        binding = kept[id(session)] = KeptBinding(session.io_binding())
     return binding
 
 
@@ -141,7 +125,7 @@ class TopK:
         self.blocked_max_k = vocab // (8 * BLOCK) if vocab and on_cpu else 0
         self.blocked = (ort.InferenceSession(_blocked_top_k_graph(vocab), options, providers=providers)
                         if self.blocked_max_k else None)
-        self._thread = threading.local()  # kept bindings (_HostBinding) of this thread, per session
+        self._thread = threading.local()  # this thread's kept bindings (KeptBinding), per session
 
     def __call__(self, log_probs: np.ndarray | ort.OrtValue, k: int) -> TopCandidates:
         """log_probs float32 [rows, vocab] (numpy, or an OrtValue on the device) -> the k best per row. From numpy,
@@ -160,14 +144,10 @@ class TopK:
             rows = np.ascontiguousarray(log_probs, dtype=np.float32)  # alive through the run: bound by address
             kept.bind("log_probs", rows)
             kept.bind("k", _k_array(k))
-            outputs = kept.outputs
-            if outputs is None or outputs[0].shape != (log_probs.shape[0], k):
-                outputs = kept.outputs = (np.empty((log_probs.shape[0], k), np.float32),
-                                          np.empty((log_probs.shape[0], k), np.int64))
-            kept.bind("top_log_probs", outputs[0], output=True)
-            kept.bind("top_ids", outputs[1], output=True)
+            values = kept.output("top_log_probs", (rows.shape[0], k))
+            ids = kept.output("top_ids", (rows.shape[0], k), np.int64)
             session.run_with_iobinding(kept.binding)
-            return TopCandidates(*outputs, vocab)
+            return TopCandidates(values, ids, vocab)
         binding = session.io_binding()
         binding.bind_ortvalue_input("log_probs", log_probs)
         binding.bind_cpu_input("k", np.asarray([k], dtype=np.int64))
@@ -203,7 +183,7 @@ class LogSoftmax:
         self.session = ort.InferenceSession(_log_softmax_graph(), options, providers=providers)
         self.host = self.session if device_type == "cpu" else ort.InferenceSession(
             _log_softmax_graph(), options, providers=["CPUExecutionProvider"])
-        self._thread = threading.local()  # this thread's kept binding of the host session (_HostBinding)
+        self._thread = threading.local()  # this thread's kept binding of the host session (KeptBinding)
 
     def __call__(self, logits: np.ndarray | ort.OrtValue) -> np.ndarray | ort.OrtValue:
         """logits float32 [rows, vocab] -> log_probs, same shape: the same numpy array (C-contiguous, written in
@@ -216,8 +196,7 @@ class LogSoftmax:
             if logits.dtype != np.float32 or not logits.flags.c_contiguous or not logits.flags.writeable:
                 raise ValueError("the log-softmax rewrites a writable C-contiguous float32 array in place")
             kept = _kept(self._thread, self.host)
-            kept.bind("logits", logits)
-            kept.bind("log_probs", logits, output=True)
+            kept.bind("logits", logits, "log_probs")
             self.host.run_with_iobinding(kept.binding)
             return logits
         binding = self.session.io_binding()

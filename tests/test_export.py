@@ -93,12 +93,12 @@ def test_a_kept_binding_follows_every_change_of_the_buffers_it_was_given(artifac
     here changes something (new content only; another cache or cross K/V buffer at the same
     shape; a view of fewer rows of the same buffers; two rows of one sentence; cross K/V not C-contiguous) and
     must match a model that binds everything anew at each step, in log-probs and in the caches it writes."""
-    from engine import runtime
+    from engine import kept_binding
     from engine.runtime import EngineConfig
     from engine.translator import Translator
 
     if kept_output_bytes is not None:  # outputs too large to keep: a new one each step, bound each step
-        monkeypatch.setattr(runtime, "KEPT_OUTPUT_BYTES", kept_output_bytes)
+        monkeypatch.setattr(kept_binding, "KEPT_OUTPUT_BYTES", kept_output_bytes)
     kept = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
     fresh = Translator(artifact, EngineConfig(device="cpu", intra_op_threads=1)).model
     fresh._kept_binding = lambda self_k: None  # the path that binds everything at every step
