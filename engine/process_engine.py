@@ -35,6 +35,7 @@ from typing import Callable
 from engine.async_engine import AsyncEngine, _fail, _post, _resolve
 from engine.core import CoreStats, EngineCore, Finished
 from engine.errors import EngineError, EngineUnavailableError
+from engine.heap import freeze_long_lived
 from engine.memory import PeriodicTrim
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
@@ -75,6 +76,7 @@ class ModelInChild:
     float16: bool
     load_seconds: float
     warmup_seconds: float
+    frozen_objects: int = 0  # objects the child froze once loaded (engine/heap.py), 0 before
     ops = None  # the parent decodes nothing
 
 
@@ -297,6 +299,8 @@ def _child_main(conn: Connection) -> None:
     try:
         spec = conn.recv()
         core, model = spec.build()
+        # This process decodes: its collections visit only what the loop makes, not the loaded heap (engine/heap.py).
+        model = dataclasses.replace(model, frozen_objects=freeze_long_lived())
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from engine.heap import freeze_long_lived
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.core import POLICIES, CoreStats
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     sources = [en for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")][: args.limit]
     translator = Translator(args.artifact, EngineConfig(intra_op_threads=args.threads,
                                                         intra_op_spinning=args.intra_op_spinning))
+    freeze_long_lived()  # as a replica does once loaded (engine/heap.py)
     for beam_size in (1, 4):
         result = run(translator, sources, DecodingOptions(beam_size=beam_size), args.repeats, args.policy)
         print(json.dumps(dict(provider=translator.provider, threads=args.threads,

@@ -38,6 +38,7 @@ from pathlib import Path
 import sacrebleu
 
 from engine import contract
+from engine.heap import freeze_long_lived
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
@@ -233,6 +234,7 @@ def bench_engines(models: list[Model], args, test_src: list[str], test_ref: list
     for m in models:
         cfg = ModelConfig.from_json(m.checkpoint / "config.json")
         systems = systems_for(m, args)
+        freeze_long_lived()  # as a replica does once loaded (engine/heap.py); every system of the process gains
         for beam_size in (1, 4):
             for system in systems:
                 system.translate(test_src[:8], beam_size)  # warm-up: lazy init, allocator, thread pools

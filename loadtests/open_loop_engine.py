@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.core import MAX_BATCHES, EngineCore
+from engine.heap import freeze_long_lived
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig
 from engine.translator import Translator
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the core's budget of decoder rows (default: the engine's)")
     args = p.parse_args(argv)
     translator = Translator(args.artifact, EngineConfig(device="cpu", intra_op_threads=args.threads))
+    freeze_long_lived()  # as a replica does once loaded (engine/heap.py)
     sources = [translator.tokenize(en) for en, _ in read_pairs(Path(args.corpus) / "test.tsv.gz")]
     if args.closed:
         beam4 = replace(translator.default_options, beam_size=4)

@@ -40,6 +40,7 @@ from engine.async_engine import AsyncEngine
 from engine.process_engine import RESTART_RETRY_S, CoreSpec, ProcessEngine
 from engine.core import Finished
 from engine.explain import Explainer
+from engine.heap import freeze_long_lived
 from engine.errors import EngineUnavailableError, InputTooLongError, InvalidRequestError
 from engine.options import DecodingOptions, check_target_lengths
 from engine.runtime import EngineConfig
@@ -220,6 +221,9 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                                                     for mid, m in self.models.items()])
         self.keys_required = self.access is not None
         self.max_chars_per_request = self.args.max_chars_per_request
+        # The replica's heap (Ray, FastAPI, the models) is long-lived: a full collection of it paused every request
+        # for about 55 ms (engine/heap.py).
+        freeze_long_lived()
 
     def _model(self, model_id: str | None) -> _Model:
         if model_id is None:

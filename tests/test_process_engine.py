@@ -95,6 +95,12 @@ def test_an_aborted_sentence_leaves_at_the_next_step(engine, translator):
     assert engine.queued_work == 0 and engine.alive
 
 
+def test_the_child_freezes_its_loaded_heap(engine):
+    """The child froze what it had loaded (engine/heap.py): the engine's modules, numpy's and ONNX Runtime's objects
+    are thousands; a child that did not freeze reports 0."""
+    assert engine.model.frozen_objects > 5000
+
+
 def test_errors_and_settings_cross_the_pipe(engine, translator):
     """A submit the child's core refuses fails its future with the same error type and fields; budgets set with
     configure reach the child's schedule (one row per step: four greedy sentences no longer share a step)."""
