@@ -46,7 +46,7 @@ from engine.options import DecodingOptions, check_target_lengths
 from engine.runtime import EngineConfig
 from engine.search import Hypothesis
 from engine.translator import Translator
-from service import http_security, schemas
+from service import http_security, request_texts, schemas
 from service.access import LEDGER_TIMEOUT_S, KeyAccess
 from service import compat
 from service.compat import NATIVE, Dialect
@@ -97,27 +97,8 @@ class _Model:
         self.metrics.warmup_seconds.set(self.warmup_seconds)
 
 
-@dataclasses.dataclass
-class _Sentence:
-    src_ids: list[int]
-    prefix: list[int] | None = None  # forced target prefix ids
-
-
 def _record(**fields) -> bytes:
     return (json.dumps(fields, ensure_ascii=False) + "\n").encode()
-
-
-def _unknowns(translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
-              prefix: str | None) -> list[list[str] | None]:
-    """Per sentence of ``seg``, what its output's unk tokens become, in order: the source substrings the
-    vocabulary lacks (``replace_unknowns``), else None (shown as "⁇"). A forced ``target_prefix`` is the first
-    sentence's first tokens, and its own unknown characters (an emoji) come back as the client wrote them, first,
-    whatever ``replace_unknowns`` says: the prefix is kept whole."""
-    unknowns = [translator.unknown_pieces(s) if req.replace_unknowns else None for s in seg.sentences]
-    own = translator.tokenizer.unknown_target_pieces(prefix) if prefix and unknowns else []
-    if own:
-        unknowns[0] = own + (unknowns[0] or [])  # the model's own unks then show as UNK_TEXT
-    return unknowns
 
 
 class _Outcome:
@@ -422,8 +403,8 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             if len(tgt) + 1 > EXPLAIN_MAX_TOKENS:
                 raise RequestTooLargeError(f"target has {len(tgt)} tokens > limit {EXPLAIN_MAX_TOKENS - 1}")
         else:
-            self._admit(model, [_Sentence(src)], translator.default_options, self.args.request_timeout_s)
-            futures = self._submit(model, [_Sentence(src)], translator.default_options)
+            self._admit(model, [request_texts.Sentence(src)], translator.default_options, self.args.request_timeout_s)
+            futures = self._submit(model, [request_texts.Sentence(src)], translator.default_options)
             [hyps] = await self._await_sentences(model, futures, time.monotonic() + self.args.request_timeout_s)
             tgt = hyps[0].tokens
         maps = await asyncio.to_thread(model.explainer.explain, src, tgt)
@@ -544,7 +525,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return None if self.access is None else await self.access.usage(key_id)
 
     async def _accept(self, model: _Model, req: schemas.TranslateRequest
-                      ) -> tuple[DecodingOptions, list[rich_text.Prepared], list[_Sentence], float]:
+                      ) -> tuple[DecodingOptions, list[rich_text.Prepared], list[request_texts.Sentence], float]:
         """Checks a request's limits, splits and tokenizes its texts and admits its work: its options, texts,
         sentences and deadline (time.monotonic(), seconds). Nothing is queued when this raises.
 
@@ -580,10 +561,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         # the event loop that serves every other request of this replica.
         try:
             if sum(len(t) for t in texts) <= INLINE_PREPARE_CHARS:  # a thread hop could wait behind bulk requests
-                segmented, sentences = self._prepare(translator, texts, prefixes, req, options)
+                segmented, sentences = request_texts.prepare(translator, texts, prefixes, req, options)
             else:
                 segmented, sentences = await asyncio.wait_for(asyncio.to_thread(
-                    self._prepare, translator, texts, prefixes, req, options),
+                    request_texts.prepare, translator, texts, prefixes, req, options),
                     timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             model.metrics.timeouts.inc(1)
@@ -601,7 +582,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         return options, segmented, sentences, deadline
 
     async def _decode(self, model: _Model, req: schemas.TranslateRequest, segmented: list[rich_text.Prepared],
-                      sentences: list[_Sentence], options: DecodingOptions,
+                      sentences: list[request_texts.Sentence], options: DecodingOptions,
                       deadline: float) -> list[schemas.Translation]:
         """Submits the sentences, waits for all of them and joins each text's back into its layout."""
         futures = self._submit(model, sentences, options, deadline)
@@ -610,53 +591,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         # which the loop (other requests, health checks) should not wait on. Plain text of a few sentences is joined
         # in microseconds, less than a hand-off to a thread costs.
         if len(sentences) <= INLINE_RENDER_SENTENCES and all(seg.format == "text" for seg in segmented):
-            return self._translations(model.translator, req, segmented, outcomes)
-        return await asyncio.to_thread(self._translations, model.translator, req, segmented, outcomes)
+            return request_texts.translations(model.translator, req, segmented, outcomes)
+        return await asyncio.to_thread(request_texts.translations, model.translator, req, segmented, outcomes)
 
-    def _translations(self, translator: Translator, req: schemas.TranslateRequest,
-                      segmented: list[rich_text.Prepared], outcomes: list) -> list[schemas.Translation]:
-        translations, cursor = [], 0
-        for seg, prefix in zip(segmented, req.prefixes()):
-            per_sentence = outcomes[cursor:cursor + len(seg.sentences)]
-            cursor += len(seg.sentences)
-            translations.append(self._translation(translator, req, seg, prefix, per_sentence))
-        return translations
-
-    def _translation(self, translator: Translator, req: schemas.TranslateRequest, seg: rich_text.Prepared,
-                     prefix: str | None, hyps: list[list[Hypothesis]]) -> schemas.Translation:
-        translation = self._render(translator, seg, hyps, _unknowns(translator, req, seg, prefix), req.return_scores)
-        if req.return_attention:
-            translation.attention = [self._attention(translator, sentence, boundaries, h[0])
-                                     for sentence, boundaries, h in zip(seg.sentences, seg.boundaries, hyps)]
-        return translation
-
-    @staticmethod
-    def _prepare(translator: Translator, texts: list[str], prefixes: list[str | None], req: schemas.TranslateRequest,
-                 options: DecodingOptions) -> tuple[list[rich_text.Prepared], list[_Sentence]]:
-        """Parses texts (req.format), masks their protected spans, splits them into sentences and tokenizes them;
-        ``options``: the request's (its max_length bounds a target_prefix).
-
-        Raises:
-            InputTooLongError: an over-long sentence.
-            InvalidRequestError: malformed XML; a target_prefix longer than max_length.
-        """
-        terms = tuple(req.protected_terms)
-        # Emoji are masked and copied (replace_unknowns), as placeholders are; not in a text with a target_prefix,
-        # which the model's input must start as the client's prefix does (an emoji kept out of the input would come
-        # back before the prefix, one masked would come back beside the prefix's own).
-        unknown = translator.tokenizer.unknown_source_spans if req.replace_unknowns else None
-        segmented = [rich_text.prepare(text, req.format, req.split_sentences, terms,
-                                       unknown if prefix is None else None) for text, prefix in zip(texts, prefixes)]
-        sentences = []
-        for i, (seg, prefix) in enumerate(zip(segmented, prefixes)):
-            prefix_ids = translator.tokenizer.encode_target(prefix) if prefix else None
-            if prefix_ids:
-                check_target_lengths(options, translator.max_positions, len(prefix_ids), f"target_prefix[{i}]")
-            for j, (sentence, boundaries) in enumerate(zip(seg.sentences, seg.boundaries)):
-                sentences.append(_Sentence(translator.tokenize(sentence, boundaries), prefix_ids if j == 0 else None))
-        return segmented, sentences
-
-    def _admit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions,
+    def _admit(self, model: _Model, sentences: list[request_texts.Sentence], options: DecodingOptions,
                time_left_s: float | None = None) -> None:
         """Admission by work (token-rows, AsyncEngine.work): a bulk request is refused past max_queued_work of all
         queued work; an interactive one (at most interactive_max_sentences sentences) only past twice that of the
@@ -697,10 +635,10 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         retry_after = min(60, max(self.args.retry_after_s, math.ceil(wait)))
         raise OverloadedError(f"this replica has {reason}; retry in {retry_after} s", retry_after)
 
-    def _interactive(self, sentences: list[_Sentence]) -> bool:
+    def _interactive(self, sentences: list[request_texts.Sentence]) -> bool:
         return len(sentences) <= self.args.interactive_max_sentences
 
-    def _submit(self, model: _Model, sentences: list[_Sentence], options: DecodingOptions,
+    def _submit(self, model: _Model, sentences: list[request_texts.Sentence], options: DecodingOptions,
                 deadline: float | None = None) -> list[asyncio.Future]:
         """Queues a request's sentences as one group (the engine's fairness unit) with its ``deadline``
         (time.monotonic() seconds), which orders it among running requests (engine/core.py, policy point 2)."""
@@ -772,7 +710,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
         translator, cursor = model.translator, 0
         try:
             for index, (seg, prefix) in enumerate(zip(segmented, req.prefixes())):
-                hyps, unknowns = [], _unknowns(translator, req, seg, prefix)
+                hyps, unknowns = [], request_texts.unknowns(translator, req, seg, prefix)
                 for j in range(len(seg.sentences)):
                     if cursor + j == len(futures):
                         futures += submit_rest()
@@ -789,7 +727,7 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
                     yield _record(type="sentence", index=index, sentence=j,
                                   text=seg.render_sentence(j, hyps[-1][0], translator.tokenizer, unknowns[j]))
                 cursor += len(seg.sentences)
-                translation = self._translation(translator, req, seg, prefix, hyps)
+                translation = request_texts.translation(translator, req, seg, prefix, hyps)
                 yield _record(type="translation", index=index, **translation.model_dump(exclude_none=True))
             await _released(finish(200))  # before "done": the client may send its next request on reading it
             yield _record(type="done", model=model_id)
@@ -802,35 +740,6 @@ class TranslatorDeployment(PageRoutes, CompatRoutes):
             response = response_for(e)
             finish(response.status_code)
             yield _record(type="error", status=response.status_code, **json.loads(response.body))
-
-    @staticmethod
-    def _render(translator: Translator, seg: rich_text.Prepared, hyps: list[list[Hypothesis]], unknowns: list,
-                return_scores: bool) -> schemas.Translation:
-        """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
-        (its last one if it has fewer); its score is the sum over sentences."""
-        if not seg.sentences:  # nothing to translate: "" for blank text, the markup as it was for markup
-            text = seg.render([], translator.tokenizer, []) if seg.format != "text" else ""
-            return schemas.Translation(text=text, score=0.0 if return_scores else None,
-                                       n_best=[schemas.Hypothesis(text=text, score=0.0)] if return_scores else None)
-        n = max(len(h) for h in hyps) if return_scores else 1
-        joined = []
-        for k in range(n):
-            picks = [h[min(k, len(h) - 1)] for h in hyps]
-            text = seg.render(picks, translator.tokenizer, unknowns)
-            joined.append(schemas.Hypothesis(text=text, score=sum(p.score for p in picks)))
-        if not return_scores:
-            return schemas.Translation(text=joined[0].text)
-        return schemas.Translation(text=joined[0].text, score=joined[0].score, n_best=joined)
-
-    @staticmethod
-    def _attention(translator: Translator, sentence: str, boundaries: tuple[int, ...],
-                   hyp: Hypothesis) -> schemas.SentenceAttention:
-        tokenizer = translator.tokenizer
-        return schemas.SentenceAttention(
-            source_tokens=tokenizer.source_pieces(sentence, boundaries) + tokenizer.target_pieces([translator.eos_id]),
-            target_tokens=tokenizer.target_pieces(hyp.tokens),
-            weights=[[round(float(w), 5) for w in row] for row in hyp.attention or []])
-
 
 def app_builder(args: dict | None = None) -> serve.Application:
     """Serve application builder; ``args`` are validated by :class:`AppArgs`."""

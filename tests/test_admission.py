@@ -14,7 +14,9 @@ from engine.async_engine import AsyncEngine
 from engine.explain import Explainer
 from engine.errors import EngineUnavailableError, InvalidRequestError, NumericalError
 from engine.options import DecodingOptions
-from service.app import AppArgs, TranslatorDeployment, _Model, _Sentence
+from service.app import AppArgs, TranslatorDeployment, _Model
+from service import request_texts
+from service.request_texts import Sentence
 from service.errors import OverloadedError, RequestTimeoutError
 
 from conftest import SENTENCES, NaNAfterToken
@@ -63,8 +65,8 @@ def replica(translator, model=None, **args):
     return dep
 
 
-def sentences(translator, texts: list[str]) -> list[_Sentence]:
-    return [_Sentence(translator.tokenize(t)) for t in texts]
+def sentences(translator, texts: list[str]) -> list[Sentence]:
+    return [Sentence(translator.tokenize(t)) for t in texts]
 
 
 async def settle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
@@ -278,12 +280,10 @@ def test_a_text_with_a_target_prefix_keeps_its_emoji_in_the_models_input(transla
     before the prefix ("🎉 🎉 Hallo Welt"); a text without a prefix still has its edge emoji kept out."""
     from service.schemas import TranslateRequest
 
-    dep = replica(translator)
     req = TranslateRequest(text=["🎉 Hello world", "🎉 Hello world"], target_prefix=["🎉 Hallo", None])
-    segmented, sentences = dep._prepare(translator, req.texts(), req.prefixes(), req,
-                                        req.decoding_options(translator.default_options))
+    segmented, sentences = request_texts.prepare(translator, req.texts(), req.prefixes(), req,
+                                                 req.decoding_options(translator.default_options))
     assert segmented[0].sentences == ["🎉 Hello world"] and segmented[1].sentences == ["Hello world"]
-    dep.default.engine.close()
 
 
 def test_the_engine_loop_survives_callers_that_leave(translator):
