@@ -4,7 +4,7 @@ CPython's collector runs a full (generation 2) collection once enough objects ha
 collection visits every tracked object of the process: the modules, the model's sessions, the service's framework.
 It stops the whole interpreter while it runs, so in a decode loop it is a pause of every sentence in flight. Measured
 here (2026-12-07): 36,000 objects after loading an artifact, a full collection 14 ms; a replica's imports (Ray
-Serve, FastAPI, the engine) 128,000 objects, 54-57 ms; a benchmark process that also imports PyTorch, 175,000
+Serve, FastAPI, the engine) 128,000 objects, 54-62 ms; a benchmark process that also imports PyTorch, 175,000
 objects, 83-86 ms, which fell inside one of every two or three runs of the 500 test sentences (2.8 s at beam 4).
 
 :func:`freeze_long_lived` moves every object alive at that moment into the collector's permanent generation
