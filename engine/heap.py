@@ -9,7 +9,7 @@ objects, 83-86 ms, which fell inside one of every two or three runs of the 500 t
 
 :func:`freeze_long_lived` moves every object alive at that moment into the collector's permanent generation
 (``gc.freeze``, Python 3.7+), which collections no longer visit; a full collection then visits only what the decode
-loop made since (0.3-1.1 ms per run of the 500 test sentences in all, against 83-86 ms for each full collection
+loop made since (0.2-1.1 ms per run of the 500 test sentences in all, against 83-86 ms for each full collection
 before). vLLM's engine core does the same after start-up, and Python's documentation recommends it before forking
 workers. The objects stay freed by reference counting as before; only a reference cycle among objects frozen here
 would never be collected, which is why only the process's owner (the replica, the engine's child process, a

@@ -88,10 +88,11 @@ def translation(translator: Translator, req: schemas.TranslateRequest, seg: rich
     return result
 
 
-def render(translator: Translator, seg: rich_text.Prepared, hyps: list[list[Hypothesis]], unknowns: list,
-           return_scores: bool) -> schemas.Translation:
-    """Joins sentence translations into the text's layout. n_best[k] joins each sentence's k-th hypothesis
-    (its last one if it has fewer); its score is the sum over sentences."""
+def render(translator: Translator, seg: rich_text.Prepared, hyps: list[list[Hypothesis]],
+           unknown_texts: list[list[str] | None], return_scores: bool) -> schemas.Translation:
+    """Joins sentence translations into the text's layout (``unknown_texts``: what each sentence's unks become,
+    :func:`unknowns`). n_best[k] joins each sentence's k-th hypothesis (its last one if it has fewer); its score is
+    the sum over sentences."""
     if not seg.sentences:  # nothing to translate: "" for blank text, the markup as it was for markup
         text = seg.render([], translator.tokenizer, []) if seg.format != "text" else ""
         return schemas.Translation(text=text, score=0.0 if return_scores else None,
@@ -100,7 +101,7 @@ def render(translator: Translator, seg: rich_text.Prepared, hyps: list[list[Hypo
     joined = []
     for k in range(n):
         picks = [h[min(k, len(h) - 1)] for h in hyps]
-        text = seg.render(picks, translator.tokenizer, unknowns)
+        text = seg.render(picks, translator.tokenizer, unknown_texts)
         joined.append(schemas.Hypothesis(text=text, score=sum(p.score for p in picks)))
     if not return_scores:
         return schemas.Translation(text=joined[0].text)
