@@ -137,8 +137,13 @@ class MultiHeadAttention(nn.Module):
         return context @ self.out_proj.weight.t() + self.out_proj.bias, k, v
 
     def step_q(self, y: Tensor) -> Tensor:
-        """y [rows, d_model] -> projected queries [rows, d_model] (heads side by side)."""
-        return y @ self.q_proj.weight.t() + self.q_proj.bias
+        """y [rows, d_model] -> projected queries already scaled by 1 / sqrt(d_head), [rows, d_model] (heads side by
+        side). The scale is folded into the projection's weight and bias (constants the export folds), so that the
+        scores' MatMul carries no alpha: ONNX Runtime's MLAS then takes its one-row kernel, which reads K without
+        packing it, for the one query per sentence of a greedy step (1.6x on that op, docs/performance.md). For a
+        power-of-two scale (d_head 64: 1/8) the queries are the same floats as scaling after the projection."""
+        scale = self.d_head ** -0.5
+        return y @ (self.q_proj.weight * scale).t() + self.q_proj.bias * scale
 
     def step_attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """q [rows, n_heads, 1, d_head] over k, v [rows, n_heads, k_len, d_head]; bias broadcastable to [rows,
@@ -153,7 +158,7 @@ class MultiHeadAttention(nn.Module):
         query block over its own memory, as CTranslate2 folds beams into the query, so a step reads each
         sentence's cross K/V once instead of once per beam.
 
-        q: [rows, d_model], the projected queries (:meth:`step_q`); k, v: [sentences, n_heads, src_len, d_head];
+        q: [rows, d_model], the projected and scaled queries (:meth:`step_q`); k, v: [sentences, n_heads, src_len, d_head];
         bias broadcastable to [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each
         sentence's slot (its first rows; unused slots repeat any row, their results are dropped); row_slot int64
         [rows]: each row's slot in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both).
@@ -165,7 +170,7 @@ class MultiHeadAttention(nn.Module):
         # index_select (one Gather in ONNX) and reshapes with -1 keep the step graph's node count down: in a step
         # of 8 rows its small nodes took about as long as its attention kernels (ONNX Runtime's profile, int8).
         grouped = q.index_select(0, slot_rows.reshape(-1)).view(sentences, slots, self.n_heads, self.d_head)
-        weights = torch.softmax((grouped.transpose(1, 2) * self.d_head ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
+        weights = torch.softmax(grouped.transpose(1, 2) @ k.transpose(-1, -2) + bias, dim=-1)
         context = (weights @ v).transpose(1, 2).reshape(-1, self.n_heads * self.d_head).index_select(0, row_slot)
         return context @ self.out_proj.weight.t() + self.out_proj.bias, weights
 

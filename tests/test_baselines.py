@@ -72,7 +72,8 @@ def test_int8_artifact_is_quantized_smaller_and_mostly_agrees_with_float32(artif
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
     size = (tmp_path / "int8" / "decoder_step.onnx").stat().st_size
     assert size < 0.7 * (artifact / "decoder_step.onnx").stat().st_size
-    # Lossy but close: measured 19 of 24 greedy outputs identical; a broken quantization agrees on ~none.
+    # Lossy but close: measured 16 of 24 greedy outputs identical (19 before 2026-12-07; int8 quantizes each
+    # activation tensor, so a 1e-6 change upstream can move its output); a broken quantization agrees on ~none.
     assert manifest["parity"]["greedy_identical_to_float32"] >= len(PARITY_SENTENCES) // 2
     int8 = Translator(tmp_path / "int8", EngineConfig(device="cpu"))
     assert int8.translate(["The file could not be opened."])[0].text == "Die Datei konnte nicht geöffnet werden."

@@ -225,6 +225,23 @@ def test_decoder_step_linear_layers_run_as_one_gemm_each_with_q_k_v_fused(artifa
          ("Gemm", (cfg.d_ff, d)): n, ("Gemm", (d, cfg.vocab_size)): 1})
 
 
+def test_cross_attention_scores_run_without_a_scale_so_one_query_takes_mlas_one_row_kernel(artifact, torch_model,
+                                                                                             tmp_path):
+    # The queries arrive scaled (nmt/model.py, step_q): a scale on the scores' product (FusedMatMul's alpha, what
+    # ONNX Runtime fuses a Mul by 1/sqrt(d_head) into) sends MLAS's product for one query per sentence (a greedy
+    # step) from its one-row kernel to the general one, which packs K first: 1.6x slower (docs/performance.md).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(artifact / contract.DECODER_STEP_FILE), options, providers=["CPUExecutionProvider"])
+    scores = [node for node in onnx.load(options.optimized_model_filepath).graph.node
+              if node.op_type in ("MatMul", "FusedMatMul") and node.input[1].startswith("cross_k_")]
+    assert len(scores) == torch_model.cfg.n_decoder_layers
+    for node in scores:
+        alpha = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha"), 1.0)
+        assert alpha == 1.0, node.name
+
+
 def test_export_fails_loudly_when_parity_fails(tmp_path):
     # A tolerance no float32 export can meet: the check must refuse and leave no artifact behind.
     with pytest.raises(ParityError, match="max abs log-prob difference"):

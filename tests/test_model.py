@@ -124,6 +124,17 @@ def test_cross_attention_once_per_sentence_equals_once_per_row(torch_model, batc
 
 
 @torch.no_grad()
+def test_a_steps_cross_attention_queries_carry_the_scale_bit_for_bit(torch_model):
+    """step_q folds 1/sqrt(d_head) into the query projection (so that the exported scores' MatMul has no alpha);
+    with d_head a power of two (64: 1/8) that is the same floats as scaling the projected queries."""
+    attn = torch_model.decoder_layers[0].cross_attn
+    assert attn.d_head & (attn.d_head - 1) == 0
+    y = torch.randn(7, torch_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    unscaled = y @ attn.q_proj.weight.t() + attn.q_proj.bias
+    assert torch.equal(attn.step_q(y), unscaled * attn.d_head ** -0.5)
+
+
+@torch.no_grad()
 def test_the_exported_encoders_2d_form_equals_encode_then_cross_kv(torch_model, batch):
     """encode_cross_kv (what encoder.onnx is exported from: 2-D projections, q/k/v one GEMM, every decoder layer's
     cross K/V one GEMM) gives the cross K/V of encode() then cross_kv(), padded sentences included, in their layout."""
