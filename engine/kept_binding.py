@@ -52,5 +52,3 @@ class KeptBinding:
         else:
             self._outputs.pop(name, None)
         return array
-
-

@@ -158,10 +158,11 @@ class MultiHeadAttention(nn.Module):
         query block over its own memory, as CTranslate2 folds beams into the query, so a step reads each
         sentence's cross K/V once instead of once per beam.
 
-        q: [rows, d_model], the projected and scaled queries (:meth:`step_q`); k, v: [sentences, n_heads, src_len, d_head];
-        bias broadcastable to [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row in each
-        sentence's slot (its first rows; unused slots repeat any row, their results are dropped); row_slot int64
-        [rows]: each row's slot in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes both).
+        q: [rows, d_model], the projected and scaled queries (:meth:`step_q`); k, v: [sentences, n_heads, src_len,
+        d_head]; bias broadcastable to [sentences, n_heads, 1, src_len]; slot_rows int64 [sentences, slots]: the row
+        in each sentence's slot (its first rows; unused slots repeat any row, their results are dropped); row_slot
+        int64 [rows]: each row's slot in the flattened [sentences * slots] layout (engine.runtime.cross_slots makes
+        both).
         Returns the output [rows, d_model] and the weights per slot [sentences, n_heads, slots, src_len] as the
         softmax left them (:func:`slot_attention_rows` gives each row's mean over heads): a step graph that outputs
         this tensor adds no node for it, where a mean and a gather each step cost 1-5% of the int8 step.
