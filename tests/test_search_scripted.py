@@ -443,6 +443,27 @@ def test_candidates_from_top_rank_by_score_then_lower_flat_index():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("banned", [(), (PAD,), (PAD, UNK)])
+def test_a_batch_of_plain_greedy_sentences_steps_as_the_general_step_does(monkeypatch, seed, banned):
+    """EngineCore._greedy_step (every sentence of the batch a plain argmax) against the general _decode_step: the
+    same tokens and scores on a table with frequent ties, for sentences of different limits and min_length (rows
+    leave mid-batch and rows past the new count move into theirs), with and without scores."""
+    step = _random_step(vocab=12, seed=seed)
+    sentences = [options(limit=9), options(limit=4, min_length=3), options(limit=7, min_length=6),
+                 options(limit=8, return_scores=False), options(limit=2), options(limit=9, min_length=2)]
+    lean = []
+    greedy_step = EngineCore._greedy_step
+    monkeypatch.setattr(EngineCore, "_greedy_step",
+                        lambda self, batch: lean.append(len(batch.live)) or greedy_step(self, batch))
+    stats = []
+    got = decode(ScriptedModel(step), *sentences, banned=banned, stats=stats)
+    assert len(lean) == stats[0].steps and lean[0] == len(sentences) > lean[-1]  # every step, rows leaving
+    monkeypatch.setattr(EngineCore, "_greedy_rows", lambda self, batch: False)
+    assert decode(ScriptedModel(step), *sentences, banned=banned) == got
+    assert len(lean) == stats[0].steps  # the general step's run did not take it
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("banned", [(), (PAD,), (PAD, UNK)])
 def test_greedy_choices_made_for_the_whole_step_are_each_sentences_own(monkeypatch, seed, banned):
     """GreedySearch.batch_choose (the plain greedy sentences' choices, made for the whole step) against each
     sentence's own advance: the same tokens and scores on a table with frequent ties, for plain sentences of
