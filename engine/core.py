@@ -193,7 +193,8 @@ class EngineCore:
 
     Args:
         model: encode(src_ids, src_mask) -> (cross_k, cross_v); step(tokens, self_k, self_v, cross_k, cross_v,
-            src_mask, top_k, positions=, row_sentence=, check_nan=False) -> (log_probs or TopCandidates, self_k,
+            src_mask, top_k, positions=, row_sentence= (None: row i is sentence i's), check_nan=False) ->
+            (log_probs or TopCandidates, self_k,
             self_v, attention), writing the caches in place or returning new ones; ``ops`` (engine/state_ops.py)
             for its state tensors; optionally ``top_k(log_probs, k)``, ``io_binding`` and ``logits_on_request``
             (True: step takes ``log_softmax=False`` and then gives logits; engine/runtime.py's OnnxModel has all
@@ -775,7 +776,7 @@ class EngineCore:
         live = batch.live
         steps = [s.step for s in live]
         tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
-        scores = self._run_step(batch, tokens, np.asarray(steps, dtype=np.int64), np.arange(len(live)), None,
+        scores = self._run_step(batch, tokens, np.asarray(steps, dtype=np.int64), None, None,
                                 all(s.search.reads_logits for s in live))[0]
         best = scores.argmax(axis=1)
         values = scores[np.arange(len(live)), best]  # float32, as batch_choose gives them
@@ -799,12 +800,13 @@ class EngineCore:
             self._relayout(batch, keep, [s.rows for s in keep])
         return out
 
-    def _run_step(self, batch: _Batch, tokens: np.ndarray, positions: np.ndarray, row_sentence: np.ndarray,
+    def _run_step(self, batch: _Batch, tokens: np.ndarray, positions: np.ndarray, row_sentence: np.ndarray | None,
                   k: int | None, logits: bool):
         """The model's step over ``batch``'s rows (tokens int64 [rows, 1], positions and row_sentence int64 [rows],
-        in buffer row order; the cache grown first if the oldest row's next key/value would not fit); top ``k`` on
-        the device when given, logits instead of log-probs when ``logits`` and the model gives them. Returns the
-        model's (scores, self_k, self_v, attention), its caches kept in ``batch``."""
+        in buffer row order; row_sentence None: row i is sentence i's); the cache is grown first if the oldest row's
+        next key/value would not fit; top ``k`` on the device when given, logits instead of log-probs when
+        ``logits`` and the model gives them. Returns the model's (scores, self_k, self_v, attention), its caches
+        kept in ``batch``."""
         n_layers = len(batch.self_) // 2
         oldest = int(positions.max())
         shape = self.ops.shape(batch.self_[0])

@@ -188,6 +188,7 @@ class OnnxModel:
         self.top_k = TopK(providers, options, self.vocab_size)
         self.log_softmax = LogSoftmax(providers, options, self.device_type)
         self._thread = threading.local()  # the decoder step's kept IOBindings (_kept_binding)
+        self._identity: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # _identity_slots, per row count
         log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
@@ -244,7 +245,7 @@ class OnnxModel:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         if rows and int(positions.max()) >= capacity:
             raise ValueError(f"position {int(positions.max())} does not fit a cache of capacity {capacity}")
-        slot_rows, row_slot = cross_slots(np.arange(rows) if row_sentence is None else row_sentence)
+        slot_rows, row_slot = self._identity_slots(rows) if row_sentence is None else cross_slots(row_sentence)
         kept = self._kept_binding(self_k) if self.device_type == "cpu" else None
         binding = kept.binding if kept is not None else self.decoder.io_binding()
         for name, value in zip(self.step_inputs, (tokens, positions, src_mask, slot_rows, row_slot)):
@@ -305,6 +306,15 @@ class OnnxModel:
         if check_nan and (top_k or self.float16) and np.isnan(checked.max(axis=1)).any():
             raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
         return scores, self_k, self_v, attention
+
+    def _identity_slots(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """cross_slots of one row per sentence, in order (read-only, made once per row count)."""
+        slots = self._identity.get(rows)
+        if slots is None:
+            slots = self._identity[rows] = cross_slots(np.arange(rows))
+            for x in slots:
+                x.flags.writeable = False
+        return slots
 
     def _kept_binding(self, self_k: list) -> KeptBinding | None:
         """The decoder step's IOBinding kept for the cache buffers of ``self_k`` (numpy, on the CPU), or None (an

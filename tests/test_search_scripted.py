@@ -61,6 +61,7 @@ class ScriptedModel:
         assert len({id(c) for c in self_k + self_v}) == len(self_k + self_v)
         # Cross K/V and the source mask once per sentence, every row assigned to one of them (format 4).
         # A sentence's rows may be anywhere in the buffers (the core moves as few as it can), each sentence has one.
+        row_sentence = np.arange(tokens.shape[0]) if row_sentence is None else row_sentence  # row i: sentence i
         assert row_sentence.shape == (tokens.shape[0],)
         assert cross_k[0].shape[0] == src_mask.shape[0] == row_sentence.max() + 1 == len(np.unique(row_sentence))
         return (self.fn(tokens[:, 0], positions), self_k, self_v,
