@@ -194,11 +194,10 @@ class EngineCore:
     Args:
         model: encode(src_ids, src_mask) -> (cross_k, cross_v); step(tokens, self_k, self_v, cross_k, cross_v,
             src_mask, top_k, positions=, row_sentence= (None: row i is sentence i's), check_nan=False) ->
-            (log_probs or TopCandidates, self_k,
-            self_v, attention), writing the caches in place or returning new ones; ``ops`` (engine/state_ops.py)
-            for its state tensors; optionally ``top_k(log_probs, k)``, ``io_binding`` and ``logits_on_request``
-            (True: step takes ``log_softmax=False`` and then gives logits; engine/runtime.py's OnnxModel has all
-            of these).
+            (log_probs or TopCandidates, self_k, self_v, attention), writing the caches in place or returning new
+            ones; ``ops`` (engine/state_ops.py) for its state tensors; optionally ``top_k(log_probs, k)``,
+            ``io_binding`` and ``logits_on_request`` (True: step takes ``log_softmax=False`` and then gives logits;
+            engine/runtime.py's OnnxModel has all of these).
         bos_id, eos_id, pad_id: special token ids; pad is never generated (plus ``banned_ids``).
         max_positions: the model's position table; bounds source and target lengths.
         policy: "continuous", "refill" or "static"; max_batch_rows: decoder rows of all batches; max_batch_tokens: live
