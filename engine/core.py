@@ -831,20 +831,77 @@ class EngineCore:
                 x[s.rows] = 0
         return self._leave(s, error=error)
 
-    def _decode_step(self, batch: _Batch) -> list[Finished]:
-        if self._greedy_rows(batch):
-            return self._greedy_step(batch)
-        live = batch.live
+    @staticmethod
+    def _step_inputs(live: list[_Sentence]):
+        """The inputs of a step over the rows of ``live``: (n_rows, starts, where, in_order, tokens, positions,
+        row_sentence): each sentence's row count and first row in the sentences' order (starts, one more at the
+        end), the buffer row of each row in that order (where, int64 [rows]) and whether that is 0 .. rows - 1, and
+        the model's tokens int64 [rows, 1], positions and row_sentence int64 [rows], in buffer row order."""
         n_rows = [s.search.n_rows for s in live]
         starts = list(itertools.accumulate(n_rows, initial=0))  # each sentence's first row, in order
         where = np.concatenate([s.rows for s in live])  # the buffer row of each of those rows
         in_order = bool((where == np.arange(len(where))).all())
-        first_row = where[starts[:-1]].tolist()  # each sentence's first buffer row, as Python ints
         tokens = np.concatenate([s.search.last_tokens for s in live])[:, None]
         positions = np.repeat(np.asarray([s.step for s in live], dtype=np.int64), n_rows)
         row_sentence = np.repeat(np.arange(len(live)), n_rows)
         if not in_order:  # the step's inputs go to the buffer rows
             tokens[where], positions[where], row_sentence[where] = tokens.copy(), positions.copy(), row_sentence.copy()
+        return n_rows, starts, where, in_order, tokens, positions, row_sentence
+
+    def _beam_rows(self, batch: _Batch) -> bool:
+        """Whether a step of ``batch`` can take :meth:`_beam_step`: every sentence a beam search reading its rows'
+        top-k (no rule but bans and min_length, :func:`engine.search.top_k_for`) without return_attention, the
+        top-k computed on the host."""
+        if self.device_top_k or not self.has_top_k:
+            return False
+        for s in batch.live:
+            if type(s.search) is not BeamSearch or s.search.top_k is None or s.return_attention:
+                return False
+        return True
+
+    def _beam_step(self, batch: _Batch) -> list[Finished]:
+        """One decoder step of a batch of beam searches (:meth:`_beam_rows`): the tokens, scores and failures of
+        :meth:`_decode_step`, the searches advanced together (:meth:`BeamSearch.batch_advance`) instead of through
+        the general step's per-sentence outputs and branches."""
+        live = batch.live
+        n_rows, starts, where, in_order, tokens, positions, row_sentence = self._step_inputs(live)
+        log_probs = self._run_step(batch, tokens, positions, row_sentence, None, False)[0]
+        top = ban(self.model.top_k(log_probs, max(s.search.top_k for s in live)), self.banned_ids)
+        if not in_order:  # [rows, k] into the sentences' order
+            top = TopCandidates(top.log_probs[where], top.ids[where], top.vocab)
+        nan = np.isnan(top.log_probs.max(axis=1))  # as _decode_step: a sentence with a NaN row fails alone
+        failed = {i for i in range(len(live)) if nan[starts[i]:starts[i + 1]].any()} if nan.any() else set()
+        advanced, others = BeamSearch.batch_advance(
+            [(i, s.search) for i, s in enumerate(live) if i not in failed], top, dict(enumerate(starts[:-1])))
+        out, keep, parents = [], [], []
+        for i, s in enumerate(live):
+            local = advanced.get(i)
+            if local is None:
+                try:
+                    if i in failed:
+                        raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+                    local = s.search.advance(s.step, None, None, None, others[i])
+                except Exception as e:  # noqa: BLE001 - this sentence fails alone
+                    out.append(self._fail_alone(batch, s, e))
+                    continue
+            s.step += 1
+            if s.search.done:
+                out.append(self._leave(s, s.search.hypotheses))
+                continue
+            keep.append(s)
+            parents.append(s.rows[local])
+        if len(keep) < len(live) or not np.array_equal(np.concatenate(parents), where):
+            self._relayout(batch, keep, parents)
+        return out
+
+    def _decode_step(self, batch: _Batch) -> list[Finished]:
+        if self._greedy_rows(batch):
+            return self._greedy_step(batch)
+        if self._beam_rows(batch):
+            return self._beam_step(batch)
+        live = batch.live
+        n_rows, starts, where, in_order, tokens, positions, row_sentence = self._step_inputs(live)
+        first_row = where[starts[:-1]].tolist()  # each sentence's first buffer row, as Python ints
         wants_top = [self._wants_top(s.search) for s in live]
         k = max((s.search.top_k for s, w in zip(live, wants_top) if w), default=None)
         # With the log-probs on a device and every sentence reading top-k only, they never leave it.

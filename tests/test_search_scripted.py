@@ -482,3 +482,88 @@ def test_greedy_choices_made_for_the_whole_step_are_each_sentences_own(monkeypat
     assert max(chosen) == 4  # the four plain greedy sentences, chosen together
     monkeypatch.setattr(GreedySearch, "batch_choose", staticmethod(lambda searches, log_probs: {}))
     assert got == decode(ScriptedModel(step), *sentences, banned=banned)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("banned", [(PAD,), (PAD, UNK)])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_a_batch_of_beam_searches_advanced_together_steps_as_the_general_step_does(monkeypatch, seed, banned,
+                                                                                   length_penalty):
+    """EngineCore._beam_step (every sentence a top-k beam search, advanced together by BeamSearch.batch_advance)
+    against the general _decode_step: the same hypotheses, scores and order on a table with frequent ties, for
+    beam sizes 2-5, n_best up to the beam, min_length and limits that differ (so hypotheses finish and rows leave
+    mid-batch, and searches fall back to their own advance), and a beam search that decodes alone."""
+    step = _random_step(vocab=12, seed=seed)
+    sentences = [options(beam_size=2, limit=9, length_penalty=length_penalty),
+                 options(beam_size=4, n_best=3, limit=7, min_length=5, length_penalty=length_penalty),
+                 options(beam_size=3, limit=4, length_penalty=length_penalty),
+                 options(beam_size=5, n_best=5, limit=8, min_length=2, length_penalty=length_penalty),
+                 options(beam_size=4, limit=12, length_penalty=length_penalty)]
+    lean, together = [], []
+    beam_step, batch_advance = EngineCore._beam_step, BeamSearch.batch_advance
+    monkeypatch.setattr(EngineCore, "_beam_step", lambda self, batch: lean.append(1) or beam_step(self, batch))
+
+    def counted(searches, top, top_row):
+        advanced, others = batch_advance(searches, top, top_row)
+        together.append((len(advanced), len(others)))
+        return advanced, others
+
+    monkeypatch.setattr(BeamSearch, "batch_advance", staticmethod(counted))
+    stats = []
+    got = decode(ScriptedTopKModel(step), *sentences, banned=banned, stats=stats)
+    assert len(lean) == stats[0].steps
+    assert sum(a for a, _ in together) > 0 and sum(o for _, o in together) > 0  # both ways taken
+    for alone in sentences:
+        assert decode(ScriptedTopKModel(step), alone, banned=banned) == [got[sentences.index(alone)]]
+    monkeypatch.setattr(EngineCore, "_beam_rows", lambda self, batch: False)
+    lean.clear()
+    assert decode(ScriptedTopKModel(step), *sentences, banned=banned) == got
+    assert not lean  # the general step's run did not take it
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_searches_advanced_together_match_their_own_advance_at_every_step(seed):
+    """BeamSearch.batch_advance against each search's own advance, state by state: random searches (beam sizes,
+    n_best, limits, min_length, length penalties) fed the same random top-k rows with ties and frequent eos, step
+    after step, end in the same live beams, scores, finished hypotheses and results. Searches that stop through
+    the settled rule at a step where no hypothesis finishes (one finished earlier) are among them."""
+    import copy
+
+    rng = np.random.default_rng(seed)
+    vocab, k = 10, 8
+    searches = [BeamSearch(int(rng.integers(2, 24)), BOS, EOS, beam, float(rng.choice([0.0, 0.6, 1.5])),
+                           int(rng.integers(1, beam + 1)), Rules(min_length=int(rng.integers(0, 4))))
+                for beam in rng.integers(2, 5, size=80)]
+    own = copy.deepcopy(searches)
+    settled_late = 0
+    for _ in range(24):
+        live = [j for j, s in enumerate(own) if not s.done]
+        if not live:
+            break
+        n_rows = [own[j].n_rows for j in live]
+        rows = sum(n_rows)
+        values = -rng.integers(1, 6, size=(rows, k)).astype(np.float32) / 2  # < 0: live scores fall
+        # Every other step without eos among the rows' best: hypotheses that finished earlier then face beams
+        # whose scores only fall (the settled rule's case).
+        tokens = np.arange(vocab) if rng.random() < 0.5 else np.delete(np.arange(vocab), EOS)
+        ids = np.stack([rng.permutation(tokens)[:k] for _ in range(rows)]).astype(np.int64)
+        order = np.lexsort((ids, -values), axis=1)  # best first, ties by lower id (ONNX TopK)
+        top = TopCandidates(np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1), vocab)
+        starts = np.cumsum([0] + n_rows)
+        advanced, others = BeamSearch.batch_advance([(j, searches[j]) for j in live], top,
+                                                    {j: int(s) for j, s in zip(live, starts)})
+        for j, start in zip(live, starts):
+            mine = TopCandidates(top.log_probs[start:start + own[j].n_rows], top.ids[start:start + own[j].n_rows],
+                                 vocab)
+            finished_before = len(own[j].finished)
+            want = own[j].advance(own[j].steps_done, None, mine, None)
+            got = advanced[j] if j in advanced else searches[j].advance(searches[j].steps_done, None, None, None,
+                                                                       others[j])
+            settled_late += own[j].done and 0 < finished_before == len(own[j].finished) and j not in advanced
+            assert got.tolist() == want.tolist()
+            a, b = searches[j], own[j]
+            assert (a.done, a.n_rows, a.steps_done, a.live_tokens, a.live_scores.tolist(), a.last_tokens.tolist(),
+                    a.finished, a.hypotheses) == (b.done, b.n_rows, b.steps_done, b.live_tokens,
+                                                  b.live_scores.tolist(), b.last_tokens.tolist(), b.finished,
+                                                  b.hypotheses)
+    assert all(s.done for s in own) and settled_late
