@@ -2,9 +2,11 @@
 
     .venv/bin/python -m loadtests.bench_int8_gemm [--threads 1]
 
-Answers "which int8 kernel really runs": one MatMul graph with a constant weight, and its copy made by the same
-dynamic quantization as export/quantize.py (DynamicQuantizeMatMul: activations quantized per call to uint8,
-weights int8). Prints GFLOP/s (float32) and GOP/s (int8, a multiply-add counted as 2) per shape, and the
+Answers "which int8 kernel really runs": one MatMul graph with a constant weight, and its copies made as
+export/quantize.py makes them: static activation scales (QuantizeLinear and MatMulIntegerToFloat: the input
+quantized to uint8 with a fixed scale, here that of the benchmark's standard normal input, weights int8) and
+dynamic ones (DynamicQuantizeMatMul: a range per call). Prints GFLOP/s (float32) and GOP/s (int8, a multiply-add
+counted as 2) per shape, and the
 processor's int8 instruction sets as the kernel reports them (/proc/cpuinfo): an AMX kernel would run several
 times the AVX-512 VNNI rate, which is about 4x float32 per core.
 """
@@ -23,6 +25,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from export.calibrate import dynamic_quantizers, static_graph
+
 SHAPES = [(40, 256, 8000), (160, 256, 8000), (160, 256, 768), (160, 1024, 256), (1024, 1024, 1024)]
 
 
@@ -38,10 +42,18 @@ def matmul_graph(path: Path, k: int, n: int) -> None:
     onnx.save(model, str(path))
 
 
-def quantize_int8(source: Path, destination: Path) -> None:
-    """The int8 copy as export/quantize.py makes it (int8 weights, per-channel scales)."""
+INPUT_RANGE = (-4.5, 4.5)  # the static scale's range: about every value of the standard normal input
+
+
+def quantize_int8(source: Path, destination: Path, activations: str = "static") -> None:
+    """The int8 copy as export/quantize.py makes it (int8 weights, per-channel scales), with static activation
+    scales (export/calibrate.py, over INPUT_RANGE) or dynamic ones."""
     quantize_dynamic(str(source), str(destination), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul", "Gemm"])
+    if activations == "static":
+        model = onnx.load(str(destination))
+        calls = [np.asarray([INPUT_RANGE], dtype=np.float32)] * len(dynamic_quantizers(model))
+        onnx.save(static_graph(model, calls), str(destination))
 
 
 def ops_per_second(path: Path, m: int, k: int, n: int, threads: int, seconds: float = 0.5) -> float:
@@ -73,13 +85,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         for m, k, n in SHAPES:
-            fp32, int8 = Path(tmp) / f"{k}x{n}.onnx", Path(tmp) / f"{k}x{n}-int8.onnx"
+            fp32, int8, dynamic = (Path(tmp) / f"{k}x{n}{kind}.onnx" for kind in ("", "-int8", "-dynamic"))
             if not fp32.exists():
                 matmul_graph(fp32, k, n)
                 quantize_int8(fp32, int8)
-            f, q = (ops_per_second(path, m, k, n, args.threads) / 1e9 for path in (fp32, int8))
-            print(f"[{m} x {k}] x [{k} x {n}]: float32 {f:.0f} GFLOP/s, int8 {q:.0f} GOP/s, int8/float32 {q / f:.2f}",
-                  flush=True)
+                quantize_int8(fp32, dynamic, "dynamic")
+            f, q, d = (ops_per_second(path, m, k, n, args.threads) / 1e9 for path in (fp32, int8, dynamic))
+            print(f"[{m} x {k}] x [{k} x {n}]: float32 {f:.0f} GFLOP/s, int8 {q:.0f} GOP/s (dynamic {d:.0f}), "
+                  f"int8/float32 {q / f:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from engine.runtime import EngineConfig
 from engine.translator import Translator
 from export.fp16 import fp16_artifact
 from export.onnx_export import export_checkpoint
-from export.quantize import quantize_artifact
+from export.quantize import conversion_method, quantize_artifact
 from loadtests.base_model import make_base_checkpoint
 from loadtests.baselines.torch_eager import torch_translator
 from loadtests.bench_http import add_engine_argument
@@ -149,7 +149,7 @@ def prepare(args) -> list[Model]:
         if stale(standard_artifact(m, args)) and args.device == "cuda":
             # ONNX Runtime's CUDA GroupQueryAttention takes float16 only: float32 on CUDA runs the standard-ops step.
             export_checkpoint(m.checkpoint, standard_artifact(m, args), sentences[:4], self_attention="standard")
-        if stale(int8_artifact(m, args), m.artifact) and args.device == "cpu":
+        if stale(int8_artifact(m, args), m.artifact, conversion_method()) and args.device == "cpu":
             quantize_artifact(m.artifact, int8_artifact(m, args), sentences[:4])
         # On CUDA the float16 copy is of the standard-ops step (engine/contract.py, check_provider).
         fp16_source = standard_artifact(m, args) if args.device == "cuda" else m.artifact
@@ -160,11 +160,12 @@ def prepare(args) -> list[Model]:
     return models
 
 
-def stale(artifact: Path, source: Path | None = None) -> bool:
+def stale(artifact: Path, source: Path | None = None, method: str | None = None) -> bool:
     """No artifact there yet, one of another format than this engine reads (engine/contract.py), or a copy (int8,
-    float16) of another kind of decoder step than ``source``'s (its manifest's self_attention) or made from another
+    float16) of another kind of decoder step than ``source``'s (its manifest's self_attention), made from another
     export of it than the one there now (the copy's conversion.source_files against the source's file hashes: a
-    re-exported graph gets new copies, not the old graph's)."""
+    re-exported graph gets new copies, not the old graph's) or, given ``method``, made another way (its
+    conversion.method: int8 copies made before static activation scales)."""
     manifest = artifact / contract.MANIFEST
     if not manifest.exists():
         return True
@@ -176,6 +177,7 @@ def stale(artifact: Path, source: Path | None = None) -> bool:
     origin = json.loads((source / contract.MANIFEST).read_text())
     made_from = found.get("conversion", {}).get("source_files", {})
     return (found.get("self_attention") != origin.get("self_attention")
+            or (method is not None and found.get("conversion", {}).get("method") != method)
             or any(origin["files"].get(name) != digest for name, digest in made_from.items()))
 
 

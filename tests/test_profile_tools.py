@@ -50,13 +50,15 @@ def test_step_profile_accounts_for_the_whole_step(artifact):
 
 
 def test_the_int8_gemm_benchmark_times_the_kernel_of_the_int8_copy(artifact, tmp_path):
-    """Its int8 graph, once ONNX Runtime has optimized it, runs DynamicQuantizeMatMul, as the int8 artifact does."""
+    """Its int8 graph, once ONNX Runtime has optimized it, runs QuantizeLinear and MatMulIntegerToFloat, as the int8
+    artifact does; its dynamic one DynamicQuantizeMatMul, as an artifact quantized with --activations dynamic."""
     import onnx
 
     from export.quantize import quantize_artifact
 
     matmul_graph(tmp_path / "mm.onnx", 256, 512)
     quantize_int8(tmp_path / "mm.onnx", tmp_path / "mm8.onnx")
+    quantize_int8(tmp_path / "mm.onnx", tmp_path / "mm8-dynamic.onnx", "dynamic")
     quantize_artifact(artifact, tmp_path / "int8", ["The file could not be opened."])
 
     def kernels(path):
@@ -67,8 +69,9 @@ def test_the_int8_gemm_benchmark_times_the_kernel_of_the_int8_copy(artifact, tmp
         return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
 
     bench = kernels(tmp_path / "mm8.onnx")
-    assert bench == {"DynamicQuantizeMatMul"}
+    assert bench == {"QuantizeLinear", "MatMulIntegerToFloat"}
     assert bench <= kernels(tmp_path / "int8" / "decoder_step.onnx")
+    assert kernels(tmp_path / "mm8-dynamic.onnx") == {"DynamicQuantizeMatMul"}
 
 
 def test_the_step_graph_benchmark_binds_the_cache_as_the_engine_does(artifact, options):
