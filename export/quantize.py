@@ -65,10 +65,12 @@ def quantize_artifact(artifact: str | Path, out: str | Path, sentences: list[str
 
     Raises:
         FileNotFoundError: the source artifact is incomplete.
-        ValueError: another ``activations``.
+        ValueError: another ``activations``, or static ones with no calibration sentence.
     """
     if activations not in ("static", "dynamic"):
         raise ValueError(f"activations must be 'static' or 'dynamic', got {activations!r}")
+    if activations == "static" and calibration is not None and not calibration:
+        raise ValueError("static activation scales need at least one calibration sentence")
     method = conversion_method(activations, calibration)
     if activations == "dynamic":
         return write_lossy_copy(artifact, out, quantize_graph, "int8", method, sentences)
@@ -98,8 +100,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="static: one calibrated scale per layer input (batch-invariant); dynamic: a range per call")
     p.add_argument("--calibration-sentences", default=str(CALIBRATION_SENTENCES))
     args = p.parse_args(argv)
-    manifest = quantize_artifact(args.artifact, args.out, read_sentences(args.parity_sentences), args.activations,
-                                 read_sentences(args.calibration_sentences))
+    try:
+        calibration = read_sentences(args.calibration_sentences) if args.activations == "static" else None
+        manifest = quantize_artifact(args.artifact, args.out, read_sentences(args.parity_sentences), args.activations,
+                                     calibration)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     print(json.dumps(dict(precision=manifest["precision"], parity=manifest["parity"]), indent=2))
 
 

@@ -125,3 +125,21 @@ def test_the_static_copy_translates_a_sentence_the_same_whatever_its_batch_mates
 def test_quantize_refuses_an_unknown_activation_kind(artifact, tmp_path):
     with pytest.raises(ValueError, match="activations"):
         quantize_artifact(artifact, tmp_path / "int8", PARITY_SENTENCES[:1], activations="per-row")
+
+
+def test_quantize_refuses_static_scales_without_calibration_sentences(artifact, tmp_path):
+    with pytest.raises(ValueError, match="calibration sentence"):
+        quantize_artifact(artifact, tmp_path / "int8", PARITY_SENTENCES[:1], calibration=[])
+    assert not (tmp_path / "int8").exists()
+
+
+def test_the_quantize_command_reports_bad_input_as_a_usage_error(tmp_path, capsys):
+    from export.quantize import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    for argv in (["--calibration-sentences", str(empty)], ["--artifact", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + ["--out", str(tmp_path / "int8")])
+        assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "int8").exists()
