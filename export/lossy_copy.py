@@ -63,7 +63,10 @@ def write_lossy_copy(artifact: str | Path, out: str | Path, convert: ConvertFn, 
         FileNotFoundError: the source artifact is incomplete.
         EngineUnavailableError: device "cuda" without a working CUDA provider.
         NumericalError: the copy produced NaN log-probs on a parity sentence (nothing is written then).
+        ValueError: no parity sentence.
     """
+    if not sentences:
+        raise ValueError("the agreement with float32 needs at least one parity sentence")
     artifact, out = Path(artifact), Path(out)
     manifest = json.loads((artifact / contract.MANIFEST).read_text())
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -1,6 +1,6 @@
 """int8 quantization of an exported artifact (CPU), with its agreement with float32 recorded.
 
-    .venv/bin/python -m export.quantize --artifact artifacts/en-de --out artifacts/en-de-int8   # about 30 s
+    .venv/bin/python -m export.quantize --artifact artifacts/en-de --out artifacts/en-de-int8   # about 10 s
 
 Weights of every MatMul/Gemm become int8 (per output channel). Activations become uint8 with one fixed scale per
 linear layer's input, calibrated by decoding export/calibration_sentences.txt (export/calibrate.py:
