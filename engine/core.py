@@ -790,11 +790,7 @@ class EngineCore:
             except Exception as e:  # noqa: BLE001 - this sentence fails alone
                 out.append(self._fail_alone(batch, s, e))
                 continue
-            s.step += 1
-            if search.done:
-                out.append(self._leave(s, search.hypotheses))
-            else:
-                keep.append(s)
+            self._stepped(s, out, keep)
         if len(keep) < len(live):
             self._relayout(batch, keep, [s.rows for s in keep])
         return out
@@ -822,6 +818,16 @@ class EngineCore:
         self.stats.steps += 1
         self.stats.rows += len(tokens)
         return result
+
+    def _stepped(self, s: _Sentence, out: list[Finished], keep: list[_Sentence]) -> bool:
+        """Counts the step ``s``'s search has just advanced: a finished sentence leaves (into ``out``), another goes
+        on (into ``keep``). Returns whether it goes on."""
+        s.step += 1
+        if s.search.done:
+            out.append(self._leave(s, s.search.hypotheses))
+            return False
+        keep.append(s)
+        return True
 
     def _fail_alone(self, batch: _Batch, s: _Sentence, error: Exception) -> Finished:
         """``s`` leaves ``batch`` with ``error``; the other sentences go on."""
@@ -884,12 +890,8 @@ class EngineCore:
                 except Exception as e:  # noqa: BLE001 - this sentence fails alone
                     out.append(self._fail_alone(batch, s, e))
                     continue
-            s.step += 1
-            if s.search.done:
-                out.append(self._leave(s, s.search.hypotheses))
-                continue
-            keep.append(s)
-            parents.append(s.rows[local])
+            if self._stepped(s, out, keep):
+                parents.append(s.rows[local])
         if len(keep) < len(live) or not np.array_equal(np.concatenate(parents), where):
             self._relayout(batch, keep, parents)
         return out
@@ -972,13 +974,9 @@ class EngineCore:
             except Exception as e:  # noqa: BLE001 - this sentence fails alone
                 out.append(self._fail_alone(batch, s, e))
                 continue
-            s.step += 1
-            if s.search.done:
-                out.append(self._leave(s, s.search.hypotheses))
-                continue
-            keep.append(s)
-            # A single row continuing itself (greedy search, always) keeps its array: no numpy call per sentence.
-            parents.append(s.rows if n == len(local) == 1 else s.rows[local])
+            if self._stepped(s, out, keep):
+                # A single row continuing itself (greedy search, always) keeps its array: no numpy call per sentence.
+                parents.append(s.rows if n == len(local) == 1 else s.rows[local])
         if len(keep) < len(live) or any(p is not s.rows and (len(p) != len(s.rows) or (p != s.rows).any())
                                         for s, p in zip(keep, parents)):
             self._relayout(batch, keep, parents)
