@@ -885,7 +885,7 @@ class EngineCore:
             if local is None:
                 try:
                     if i in failed:
-                        raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+                        raise NumericalError()
                     local = s.search.advance(s.step, None, None, None, others[i])
                 except Exception as e:  # noqa: BLE001 - this sentence fails alone
                     out.append(self._fail_alone(batch, s, e))
@@ -967,7 +967,7 @@ class EngineCore:
                 nan = nan_full is not None and nan_full[mine].any()
             try:
                 if nan:
-                    raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+                    raise NumericalError()
                 local = s.search.advance(s.step, mine_lp, mine_top,
                                          attention[mine, :len(s.src_ids)] if s.return_attention else None,
                                          chosen)

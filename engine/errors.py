@@ -33,6 +33,9 @@ class NumericalError(EngineError):
     """The model produced NaN log-probs for this input (e.g. a float16 copy overflowing). HTTP 500: not the
     client's fault; the service retries a failed batch's sentences one by one, so only this sentence fails."""
 
+    def __init__(self, message: str = "the decoder produced NaN log-probs for this input (a float16 overflow?)"):
+        super().__init__(message)
+
 
 class NotAvailableError(EngineError):
     """The model's artifact lacks what the request needs (explain.onnx for the attention view). HTTP 404."""

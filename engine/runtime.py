@@ -304,7 +304,7 @@ class OnnxModel:
         # [rows, vocab] is 1-3% of a greedy step, for an overflow float32 graphs do not have).
         checked = scores.log_probs if top_k else scores
         if check_nan and (top_k or self.float16) and np.isnan(checked.max(axis=1)).any():
-            raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+            raise NumericalError()
         return scores, self_k, self_v, attention
 
     def _identity_slots(self, rows: int) -> tuple[np.ndarray, np.ndarray]:

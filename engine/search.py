@@ -218,7 +218,7 @@ class GreedySearch(SentenceSearch):
                      else int(self.sampling.choose(log_probs, self.rng)[0]))
             token_log_prob = log_probs[0, token]
         if math.isnan(token_log_prob):  # argmax returns a NaN if the row has one; the core checks top-k rows itself
-            raise NumericalError("the decoder produced NaN log-probs for this input (a float16 overflow?)")
+            raise NumericalError()
         if self.scores:  # else token_log_prob may be a logit (reads_logits)
             self.score += token_log_prob
         if token != self.eos_id:

@@ -28,6 +28,7 @@ docs/performance.md); the calibration sentences are 300 English sides of the tra
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,6 @@ def calibrate(artifact: Path, scratch: Path, sentences: list[str],
     Raises:
         ValueError: a graph without DynamicQuantizeLinear nodes (not a dynamic int8 graph).
     """
-    import shutil
-
     from engine.runtime import EngineConfig
     from engine.translator import Translator
 
