@@ -519,10 +519,16 @@ class EngineCore:
         """Positions a self-attention buffer should have for rows of at most ``width`` cached keys/values (the
         step writes position ``width``): ops that copy the capacity with every reorder get it to CACHE_GROWTH;
         in-place ops, whose moves copy only used positions and whose step reads only each row's own (a capacity
-        of 256 instead of 32 left a 160-row step's time unchanged), double it and halve it when 4x too big."""
+        of 256 instead of 32 left a 160-row step's time unchanged), all the model's positions from the start
+        when no step reads past a row's length (``cache_tail_unread``): the memory of positions never written is
+        never supplied (state_ops.lazy_zeros), and the batch's cache never grows (each growth copied the cache into
+        fresh memory, 1-6% of an int8 beam-4 list of 500 sentences; docs/performance.md); else they double it and
+        halve it when 4x too big."""
         needed = _capacity(width)
         if not self.ops.in_place:
             return needed
+        if self.cache_tail_unread:
+            return _capacity(self.max_positions)
         if needed <= current and 4 * needed > current:
             return current
         return min(2 * needed, _capacity(self.max_positions))
@@ -595,7 +601,8 @@ class EngineCore:
             batch.src_mask = src_mask
             # One buffer per tensor: the step writes into each.
             batch.self_ = self._spare_buffers(len(joining)) or [
-                self.ops.empty(cross[0], self._fit(len(joining), 0), CACHE_GROWTH) for _ in range(2 * n_layers)]
+                self.ops.empty(cross[0], self._fit(len(joining), 0), self._positions(0, CACHE_GROWTH))
+                for _ in range(2 * n_layers)]
         else:
             width = max(batch.src_mask.shape[1], src_width)
             slots = self._fit(sentences + len(joining), self.ops.shape(batch.cross[0])[0])

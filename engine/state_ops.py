@@ -20,13 +20,38 @@ Gather or Pad graph on the device), as the engine did before.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 _INT64_MAX = np.iinfo(np.int64).max
-_uninitialized = np.empty  # NumpyOps.resize's allocator for unread tails (a test poisons it with NaN)
+LAZY_BYTES = 1 << 20  # arrays from this size up are mapped memory (lazy_zeros); smaller ones come from malloc
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed, C-contiguous, writable array of ``shape`` whose memory the kernel supplies page by page as it is
+    first touched (an anonymous mapping, already zero), in 4 kB pages, not transparent huge pages.
+
+    For the decoder state's buffers, which are mostly never touched: spare rows and, in a self-attention cache, the
+    positions past each row's length. numpy asks the kernel for huge pages for arrays of 4 MB and more, so that a
+    buffer's first touch of each 2 MB faults, and zeroes, all of it; on this machine those faults, and the
+    compaction they wait on, cost 0.02-0.18 s of a 2.6 s beam-4 list (docs/performance.md, "Cache buffers in base
+    pages"). Arrays under LAZY_BYTES, and systems without madvise, get np.zeros.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    advice = getattr(mmap, "MADV_NOHUGEPAGE", None)
+    if nbytes < LAZY_BYTES or advice is None:
+        return np.zeros(shape, dtype)
+    mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapped.madvise(advice)
+    return np.frombuffer(mapped, dtype=dtype).reshape(shape)  # the array holds the mapping; unmapped with it
+
+
+_uninitialized = lazy_zeros  # NumpyOps.resize's allocator for unread tails and rows (a test poisons it with NaN)
 
 
 def resized(xs: list, used: int, rows: int, capacity: int, zeros, cached: int | None = None) -> list:
@@ -55,9 +80,9 @@ class NumpyOps:
     @staticmethod
     def empty(like: np.ndarray, rows: int | None = None, capacity: int = 0) -> np.ndarray:
         """A zeroed self cache [rows, n_heads, capacity, d_head] with ``like``'s heads, d_head and dtype (rows
-        defaults to like's)."""
+        defaults to like's), in memory supplied as it is first written (:func:`lazy_zeros`)."""
         batch, n_heads, _, d_head = like.shape
-        return np.zeros((batch if rows is None else rows, n_heads, capacity, d_head), dtype=like.dtype)
+        return lazy_zeros((batch if rows is None else rows, n_heads, capacity, d_head), like.dtype)
 
     in_place = True  # buffers keep spare rows and positions: moves and writes go into them (module docstring)
 
@@ -85,7 +110,7 @@ class NumpyOps:
             for x, z in zip(xs, out):
                 z[:used, :, x.shape[2]:] = 0  # masked, but read: a NaN there would survive the softmax's 0 weight
             return out
-        alloc = _uninitialized if unread_tail else np.zeros
+        alloc = _uninitialized if unread_tail else lazy_zeros
         return resized(xs, used, rows, capacity, lambda x, shape: alloc(shape, dtype=x.dtype),
                        cached if unread_tail else None)
 

@@ -1,5 +1,8 @@
 """Device-resident decoder state (engine/state_ops.py): the I/O-binding path gives exactly the numpy path's output."""
 
+import os
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -7,7 +10,7 @@ from onnx import TensorProto
 
 from engine.options import DecodingOptions
 from engine.runtime import EngineConfig, cross_slots
-from engine.state_ops import NumpyOps, OrtValueOps
+from engine.state_ops import NumpyOps, OrtValueOps, lazy_zeros
 from engine.translator import Translator
 
 from conftest import SENTENCES
@@ -208,3 +211,24 @@ def test_a_resize_with_unread_rows_zeroes_only_what_the_used_rows_gained(monkeyp
     assert not np.isnan(joined).any() and not joined[4:, :, 7:].any()
     narrowed = NumpyOps.resize([x], used=3, rows=4, capacity=6, unread_rows=True)[0]
     np.testing.assert_array_equal(narrowed[:3], x[:3, :, :6])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
+def test_lazy_buffers_are_zero_and_take_memory_only_where_written():
+    """state_ops.lazy_zeros: a zeroed, writable, C-contiguous array of the shape and dtype asked for; a large one
+    gets its memory page by page as it is written, in base pages: 16 writes 4 MB apart into 64 MB make at most 1 MB
+    resident (transparent huge pages, which numpy asks for from 4 MB up, would make 32 MB resident)."""
+    small = lazy_zeros((4, 2, 8, 3), np.float16)
+    assert small.shape == (4, 2, 8, 3) and small.dtype == np.float16 and not small.any()
+    large = lazy_zeros((16, 4, 256, 1024), np.float32)  # 64 MB
+    assert large.flags.c_contiguous and large.flags.writeable and large.dtype == np.float32
+    before = _resident_bytes()
+    large[:, 0, 0, 0] = 1.0  # one value every 4 MB
+    grew = _resident_bytes() - before
+    assert grew < 2**20, f"{grew} bytes resident for 16 values"
+    assert large.sum() == 16.0  # the rest reads as zero (this touches every page, read-only)
