@@ -16,12 +16,14 @@ be anywhere in the buffer (``_Sentence.rows``), so that between steps as little 
 takes a spare row (its cache starts empty: nothing to copy) and its cross K/V a spare slot; after a beam step the
 first beam of each parent stays in the parent's row and only the other beams are copied, into rows of beams that
 ended; when sentences leave, rows past the new count move down into the holes; and each copy takes only the
-positions its sentence has cached (``_relayout``). Buffers grow and shrink by doubling and halving, and an ended
-batch's buffers serve the next new one. Before this (2026-12-04), every join copied the whole cache into a bigger
-one and every reorder gathered every row at the oldest row's capacity: with 64 one-sentence clients at beam 4,
-engine alone, one continuous batch spent 3.2 of 9.9 s in those copies and ran at 0.83x static's sentences/s; now
-0.65 of 7.0 s, 1.07-1.11x static (docs/performance.md, Continuous batching). Ops that cannot write in place
-(OrtValueOps: the cache on a device) copy into exact-size buffers, as before. Cross-attention K/V are kept once per
+positions its sentence has cached (``_relayout``). Buffers grow and shrink by doubling and halving their rows; in
+positions they hold all the model's from the start when the step reads none past a row's length (memory supplied
+as positions are written: ``_positions``), else they double too; an ended batch's buffers serve the next new one.
+Before this (2026-12-04), every join copied the whole cache into a bigger one and every reorder gathered every row
+at the oldest row's capacity: with 64 one-sentence clients at beam 4, engine alone, one continuous batch spent 3.2
+of 9.9 s in those copies and ran at 0.83x static's sentences/s; now 0.65 of 7.0 s, 1.07-1.11x static
+(docs/performance.md, Continuous batching). Ops that cannot write in place (OrtValueOps: the cache on a device)
+copy into exact-size buffers, as before. Cross-attention K/V are kept once per
 sentence (not per beam: format 4), padded to the batch's longest source, with the source mask; beams that reorder
 leave them as they are.
 
