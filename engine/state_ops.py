@@ -38,8 +38,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     For the decoder state's buffers, which are mostly never touched: spare rows and, in a self-attention cache, the
     positions past each row's length. numpy asks the kernel for huge pages for arrays of 4 MB and more, so that a
     buffer's first touch of each 2 MB faults, and zeroes, all of it; on this machine those faults, and the
-    compaction they wait on, cost 0.02-0.18 s of a 2.6 s beam-4 list (docs/performance.md, "Cache buffers in base
-    pages"). Arrays under LAZY_BYTES, and systems without madvise, get np.zeros.
+    compaction they wait on, cost 0.02-0.18 s of a 2.6 s int8 beam-4 list (docs/performance.md, "Self-attention
+    caches hold every position from the start"). Arrays under LAZY_BYTES, and systems without madvise, get
+    np.zeros.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
