@@ -111,7 +111,7 @@ class NumpyOps:
             for x, z in zip(xs, out):
                 z[:used, :, x.shape[2]:] = 0  # masked, but read: a NaN there would survive the softmax's 0 weight
             return out
-        alloc = _uninitialized if unread_tail else lazy_zeros
+        alloc = _uninitialized if unread_tail else np.zeros
         return resized(xs, used, rows, capacity, lambda x, shape: alloc(shape, dtype=x.dtype),
                        cached if unread_tail else None)
 
