@@ -297,9 +297,15 @@ class BeamSearch(SentenceSearch):
             groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
         width = top.log_probs.shape[1]
         for (n, beam_size), members in groups.items():
-            rows = np.concatenate([np.arange(top_row[key], top_row[key] + n) for key, _ in members])
-            values = top.log_probs[rows].reshape(len(members), n, width)
-            ids = top.ids[rows].reshape(len(members), n, width)
+            m = len(members)
+            starts = np.fromiter((top_row[key] for key, _ in members), np.int64, m)
+            if (starts == starts[0] + n * np.arange(m)).all():  # one run of rows (most steps): views, no copy
+                values = top.log_probs[starts[0]:starts[0] + n * m].reshape(m, n, width)
+                ids = top.ids[starts[0]:starts[0] + n * m].reshape(m, n, width)
+            else:
+                rows = (starts[:, None] + np.arange(n)).reshape(-1)
+                values = top.log_probs[rows].reshape(m, n, width)
+                ids = top.ids[rows].reshape(m, n, width)
             # Before min_length eos is banned (_banned_values), per sentence: a fixed-length request (min_length =
             # max_length) is in this case at every step.
             early = [(j, search.eos_id) for j, (_, search) in enumerate(members)
