@@ -524,7 +524,7 @@ class EngineCore:
         of 256 instead of 32 left a 160-row step's time unchanged), all the model's positions from the start
         when no step reads past a row's length (``cache_tail_unread``): the memory of positions never written is
         never supplied (state_ops.lazy_zeros), and the batch's cache never grows (each growth copied the cache into
-        fresh memory, 1-6% of an int8 beam-4 list of 500 sentences; docs/performance.md); else they double it and
+        fresh memory, 1-7% of an int8 beam-4 list of 500 sentences; docs/performance.md); else they double it and
         halve it when 4x too big."""
         needed = _capacity(width)
         if not self.ops.in_place:
