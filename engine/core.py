@@ -23,9 +23,8 @@ Before this (2026-12-04), every join copied the whole cache into a bigger one an
 at the oldest row's capacity: with 64 one-sentence clients at beam 4, engine alone, one continuous batch spent 3.2
 of 9.9 s in those copies and ran at 0.83x static's sentences/s; now 0.65 of 7.0 s, 1.07-1.11x static
 (docs/performance.md, Continuous batching). Ops that cannot write in place (OrtValueOps: the cache on a device)
-copy into exact-size buffers, as before. Cross-attention K/V are kept once per
-sentence (not per beam: format 4), padded to the batch's longest source, with the source mask; beams that reorder
-leave them as they are.
+copy into exact-size buffers, as before. Cross-attention K/V are kept once per sentence (not per beam: format 4),
+padded to the batch's longest source, with the source mask; beams that reorder leave them as they are.
 
 Scheduling policy, decided at the start of every step:
 1. Aborted sentences leave before the step computes them; their results are reported as aborted.

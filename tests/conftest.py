@@ -81,6 +81,12 @@ class BlockingStep:
         return self.model.step(*args, **kwargs)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory in bytes (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.core import CACHE_GROWTH, SMALL_REQUEST, EngineCore, _Batch, _Sentence
+from engine.core import SMALL_REQUEST, EngineCore, _Batch, _capacity, _Sentence
 from engine.errors import NumericalError
 from engine.options import DecodingOptions
 from engine.search import BeamSearch
 from engine.state_ops import NumpyOps
 
-from conftest import SENTENCES, NaNAfterToken
+from conftest import SENTENCES, NaNAfterToken, resident_bytes
 
 # Option mixes that decode side by side: greedy, beams of 2/4/16 (top-k path), rules that need full rows,
 # sampling with a seed; lengths capped so that an example stays quick.
@@ -327,7 +327,6 @@ def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
     # Rounds of mixed options, staggered arrivals and aborts (running and waiting) through one core: after the
     # first round warms the allocator, neither Python/numpy memory (tracemalloc, exact) nor the process's RSS may
     # grow from round to round, and the core holds no sentence, row or handle between rounds.
-    import os
     import random
     import tracemalloc
 
@@ -351,10 +350,6 @@ def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
         assert set(results) == set(handles)
         assert core.stats.left == core.stats.joined and not core._by_handle and not core._waiting
 
-    def rss_bytes() -> int:  # resident pages of this process (Linux)
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     tracemalloc.start()
     try:
         one_round()
@@ -366,7 +361,7 @@ def test_memory_is_flat_over_a_soak_of_mixed_load_with_aborts(translator):
             snapshot = tracemalloc.take_snapshot().filter_traces(
                 [tracemalloc.Filter(False, "*/engine/kept_binding.py")])
             traced.append(sum(t.size for t in snapshot.traces))
-            rss.append(rss_bytes())
+            rss.append(resident_bytes())
     finally:
         tracemalloc.stop()
     assert max(traced) - traced[0] < 256 * 1024, f"Python/numpy memory grew over rounds: {traced}"
@@ -554,7 +549,7 @@ def test_a_cache_read_only_to_each_rows_length_holds_every_position_from_the_sta
                 made.append(capacity)
             return NumpyOps.resize(xs, used, rows, capacity, unread_tail, cached, unread_rows)
 
-    model, full = translator.model, (translator.max_positions // CACHE_GROWTH + 1) * CACHE_GROWTH
+    model, full = translator.model, _capacity(translator.max_positions)
     saved = model.ops
     model.ops = Recording()
     try:

@@ -1,6 +1,5 @@
 """Device-resident decoder state (engine/state_ops.py): the I/O-binding path gives exactly the numpy path's output."""
 
-import os
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ from engine.runtime import EngineConfig, cross_slots
 from engine.state_ops import NumpyOps, OrtValueOps, lazy_zeros
 from engine.translator import Translator
 
-from conftest import SENTENCES
+from conftest import SENTENCES, resident_bytes
 
 
 @pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
@@ -213,11 +212,6 @@ def test_a_resize_with_unread_rows_zeroes_only_what_the_used_rows_gained(monkeyp
     np.testing.assert_array_equal(narrowed[:3], x[:3, :, :6])
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
 def test_lazy_buffers_are_zero_and_take_memory_only_where_written():
     """state_ops.lazy_zeros: a zeroed, writable, C-contiguous array of the shape and dtype asked for; a large one
@@ -227,8 +221,8 @@ def test_lazy_buffers_are_zero_and_take_memory_only_where_written():
     assert small.shape == (4, 2, 8, 3) and small.dtype == np.float16 and not small.any()
     large = lazy_zeros((16, 4, 256, 1024), np.float32)  # 64 MB
     assert large.flags.c_contiguous and large.flags.writeable and large.dtype == np.float32
-    before = _resident_bytes()
+    before = resident_bytes()
     large[:, 0, 0, 0] = 1.0  # one value every 4 MB
-    grew = _resident_bytes() - before
+    grew = resident_bytes() - before
     assert grew < 2**20, f"{grew} bytes resident for 16 values"
     assert large.sum() == 16.0  # the rest reads as zero (this touches every page, read-only)
