@@ -41,6 +41,11 @@ from engine.candidates import TopCandidates
 from engine.errors import NumericalError
 from engine.rules import NEG_INF, Rules, Sampling, apply_rules
 
+try:
+    from engine import _kernels  # built by setup.py where a C compiler was found
+except ImportError:
+    _kernels = None
+
 # What a greedy advance returns (its one row continues; it ended), shared and read-only: no allocation per
 # sentence and step.
 _FIRST_ROW = np.zeros(1, dtype=np.int64)
@@ -116,6 +121,57 @@ def _candidates_from_top(live_scores: np.ndarray, values: np.ndarray, ids: np.nd
     # for 1 sentence of 4 beams x 9, 56.6 -> 34.9 us for 50.
     order = np.lexsort((flats, -cand), axis=1)[:, :k]
     return np.take_along_axis(cand, order, 1), np.take_along_axis(flats, order, 1)
+
+
+def _select(members: list[tuple[int, "BeamSearch"]], top: TopCandidates, top_row: dict[int, int], n: int,
+            beam_size: int):
+    """One group's step (``members``, each with ``n`` live rows and ``beam_size`` beams, its rows of ``top`` from
+    ``top_row[key]``): (cand, flats, parents, tokens, scores, common).
+
+    cand float32 and flats int64 [m, k], k = min(2 x beam_size, n x top width): each member's k best candidates,
+    best first, ties by lower flat index, eos at -inf before its min_length (:meth:`BeamSearch._candidates`).
+    parents, tokens int64 and scores float32 [m, beam_size]: its first beam_size continuations (neither eos nor
+    -inf) in rank order, then its other candidates in rank order; common bool [m]: the step is a plain beam step, all
+    beam_size beams continuing and no eos among the first beam_size candidates (one would finish a hypothesis).
+
+    It runs in the compiled engine/_kernels.c, one call per group, where setup.py built it (at beam 4 numpy's
+    cost per call outweighs the work), and in numpy otherwise, with the same results bit for bit (tests)."""
+    m, width, vocab = len(members), top.log_probs.shape[1], top.vocab
+    k = min(2 * beam_size, n * width)
+    starts = np.fromiter((top_row[key] for key, _ in members), np.int64, m)
+    live = np.stack([search.live_scores for _, search in members]).astype(np.float32, copy=False)
+    eos = np.fromiter((search.eos_id for _, search in members), np.int64, m)
+    # Before min_length eos is banned (_banned_values), per sentence: a fixed-length request (min_length =
+    # max_length) is in this case at every step.
+    early = np.fromiter((search.steps_done < search.rules.min_length for _, search in members), bool, m)
+    kernels = _kernels
+    if kernels is not None:
+        values = np.ascontiguousarray(top.log_probs, dtype=np.float32)
+        ids = np.ascontiguousarray(top.ids, dtype=np.int64)
+        cand, flats = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
+        parents, tokens = np.empty((m, beam_size), np.int64), np.empty((m, beam_size), np.int64)
+        scores, common = np.empty((m, beam_size), np.float32), np.empty(m, bool)
+        kernels.select(values, ids, values.shape[0], width, starts, live, early, eos, n, vocab, beam_size,
+                       cand, flats, parents, tokens, scores, common)
+        return cand, flats, parents, tokens, scores, common
+    if (starts == starts[0] + n * np.arange(m)).all():  # one run of rows (most steps): views, no copy
+        values = top.log_probs[starts[0]:starts[0] + n * m].reshape(m, n, width)
+        ids = top.ids[starts[0]:starts[0] + n * m].reshape(m, n, width)
+    else:
+        rows = (starts[:, None] + np.arange(n)).reshape(-1)
+        values = top.log_probs[rows].reshape(m, n, width)
+        ids = top.ids[rows].reshape(m, n, width)
+    if early.any():
+        values = np.where(early[:, None, None] & (ids == eos[:, None, None]), np.float32(-np.inf), values)
+    cand, flats = _candidates_from_top(live, values, ids, vocab, k)
+    parent, token = np.divmod(flats, vocab)
+    is_eos = token == eos[:, None]
+    valid = cand != -np.inf  # best first: -inf (a rule's ban) only after every other candidate
+    beams = valid & ~is_eos
+    common = (beams.sum(axis=1) >= beam_size) & ~(is_eos & valid)[:, :beam_size].any(axis=1)
+    first = np.argsort(~beams, axis=1, kind="stable")[:, :beam_size]  # the continuations, in rank order
+    return (cand, flats, np.take_along_axis(parent, first, 1), np.take_along_axis(token, first, 1),
+            np.take_along_axis(cand, first, 1), common)
 
 
 class SentenceSearch:
@@ -289,35 +345,16 @@ class BeamSearch(SentenceSearch):
         return nth >= bound
 
     @staticmethod
-    def _grouped_candidates(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates, top_row: dict[int, int]):
-        """Yields (members, scores, flats) per group of ``searches`` with the same beam count and live rows: the
-        members' candidates [len(members), 2 x beam_size], as :meth:`batch_candidates` documents."""
+    def _grouped_selections(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates, top_row: dict[int, int]):
+        """Yields (members, cand, flats, parents, tokens, scores, common) per group of ``searches`` with the same
+        beam count and live rows: the members' candidates [len(members), 2 x beam_size] (float32 scores and int64
+        flat indices, as :meth:`batch_candidates` documents) and their continuations [len(members), beam_size]
+        (parents and tokens int64, scores float32; common bool [len(members)]), as :func:`_select` documents."""
         groups: dict[tuple[int, int], list[tuple[int, BeamSearch]]] = {}
         for key, search in searches:
             groups.setdefault((search.n_rows, search.beam_size), []).append((key, search))
-        width = top.log_probs.shape[1]
         for (n, beam_size), members in groups.items():
-            m = len(members)
-            starts = np.fromiter((top_row[key] for key, _ in members), np.int64, m)
-            if (starts == starts[0] + n * np.arange(m)).all():  # one run of rows (most steps): views, no copy
-                values = top.log_probs[starts[0]:starts[0] + n * m].reshape(m, n, width)
-                ids = top.ids[starts[0]:starts[0] + n * m].reshape(m, n, width)
-            else:
-                rows = (starts[:, None] + np.arange(n)).reshape(-1)
-                values = top.log_probs[rows].reshape(m, n, width)
-                ids = top.ids[rows].reshape(m, n, width)
-            # Before min_length eos is banned (_banned_values), per sentence: a fixed-length request (min_length =
-            # max_length) is in this case at every step.
-            early = [(j, search.eos_id) for j, (_, search) in enumerate(members)
-                     if search.steps_done < search.rules.min_length]
-            if early:
-                ban_eos = np.zeros_like(ids, dtype=bool)
-                for j, eos_id in early:
-                    ban_eos[j] = ids[j] == eos_id
-                values = np.where(ban_eos, np.float32(-np.inf), values)
-            cand, flats = _candidates_from_top(np.stack([search.live_scores for _, search in members]), values, ids,
-                                               top.vocab, 2 * beam_size)
-            yield members, cand, flats
+            yield (members, *_select(members, top, top_row, n, beam_size))
 
     @staticmethod
     def batch_candidates(searches: list[tuple[int, "BeamSearch"]], top: TopCandidates,
@@ -328,7 +365,7 @@ class BeamSearch(SentenceSearch):
         :meth:`_candidates`'s result at the search's next step (``steps_done``), ties and min_length's eos ban
         included."""
         out = {}
-        for members, cand, flats in BeamSearch._grouped_candidates(searches, top, top_row):
+        for members, cand, flats, *_ in BeamSearch._grouped_selections(searches, top, top_row):
             for j, (key, _) in enumerate(members):
                 out[key] = (cand[j], flats[j], top.vocab)
         return out
@@ -348,19 +385,9 @@ class BeamSearch(SentenceSearch):
         in Python, per sentence and step (about 8 us each, 8,000 a run of the test split at beam 4)."""
         advanced, others = {}, {}
         vocab = top.vocab
-        for members, cand, flats in BeamSearch._grouped_candidates(searches, top, top_row):
+        for members, cand, flats, parents, tokens, scores, common in BeamSearch._grouped_selections(
+                searches, top, top_row):
             beam_size = members[0][1].beam_size
-            parent, token = np.divmod(flats, vocab)
-            eos = token == np.asarray([search.eos_id for _, search in members])[:, None]
-            valid = cand != -np.inf  # best first: -inf (a rule's ban) only after every other candidate
-            beams = valid & ~eos
-            # A beam step as advance takes it: the first beam_size continuations, no eos among the first beam_size
-            # candidates (it would finish a hypothesis).
-            common = (beams.sum(axis=1) >= beam_size) & ~(eos & valid)[:, :beam_size].any(axis=1)
-            first = np.argsort(~beams, axis=1, kind="stable")[:, :beam_size]  # the continuations, in rank order
-            parents = np.take_along_axis(parent, first, 1)
-            tokens = np.take_along_axis(token, first, 1)
-            scores = np.take_along_axis(cand, first, 1)
             parent_lists, token_lists = parents.tolist(), tokens.tolist()
             for j, (key, search) in enumerate(members):
                 if (not common[j] or search.finished or search.steps_done + 1 >= search.limit
