@@ -16,6 +16,7 @@ from engine.core import MAX_BATCHES
 from engine.errors import EngineUnavailableError, NumericalError
 from engine.kept_binding import KeptBinding
 from engine.top_k import LogSoftmax, TopK
+from engine import state_ops
 from engine.state_ops import NumpyOps, OrtValueOps
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ class OnnxModel:
         self.log_softmax = LogSoftmax(providers, options, self.device_type)
         self._thread = threading.local()  # the decoder step's kept IOBindings (_kept_binding)
         self._identity: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # _identity_slots, per row count
-        log.info("ONNX Runtime %s on %s (I/O binding %s)", ort.__version__, self.provider, self.io_binding)
+        log.info("ONNX Runtime %s on %s (I/O binding %s); the search's host loops %s", ort.__version__, self.provider,
+                 self.io_binding, "in C (engine/_kernels.c)" if state_ops._kernels is not None
+                 else "in numpy (engine/_kernels.c not built: no C compiler at install)")
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[list, list]:
         """src_ids int64 [batch, src_len], src_mask bool -> cross_k, cross_v: per decoder layer, [batch, n_heads,
