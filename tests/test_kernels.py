@@ -165,3 +165,24 @@ def test_the_kernels_refuse_bad_buffers_with_value_errors():
         _kernels.select(values, ids, 4, 3, np.asarray([4], np.int64), *args, *out)
     with pytest.raises(ValueError, match="values"):
         _kernels.select(values, ids, 5, 3, np.asarray([0], np.int64), *args, *out)
+
+
+@pytest.mark.parametrize("beam_size", [2, 4])
+def test_the_engine_translates_alike_with_and_without_the_kernels(monkeypatch, translator, beam_size):
+    """The bundled model's engine, end to end, with the compiled loops and with the numpy ones (an install without
+    a C compiler): the same hypotheses, tokens and scores, for a batch of sentences of mixed lengths at n_best 2
+    (rows that reorder, hypotheses that finish mid-batch, sentences that leave)."""
+    from engine import _kernels
+    from engine.options import DecodingOptions
+    from conftest import PARITY_SENTENCES, SENTENCES
+
+    options = DecodingOptions(beam_size=beam_size, n_best=2, return_scores=True)
+    texts = SENTENCES + PARITY_SENTENCES[:12]
+    got = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(search_module, "_kernels", _kernels if compiled else None)
+        monkeypatch.setattr(state_ops, "_kernels", _kernels if compiled else None)
+        ids = [translator.tokenize(t) for t in texts]
+        got[compiled] = [[(h.tokens, h.score) for h in hyps] for hyps in translator.translate_ids(ids, options)]
+    assert got[True] == got[False]
+    assert len({len(h[0][0]) for h in got[True]}) > 3  # mixed lengths
