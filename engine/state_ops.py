@@ -143,8 +143,8 @@ class NumpyOps:
                                                        and x.dtype == xs[0].dtype for x in xs):
             # One call for every tensor and move (engine/_kernels.c): numpy's cost per slice assignment was most
             # of these copies' time (a moved row is a few kB per tensor).
-            n, h, c, d = xs[0].shape
-            _kernels.move_rows(xs, np.asarray(to, np.int64), np.asarray(of, np.int64),
+            _, h, c, d = xs[0].shape
+            _kernels.move_rows(xs, np.ascontiguousarray(dst, np.int64), np.ascontiguousarray(src, np.int64),
                                np.asarray(lengths, np.int64), np.asarray(starts, np.int64), h, c,
                                d * xs[0].itemsize)
             return xs

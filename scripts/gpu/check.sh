@@ -14,16 +14,10 @@ mkdir -p "$OUT"
 source scripts/gpu/env.sh || exit 3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__, torch.cuda.is_available())' | tee -a "$OUT/gpu.txt"
-# The engine's C loops (engine/_kernels.c) for this machine's python3, where it has a C compiler and Python's headers;
-# without them the engine runs the same loops in numpy (its startup log says which).
-include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-if command -v cc >/dev/null && [ -f "$include/Python.h" ]; then
-  cc -O2 -fPIC -shared -I"$include" engine/_kernels.c -o "engine/_kernels$suffix" && echo "engine/_kernels$suffix built" \
-    | tee -a "$OUT/gpu.txt"
-else
-  echo "no C compiler or Python headers: the engine's numpy loops" | tee -a "$OUT/gpu.txt"
-fi
+# The engine's C loops (engine/_kernels.c) for this machine's python3, where it has a C compiler and Python's headers
+# (deploy/build_kernels.sh; with no network it cannot install them); else the engine runs the same loops in numpy.
+sh deploy/build_kernels.sh engine/_kernels.c engine 2>&1 | tail -1 | tee -a "$OUT/gpu.txt" \
+  || echo "engine/_kernels.c not built: the engine's numpy loops" | tee -a "$OUT/gpu.txt"
 started=$SECONDS
 python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
